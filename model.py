@@ -1,0 +1,135 @@
+"""
+A GPT-2 language model, written in the style of nanoGPT's model.py
+(https://github.com/karpathy/nanoGPT/blob/master/model.py), read top to bottom.
+
+Two things differ from nanoGPT, because ScaleBiO needs them:
+- forward(idx, targets) returns the mean cross-entropy of EACH row (shape (B,)), not one scalar: the
+  bilevel step weights the data sources, so the caller averages rows by source itself.
+- targets equal to -1 are ignored, so prompt or padding tokens can be masked out of the loss.
+`model.transformer.h` is the list of transformer blocks that LISA (lisa.py) freezes and unfreezes.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024   # context length
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True        # biases in Linear and LayerNorm layers, as in GPT-2
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # flash / memory-efficient attention where the backend has it; is_causal masks future tokens
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 paper, section 2.3: residual projections are scaled by 1/sqrt(number of residual layers),
+        # so the variance of the residual stream does not grow with depth (2 residual adds per block)
+        for name, param in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        print(f"number of parameters: {self.num_params() / 1e6:.2f}M")
+
+    def num_params(self):
+        """All parameters, the tied embedding counted once (named_parameters() yields it once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        """idx, targets: (B, T) token ids. Returns logits (B, T, vocab) and, given targets, the mean
+        cross-entropy of each row over its targets that are not -1, shape (B,)."""
+        B, T = idx.size()
+        if T > self.config.block_size:
+            raise ValueError(f"a batch of {T} tokens per row is longer than the model's context "
+                             f"(block_size={self.config.block_size})")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits, None
+        # cross-entropy in float32 even under bf16 autocast: the per-source means are compared across
+        # two models, so their rounding error must stay well below the differences being measured
+        logits_fp = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        token_loss = F.cross_entropy(logits_fp.view(-1, logits.size(-1)), targets.reshape(-1),
+                                     ignore_index=-1, reduction='none').view(B, T)
+        n_targets = (targets != -1).sum(dim=1).clamp(min=1)
+        return logits, token_loss.sum(dim=1) / n_targets
