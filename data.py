@@ -1,0 +1,160 @@
+"""
+Multi-source data for bilevel reweighting.
+
+A data set is a list of named training sources (the things ScaleBiO weighs), a validation split (the
+upper-level objective L_val) and a test split (only ever evaluated, never trained on or used to learn
+weights). Tokens are raw bytes (vocab 256), so any UTF-8 text works with no tokenizer to install.
+
+Where the sources come from (`--data=...` in train.py):
+- `denoise` (default): `clean` ("a+b=c" lines, correct sums), `noisy` (same format, wrong sums),
+  `irrelevant` (random lowercase letters). Val and test: clean lines on (a, b) pairs never trained on.
+- `noise_ladder`: `noise_0`, `noise_25`, ..., `noise_100`: additions with that percentage of wrong sums.
+- a folder holding `train_<source>.txt` (one file per source), `val.txt` and `test.txt`.
+
+Batches are STRATIFIED: every training batch holds `batch_per_source` rows from EACH source, so every
+source's mean loss exists at every step. (The authors' code counts sources per micro-batch, so a rare
+source is often absent and silently gets zero weight.) The rows of step t are a pure function of
+(seed, split, t), not of a generator's running state: a resumed run, or a run split over any number of
+processes, sees exactly the same global batch at every step.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BUILTIN_TASKS = ('denoise', 'noise_ladder')
+# the second entry of every random key, so that different splits never share a random stream
+TRAIN_KEY, VAL_KEY, EVAL_KEY = 0, 1, 2
+
+
+@dataclass
+class SourceData:
+    sources: list        # source names, in the order of the weights
+    train: list          # one uint8 token array per source
+    val: np.ndarray
+    test: np.ndarray
+    vocab_size: int = 256
+
+
+def encode(text):
+    return np.frombuffer(text.encode('utf-8'), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# built-in synthetic tasks
+
+def _addition_lines(pairs, wrong_fraction, rng):
+    """'a+b=c' lines for the given (a, b) pairs; a `wrong_fraction` of them get a wrong sum."""
+    lines = []
+    for a, b in pairs:
+        c = a + b
+        if rng.random() < wrong_fraction:
+            c = (c + rng.integers(1, 199)) % 199  # any value in 0..198 except the true sum
+        lines.append(f"{a}+{b}={c}\n")
+    return ''.join(lines)
+
+
+def _letter_lines(n_lines, rng):
+    letters = np.array(list('abcdefghijklmnopqrstuvwxyz'))
+    return ''.join(''.join(rng.choice(letters, rng.integers(3, 9))) + '\n' for _ in range(n_lines))
+
+
+def builtin_task(name, seed, lines_per_source=20_000, held_out_pairs=1_000):
+    """Generates a built-in task deterministically from `seed`: no files needed."""
+    rng = np.random.default_rng([seed, 12345])
+    pairs = [(a, b) for a in range(100) for b in range(100)]
+    order = rng.permutation(len(pairs))
+    val_pairs = [pairs[i] for i in order[:held_out_pairs]]
+    test_pairs = [pairs[i] for i in order[held_out_pairs:2 * held_out_pairs]]
+    train_pairs = [pairs[i] for i in order[2 * held_out_pairs:]]
+
+    def train_pairs_sample():
+        return [train_pairs[i] for i in rng.integers(0, len(train_pairs), lines_per_source)]
+
+    if name == 'denoise':
+        texts = {'clean': _addition_lines(train_pairs_sample(), 0.0, rng),
+                 'noisy': _addition_lines(train_pairs_sample(), 1.0, rng),
+                 'irrelevant': _letter_lines(lines_per_source, rng)}
+    elif name == 'noise_ladder':
+        texts = {f'noise_{pct}': _addition_lines(train_pairs_sample(), pct / 100, rng)
+                 for pct in (0, 25, 50, 75, 100)}
+    else:
+        raise ValueError(f"unknown built-in task '{name}' (choose from {', '.join(BUILTIN_TASKS)})")
+    return SourceData(sources=list(texts), train=[encode(t) for t in texts.values()],
+                      val=encode(_addition_lines(val_pairs, 0.0, rng)),
+                      test=encode(_addition_lines(test_pairs, 0.0, rng)))
+
+
+# ----------------------------------------------------------------------------------------------
+# a folder of text files
+
+def _read_text(path, block_size):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing file {path}")
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        raw.decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    if len(raw) < block_size + 1:
+        what = "is empty" if len(raw) == 0 else f"has only {len(raw)} tokens"
+        raise ValueError(f"{path} {what}; a split needs at least block_size+1 = {block_size + 1} tokens")
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+def text_folder(folder, block_size):
+    """train_<source>.txt files (the source is named by what follows 'train_'), val.txt and test.txt."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data '{folder}' is neither a built-in task ({', '.join(BUILTIN_TASKS)}) "
+                                f"nor a folder")
+    names = sorted(f for f in os.listdir(folder) if f.startswith('train_') and f.endswith('.txt'))
+    if not names:
+        raise FileNotFoundError(f"data folder {folder} has no train_<source>.txt files")
+    return SourceData(sources=[n[len('train_'):-len('.txt')] for n in names],
+                      train=[_read_text(os.path.join(folder, n), block_size) for n in names],
+                      val=_read_text(os.path.join(folder, 'val.txt'), block_size),
+                      test=_read_text(os.path.join(folder, 'test.txt'), block_size))
+
+
+def load_data(data, block_size, seed):
+    if data in BUILTIN_TASKS:
+        source_data = builtin_task(data, seed)
+        for name, tokens in zip(['val', 'test'] + source_data.sources,
+                                [source_data.val, source_data.test] + source_data.train):
+            if len(tokens) < block_size + 1:
+                raise ValueError(f"built-in split '{name}' has {len(tokens)} tokens; block_size={block_size} "
+                                 f"is too long for it")
+        return source_data
+    return text_folder(data, block_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# batches
+
+def _rows(tokens, n_rows, block_size, rng):
+    """n_rows random windows of block_size+1 tokens -> inputs x and next-token targets y, (n_rows, T)."""
+    starts = rng.integers(0, len(tokens) - block_size, n_rows)
+    windows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    return windows[:, :-1], windows[:, 1:]
+
+
+def train_batch(data, step, batch_per_source, block_size, seed):
+    """The global training batch of `step`: rows [i*B, (i+1)*B) come from source i, B = batch_per_source."""
+    rng = np.random.default_rng([seed, TRAIN_KEY, step])
+    xs, ys = zip(*(_rows(tokens, batch_per_source, block_size, rng) for tokens in data.train))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def val_batch(data, step, n_rows, block_size, seed):
+    """The validation batch of `step`, for the upper-level objective L_val."""
+    return _rows(data.val, n_rows, block_size, np.random.default_rng([seed, VAL_KEY, step]))
+
+
+def eval_batches(data, split, n_batches, n_rows, block_size, seed):
+    """A fixed list of batches for evaluation: split is 'val', 'test' or a source's name."""
+    tokens = {'val': data.val, 'test': data.test, **dict(zip(data.sources, data.train))}[split]
+    split_index = (['val', 'test'] + data.sources).index(split)
+    return [_rows(tokens, n_rows, block_size, np.random.default_rng([seed, EVAL_KEY, split_index, k]))
+            for k in range(n_batches)]
