@@ -1,0 +1,48 @@
+"""
+LISA: Layerwise Importance Sampling (Pan et al. 2024, arXiv 2403.17919, Algorithm 1), written by hand.
+
+Embeddings, the final norm and the head always train. Every `interval` steps, exactly `n_active` of the
+transformer blocks are drawn uniformly without replacement and unfrozen; all other blocks are frozen, so
+their weight gradients are never computed and they hold no optimizer state. Memory then scales with the
+active fraction instead of the model.
+
+Two details the reference implementations (LMFlow's LISA trainer, the ScaleBiO authors' code) get wrong:
+- They never drop the AdamW moments of blocks that go inactive, so over a run the state creeps back up to
+  the size of full fine-tuning. Here a block that goes inactive loses its state at the switch; a block
+  drawn again at the next switch keeps its state; a block that becomes active starts fresh.
+- A frozen parameter must have grad=None, not a zero tensor: AdamW still moves a parameter with a zero
+  gradient, through its momentum and weight decay. Clear gradients with zero_grad(set_to_none=True).
+
+Usage, once per step, before the forward pass (it is idempotent between switches):
+    active = set_active_blocks(model.transformer.h, optimizer, draw_active_blocks(n_layer, n_active, seed, step // interval))
+"""
+import numpy as np
+
+
+def draw_active_blocks(n_layer, n_active, seed, switch_index, copy_index=0):
+    """The blocks that train during LISA interval `switch_index`, sorted.
+
+    A pure function of its arguments, not of a generator's running state, so a resumed run and every
+    process of a distributed run draw the same blocks without saving or broadcasting anything.
+    `copy_index` separates the draws of ScaleBiO's two model copies: as in the authors' code, u and w draw
+    their blocks independently. n_active = 0 or >= n_layer turns LISA off: every block trains.
+    """
+    if n_active <= 0 or n_active >= n_layer:
+        return list(range(n_layer))
+    rng = np.random.default_rng([seed, copy_index, switch_index])
+    return sorted(rng.choice(n_layer, size=n_active, replace=False).tolist())
+
+
+def set_active_blocks(blocks, optimizer, active):
+    """Unfreezes blocks[i] for i in `active`, freezes the others and drops their optimizer state.
+
+    The optimizer holds every parameter of the model from the start; torch's Adam/AdamW skip parameters
+    whose grad is None and create state lazily, so an unfrozen block's state starts fresh at its first step.
+    """
+    for i, block in enumerate(blocks):
+        for param in block.parameters():
+            param.requires_grad_(i in active)
+            if i not in active:
+                param.grad = None
+                optimizer.state.pop(param, None)
+    return active
