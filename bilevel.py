@@ -1,0 +1,101 @@
+"""
+The ScaleBiO step: fully first-order bilevel data reweighting.
+Pan et al., "ScaleBiO: Scalable Bilevel Optimization for LLM Data Reweighting", arXiv 2406.19976.
+
+The bilevel problem, over the weights λ = softmax(p) of S training sources:
+
+    min_p  L_val(θ*(λ))      where   θ*(λ) = argmin_θ L_train(θ, λ),   L_train(θ, λ) = Σ_i λ_i·ℓ_i(θ)
+
+and ℓ_i(θ) is the mean loss of θ on source i. ScaleBiO never differentiates through argmin. It solves the
+penalty (minimax) form, with two copies of the model, u (`lower_model`) and w (`upper_model`):
+
+    min_{p, w} max_u   L_val(w) + α·(L_train(w, λ) − L_train(u, λ))
+
+u tracks the lower-level solution θ*(λ); w minimises the validation loss while the penalty α keeps it near
+the lower level's optimum. This is the value-function penalty of F2SA (Kwon et al. 2023, arXiv 2301.10945)
+with x = p, y = w, z = u; as α grows its solution tends to the bilevel one with an O(1/α) bias.
+
+One step is simultaneous (Jacobi) gradient descent-ascent, all three gradients taken at (u_k, w_k, p_k)
+on ONE training batch shared by both copies:
+
+    u ← u − η_u·∇_u α·L_train(u, λ)                       (the max over u, as a descent)
+    w ← w − η_w·∇_w [L_val(w) + α·L_train(w, λ)]
+    p ← p − η_p·∇_p α·(L_train(w, λ) − L_train(u, λ))
+
+Why the shared batch: the p-gradient's estimate α·(ℓ(w; ξ) − ℓ(u; ξ')) has variance O(1) in α when ξ = ξ'
+(w − u = O(1/α), so the noise cancels to first order), but O(α²) when the two batches are independent.
+
+Nothing in this file knows about GPTs: a model enters only as an `objective` callable, so theory/ drives
+this same step on quadratic problems with plain gradient steps.
+"""
+import math
+
+import torch
+
+
+def logits_gradient(weights, upper_losses, lower_losses, penalty_alpha):
+    """∇_p α·(L_train(w, λ) − L_train(u, λ)) with λ = softmax(p), from per-source losses alone.
+
+    L_train(w, λ) − L_train(u, λ) = λᵀd with d_i = ℓ_i(w) − ℓ_i(u), and the softmax Jacobian is
+        ∂λ_i/∂p_j = λ_i·(δ_ij − λ_j),   i.e.   J = diag(λ) − λλᵀ (symmetric),
+    so  ∇_p = α·J·d = α·λ ⊙ (d − λᵀd).  No second-order term: the losses are numbers here, not graphs.
+    A source on which w (which also sees the validation data) does better than u (which sees only the
+    training mixture) has d_i < 0 and gains weight.
+    """
+    d = upper_losses - lower_losses
+    return penalty_alpha * weights * (d - (weights * d).sum())
+
+
+def check_finite(**values):
+    """Raises FloatingPointError naming every loss that is NaN or inf (call before any update is applied)."""
+    bad = {name: v for name, v in values.items() if v is not None and not torch.isfinite(v).all()}
+    if bad:
+        raise FloatingPointError(', '.join(f"{name} = {v.tolist()}" for name, v in bad.items()))
+
+
+def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective,
+                  update_lower, update_upper, update_logits):
+    """One ScaleBiO iteration (the docstring at the top of this file), in the authors' order.
+
+    lower_objective, upper_objective(source_coeffs, val_coeff): run forward and backward of
+        Σ_i source_coeffs[i]·ℓ_i(model) + val_coeff·L_val(model)
+        for one model copy on the step's shared batch, leaving the gradient in the model, and return the
+        detached per-source losses ℓ(model), shape (S,), and L_val(model) (None when val_coeff == 0).
+    update_lower, update_upper, update_logits(): apply the optimizer to the gradient left behind and clear
+        it (gradient clipping, learning rates and LISA are the caller's business).
+    Returns the losses the step saw. Raises FloatingPointError, before any update, if a loss is not finite.
+    """
+    weights = torch.softmax(source_logits.detach(), dim=0)
+    lower_losses, _ = lower_objective(penalty_alpha * weights, 0.0)       # ∇_u α·L_train(u, λ)
+    upper_losses, val_loss = upper_objective(penalty_alpha * weights, 1.0)  # ∇_w L_val(w) + α·L_train(w, λ)
+    check_finite(lower_losses=lower_losses, upper_losses=upper_losses, val_loss=val_loss)
+    logits_grad = logits_gradient(weights, upper_losses, lower_losses, penalty_alpha)
+    source_logits.grad = logits_grad.to(source_logits.dtype)
+    update_lower()
+    update_upper()
+    update_logits()
+    return dict(weights=weights, lower_losses=lower_losses, upper_losses=upper_losses,
+                val_loss=val_loss, logits_grad=logits_grad)
+
+
+def penalty_schedule(step, penalty_alpha, alpha_growth=1.0, alpha_interval=0):
+    """α at `step`, and the factor for every step size.
+
+    Constant α by default (all of the authors' released runs: 10 for GPT-2, 100 for 8B-34B models).
+    Optionally α is multiplied by τ = alpha_growth every `alpha_interval` steps, and the step sizes are
+    divided by the same factor (the authors' τ schedule): the gradients of w and p scale with α, so a
+    plain gradient step needs η ∝ 1/α to stay stable; Adam is scale-invariant and is only slowed down.
+    """
+    if alpha_interval <= 0 or alpha_growth == 1.0:
+        return penalty_alpha, 1.0
+    growth = alpha_growth ** (step // alpha_interval)
+    return penalty_alpha * growth, 1.0 / growth
+
+
+def cosine_lr(step, max_steps, warmup_steps, min_ratio=0.0):
+    """Multiplier of the base learning rate: linear warmup, then cosine decay to min_ratio at max_steps.
+    One shape for u, w and p, as in the authors' code (which decays to 0)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
