@@ -1,0 +1,349 @@
+"""
+ScaleBiO data reweighting: learn how much weight each training source deserves (bilevel.py), on a
+nanoGPT-style GPT (model.py), with LISA layer freezing (lisa.py), on multi-source data (data.py).
+
+One process, CPU or one GPU:
+    python train.py                                  # built-in `denoise` task, a few minutes on a laptop CPU
+    python train.py --data=noise_ladder
+    python train.py --data=path/to/folder            # train_<source>.txt ..., val.txt, test.txt
+Stage two of the paper's protocol (a fresh model trained with fixed weights; never on the validation split):
+    python train.py --method=fixed --weights=out/summary.json --out_dir=out-stage2
+    python train.py --method=fixed --weights=uniform --out_dir=out-uniform
+Continue an interrupted run (same arguments):
+    python train.py ... --resume=True
+Every field of TrainConfig below can be set as --field=value.
+TODO (FSDP issue): torchrun --standalone --nproc_per_node=8 train.py, and multi-node.
+
+Writes to out_dir: log.jsonl (one JSON line every eval_interval steps), summary.json (at the end),
+ckpt.pt (everything needed to resume) and best.pt (the upper model with the best validation loss).
+"""
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from bilevel import check_finite, cosine_lr, penalty_schedule, scalebio_step
+from data import eval_batches, load_data, train_batch, val_batch
+from lisa import draw_active_blocks, set_active_blocks
+from model import GPT, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = 'denoise'           # 'denoise', 'noise_ladder' or a folder (see data.py)
+    seed: int = 0
+    batch_per_source: int = 16      # training rows per source per step (stratified batches)
+    val_batch: int = 32             # validation rows per step, for L_val
+    # model, trained from scratch
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 64
+    block_size: int = 32
+    dropout: float = 0.0
+    bias: bool = True
+    # method
+    method: str = 'scalebio'        # 'scalebio' learns the weights; 'fixed' trains one model with given ones
+    weights: str = 'uniform'        # fixed only: 'uniform' or a summary.json written by a scalebio run
+    penalty_alpha: float = 10.0     # α (the authors: 10 for GPT-2, 100 for 8B-34B models)
+    alpha_growth: float = 1.0       # τ: α is multiplied by τ every alpha_interval steps (1.0: constant α)
+    alpha_interval: int = 0
+    # optimisation
+    max_steps: int = 1000           # the horizon of the learning-rate schedule
+    stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
+    lr: float = 1e-3                # AdamW for both model copies
+    logits_lr: float = 3e-2         # Adam for the source logits p (moves ~lr per step: see README)
+    weight_decay: float = 0.01      # model matrices only
+    logits_weight_decay: float = 0.0  # explicit: the authors' code gets torch's 0.01 by accident
+    warmup_steps: int = 30
+    grad_clip: float = 1.0          # on each model's gradient norm; 0: off
+    lisa_layers: int = 2            # blocks unfrozen at a time; 0 or >= n_layer: full fine-tuning
+    lisa_interval: int = 20         # steps between LISA switches
+    # bookkeeping
+    out_dir: str = 'out'
+    eval_interval: int = 100
+    eval_batches: int = 4           # batches of val_batch rows per split for evaluation
+    ckpt_interval: int = 500
+    resume: bool = False
+    device: str = 'auto'            # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
+    dtype: str = 'float32'          # parameter dtype: float32, or float64 (exactness tests, CPU)
+    amp: bool = True                # bf16 autocast for compute on CUDA (no effect on CPU)
+
+
+# fields that may differ between a run and its resumption: they do not change what is computed
+RESUMABLE_CHANGES = {'resume', 'stop_at', 'max_steps', 'out_dir', 'eval_interval', 'ckpt_interval', 'device'}
+
+
+def parse_config(argv):
+    cfg = TrainConfig()
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for arg in argv:
+        key, eq, text = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or not eq:
+            raise ValueError(f"argument '{arg}' is not of the form --field=value")
+        if key not in names:
+            raise ValueError(f"unknown config field '{key}'; valid fields: {', '.join(names)}")
+        default = getattr(cfg, key)
+        if isinstance(default, bool):
+            if text.lower() not in ('true', 'false', '1', '0'):
+                raise ValueError(f"--{key} expects True or False, got '{text}'")
+            value = text.lower() in ('true', '1')
+        else:
+            try:
+                value = type(default)(text)
+            except ValueError:
+                raise ValueError(f"--{key} expects {type(default).__name__}, got '{text}'") from None
+        setattr(cfg, key, value)
+    if cfg.method not in ('scalebio', 'fixed'):
+        raise ValueError(f"--method must be 'scalebio' or 'fixed', got '{cfg.method}'")
+    if cfg.dtype not in ('float32', 'float64'):
+        raise ValueError(f"--dtype must be float32 or float64, got '{cfg.dtype}'")
+    return cfg
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW over ALL parameters (LISA freezes some; AdamW skips those whose grad is None). As in nanoGPT,
+    matrices decay and biases / LayerNorm gains do not."""
+    params = list(model.parameters())
+    return torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}], lr=lr)
+
+
+def token_mean_loss(row_loss, targets):
+    """Mean over all target tokens (rows weighted by how many targets they have, -1s excluded)."""
+    n_targets = (targets != -1).sum(dim=1).clamp(min=1).to(row_loss.dtype)
+    return (row_loss * n_targets).sum() / n_targets.sum()
+
+
+def model_objective(model, x, y, val_x, val_y, n_sources, autocast):
+    """The objective callable of bilevel.scalebio_step for one model on this step's batch:
+    backward of Σ_i coeff_i·ℓ_i(model) + val_coeff·L_val(model); returns (ℓ(model), L_val(model))."""
+    def objective(source_coeffs, val_coeff):
+        with autocast:
+            _, row_loss = model(x, y)
+        source_losses = row_loss.view(n_sources, -1).mean(dim=1)  # rows come grouped by source (data.py)
+        total = (source_coeffs.to(source_losses.dtype) * source_losses).sum()
+        val_loss = None
+        if val_coeff:
+            with autocast:
+                _, val_rows = model(val_x, val_y)
+            val_loss = token_mean_loss(val_rows, val_y)
+            total = total + val_coeff * val_loss
+        total.backward()
+        return source_losses.detach(), None if val_loss is None else val_loss.detach()
+    return objective
+
+
+def optimizer_update(model, optimizer, grad_clip):
+    def update():
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # never zeros: a frozen parameter with a zero grad still moves
+    return update
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast):
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with autocast:
+            _, row_loss = model(x, y)
+        losses.append(token_mean_loss(row_loss, y))
+    model.train()
+    return torch.stack(losses).mean().item()
+
+
+def save_atomically(obj, path):
+    """torch.save to a temporary file, then rename: a kill during the save leaves the old file intact."""
+    torch.save(obj, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def fixed_weights(spec, sources):
+    if spec == 'uniform':
+        return torch.full((len(sources),), 1.0 / len(sources), dtype=torch.float64)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--weights: no file {spec} (give 'uniform' or a summary.json)")
+    with open(spec) as f:
+        summary = json.load(f)
+    if summary.get('sources') != sources:
+        raise ValueError(f"--weights: {spec} has sources {summary.get('sources')}, the data has {sources}")
+    return torch.tensor(summary['weights'], dtype=torch.float64)
+
+
+def main(argv):
+    cfg = parse_config(argv)
+    device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    dtype = getattr(torch, cfg.dtype)
+    use_amp = cfg.amp and device.startswith('cuda')
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    scalebio = cfg.method == 'scalebio'
+
+    data = load_data(cfg.data, cfg.block_size, cfg.seed)
+    sources, n_sources = data.sources, len(data.sources)
+    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    # both copies start from the same weights (the authors load the same pretrained checkpoint twice)
+    lower_model = GPT(model_config).to(device=device, dtype=dtype)
+    upper_model = copy.deepcopy(lower_model) if scalebio else None
+    models = [lower_model, upper_model] if scalebio else [lower_model]
+    optimizers = [make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models]
+    # the source logits p: λ = softmax(p) starts uniform. Adam, as in the authors' code
+    source_logits = torch.zeros(n_sources, device=device, dtype=dtype, requires_grad=True)
+    logits_optimizer = torch.optim.Adam([source_logits], lr=cfg.logits_lr, weight_decay=cfg.logits_weight_decay)
+    weights = None if scalebio else fixed_weights(cfg.weights, sources).to(device=device, dtype=dtype)
+
+    start_step, best_val_loss = 0, math.inf
+    if cfg.resume:
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"--resume=True but there is no checkpoint {ckpt_path}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        changed = [k for k, v in ckpt['config'].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
+        if changed:
+            raise ValueError("--resume=True with a different config: " + ', '.join(
+                f"{k}={getattr(cfg, k)!r} (checkpoint: {ckpt['config'][k]!r})" for k in changed))
+        for model, opt, state in zip(models, optimizers, ckpt['models']):
+            model.load_state_dict(state['model'])
+            opt.load_state_dict(state['optimizer'])
+        with torch.no_grad():
+            source_logits.copy_(ckpt['source_logits'])
+        logits_optimizer.load_state_dict(ckpt['logits_optimizer'])
+        torch.set_rng_state(ckpt['rng_state'])
+        start_step, best_val_loss = ckpt['step'], ckpt['best_val_loss']
+        print(f"resuming from {ckpt_path} at step {start_step}")
+
+    def save_checkpoint(step):
+        save_atomically({'step': step, 'config': dataclasses.asdict(cfg), 'best_val_loss': best_val_loss,
+                         'models': [{'model': m.state_dict(), 'optimizer': o.state_dict()}
+                                    for m, o in zip(models, optimizers)],
+                         'source_logits': source_logits.detach().cpu(),
+                         'logits_optimizer': logits_optimizer.state_dict(),
+                         'rng_state': torch.get_rng_state()}, ckpt_path)
+
+    def on_device(batches):
+        return [(x.to(device), y.to(device)) for x, y in batches]
+    eval_sets = {split: on_device(eval_batches(data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size,
+                                               cfg.seed)) for split in ['val', 'test'] + sources}
+    eval_model = upper_model if scalebio else lower_model  # the model whose val/test loss is reported
+
+    # SIGINT / SIGTERM: finish the current step, save a checkpoint, exit
+    stop_signals = []
+    old_handlers = {s: signal.signal(s, lambda signum, frame: stop_signals.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+
+    end_step = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
+    tokens_per_step = n_sources * cfg.batch_per_source * cfg.block_size * (2 if scalebio else 1) \
+        + (cfg.val_batch * cfg.block_size if scalebio else 0)
+    train_time, log_path = 0.0, os.path.join(cfg.out_dir, 'log.jsonl')
+    if not cfg.resume and os.path.exists(log_path):
+        os.remove(log_path)
+    record = None
+    progress = tqdm(range(start_step, end_step), initial=start_step, total=end_step, dynamic_ncols=True)
+    try:
+        for step in progress:
+            if stop_signals:
+                save_checkpoint(step)
+                progress.close()
+                print(f"stopped by signal {stop_signals[0]} before step {step}; checkpoint {ckpt_path}; "
+                      f"continue with --resume=True", file=sys.stderr)
+                sys.exit(128 + stop_signals[0])
+            t0 = time.time()
+            # learning rates and α, set on every param group every step (nanoGPT's get_lr style)
+            alpha, lr_scale = penalty_schedule(step, cfg.penalty_alpha, cfg.alpha_growth, cfg.alpha_interval)
+            lr_mult = cosine_lr(step, cfg.max_steps, cfg.warmup_steps) * lr_scale
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group['lr'] = cfg.lr * lr_mult
+            for group in logits_optimizer.param_groups:
+                group['lr'] = cfg.logits_lr * lr_mult
+            # LISA: u and w draw their blocks independently (copy_index), as in the authors' code
+            for copy_index, (model, opt) in enumerate(zip(models, optimizers)):
+                active = draw_active_blocks(cfg.n_layer, cfg.lisa_layers, cfg.seed, step // cfg.lisa_interval,
+                                            copy_index)
+                set_active_blocks(model.transformer.h, opt, active)
+
+            x, y = (t.to(device) for t in train_batch(data, step, cfg.batch_per_source, cfg.block_size, cfg.seed))
+            try:
+                if scalebio:
+                    vx, vy = (t.to(device) for t in val_batch(data, step, cfg.val_batch, cfg.block_size, cfg.seed))
+                    result = scalebio_step(
+                        source_logits, alpha,
+                        lower_objective=model_objective(lower_model, x, y, None, None, n_sources, autocast),
+                        upper_objective=model_objective(upper_model, x, y, vx, vy, n_sources, autocast),
+                        update_lower=optimizer_update(lower_model, optimizers[0], cfg.grad_clip),
+                        update_upper=optimizer_update(upper_model, optimizers[1], cfg.grad_clip),
+                        update_logits=lambda: (logits_optimizer.step(), logits_optimizer.zero_grad(set_to_none=True)))
+                else:  # fixed weights: one model descends the lower level's objective L_train(θ, λ)
+                    losses, _ = model_objective(lower_model, x, y, None, None, n_sources, autocast)(weights, 0.0)
+                    check_finite(source_losses=losses)
+                    optimizer_update(lower_model, optimizers[0], cfg.grad_clip)()
+            except FloatingPointError as e:
+                raise FloatingPointError(f"non-finite loss at step {step}: {e}; stopped without saving, "
+                                         f"the last good checkpoint is {ckpt_path}") from None
+            train_time += time.time() - t0
+
+            current = torch.softmax(source_logits.detach(), 0) if scalebio else weights
+            done = step + 1
+            if done % 10 == 0:
+                progress.set_postfix_str(' '.join(f"{s}={w:.3f}" for s, w in zip(sources, current.tolist())))
+            if done % cfg.eval_interval == 0 or done == end_step:
+                record = {'step': done, 'val_loss': evaluate(eval_model, eval_sets['val'], autocast),
+                          'test_loss': evaluate(eval_model, eval_sets['test'], autocast),
+                          'weights': dict(zip(sources, current.tolist())),
+                          'per_source_loss': {s: evaluate(eval_model, eval_sets[s], autocast) for s in sources},
+                          'penalty_alpha': alpha, 'lr': cfg.lr * lr_mult}
+                if scalebio:
+                    record['lower_per_source_loss'] = {s: evaluate(lower_model, eval_sets[s], autocast)
+                                                       for s in sources}
+                with open(log_path, 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+                if record['val_loss'] < best_val_loss:
+                    best_val_loss = record['val_loss']
+                    save_atomically({'model': eval_model.state_dict(), 'model_config': model_config,
+                                     'step': done, 'val_loss': best_val_loss}, os.path.join(cfg.out_dir, 'best.pt'))
+                progress.write(f"step {done}: val {record['val_loss']:.4f} test {record['test_loss']:.4f} "
+                               f"weights {' '.join(f'{w:.3f}' for w in current.tolist())}")
+            if done % cfg.ckpt_interval == 0 or done == end_step:
+                save_checkpoint(done)
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+    progress.close()
+
+    if record is None:
+        print(f"nothing to do: the checkpoint is already at step {start_step}")
+        return None
+    summary = {'sources': sources, 'weights': list(record['weights'].values()), 'steps': end_step,
+               'val_loss': record['val_loss'], 'best_val_loss': best_val_loss, 'test_loss': record['test_loss'],
+               'per_source_loss': record['per_source_loss'],
+               'tokens_per_second': tokens_per_step * (end_step - start_step) / max(train_time, 1e-9),
+               'config': dataclasses.asdict(cfg)}
+    with open(os.path.join(cfg.out_dir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    print(f"\n{'source':<16}{'weight':>10}{'loss (model)':>18}")
+    for s, w in record['weights'].items():
+        print(f"{s:<16}{w:>10.4f}{record['per_source_loss'][s]:>18.4f}")
+    print(f"val loss {record['val_loss']:.4f} (best {best_val_loss:.4f}), test loss {record['test_loss']:.4f}; "
+          f"wrote {cfg.out_dir}/summary.json")
+    return summary
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
