@@ -58,7 +58,7 @@ class TrainConfig:
     alpha_growth: float = 1.0       # τ: α is multiplied by τ every alpha_interval steps (1.0: constant α)
     alpha_interval: int = 0
     # optimisation
-    max_steps: int = 1000           # the horizon of the learning-rate schedule
+    max_steps: int = 1500           # the horizon of the learning-rate schedule
     stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
     lr: float = 1e-3                # AdamW for both model copies
     logits_lr: float = 3e-2         # Adam for the source logits p (moves ~lr per step: see README)
@@ -66,7 +66,7 @@ class TrainConfig:
     logits_weight_decay: float = 0.0  # explicit: the authors' code gets torch's 0.01 by accident
     warmup_steps: int = 30
     grad_clip: float = 1.0          # on each model's gradient norm; 0: off
-    lisa_layers: int = 2            # blocks unfrozen at a time; 0 or >= n_layer: full fine-tuning
+    lisa_layers: int = 0            # blocks unfrozen at a time; 0 or >= n_layer: full fine-tuning (README)
     lisa_interval: int = 20         # steps between LISA switches
     # bookkeeping
     out_dir: str = 'out'

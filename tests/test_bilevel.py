@@ -1,0 +1,139 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from bilevel import cosine_lr, logits_gradient, penalty_schedule, scalebio_step
+from model import GPT, GPTConfig
+from train import model_objective
+
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """Exact comparisons need float64; restore the default for the other test files."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def no_update():
+    pass
+
+
+def quadratic_objective(theta, centres, target, noise=None):
+    """ℓ_i(θ) = ½‖θ − c_i − ξ_i‖² (ξ: an optional noise sample), L_val(θ) = ½‖θ − target‖²."""
+    def objective(source_coeffs, val_coeff):
+        theta.grad = None
+        shifted = centres if noise is None else centres + noise
+        losses = 0.5 * ((theta - shifted) ** 2).sum(dim=1)
+        val = 0.5 * ((theta - target) ** 2).sum()
+        ((source_coeffs * losses).sum() + val_coeff * val).backward()
+        return losses.detach(), val.detach() if val_coeff else None
+    return objective
+
+
+def test_logits_gradient_equals_autograd_and_the_softmax_jacobian():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(5, generator=gen, requires_grad=True)
+    upper, lower, alpha = torch.randn(5, generator=gen), torch.randn(5, generator=gen), 7.0
+    weights = torch.softmax(p, 0)
+    (alpha * (weights @ upper - weights @ lower)).backward()
+    w = weights.detach()
+    jacobian = torch.diag(w) - torch.outer(w, w)
+    ours = logits_gradient(w, upper, lower, alpha)
+    assert torch.allclose(ours, p.grad, atol=1e-12)
+    assert torch.allclose(ours, alpha * jacobian @ (upper - lower), atol=1e-12)
+
+
+def test_step_on_a_gpt_sets_the_autograd_gradient_of_the_penalty():
+    torch.manual_seed(0)
+    lower_model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
+    upper_model = copy.deepcopy(lower_model)
+    with torch.no_grad():  # make the two copies differ, as they do after some steps
+        for param in upper_model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    x, y = torch.randint(0, 20, (6, 8)), torch.randint(0, 20, (6, 8))  # 3 sources, 2 rows each
+    vx, vy = torch.randint(0, 20, (4, 8)), torch.randint(0, 20, (4, 8))
+    source_logits = torch.tensor([0.3, -0.2, 0.1], requires_grad=True)
+    alpha = 10.0
+    result = scalebio_step(source_logits, alpha,
+                           model_objective(lower_model, x, y, None, None, 3, torch.enable_grad()),
+                           model_objective(upper_model, x, y, vx, vy, 3, torch.enable_grad()),
+                           no_update, no_update, no_update)
+    p = source_logits.detach().clone().requires_grad_(True)
+    weights = torch.softmax(p, 0)
+    with torch.no_grad():
+        upper_losses = upper_model(x, y)[1].view(3, 2).mean(1)
+        lower_losses = lower_model(x, y)[1].view(3, 2).mean(1)
+    (alpha * (weights @ upper_losses - weights @ lower_losses)).backward()
+    assert torch.allclose(source_logits.grad, p.grad, atol=1e-12)
+    assert torch.allclose(result['logits_grad'], p.grad, atol=1e-12)
+    assert lower_model.lm_head.weight.grad is not None and upper_model.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("alpha", [1.0, 10.0, 100.0])
+def test_quadratic_at_exact_optima_gives_alpha_over_one_plus_alpha_times_hypergradient(alpha):
+    gen = torch.Generator().manual_seed(1)
+    centres, target = torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)
+    source_logits = torch.randn(4, generator=gen).requires_grad_(True)
+    weights = torch.softmax(source_logits.detach(), 0)
+    # lower level Σ λ_i ½‖θ − a_i‖²: θ* = Σ λ_i a_i; penalised upper level: w_α = (b + α θ*) / (1 + α)
+    lower_opt = weights @ centres
+    upper_opt = (target + alpha * lower_opt) / (1 + alpha)
+    u, w = lower_opt.clone().requires_grad_(True), upper_opt.clone().requires_grad_(True)
+    result = scalebio_step(source_logits, alpha, quadratic_objective(u, centres, target),
+                           quadratic_objective(w, centres, target), no_update, no_update, no_update)
+    # implicit function theorem: ∇²g·dθ*/dλ_i = −∂_θ ℓ_i(θ*), ∇²g = Σλ_i I = I, so dθ*/dλ_i = a_i − θ*;
+    # ∂F/∂λ_i = (θ* − b)ᵀ(a_i − θ*), and in logits ∇_p F = (diag λ − λλᵀ) ∂F/∂λ
+    dF_dweights = (centres - lower_opt) @ (lower_opt - target)
+    hypergradient = (torch.diag(weights) - torch.outer(weights, weights)) @ dF_dweights
+    assert torch.allclose(result['logits_grad'], alpha / (1 + alpha) * hypergradient, atol=1e-12)
+    assert hypergradient.abs().max() > 1e-2  # not trivially zero
+
+
+def logits_gradient_variance(alpha, shared, n_samples=400, sigma=0.5):
+    gen = torch.Generator().manual_seed(2)
+    centres, target = torch.randn(3, 4, generator=gen), torch.randn(4, generator=gen)
+    source_logits = torch.zeros(3, requires_grad=True)
+    weights = torch.softmax(source_logits.detach(), 0)
+    lower_opt = weights @ centres
+    u = lower_opt.clone().requires_grad_(True)
+    w = ((target + alpha * lower_opt) / (1 + alpha)).requires_grad_(True)
+    grads = []
+    for _ in range(n_samples):
+        noise_w = sigma * torch.randn(3, 4, generator=gen)
+        noise_u = noise_w if shared else sigma * torch.randn(3, 4, generator=gen)
+        result = scalebio_step(source_logits, alpha, quadratic_objective(u, centres, target, noise_u),
+                               quadratic_objective(w, centres, target, noise_w), no_update, no_update, no_update)
+        grads.append(result['logits_grad'])
+    return torch.stack(grads).var(dim=0).sum().item()
+
+
+def test_shared_batches_keep_the_logits_gradient_variance_bounded_independent_ones_grow_like_alpha_squared():
+    alphas = [10.0, 100.0, 1000.0]
+    slope = {shared: np.polyfit(np.log(alphas), np.log([logits_gradient_variance(a, shared) for a in alphas]), 1)[0]
+             for shared in (True, False)}
+    assert abs(slope[True]) < 0.2
+    assert abs(slope[False] - 2.0) < 0.2
+
+
+def test_a_nan_loss_raises_before_any_update():
+    updates = []
+    theta = torch.zeros(3, requires_grad=True)
+    centres = torch.tensor([[0.0, 0.0, float('nan')], [1.0, 1.0, 1.0]])
+    with pytest.raises(FloatingPointError, match="upper_losses"):
+        scalebio_step(torch.zeros(2, requires_grad=True), 10.0, quadratic_objective(theta, centres[[1, 1]], centres[1]),
+                      quadratic_objective(theta, centres, centres[1]),
+                      lambda: updates.append('u'), lambda: updates.append('w'), lambda: updates.append('p'))
+    assert updates == []
+
+
+def test_penalty_schedule_and_learning_rate_shape():
+    assert penalty_schedule(123, 10.0) == (10.0, 1.0)
+    assert penalty_schedule(250, 10.0, alpha_growth=2.0, alpha_interval=100) == (40.0, 0.25)
+    assert cosine_lr(0, 100, 10) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 10) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 10) == pytest.approx(0.5)
+    assert cosine_lr(100, 100, 10) == pytest.approx(0.0)

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+
+
+def tiny(**kw):
+    cfg = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg))
+
+
+def test_causal_a_later_token_never_changes_an_earlier_logit():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (3, 16))
+    changed = idx.clone()
+    changed[:, 10:] = torch.randint(0, 50, (3, 6))
+    a, _ = model(idx)
+    b, _ = model(changed)
+    assert torch.equal(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])  # the test can see a change where there is one
+
+
+def test_minus_one_targets_are_ignored_and_loss_is_per_row():
+    torch.manual_seed(0)
+    model = tiny().eval()
+    idx = torch.randint(0, 50, (2, 8))
+    targets = torch.randint(0, 50, (2, 8))
+    logits, row_loss = model(idx, targets)
+    assert row_loss.shape == (2,)
+    masked = targets.clone()
+    masked[0, :5] = -1
+    _, masked_loss = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[0, 5:], targets[0, 5:])
+    assert torch.allclose(masked_loss[0], expected, atol=1e-6)
+    assert torch.allclose(masked_loss[1], row_loss[1])
+    assert not torch.allclose(masked_loss[0], row_loss[0])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_count_matches_closed_form(bias):
+    V, T, L, C = 50, 16, 3, 24
+    model = tiny(vocab_size=V, block_size=T, n_layer=L, n_embd=C, bias=bias)
+    # per block: 2 LayerNorms, c_attn (C x 3C), attn c_proj (C x C), c_fc (C x 4C), mlp c_proj (4C x C) = 12C²
+    # weights, plus with bias 3C+C+4C+C = 9C Linear biases and 2C LayerNorm biases; head tied to wte
+    norm = 2 * C if bias else C
+    per_block = 12 * C * C + 2 * norm + (9 * C if bias else 0)
+    assert model.num_params() == V * C + T * C + L * per_block + norm
+
+
+def test_gpt2_initialisation_scales_residual_projections():
+    torch.manual_seed(0)
+    model = tiny(n_layer=8, n_embd=64, vocab_size=256)
+    proj = model.transformer.h[0].attn.c_proj.weight.std().item()
+    fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(fc - 0.02) < 0.003
+    assert abs(proj - 0.02 / (2 * 8) ** 0.5) < 0.001
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_batch_longer_than_context_is_a_clear_error():
+    model = tiny()
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        model(torch.zeros(1, 17, dtype=torch.long))

@@ -1,0 +1,122 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from model import GPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a tiny float64 run with LISA switching every 3 steps: exact comparisons need float64 (README)
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_per_source=4', '--val_batch=8',
+        '--eval_batches=1', '--eval_interval=5', '--lisa_layers=1', '--lisa_interval=3', '--warmup_steps=3',
+        '--dtype=float64', '--device=cpu']
+
+
+def run(out_dir, *args):
+    return train.main(TINY + [f'--out_dir={out_dir}', *args])
+
+
+def final_state(out_dir):
+    ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)
+    return ckpt['source_logits'], [m['model'] for m in ckpt['models']], ckpt['step']
+
+
+def assert_same_state(a, b, atol):
+    assert a[2] == b[2]
+    assert torch.allclose(a[0], b[0], atol=atol, rtol=0)
+    for model_a, model_b in zip(a[1], b[1]):
+        for k in model_a:
+            assert torch.allclose(model_a[k], model_b[k], atol=atol, rtol=0), k
+
+
+def test_resume_equals_the_uninterrupted_run(tmp_path):
+    whole = run(tmp_path / 'whole', '--max_steps=20')
+    run(tmp_path / 'parts', '--max_steps=20', '--stop_at=10')
+    assert final_state(tmp_path / 'parts')[2] == 10
+    resumed = run(tmp_path / 'parts', '--max_steps=20', '--resume=True')
+    assert resumed['weights'] == pytest.approx(whole['weights'], abs=1e-6)
+    assert_same_state(final_state(tmp_path / 'parts'), final_state(tmp_path / 'whole'), atol=1e-10)
+    assert max(whole['weights']) - min(whole['weights']) > 1e-3  # the weights did move
+    for key in ['sources', 'weights', 'steps', 'val_loss', 'best_val_loss', 'test_loss', 'per_source_loss',
+                'tokens_per_second', 'config']:
+        assert key in whole
+    log = [json.loads(line) for line in open(tmp_path / 'parts' / 'log.jsonl')]
+    assert [r['step'] for r in log] == [5, 10, 15, 20]
+
+
+def test_sigterm_mid_run_leaves_a_checkpoint_the_run_resumes_from(tmp_path):
+    out = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, 'train.py', *TINY, f'--out_dir={out}', '--max_steps=100000',
+                             '--ckpt_interval=100000'], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / 'log.jsonl').exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert 'continue with --resume=True' in stderr
+    stopped_at = final_state(out)[2]
+    assert stopped_at >= 5
+    # resumed, it ends where an uninterrupted run with the same schedule ends
+    args = ['--max_steps=100000', f'--stop_at={stopped_at + 4}']
+    run(out, *args, '--resume=True')
+    run(tmp_path / 'whole', *args)
+    assert_same_state(final_state(out), final_state(tmp_path / 'whole'), atol=1e-10)
+
+
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    forward, calls = GPT.forward, []
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        calls.append(1)
+        return logits, (loss * float('nan') if loss is not None and len(calls) > 12 else loss)
+    monkeypatch.setattr(GPT, 'forward', poisoned)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+: .*nan"):
+        run(tmp_path, '--max_steps=20', '--ckpt_interval=2')
+    logits, models, step = final_state(tmp_path)
+    assert step >= 2 and torch.isfinite(logits).all()
+    assert all(torch.isfinite(t).all() for m in models for t in m.values())
+
+
+def test_fixed_weights_stage_two_reads_a_summary(tmp_path):
+    learned = run(tmp_path / 'learn', '--max_steps=6')
+    fixed = run(tmp_path / 'fixed', '--max_steps=6', '--method=fixed', f'--weights={tmp_path}/learn/summary.json')
+    assert fixed['weights'] == pytest.approx(learned['weights'])
+    uniform = run(tmp_path / 'uniform', '--max_steps=6', '--method=fixed')
+    assert uniform['weights'] == pytest.approx([1 / 3] * 3)
+    assert fixed['test_loss'] != uniform['test_loss']
+    with pytest.raises(ValueError, match="has sources"):
+        run(tmp_path / 'bad', '--max_steps=2', '--method=fixed', '--data=noise_ladder',
+            f'--weights={tmp_path}/learn/summary.json')
+
+
+def test_resume_with_a_different_config_is_an_error(tmp_path):
+    run(tmp_path, '--max_steps=4')
+    with pytest.raises(ValueError, match="different config: penalty_alpha=3.0"):
+        run(tmp_path, '--max_steps=4', '--penalty_alpha=3', '--resume=True')
+
+
+@pytest.mark.parametrize("args, message", [
+    (['--nonsense=1'], "error: unknown config field 'nonsense'; valid fields: data, seed,"),
+    (['--max_steps=ten'], "error: --max_steps expects int, got 'ten'"),
+    (['--data=/no/such/folder'], "error: data '/no/such/folder' is neither a built-in task"),
+    (['--block_size=100000', '--max_steps=1'], "error: built-in split 'val' has"),
+])
+def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, 'train.py', *args, f'--out_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(message)
+
+
+def test_scalebio_drops_the_irrelevant_source_early(tmp_path):
+    """The method's direction, cheaply: 150 steps of the default task push 'irrelevant' down first."""
+    summary = train.main([f'--out_dir={tmp_path}', '--max_steps=150', '--eval_interval=150', '--lisa_layers=0'])
+    weights = dict(zip(summary['sources'], summary['weights']))
+    assert weights['irrelevant'] < 0.1 and weights['irrelevant'] == min(weights.values())
