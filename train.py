@@ -80,7 +80,8 @@ class TrainConfig:
 
 
 # fields that may differ between a run and its resumption: they do not change what is computed
-RESUMABLE_CHANGES = {'resume', 'stop_at', 'max_steps', 'out_dir', 'eval_interval', 'ckpt_interval', 'device'}
+# (not max_steps: it is the horizon of the learning-rate schedule)
+RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'eval_interval', 'ckpt_interval', 'device'}
 
 
 def parse_config(argv):
@@ -107,6 +108,10 @@ def parse_config(argv):
         raise ValueError(f"--method must be 'scalebio' or 'fixed', got '{cfg.method}'")
     if cfg.dtype not in ('float32', 'float64'):
         raise ValueError(f"--dtype must be float32 or float64, got '{cfg.dtype}'")
+    for key in ('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
+                'eval_batches', 'block_size'):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"--{key} must be positive, got {getattr(cfg, key)}")
     return cfg
 
 
@@ -145,8 +150,10 @@ def model_objective(model, x, y, val_x, val_y, n_sources, autocast):
 
 def optimizer_update(model, optimizer, grad_clip):
     def update():
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+        # clip_grad_norm_ with an infinite threshold only measures; a finite loss can still give a NaN gradient
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                              grad_clip if grad_clip > 0 else math.inf)
+        check_finite(gradient_norm=norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # never zeros: a frozen parameter with a zero grad still moves
     return update
@@ -222,7 +229,9 @@ def main(argv):
         with torch.no_grad():
             source_logits.copy_(ckpt['source_logits'])
         logits_optimizer.load_state_dict(ckpt['logits_optimizer'])
-        torch.set_rng_state(ckpt['rng_state'])
+        torch.set_rng_state(ckpt['rng_state'].cpu())
+        if ckpt['cuda_rng_state'] is not None and device.startswith('cuda'):
+            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt['cuda_rng_state']])
         start_step, best_val_loss = ckpt['step'], ckpt['best_val_loss']
         print(f"resuming from {ckpt_path} at step {start_step}")
 
@@ -232,7 +241,9 @@ def main(argv):
                                     for m, o in zip(models, optimizers)],
                          'source_logits': source_logits.detach().cpu(),
                          'logits_optimizer': logits_optimizer.state_dict(),
-                         'rng_state': torch.get_rng_state()}, ckpt_path)
+                         'rng_state': torch.get_rng_state(),
+                         'cuda_rng_state': torch.cuda.get_rng_state_all() if device.startswith('cuda') else None},
+                        ckpt_path)
 
     def on_device(batches):
         return [(x.to(device), y.to(device)) for x, y in batches]
@@ -240,17 +251,24 @@ def main(argv):
                                                cfg.seed)) for split in ['val', 'test'] + sources}
     eval_model = upper_model if scalebio else lower_model  # the model whose val/test loss is reported
 
-    # SIGINT / SIGTERM: finish the current step, save a checkpoint, exit
-    stop_signals = []
-    old_handlers = {s: signal.signal(s, lambda signum, frame: stop_signals.append(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
+    # SIGINT / SIGTERM: finish the current step, save a checkpoint, exit. A second signal acts at once.
+    stop_signals, old_handlers = [], {}
+
+    def request_stop(signum, frame):
+        stop_signals.append(signum)
+        signal.signal(signum, old_handlers[signum])
+    for s in (signal.SIGINT, signal.SIGTERM):
+        old_handlers[s] = signal.signal(s, request_stop)
 
     end_step = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
     tokens_per_step = n_sources * cfg.batch_per_source * cfg.block_size * (2 if scalebio else 1) \
         + (cfg.val_batch * cfg.block_size if scalebio else 0)
     train_time, log_path = 0.0, os.path.join(cfg.out_dir, 'log.jsonl')
-    if not cfg.resume and os.path.exists(log_path):
-        os.remove(log_path)
+    if os.path.exists(log_path):  # keep only what the checkpoint has seen: a killed run may have logged more
+        with open(log_path) as f:
+            kept = [line for line in f if cfg.resume and json.loads(line)['step'] <= start_step]
+        with open(log_path, 'w') as f:
+            f.writelines(kept)
     record = None
     progress = tqdm(range(start_step, end_step), initial=start_step, total=end_step, dynamic_ncols=True)
     try:
@@ -292,14 +310,15 @@ def main(argv):
                     check_finite(source_losses=losses)
                     optimizer_update(lower_model, optimizers[0], cfg.grad_clip)()
             except FloatingPointError as e:
-                raise FloatingPointError(f"non-finite loss at step {step}: {e}; stopped without saving, "
+                raise FloatingPointError(f"non-finite loss or gradient at step {step}: {e}; stopped without saving, "
                                          f"the last good checkpoint is {ckpt_path}") from None
             train_time += time.time() - t0
 
             current = torch.softmax(source_logits.detach(), 0) if scalebio else weights
             done = step + 1
-            if done % 10 == 0:
-                progress.set_postfix_str(' '.join(f"{s}={w:.3f}" for s, w in zip(sources, current.tolist())))
+            if done % 10 == 0 and scalebio:
+                progress.set_postfix_str(f"L_val(w)={result['val_loss'].item():.3f} " +
+                                         ' '.join(f"{s}={w:.3f}" for s, w in zip(sources, current.tolist())))
             if done % cfg.eval_interval == 0 or done == end_step:
                 record = {'step': done, 'val_loss': evaluate(eval_model, eval_sets['val'], autocast),
                           'test_loss': evaluate(eval_model, eval_sets['test'], autocast),

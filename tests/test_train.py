@@ -78,20 +78,27 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp
         calls.append(1)
         return logits, (loss * float('nan') if loss is not None and len(calls) > 12 else loss)
     monkeypatch.setattr(GPT, 'forward', poisoned)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+: .*nan"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d+: .*nan"):
         run(tmp_path, '--max_steps=20', '--ckpt_interval=2')
     logits, models, step = final_state(tmp_path)
     assert step >= 2 and torch.isfinite(logits).all()
     assert all(torch.isfinite(t).all() for m in models for t in m.values())
 
 
-def test_fixed_weights_stage_two_reads_a_summary(tmp_path):
-    learned = run(tmp_path / 'learn', '--max_steps=6')
-    fixed = run(tmp_path / 'fixed', '--max_steps=6', '--method=fixed', f'--weights={tmp_path}/learn/summary.json')
+def test_fixed_weights_stage_two_reads_a_summary_and_trains_with_those_weights(tmp_path):
+    learned = run(tmp_path / 'learn', '--max_steps=4')
+    fixed = run(tmp_path / 'fixed', '--max_steps=4', '--method=fixed', f'--weights={tmp_path}/learn/summary.json')
     assert fixed['weights'] == pytest.approx(learned['weights'])
-    uniform = run(tmp_path / 'uniform', '--max_steps=6', '--method=fixed')
+    # all weight on 'irrelevant' (random letters) against uniform: better on letters, worse on additions
+    with open(tmp_path / 'letters.json', 'w') as f:
+        json.dump({'sources': ['clean', 'noisy', 'irrelevant'], 'weights': [0.0, 0.0, 1.0]}, f)
+    letters = run(tmp_path / 'letters', '--max_steps=40', '--lr=1e-2', '--method=fixed',
+                  f'--weights={tmp_path}/letters.json')
+    uniform = run(tmp_path / 'uniform', '--max_steps=40', '--lr=1e-2', '--method=fixed')
     assert uniform['weights'] == pytest.approx([1 / 3] * 3)
-    assert fixed['test_loss'] != uniform['test_loss']
+    assert letters['per_source_loss']['irrelevant'] < uniform['per_source_loss']['irrelevant']
+    assert letters['per_source_loss']['clean'] > uniform['per_source_loss']['clean']
+    assert letters['test_loss'] > uniform['test_loss']
     with pytest.raises(ValueError, match="has sources"):
         run(tmp_path / 'bad', '--max_steps=2', '--method=fixed', '--data=noise_ladder',
             f'--weights={tmp_path}/learn/summary.json')
@@ -108,6 +115,7 @@ def test_resume_with_a_different_config_is_an_error(tmp_path):
     (['--max_steps=ten'], "error: --max_steps expects int, got 'ten'"),
     (['--data=/no/such/folder'], "error: data '/no/such/folder' is neither a built-in task"),
     (['--block_size=100000', '--max_steps=1'], "error: built-in split 'val' has"),
+    (['--lisa_interval=0'], "error: --lisa_interval must be positive, got 0"),
 ])
 def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, 'train.py', *args, f'--out_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True)
