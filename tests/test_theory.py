@@ -1,0 +1,13 @@
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_theory_checks_pass_through_the_training_step():
+    """`python -m theory --quick`: every check within tolerance (it exits 1 otherwise), using bilevel.py."""
+    proc = subprocess.run([sys.executable, '-m', 'theory', '--quick'], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(('yes', 'NO'))]
+    assert len(rows) == 6 and all(r.rstrip().endswith('yes') for r in rows)
