@@ -288,7 +288,8 @@ def main(argv):
                     group['lr'] = cfg.lr * lr_mult
             for group in logits_optimizer.param_groups:
                 group['lr'] = cfg.logits_lr * lr_mult
-            # LISA: u and w draw their blocks independently (copy_index), as in the authors' code
+            # LISA: u and w draw their blocks independently (copy_index), as in the authors' code. On the toy task
+            # this made ℓ(w) − ℓ(u) reflect which blocks trained more than the data (README, honest limits)
             for copy_index, (model, opt) in enumerate(zip(models, optimizers)):
                 active = draw_active_blocks(cfg.n_layer, cfg.lisa_layers, cfg.seed, step // cfg.lisa_interval,
                                             copy_index)

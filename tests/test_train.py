@@ -50,16 +50,17 @@ def test_resume_equals_the_uninterrupted_run(tmp_path):
     assert [r['step'] for r in log] == [5, 10, 15, 20]
 
 
-def test_sigterm_mid_run_leaves_a_checkpoint_the_run_resumes_from(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_run_leaves_a_checkpoint_the_run_resumes_from(tmp_path, signum):
     out = tmp_path / 'killed'
     proc = subprocess.Popen([sys.executable, 'train.py', *TINY, f'--out_dir={out}', '--max_steps=100000',
                              '--ckpt_interval=100000'], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / 'log.jsonl').exists() and time.time() < deadline:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert proc.returncode == 128 + signum, stderr
     assert 'continue with --resume=True' in stderr
     stopped_at = final_state(out)[2]
     assert stopped_at >= 5
