@@ -98,7 +98,6 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith('c_proj.weight'):
                 torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        print(f"number of parameters: {self.num_params() / 1e6:.2f}M")
 
     def num_params(self):
         """All parameters, the tied embedding counted once (named_parameters() yields it once)."""

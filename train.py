@@ -3,7 +3,7 @@ ScaleBiO data reweighting: learn how much weight each training source deserves (
 nanoGPT-style GPT (model.py), with LISA layer freezing (lisa.py), on multi-source data (data.py).
 
 One process, CPU or one GPU:
-    python train.py                                  # built-in `denoise` task, a few minutes on a laptop CPU
+    python train.py                                  # built-in `denoise` task, under 2 minutes on a laptop CPU
     python train.py --data=noise_ladder
     python train.py --data=path/to/folder            # train_<source>.txt ..., val.txt, test.txt
 Stage two of the paper's protocol (a fresh model trained with fixed weights; never on the validation split):
@@ -11,11 +11,13 @@ Stage two of the paper's protocol (a fresh model trained with fixed weights; nev
     python train.py --method=fixed --weights=uniform --out_dir=out-uniform
 Continue an interrupted run (same arguments):
     python train.py ... --resume=True
+Several processes, both model copies sharded with FSDP2 (fsdp.py); the global batch stays the same:
+    torchrun --standalone --nproc_per_node=8 train.py --model=gpt2
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 Every field of TrainConfig below can be set as --field=value.
-TODO (FSDP issue): torchrun --standalone --nproc_per_node=8 train.py, and multi-node.
 
 Writes to out_dir: log.jsonl (one JSON line every eval_interval steps), summary.json (at the end),
-ckpt.pt (everything needed to resume) and best.pt (the upper model with the best validation loss).
+ckpt/ (everything needed to resume, one shard per rank) and best/ (the upper model with the best val loss).
 """
 import contextlib
 import copy
@@ -33,6 +35,8 @@ from tqdm import tqdm
 
 from bilevel import check_finite, cosine_lr, penalty_schedule, scalebio_step
 from data import eval_batches, load_data, train_batch, val_batch
+from fsdp import (full, init_distributed, is_main_process, load_checkpoint, local_bytes, mean_over_ranks,
+                  optimizer_state_bytes, read_meta, save_checkpoint, shard)
 from lisa import draw_active_blocks, set_active_blocks
 from model import GPT, GPTConfig
 
@@ -44,7 +48,9 @@ class TrainConfig:
     seed: int = 0
     batch_per_source: int = 16      # training rows per source per step (stratified batches)
     val_batch: int = 32             # validation rows per step, for L_val
+    micro_batch: int = 0            # rows per source per forward on each rank (gradient accumulation); 0: all
     # model, trained from scratch
+    model: str = ''                 # a GPT-2 shape (gpt2, gpt2-medium, gpt2-large, gpt2-xl), or n_layer etc.
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 64
@@ -76,7 +82,12 @@ class TrainConfig:
     resume: bool = False
     device: str = 'auto'            # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
     dtype: str = 'float32'          # parameter dtype: float32, or float64 (exactness tests, CPU)
-    amp: bool = True                # bf16 autocast for compute on CUDA (no effect on CPU)
+    amp: bool = True                # bf16 compute on CUDA (autocast, or FSDP's mixed precision); no effect on CPU
+    compile: bool = False           # torch.compile each block (meant for CUDA)
+
+
+GPT2_SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
+               'gpt2-xl': (48, 25, 1600)}  # n_layer, n_head, n_embd
 
 
 # fields that may differ between a run and its resumption: they do not change what is computed
@@ -108,6 +119,10 @@ def parse_config(argv):
         raise ValueError(f"--method must be 'scalebio' or 'fixed', got '{cfg.method}'")
     if cfg.dtype not in ('float32', 'float64'):
         raise ValueError(f"--dtype must be float32 or float64, got '{cfg.dtype}'")
+    if cfg.model:
+        if cfg.model not in GPT2_SHAPES:
+            raise ValueError(f"--model must be one of {', '.join(GPT2_SHAPES)}, got '{cfg.model}'")
+        cfg.n_layer, cfg.n_head, cfg.n_embd = GPT2_SHAPES[cfg.model]
     for key in ('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
                 'eval_batches', 'block_size'):
         if getattr(cfg, key) <= 0:
@@ -129,31 +144,47 @@ def token_mean_loss(row_loss, targets):
     return (row_loss * n_targets).sum() / n_targets.sum()
 
 
-def model_objective(model, x, y, val_x, val_y, n_sources, autocast):
-    """The objective callable of bilevel.scalebio_step for one model on this step's batch:
-    backward of Σ_i coeff_i·ℓ_i(model) + val_coeff·L_val(model); returns (ℓ(model), L_val(model))."""
+def rank_rows(batch, n_groups, rank, world_size):
+    """This rank's slice of a global batch made of n_groups equal groups of rows (the sources): the same
+    share of every group, so per-source means over ranks are means over the global batch."""
+    return batch.view(n_groups, world_size, -1, batch.size(-1))[:, rank].reshape(-1, batch.size(-1))
+
+
+def model_objective(model, x, y, val_x, val_y, n_sources, micro_steps, autocast):
+    """The objective callable of bilevel.scalebio_step for one model on this rank's rows of the step's batch:
+    backward of Σ_i coeff_i·ℓ_i(model) + val_coeff·L_val(model), in micro_steps accumulated pieces; returns
+    (ℓ(model), L_val(model)) averaged over ranks, so that p's gradient is the same on every rank.
+    (FSDP averages the model gradients over ranks itself; it knows nothing of p.)"""
     def objective(source_coeffs, val_coeff):
-        with autocast:
-            _, row_loss = model(x, y)
-        source_losses = row_loss.view(n_sources, -1).mean(dim=1)  # rows come grouped by source (data.py)
-        total = (source_coeffs.to(source_losses.dtype) * source_losses).sum()
-        val_loss = None
-        if val_coeff:
+        T = x.size(-1)
+        source_losses = val_loss = 0.0
+        for k in range(micro_steps):
+            rows_x, rows_y = (t.view(n_sources, micro_steps, -1, T)[:, k].reshape(-1, T) for t in (x, y))
+            n_train = rows_x.size(0)
+            if val_coeff:  # one forward for training and validation rows
+                rows_x = torch.cat([rows_x, val_x.view(micro_steps, -1, T)[k]])
+                rows_y = torch.cat([rows_y, val_y.view(micro_steps, -1, T)[k]])
             with autocast:
-                _, val_rows = model(val_x, val_y)
-            val_loss = token_mean_loss(val_rows, val_y)
-            total = total + val_coeff * val_loss
-        total.backward()
-        return source_losses.detach(), None if val_loss is None else val_loss.detach()
+                _, row_loss = model(rows_x, rows_y)
+            piece = row_loss[:n_train].view(n_sources, -1).mean(dim=1) / micro_steps  # rows grouped by source
+            total = (source_coeffs.to(piece.dtype) * piece).sum()
+            if val_coeff:
+                val_piece = token_mean_loss(row_loss[n_train:], rows_y[n_train:]) / micro_steps
+                total = total + val_coeff * val_piece
+                val_loss = val_loss + val_piece.detach()
+            total.backward()
+            source_losses = source_losses + piece.detach()
+        return mean_over_ranks(source_losses), mean_over_ranks(val_loss) if val_coeff else None
     return objective
 
 
-def optimizer_update(model, optimizer, grad_clip):
+def optimizer_update(model, optimizer, grad_clip, grad_bytes):
     def update():
+        grads = [p for p in model.parameters() if p.grad is not None]
+        grad_bytes[model] = local_bytes(p.grad for p in grads)  # at their peak, for per_rank_state_bytes
         # clip_grad_norm_ with an infinite threshold only measures; a finite loss can still give a NaN gradient
-        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                              grad_clip if grad_clip > 0 else math.inf)
-        check_finite(gradient_norm=norm)
+        norm = torch.nn.utils.clip_grad_norm_(grads, grad_clip if grad_clip > 0 else math.inf)
+        check_finite(gradient_norm=full(norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)  # never zeros: a frozen parameter with a zero grad still moves
     return update
@@ -171,12 +202,6 @@ def evaluate(model, batches, autocast):
     return torch.stack(losses).mean().item()
 
 
-def save_atomically(obj, path):
-    """torch.save to a temporary file, then rename: a kill during the save leaves the old file intact."""
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-
 def fixed_weights(spec, sources):
     if spec == 'uniform':
         return torch.full((len(sources),), 1.0 / len(sources), dtype=torch.float64)
@@ -191,62 +216,85 @@ def fixed_weights(spec, sources):
 
 def main(argv):
     cfg = parse_config(argv)
-    device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    rank, world_size, device, sharded = init_distributed(cfg.device)
+    master = rank == 0  # only rank 0 prints, shows the progress bar and writes log.jsonl and summary.json
     dtype = getattr(torch, cfg.dtype)
-    use_amp = cfg.amp and device.startswith('cuda')
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+    bf16 = cfg.amp and device.startswith('cuda')
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 and not sharded else contextlib.nullcontext()
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt'), os.path.join(cfg.out_dir, 'best')
     scalebio = cfg.method == 'scalebio'
+    for key, rows in (('batch_per_source', cfg.batch_per_source), ('val_batch', cfg.val_batch)):
+        if rows % world_size:
+            raise ValueError(f"--{key}={rows} is the global count: it must divide among {world_size} processes")
+    local_rows = cfg.batch_per_source // world_size
+    micro_steps = local_rows // cfg.micro_batch if cfg.micro_batch else 1
+    if local_rows % micro_steps or (cfg.val_batch // world_size) % micro_steps:
+        raise ValueError(f"--micro_batch={cfg.micro_batch} must divide the {local_rows} rows per source and the "
+                         f"{cfg.val_batch // world_size} validation rows each process gets into equal pieces")
 
     data = load_data(cfg.data, cfg.block_size, cfg.seed)
     sources, n_sources = data.sources, len(data.sources)
-    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=-(-data.vocab_size // 64) * 64,  # pad to 64
+                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
+                             bias=cfg.bias)
     # both copies start from the same weights (the authors load the same pretrained checkpoint twice)
     lower_model = GPT(model_config).to(device=device, dtype=dtype)
+    if master:
+        print(f"number of parameters: {lower_model.num_params() / 1e6:.2f}M per copy; {world_size} process(es)")
     upper_model = copy.deepcopy(lower_model) if scalebio else None
     models = [lower_model, upper_model] if scalebio else [lower_model]
+    for model in models:
+        if cfg.compile:  # per block: LISA flips requires_grad, so each block has at most two compiled graphs
+            for block in model.transformer.h:
+                block.compile()
+        if sharded:
+            shard(model, bf16)
     optimizers = [make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models]
-    # the source logits p: λ = softmax(p) starts uniform. Adam, as in the authors' code
+    # the source logits p: λ = softmax(p) starts uniform; replicated on every rank, not sharded. Adam, as
+    # in the authors' code
     source_logits = torch.zeros(n_sources, device=device, dtype=dtype, requires_grad=True)
     logits_optimizer = torch.optim.Adam([source_logits], lr=cfg.logits_lr, weight_decay=cfg.logits_weight_decay)
     weights = None if scalebio else fixed_weights(cfg.weights, sources).to(device=device, dtype=dtype)
 
+    def lisa(step):
+        """LISA: u and w draw their blocks independently (copy_index), as in the authors' code. On the toy
+        task this made ℓ(w) − ℓ(u) reflect which blocks trained more than the data (README, honest limits)."""
+        for copy_index, (model, opt) in enumerate(zip(models, optimizers)):
+            set_active_blocks(model.transformer.h, opt, draw_active_blocks(
+                cfg.n_layer, cfg.lisa_layers, cfg.seed, step // cfg.lisa_interval, copy_index))
+
+    def checkpoint_tensors():
+        """p, its Adam moments and the RNG state: replicated, so the checkpoint keeps one copy."""
+        state = logits_optimizer.state[source_logits]
+        if not state:  # before p's first step, or before a load fills them in place
+            state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(source_logits),
+                         exp_avg_sq=torch.zeros_like(source_logits))
+        return {'source_logits': source_logits.data, 'logits_adam': state, 'rng_state': torch.get_rng_state()}
+
     start_step, best_val_loss = 0, math.inf
     if cfg.resume:
-        if not os.path.isfile(ckpt_path):
-            raise FileNotFoundError(f"--resume=True but there is no checkpoint {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        changed = [k for k, v in ckpt['config'].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
+        meta = read_meta(ckpt_path)
+        changed = [k for k, v in meta['config'].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
         if changed:
             raise ValueError("--resume=True with a different config: " + ', '.join(
-                f"{k}={getattr(cfg, k)!r} (checkpoint: {ckpt['config'][k]!r})" for k in changed))
-        for model, opt, state in zip(models, optimizers, ckpt['models']):
-            model.load_state_dict(state['model'])
-            opt.load_state_dict(state['optimizer'])
-        with torch.no_grad():
-            source_logits.copy_(ckpt['source_logits'])
-        logits_optimizer.load_state_dict(ckpt['logits_optimizer'])
-        torch.set_rng_state(ckpt['rng_state'].cpu())
-        if ckpt['cuda_rng_state'] is not None and device.startswith('cuda'):
-            torch.cuda.set_rng_state_all([s.cpu() for s in ckpt['cuda_rng_state']])
-        start_step, best_val_loss = ckpt['step'], ckpt['best_val_loss']
-        print(f"resuming from {ckpt_path} at step {start_step}")
+                f"{k}={getattr(cfg, k)!r} (checkpoint: {meta['config'][k]!r})" for k in changed))
+        start_step, best_val_loss = meta['step'], meta['best_val_loss']
+        lisa(start_step - 1)  # the blocks that held optimizer state when the checkpoint was written
+        tensors = checkpoint_tensors()
+        load_checkpoint(ckpt_path, models, optimizers, tensors)
+        torch.set_rng_state(tensors['rng_state'])
+        if master:
+            print(f"resuming from {ckpt_path} at step {start_step}")
 
-    def save_checkpoint(step):
-        save_atomically({'step': step, 'config': dataclasses.asdict(cfg), 'best_val_loss': best_val_loss,
-                         'models': [{'model': m.state_dict(), 'optimizer': o.state_dict()}
-                                    for m, o in zip(models, optimizers)],
-                         'source_logits': source_logits.detach().cpu(),
-                         'logits_optimizer': logits_optimizer.state_dict(),
-                         'rng_state': torch.get_rng_state(),
-                         'cuda_rng_state': torch.cuda.get_rng_state_all() if device.startswith('cuda') else None},
-                        ckpt_path)
+    def save(step):
+        save_checkpoint(ckpt_path, models, optimizers, checkpoint_tensors(),
+                        {'step': step, 'config': dataclasses.asdict(cfg), 'best_val_loss': best_val_loss})
 
     def on_device(batches):
         return [(x.to(device), y.to(device)) for x, y in batches]
+    # every rank evaluates the same full batches: FSDP needs all ranks in every forward anyway
     eval_sets = {split: on_device(eval_batches(data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size,
                                                cfg.seed)) for split in ['val', 'test'] + sources}
     eval_model = upper_model if scalebio else lower_model  # the model whose val/test loss is reported
@@ -263,22 +311,27 @@ def main(argv):
     end_step = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
     tokens_per_step = n_sources * cfg.batch_per_source * cfg.block_size * (2 if scalebio else 1) \
         + (cfg.val_batch * cfg.block_size if scalebio else 0)
-    train_time, log_path = 0.0, os.path.join(cfg.out_dir, 'log.jsonl')
-    if os.path.exists(log_path):  # keep only what the checkpoint has seen: a killed run may have logged more
+    train_time, log_path, grad_bytes = 0.0, os.path.join(cfg.out_dir, 'log.jsonl'), {}
+    if master and os.path.exists(log_path):  # keep only what the checkpoint has seen: a killed run logs more
         with open(log_path) as f:
             kept = [line for line in f if cfg.resume and json.loads(line)['step'] <= start_step]
         with open(log_path, 'w') as f:
             f.writelines(kept)
     record = None
-    progress = tqdm(range(start_step, end_step), initial=start_step, total=end_step, dynamic_ncols=True)
+    progress = tqdm(range(start_step, end_step), initial=start_step, total=end_step, dynamic_ncols=True,
+                    disable=not master)
     try:
         for step in progress:
-            if stop_signals:
-                save_checkpoint(step)
+            # all ranks must stop at the same step: the checkpoint is a collective
+            stop = torch.tensor(float(bool(stop_signals)), device=device)
+            if mean_over_ranks(stop) > 0 and step > 0:
+                save(step)
                 progress.close()
-                print(f"stopped by signal {stop_signals[0]} before step {step}; checkpoint {ckpt_path}; "
-                      f"continue with --resume=True", file=sys.stderr)
-                sys.exit(128 + stop_signals[0])
+                signum = stop_signals[0] if stop_signals else signal.SIGTERM
+                if master:
+                    print(f"stopped by signal {signum} before step {step}; checkpoint {ckpt_path}; "
+                          f"continue with --resume=True", file=sys.stderr)
+                sys.exit(128 + signum)
             t0 = time.time()
             # learning rates and α, set on every param group every step (nanoGPT's get_lr style)
             alpha, lr_scale = penalty_schedule(step, cfg.penalty_alpha, cfg.alpha_growth, cfg.alpha_interval)
@@ -288,28 +341,29 @@ def main(argv):
                     group['lr'] = cfg.lr * lr_mult
             for group in logits_optimizer.param_groups:
                 group['lr'] = cfg.logits_lr * lr_mult
-            # LISA: u and w draw their blocks independently (copy_index), as in the authors' code. On the toy task
-            # this made ℓ(w) − ℓ(u) reflect which blocks trained more than the data (README, honest limits)
-            for copy_index, (model, opt) in enumerate(zip(models, optimizers)):
-                active = draw_active_blocks(cfg.n_layer, cfg.lisa_layers, cfg.seed, step // cfg.lisa_interval,
-                                            copy_index)
-                set_active_blocks(model.transformer.h, opt, active)
+            lisa(step)
 
-            x, y = (t.to(device) for t in train_batch(data, step, cfg.batch_per_source, cfg.block_size, cfg.seed))
+            # the global batch of this step, the same for any number of processes; this rank's rows of it
+            x, y = (rank_rows(t, n_sources, rank, world_size).to(device)
+                    for t in train_batch(data, step, cfg.batch_per_source, cfg.block_size, cfg.seed))
             try:
                 if scalebio:
-                    vx, vy = (t.to(device) for t in val_batch(data, step, cfg.val_batch, cfg.block_size, cfg.seed))
+                    vx, vy = (rank_rows(t, 1, rank, world_size).to(device)
+                              for t in val_batch(data, step, cfg.val_batch, cfg.block_size, cfg.seed))
                     result = scalebio_step(
                         source_logits, alpha,
-                        lower_objective=model_objective(lower_model, x, y, None, None, n_sources, autocast),
-                        upper_objective=model_objective(upper_model, x, y, vx, vy, n_sources, autocast),
-                        update_lower=optimizer_update(lower_model, optimizers[0], cfg.grad_clip),
-                        update_upper=optimizer_update(upper_model, optimizers[1], cfg.grad_clip),
+                        lower_objective=model_objective(lower_model, x, y, None, None, n_sources, micro_steps,
+                                                        autocast),
+                        upper_objective=model_objective(upper_model, x, y, vx, vy, n_sources, micro_steps,
+                                                        autocast),
+                        update_lower=optimizer_update(lower_model, optimizers[0], cfg.grad_clip, grad_bytes),
+                        update_upper=optimizer_update(upper_model, optimizers[1], cfg.grad_clip, grad_bytes),
                         update_logits=lambda: (logits_optimizer.step(), logits_optimizer.zero_grad(set_to_none=True)))
                 else:  # fixed weights: one model descends the lower level's objective L_train(θ, λ)
-                    losses, _ = model_objective(lower_model, x, y, None, None, n_sources, autocast)(weights, 0.0)
+                    losses, _ = model_objective(lower_model, x, y, None, None, n_sources, micro_steps,
+                                                autocast)(weights, 0.0)
                     check_finite(source_losses=losses)
-                    optimizer_update(lower_model, optimizers[0], cfg.grad_clip)()
+                    optimizer_update(lower_model, optimizers[0], cfg.grad_clip, grad_bytes)()
             except FloatingPointError as e:
                 raise FloatingPointError(f"non-finite loss or gradient at step {step}: {e}; stopped without saving, "
                                          f"the last good checkpoint is {ckpt_path}") from None
@@ -329,36 +383,43 @@ def main(argv):
                 if scalebio:
                     record['lower_per_source_loss'] = {s: evaluate(lower_model, eval_sets[s], autocast)
                                                        for s in sources}
-                with open(log_path, 'a') as f:
-                    f.write(json.dumps(record) + '\n')
-                if record['val_loss'] < best_val_loss:
+                if master:
+                    with open(log_path, 'a') as f:
+                        f.write(json.dumps(record) + '\n')
+                    progress.write(f"step {done}: val {record['val_loss']:.4f} test {record['test_loss']:.4f} "
+                                   f"weights {' '.join(f'{w:.3f}' for w in current.tolist())}")
+                if record['val_loss'] < best_val_loss:  # the same on every rank: all evaluate the same batches
                     best_val_loss = record['val_loss']
-                    save_atomically({'model': eval_model.state_dict(), 'model_config': model_config,
-                                     'step': done, 'val_loss': best_val_loss}, os.path.join(cfg.out_dir, 'best.pt'))
-                progress.write(f"step {done}: val {record['val_loss']:.4f} test {record['test_loss']:.4f} "
-                               f"weights {' '.join(f'{w:.3f}' for w in current.tolist())}")
+                    save_checkpoint(best_path, [eval_model], [], {}, {'step': done, 'val_loss': best_val_loss,
+                                                                      'model_config': dataclasses.asdict(model_config)})
             if done % cfg.ckpt_interval == 0 or done == end_step:
-                save_checkpoint(done)
+                save(done)
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
     progress.close()
 
     if record is None:
-        print(f"nothing to do: the checkpoint is already at step {start_step}")
+        if master:
+            print(f"nothing to do: the checkpoint is already at step {start_step}")
         return None
     summary = {'sources': sources, 'weights': list(record['weights'].values()), 'steps': end_step,
                'val_loss': record['val_loss'], 'best_val_loss': best_val_loss, 'test_loss': record['test_loss'],
                'per_source_loss': record['per_source_loss'],
                'tokens_per_second': tokens_per_step * (end_step - start_step) / max(train_time, 1e-9),
+               'world_size': world_size,
+               # parameters + gradients at their peak + optimizer state held by this rank, both copies
+               'per_rank_state_bytes': sum(local_bytes(m.parameters()) for m in models) + sum(grad_bytes.values())
+               + sum(optimizer_state_bytes(o) for o in optimizers),
                'config': dataclasses.asdict(cfg)}
-    with open(os.path.join(cfg.out_dir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
-    print(f"\n{'source':<16}{'weight':>10}{'loss (model)':>18}")
-    for s, w in record['weights'].items():
-        print(f"{s:<16}{w:>10.4f}{record['per_source_loss'][s]:>18.4f}")
-    print(f"val loss {record['val_loss']:.4f} (best {best_val_loss:.4f}), test loss {record['test_loss']:.4f}; "
-          f"wrote {cfg.out_dir}/summary.json")
+    if master:
+        with open(os.path.join(cfg.out_dir, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=2)
+        print(f"\n{'source':<16}{'weight':>10}{'loss (model)':>18}")
+        for s, w in record['weights'].items():
+            print(f"{s:<16}{w:>10.4f}{record['per_source_loss'][s]:>18.4f}")
+        print(f"val loss {record['val_loss']:.4f} (best {best_val_loss:.4f}), test loss {record['test_loss']:.4f}; "
+              f"wrote {cfg.out_dir}/summary.json")
     return summary
 
 
@@ -366,4 +427,9 @@ if __name__ == '__main__':
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+        # every rank sees the same data and the same averaged losses, so every rank fails the same way
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''
+        sys.exit(f"{rank}error: {e}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -47,7 +47,8 @@ def test_logits_gradient_equals_autograd_and_the_softmax_jacobian():
     assert torch.allclose(ours, alpha * jacobian @ (upper - lower), atol=1e-12)
 
 
-def test_step_on_a_gpt_sets_the_autograd_gradient_of_the_penalty():
+@pytest.mark.parametrize("micro_steps", [1, 2])
+def test_step_on_a_gpt_sets_the_autograd_gradient_of_the_penalty(micro_steps):
     torch.manual_seed(0)
     lower_model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
     upper_model = copy.deepcopy(lower_model)
@@ -59,8 +60,8 @@ def test_step_on_a_gpt_sets_the_autograd_gradient_of_the_penalty():
     source_logits = torch.tensor([0.3, -0.2, 0.1], requires_grad=True)
     alpha = 10.0
     result = scalebio_step(source_logits, alpha,
-                           model_objective(lower_model, x, y, None, None, 3, torch.enable_grad()),
-                           model_objective(upper_model, x, y, vx, vy, 3, torch.enable_grad()),
+                           model_objective(lower_model, x, y, None, None, 3, micro_steps, torch.enable_grad()),
+                           model_objective(upper_model, x, y, vx, vy, 3, micro_steps, torch.enable_grad()),
                            no_update, no_update, no_update)
     p = source_logits.detach().clone().requires_grad_(True)
     weights = torch.softmax(p, 0)
@@ -70,7 +71,17 @@ def test_step_on_a_gpt_sets_the_autograd_gradient_of_the_penalty():
     (alpha * (weights @ upper_losses - weights @ lower_losses)).backward()
     assert torch.allclose(source_logits.grad, p.grad, atol=1e-12)
     assert torch.allclose(result['logits_grad'], p.grad, atol=1e-12)
-    assert lower_model.lm_head.weight.grad is not None and upper_model.lm_head.weight.grad is not None
+    # the model gradients: those of α·L_train(u, λ) and of L_val(w) + α·L_train(w, λ), however many micro-steps
+    weights = weights.detach()
+    for model, val in ((lower_model, None), (upper_model, (vx, vy))):
+        reference = copy.deepcopy(model)
+        reference.zero_grad(set_to_none=True)
+        objective = alpha * weights @ reference(x, y)[1].view(3, 2).mean(1)
+        if val:
+            objective = objective + reference(*val)[1].mean()
+        objective.backward()
+        for mine, theirs in zip(model.parameters(), reference.parameters()):
+            assert torch.allclose(mine.grad, theirs.grad, atol=1e-12)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 10.0, 100.0])

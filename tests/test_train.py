@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import train
 from model import GPT
@@ -23,8 +24,13 @@ def run(out_dir, *args):
 
 
 def final_state(out_dir):
-    ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)
-    return ckpt['source_logits'], [m['model'] for m in ckpt['models']], ckpt['step']
+    """(p, the models' state dicts, step) of out_dir's checkpoint, read without any process group."""
+    path = os.path.join(out_dir, 'ckpt')
+    dcp_to_torch_save(path, os.path.join(out_dir, 'ckpt_full.pt'))
+    ckpt = torch.load(os.path.join(out_dir, 'ckpt_full.pt'), weights_only=False)
+    with open(os.path.join(path, 'meta.json')) as f:
+        step = json.load(f)['step']
+    return ckpt['tensors']['source_logits'], ckpt['models'], step
 
 
 def assert_same_state(a, b, atol):

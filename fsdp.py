@@ -1,0 +1,126 @@
+"""
+Everything in this project that knows there may be several processes: torchrun's process group, FSDP2
+sharding of a model copy, averaging over ranks, sharded checkpoints and the bytes one rank holds.
+bilevel.py stays free of it: the step never learns how its models are sharded.
+
+With plain `python train.py` there is no process group and each function does the one-process thing
+(torch.distributed.checkpoint also works without a process group, so there is one checkpoint format).
+"""
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+
+def init_distributed(device):
+    """(rank, world_size, device, sharded). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this
+    is one process and nothing is sharded. nccl on CUDA, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() and device in ('auto', 'cuda')
+    if 'RANK' not in os.environ:
+        return 0, 1, device if device != 'auto' else ('cuda' if use_cuda else 'cpu'), False
+    dist.init_process_group('nccl' if use_cuda else 'gloo')
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device, True
+
+
+def shard(model, bf16):
+    """FSDP2 (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html): each block is a unit
+    whose parameters are all-gathered only for its own forward and backward, then the root holds the rest
+    (embeddings, final norm, tied head). Under bf16 the compute is bf16 and gradients reduce in fp32."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for block in model.transformer.h:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def is_main_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mean_over_ranks(tensor):
+    """The mean of a tensor over ranks, in place (gloo has no AVG reduction, hence SUM then divide)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def full(tensor):
+    """A plain tensor with the full value of a (possibly sharded) DTensor."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_bytes(tensors):
+    """Bytes this rank holds for these tensors: the local shard of a DTensor, all of a plain tensor."""
+    return sum(t.numel() * t.element_size() for t in
+               (x.to_local() if isinstance(x, DTensor) else x for x in tensors))
+
+
+def optimizer_state_bytes(optimizer):
+    """Bytes of Adam's moments held by this rank (the scalar step counters excluded)."""
+    return local_bytes(t for state in optimizer.state.values() for name, t in state.items() if name != 'step')
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: a folder written by torch.distributed.checkpoint (each rank writes its own shards, nothing
+# is gathered into one rank's memory) plus meta.json; saved at one world size, loadable at any other.
+
+def save_checkpoint(path, models, optimizers, tensors, meta):
+    """Written into path.tmp, then renamed: a kill during a save leaves the previous checkpoint intact
+    (between the two renames it is path.old, which load_checkpoint also accepts)."""
+    tmp = path + '.tmp'
+    if is_main_process() and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    barrier()
+    state = {'models': [get_model_state_dict(m) for m in models],
+             'optimizers': [get_optimizer_state_dict(m, o) for m, o in zip(models, optimizers)],
+             'tensors': tensors}
+    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    if is_main_process():
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f)
+        if os.path.exists(path):
+            os.rename(path, path + '.old')
+        os.rename(tmp, path)
+        shutil.rmtree(path + '.old', ignore_errors=True)
+    barrier()
+
+
+def checkpoint_folder(path):
+    for candidate in (path, path + '.old'):
+        if os.path.isfile(os.path.join(candidate, 'meta.json')):
+            return candidate
+    raise FileNotFoundError(f"--resume=True but there is no checkpoint {path}")
+
+
+def read_meta(path):
+    with open(os.path.join(checkpoint_folder(path), 'meta.json')) as f:
+        return json.load(f)
+
+
+def load_checkpoint(path, models, optimizers, tensors):
+    """Loads in place. The optimizers' state entries must exist for the parameters that had state when
+    the checkpoint was saved (get_optimizer_state_dict creates them for every parameter that requires
+    grad, with a zero-lr step), so the caller sets requires_grad as it was at the save (LISA)."""
+    state = {'models': [get_model_state_dict(m) for m in models],
+             'optimizers': [get_optimizer_state_dict(m, o) for m, o in zip(models, optimizers)],
+             'tensors': tensors}
+    dcp.load(state, checkpoint_id=checkpoint_folder(path), no_dist=not dist.is_initialized())
+    for model, opt, model_state, opt_state in zip(models, optimizers, state['models'], state['optimizers']):
+        set_model_state_dict(model, model_state)
+        set_optimizer_state_dict(model, opt, opt_state)
