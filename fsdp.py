@@ -9,6 +9,7 @@ With plain `python train.py` there is no process group and each function does th
 import json
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,9 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+
+# one process has no process group, and torch.distributed.checkpoint says so at every save; that is expected
+warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
 
 
 def init_distributed(device):

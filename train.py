@@ -408,10 +408,12 @@ def main(argv):
                'per_source_loss': record['per_source_loss'],
                'tokens_per_second': tokens_per_step * (end_step - start_step) / max(train_time, 1e-9),
                'world_size': world_size,
-               # parameters + gradients at their peak + optimizer state held by this rank, both copies
-               'per_rank_state_bytes': sum(local_bytes(m.parameters()) for m in models) + sum(grad_bytes.values())
-               + sum(optimizer_state_bytes(o) for o in optimizers),
+               # held by rank 0 for both copies (local shards): parameters, gradients at their peak, Adam moments
+               'per_rank_bytes': {'parameters': sum(local_bytes(m.parameters()) for m in models),
+                                  'gradients': sum(grad_bytes.values()),
+                                  'optimizer_state': sum(optimizer_state_bytes(o) for o in optimizers)},
                'config': dataclasses.asdict(cfg)}
+    summary['per_rank_state_bytes'] = sum(summary['per_rank_bytes'].values())
     if master:
         with open(os.path.join(cfg.out_dir, 'summary.json'), 'w') as f:
             json.dump(summary, f, indent=2)

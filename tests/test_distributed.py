@@ -1,0 +1,81 @@
+"""Several processes on CPU (gloo) through torchrun must compute what one process computes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# float64: Adam's early sign-like steps amplify float32 rounding, so float32 runs drift apart by ~1e-4
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_per_source=4', '--val_batch=8',
+        '--eval_batches=1', '--eval_interval=10', '--lisa_layers=1', '--lisa_interval=3', '--warmup_steps=3',
+        '--dtype=float64', '--device=cpu', '--max_steps=30']
+
+
+def torchrun(n_processes, *args, check=True):
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                           f'--nproc_per_node={n_processes}', 'train.py', *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def summary(out_dir):
+    with open(os.path.join(out_dir, 'summary.json')) as f:
+        return json.load(f)
+
+
+def assert_same_run(a, b):
+    assert max(abs(x - y) for x, y in zip(a['weights'], b['weights'])) <= 1e-6
+    assert abs(a['val_loss'] - b['val_loss']) <= 1e-6 * abs(a['val_loss'])
+
+
+def test_two_and_four_processes_learn_what_one_learns_and_each_holds_its_share(tmp_path):
+    one = train.main(TINY + [f'--out_dir={tmp_path}/1'])
+    assert max(one['weights']) - min(one['weights']) > 1e-2  # the weights moved
+    for n in (2, 4):
+        torchrun(n, *TINY, f'--out_dir={tmp_path}/{n}')
+        many = summary(tmp_path / str(n))
+        assert many['world_size'] == n
+        assert_same_run(many, one)
+        assert many['per_rank_state_bytes'] == pytest.approx(one['per_rank_state_bytes'] / n, rel=0.1)
+
+
+def test_a_checkpoint_written_at_one_world_size_resumes_at_another(tmp_path):
+    whole = train.main(TINY + [f'--out_dir={tmp_path}/whole'])
+    torchrun(2, *TINY, f'--out_dir={tmp_path}/2to1', '--stop_at=14')
+    train.main(TINY + [f'--out_dir={tmp_path}/2to1', '--resume=True'])
+    assert_same_run(summary(tmp_path / '2to1'), whole)
+    train.main(TINY + [f'--out_dir={tmp_path}/1to2', '--stop_at=14'])
+    torchrun(2, *TINY, f'--out_dir={tmp_path}/1to2', '--resume=True')
+    assert_same_run(summary(tmp_path / '1to2'), whole)
+
+
+def test_lisa_under_fsdp_keeps_optimizer_state_for_the_drawn_blocks_only(tmp_path):
+    shape = ['--n_layer=8', '--lisa_interval=2', '--max_steps=5']
+    torchrun(2, *TINY, *shape, '--lisa_layers=2', f'--out_dir={tmp_path}/lisa')
+    torchrun(2, *TINY, *shape, '--lisa_layers=0', f'--out_dir={tmp_path}/full')
+    lisa, full = (summary(tmp_path / d)['per_rank_bytes']['optimizer_state'] for d in ('lisa', 'full'))
+    model = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=8, n_head=2, n_embd=16))
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    bound = (model.num_params() - 6 * block) / model.num_params()  # non-block (tied embedding once) + 2 blocks
+    assert lisa / full <= bound * 1.001
+    assert lisa / full > 0.9 * bound
+
+
+def test_micro_batches_accumulate_to_the_same_run(tmp_path):
+    whole = train.main(TINY + [f'--out_dir={tmp_path}/whole', '--max_steps=10'])
+    pieces = train.main(TINY + [f'--out_dir={tmp_path}/pieces', '--max_steps=10', '--micro_batch=2'])
+    assert pieces['weights'] == pytest.approx(whole['weights'], abs=1e-10)
+
+
+def test_an_error_ends_every_rank_with_its_message(tmp_path):
+    proc = torchrun(2, *TINY, '--batch_per_source=3', f'--out_dir={tmp_path}', check=False)
+    assert proc.returncode != 0
+    assert "[rank 0] error: --batch_per_source=3 is the global count: it must divide among 2 processes" \
+        in proc.stderr
