@@ -36,7 +36,7 @@ from tqdm import tqdm
 from bilevel import check_finite, cosine_lr, penalty_schedule, scalebio_step
 from data import eval_batches, load_data, train_batch, val_batch
 from fsdp import (full, init_distributed, is_main_process, load_checkpoint, local_bytes, mean_over_ranks,
-                  optimizer_state_bytes, read_meta, save_checkpoint, shard)
+                  optimizer_state_bytes, read_meta, save_checkpoint, shard, warm_up)
 from lisa import draw_active_blocks, set_active_blocks
 from model import GPT, GPTConfig
 
@@ -252,6 +252,11 @@ def main(argv):
         if sharded:
             shard(model, bf16)
     optimizers = [make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models]
+    if sharded:
+        warm_x, warm_y = (rank_rows(t, n_sources, rank, world_size).to(device)
+                          for t in train_batch(data, 0, cfg.batch_per_source, cfg.block_size, cfg.seed))
+        for model in models:
+            warm_up(model, warm_x, warm_y)
     # the source logits p: λ = softmax(p) starts uniform; replicated on every rank, not sharded. Adam, as
     # in the authors' code
     source_logits = torch.zeros(n_sources, device=device, dtype=dtype, requires_grad=True)

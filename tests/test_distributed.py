@@ -79,3 +79,14 @@ def test_an_error_ends_every_rank_with_its_message(tmp_path):
     assert proc.returncode != 0
     assert "[rank 0] error: --batch_per_source=3 is the global count: it must divide among 2 processes" \
         in proc.stderr
+
+
+def test_bf16_mixed_precision_lisa_switches_need_and_get_the_warm_up():
+    def launch(mode):
+        return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                               'tests/fsdp_bf16_lisa.py', mode], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, 'PYTHONPATH': ROOT})
+    without, with_warm_up = launch('none'), launch('warm_up')
+    assert without.returncode != 0 and 'grad_dtype' in without.stderr  # the pitfall is real here
+    assert with_warm_up.returncode == 0 and with_warm_up.stdout.count('all switches trained') == 2, \
+        with_warm_up.stderr[-2000:]

@@ -1,0 +1,26 @@
+"""Run by tests/test_distributed.py under torchrun: LISA switches under FSDP2 with a bf16 MixedPrecisionPolicy.
+Without fsdp.warm_up, a block frozen at the first forward and unfrozen later fails (gradient dtype mismatch)."""
+import sys
+
+import torch
+import torch.distributed as dist
+
+from fsdp import shard, warm_up
+from lisa import set_active_blocks
+from model import GPT, GPTConfig
+
+dist.init_process_group('gloo')
+torch.manual_seed(0)
+model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=4, n_head=2, n_embd=16))
+shard(model, bf16=True)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x = torch.randint(0, 64, (4, 8))
+if sys.argv[1] == 'warm_up':
+    warm_up(model, x, x)
+for active in ([0, 1], [0, 1], [2, 3], [1, 2]):
+    set_active_blocks(model.transformer.h, optimizer, active)
+    model(x, x)[1].mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+print('all switches trained')
+dist.destroy_process_group()
