@@ -90,3 +90,14 @@ def test_bf16_mixed_precision_lisa_switches_need_and_get_the_warm_up():
     assert without.returncode != 0 and 'grad_dtype' in without.stderr  # the pitfall is real here
     assert with_warm_up.returncode == 0 and with_warm_up.stdout.count('all switches trained') == 2, \
         with_warm_up.stderr[-2000:]
+
+
+def test_compiled_blocks_do_not_recompile_at_every_lisa_switch(tmp_path):
+    """torch.compile guards on requires_grad; compiling per block bounds the graphs (frozen or not, batch
+    shapes), so 10 LISA switches must not cost 10 recompilations."""
+    proc = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path}', '--max_steps=40', '--lisa_layers=2',
+                           '--lisa_interval=4', '--compile=True', '--eval_interval=40', '--n_layer=4'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, 'TORCH_LOGS': 'recompiles'})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 0 < proc.stderr.count('Recompiling function forward') <= 6
