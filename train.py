@@ -276,7 +276,10 @@ def main(argv):
         if not state:  # before p's first step, or before a load fills them in place
             state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(source_logits),
                          exp_avg_sq=torch.zeros_like(source_logits))
-        return {'source_logits': source_logits.data, 'logits_adam': state, 'rng_state': torch.get_rng_state()}
+        rng = {'cpu': torch.get_rng_state()}  # every rank is seeded alike, so one copy serves all
+        if device.startswith('cuda'):
+            rng['cuda'] = torch.cuda.get_rng_state()
+        return {'source_logits': source_logits.data, 'logits_adam': state, 'rng_state': rng}
 
     start_step, best_val_loss = 0, math.inf
     if cfg.resume:
@@ -289,7 +292,9 @@ def main(argv):
         lisa(start_step - 1)  # the blocks that held optimizer state when the checkpoint was written
         tensors = checkpoint_tensors()
         load_checkpoint(ckpt_path, models, optimizers, tensors)
-        torch.set_rng_state(tensors['rng_state'])
+        torch.set_rng_state(tensors['rng_state']['cpu'])
+        if device.startswith('cuda'):
+            torch.cuda.set_rng_state(tensors['rng_state']['cuda'].cpu())
         if master:
             print(f"resuming from {ckpt_path} at step {start_step}")
 
