@@ -82,9 +82,11 @@ def penalty_schedule(step, penalty_alpha, alpha_growth=1.0, alpha_interval=0):
     """α at `step`, and the factor for every step size.
 
     Constant α by default (all of the authors' released runs: 10 for GPT-2, 100 for 8B-34B models).
-    Optionally α is multiplied by τ = alpha_growth every `alpha_interval` steps, and the step sizes are
-    divided by the same factor (the authors' τ schedule): the gradients of w and p scale with α, so a
-    plain gradient step needs η ∝ 1/α to stay stable; Adam is scale-invariant and is only slowed down.
+    Optionally α is multiplied by τ = alpha_growth every `alpha_interval` steps, and the step sizes of u
+    and w are divided by the same factor (the authors' τ schedule): their gradients scale with α, so a plain
+    gradient step needs η ∝ 1/α to stay stable (Adam is scale-invariant and is only slowed down).
+    p's step size is NOT divided, unlike the authors': p's gradient estimates the hypergradient, O(1) in α,
+    and on theory/'s quadratics dividing it stalled p after a few growths (python -m theory).
     """
     if alpha_interval <= 0 or alpha_growth == 1.0:
         return penalty_alpha, 1.0

@@ -345,11 +345,11 @@ def main(argv):
             t0 = time.time()
             # learning rates and α, set on every param group every step (nanoGPT's get_lr style)
             alpha, lr_scale = penalty_schedule(step, cfg.penalty_alpha, cfg.alpha_growth, cfg.alpha_interval)
-            lr_mult = cosine_lr(step, cfg.max_steps, cfg.warmup_steps) * lr_scale
+            lr_mult = cosine_lr(step, cfg.max_steps, cfg.warmup_steps)
             for opt in optimizers:
                 for group in opt.param_groups:
-                    group['lr'] = cfg.lr * lr_mult
-            for group in logits_optimizer.param_groups:
+                    group['lr'] = cfg.lr * lr_mult * lr_scale
+            for group in logits_optimizer.param_groups:  # not scaled with α: see bilevel.penalty_schedule
                 group['lr'] = cfg.logits_lr * lr_mult
             lisa(step)
 
@@ -389,7 +389,7 @@ def main(argv):
                           'test_loss': evaluate(eval_model, eval_sets['test'], autocast),
                           'weights': dict(zip(sources, current.tolist())),
                           'per_source_loss': {s: evaluate(eval_model, eval_sets[s], autocast) for s in sources},
-                          'penalty_alpha': alpha, 'lr': cfg.lr * lr_mult}
+                          'penalty_alpha': alpha, 'lr': cfg.lr * lr_mult * lr_scale}
                 if scalebio:
                     record['lower_per_source_loss'] = {s: evaluate(lower_model, eval_sets[s], autocast)
                                                        for s in sources}
