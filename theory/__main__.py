@@ -1,7 +1,6 @@
 """
 Checks of ScaleBiO's penalty on data-reweighting quadratics whose answers are known in closed form.
-(Part of the theory issue: the exact-inner-solution checks. The single-loop, growing-penalty, stochastic and
-central-difference checks are still to come.)
+Exact inner solutions (the penalty's bias), the single loop at fixed α, and growing penalties.
 
     python -m theory            # every check: a table, theory/results.json; exit status 1 if one misses
     python -m theory --quick    # the same here (all checks take seconds); tests/ calls it
@@ -21,103 +20,12 @@ import sys
 import numpy as np
 import torch
 
-from bilevel import scalebio_step  # `python -m theory` from the repository root puts it on the path
+from bilevel import penalty_schedule
+from theory.quadratics import (fixed_point, make_problem, model_step_sizes, one_step, penalty_gradient,
+                               penalty_value_and_gradient, run_single_loop, spectral_radius, stability_boundary,
+                               stationary_weights, true_value_and_gradient)
 
 torch.set_default_dtype(torch.float64)
-
-
-def make_problem(seed, n_sources=3, dim=4, case='nonrealizable'):
-    gen = torch.Generator().manual_seed(seed)
-    centres = torch.randn(n_sources, dim, generator=gen)
-    if case == 'scalar':
-        curvatures = torch.stack([a * torch.eye(dim) for a in (1.0, 4.0, 0.5)[:n_sources]])
-    else:  # unequal, non-isotropic curvatures: the case where the penalty's bias is visible
-        q = torch.randn(n_sources, dim, dim, generator=gen)
-        curvatures = q @ q.transpose(1, 2) / dim + 0.5 * torch.eye(dim)
-    mixture = torch.softmax(torch.randn(n_sources, generator=gen), 0)  # π
-    if case == 'realizable':
-        target = lower_solution(curvatures, centres, mixture)          # θ_val = θ*(π)
-    elif case == 'scalar':
-        target = mixture @ centres                                     # θ_val = Σ π_i c_i
-    else:
-        target = lower_solution(curvatures, centres, mixture) + 0.1 * torch.randn(dim, generator=gen)
-    return dict(centres=centres, curvatures=curvatures, target=target, mixture=mixture)
-
-
-def lower_solution(curvatures, centres, weights):
-    M = torch.einsum('i,ijk->jk', weights, curvatures)
-    return torch.linalg.solve(M, torch.einsum('i,ijk,ik->j', weights, curvatures, centres))
-
-
-def upper_solution(prob, weights, alpha):
-    A, c = prob['curvatures'], prob['centres']
-    M = torch.einsum('i,ijk->jk', weights, A)
-    rhs = prob['target'] + alpha * torch.einsum('i,ijk,ik->j', weights, A, c)
-    return torch.linalg.solve(torch.eye(len(rhs)) + alpha * M, rhs)
-
-
-def objective(prob, theta):
-    """The objective callable of bilevel.scalebio_step for the quadratic 'model' θ."""
-    def run(source_coeffs, val_coeff):
-        theta.grad = None
-        diff = theta - prob['centres']
-        losses = 0.5 * torch.einsum('ij,ijk,ik->i', diff, prob['curvatures'], diff)
-        val = 0.5 * ((theta - prob['target']) ** 2).sum()
-        ((source_coeffs * losses).sum() + val_coeff * val).backward()
-        return losses.detach(), val.detach() if val_coeff else None
-    return run
-
-
-def penalty_gradient(prob, logits, alpha):
-    """ScaleBiO's p-gradient at the exact inner solutions u = θ*(s), w = w_α(s), from bilevel.py."""
-    weights = torch.softmax(logits, 0)
-    u = lower_solution(prob['curvatures'], prob['centres'], weights).requires_grad_(True)
-    w = upper_solution(prob, weights, alpha).requires_grad_(True)
-    source_logits = logits.clone().requires_grad_(True)
-    result = scalebio_step(source_logits, alpha, objective(prob, u), objective(prob, w),
-                           lambda: None, lambda: None, lambda: None)
-    return result['logits_grad']
-
-
-def true_value_and_gradient(prob, logits):
-    """F(s) = ½‖θ*(s) − θ_val‖² and its exact gradient in the logits."""
-    s = torch.softmax(logits, 0)
-    A, c = prob['curvatures'], prob['centres']
-    theta = lower_solution(A, c, s)
-    M = torch.einsum('i,ijk->jk', s, A)
-    dF_ds = torch.einsum('j,ijk,ik->i', torch.linalg.solve(M, theta - prob['target']), A, c - theta)
-    return 0.5 * ((theta - prob['target']) ** 2).sum().item(), (torch.diag(s) - torch.outer(s, s)) @ dF_ds
-
-
-def penalty_value_and_gradient(prob, logits, alpha):
-    """L*_α(p) = L_val(w_α) + α·(L_train(w_α, s) − L_train(θ*, s)) and, by Danskin, bilevel.py's p-gradient."""
-    s = torch.softmax(logits, 0)
-    losses = lambda theta: 0.5 * torch.einsum('ij,ijk,ik->i', theta - prob['centres'], prob['curvatures'],
-                                              theta - prob['centres'])
-    u, w = lower_solution(prob['curvatures'], prob['centres'], s), upper_solution(prob, s, alpha)
-    value = 0.5 * ((w - prob['target']) ** 2).sum() + alpha * s @ (losses(w) - losses(u))
-    return value.item(), penalty_gradient(prob, logits, alpha)
-
-
-def stationary_weights(value_and_gradient, n_sources, newton_steps=8, h=1e-5):
-    """s at a minimiser over p: L-BFGS from uniform, then Newton steps on the gradient (finite-difference
-    Hessian; pinv because softmax is invariant to adding a constant to p) to reach ~1e-15."""
-    logits = torch.zeros(n_sources, requires_grad=True)
-    opt = torch.optim.LBFGS([logits], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-30,
-                            history_size=20, line_search_fn='strong_wolfe')
-
-    def closure():
-        value, grad = value_and_gradient(logits.detach())
-        logits.grad = grad.clone()
-        return value
-    opt.step(closure)
-    p = logits.detach().clone()
-    for _ in range(newton_steps):
-        grad = value_and_gradient(p)[1]
-        hessian = torch.stack([(value_and_gradient(p + h * e)[1] - value_and_gradient(p - h * e)[1]) / (2 * h)
-                               for e in torch.eye(n_sources)])
-        p = p - torch.linalg.pinv(0.5 * (hessian + hessian.T), rtol=1e-10) @ grad
-    return torch.softmax(p, 0), value_and_gradient(p)[1].norm().item()
 
 
 def slope(x, y):
@@ -177,7 +85,84 @@ def run_checks(seeds=range(5)):
     check('non-realizable: hypergradient error vs alpha, slope', -1.0, float(np.mean(bias_slopes)), 0.1)
     check('non-realizable: |s_alpha - s*| vs alpha, slope', -1.0, float(np.mean(dist_slopes)), 0.1)
     check('non-realizable: F(s_alpha) - F* vs alpha, slope', -2.0, float(np.mean(gap_slopes)), 0.1)
+    single_loop_checks(check)
+    growing_penalty_checks(check)
     return rows
+
+
+def optimum(prob, case):
+    """s*: π (realizable), π_i/a_i normalised (scalar curvatures), or the trusted solver."""
+    if case == 'realizable':
+        return prob['mixture']
+    if case == 'scalar':
+        closed_form = prob['mixture'] / torch.tensor([1.0, 4.0, 0.5])
+        return closed_form / closed_form.sum()
+    return stationary_weights(lambda p: true_value_and_gradient(prob, p), 3)[0]
+
+
+def single_loop_checks(check):
+    """bilevel.scalebio_step iterated with plain gradient steps at fixed α: linear convergence at the rate
+    ρ(J) of the iteration's Jacobian, the p step size beyond which it fails, and the weights it returns."""
+    rate_ratios, to_penalty_solution, too_fast, loop_bias = [], [], [], {}
+    for case, alpha in (('realizable', 10.0), ('scalar', 10.0), ('nonrealizable', 10.0), ('nonrealizable', 100.0)):
+        prob = make_problem(11 if case == 'nonrealizable' else 0, case=case)  # seed 11: s* well inside
+        target = fixed_point(prob, alpha)
+        sizes = model_step_sizes(prob, alpha, 0.9)
+        boundary = stability_boundary(prob, alpha, target, sizes)
+        rho = spectral_radius(prob, alpha, target, (*sizes, boundary / 2))
+        state, errors = run_single_loop(prob, alpha, (*sizes, boundary / 2), 20000, target)
+        errors = np.array(errors)
+        window = np.nonzero((errors < 1e-4) & (errors > 1e-10))[0]
+        rate = np.exp(np.polyfit(window, np.log(errors[window]), 1)[0])
+        rate_ratios.append((1 - rate) / (1 - rho))
+        s_loop, s_alpha = torch.softmax(state[2], 0), torch.softmax(target[2], 0)
+        to_penalty_solution.append((s_loop - s_alpha).abs().max().item())
+        _, fast_errors = run_single_loop(prob, alpha, (*sizes, 2 * boundary), 3000, target)
+        too_fast.append(fast_errors[-1] > 1e-2)  # it oscillates (a bounded cycle here) or diverges
+        s_star = optimum(prob, case)
+        loop_bias[case, alpha] = ((s_loop - s_star).norm() / max((s_alpha - s_star).norm(), 1e-300)).item() \
+            if case == 'nonrealizable' else (s_loop - s_star).abs().max().item()
+    check('single loop: max |s_loop - s_alpha|', 0.0, max(to_penalty_solution), 1e-9)
+    check('single loop: (1 - rate) / (1 - rho(J)), worst of 4', 1.0,
+          max(rate_ratios, key=lambda r: abs(r - 1)), 0.05)
+    check('p step 2x the stability boundary: runs not converging', 4, sum(too_fast), 0)
+    check('loop weights, realizable: max |s - pi|', 0.0, loop_bias['realizable', 10.0], 1e-8)
+    check('loop weights, scalar curvatures: max |s - s*|', 0.0, loop_bias['scalar', 10.0], 1e-8)
+    for alpha in (10.0, 100.0):
+        check(f'loop weights, non-realizable: |s - s*| / |s_alpha - s*|, a={alpha:g}', 1.0,
+              loop_bias['nonrealizable', alpha], 1e-3)
+
+
+def growing_penalty_checks(check):
+    """α growing during the run, the model step sizes scaled by 1/α: the weights follow s_α toward s*."""
+    prob = make_problem(11)
+    s_star = optimum(prob, 'nonrealizable')
+    f_star = true_value_and_gradient(prob, torch.log(s_star))[0]
+    # α_t = α_0·(1 + t)^a, a = 1, with 4 extra model-only steps per p step to track u and w
+    state, times, dist, gap = tuple(torch.zeros(n) for n in (4, 4, 3)), [], [], []
+    for t in range(2000):
+        alpha = 10.0 * (1 + t)
+        sizes = model_step_sizes(prob, alpha, 0.9)
+        for _ in range(4):
+            state = one_step(prob, alpha, state, (*sizes, 0.0))
+        state = one_step(prob, alpha, state, (*sizes, 0.3))
+        if t >= 200 and t % 50 == 0:
+            s = torch.softmax(state[2], 0)
+            times.append(t)
+            dist.append((s - s_star).norm().item())
+            gap.append(true_value_and_gradient(prob, torch.log(s))[0] - f_star)
+    check('alpha_t ~ t: |s_t - s*| vs t, slope', -1.0, slope(times, dist), 0.1)
+    check('alpha_t ~ t: F(s_t) - F* vs t, slope', -2.0, slope(times, gap), 0.1)
+    # bilevel.penalty_schedule as train.py uses it: α doubles every 400 steps, the model step sizes (set for
+    # α_0) are divided by the same factor, p's is not (dividing it too, as the authors do, stalled p here)
+    state, errors, tau, interval = tuple(torch.zeros(n) for n in (4, 4, 3)), [], 2.0, 400
+    for t in range(8 * interval):
+        alpha, lr_scale = penalty_schedule(t, 10.0, tau, interval)
+        state = one_step(prob, alpha, state, (*model_step_sizes(prob, 10.0, 0.9 * lr_scale), 0.3))
+        if (t + 1) % interval == 0:
+            errors.append((torch.softmax(state[2], 0) - s_star).norm().item())
+    check('tau schedule: log|s - s*| per epoch, slope', -float(np.log(tau)),
+          float(np.polyfit(np.arange(2, 8), np.log(errors[2:]), 1)[0]), 0.1)
 
 
 def main(argv):
@@ -185,9 +170,9 @@ def main(argv):
     if unknown:
         sys.exit(f"error: unknown argument(s) {' '.join(unknown)}; usage: python -m theory [--quick]")
     rows = run_checks()
-    print(f"{'check':<56}{'predicted':>10}{'measured':>12}{'tolerance':>11}  pass")
+    print(f"{'check':<60}{'predicted':>10}{'measured':>12}{'tolerance':>11}  pass")
     for r in rows:
-        print(f"{r['check']:<56}{r['predicted']:>10.3g}{r['measured']:>12.3g}{r['tolerance']:>11.1g}  "
+        print(f"{r['check']:<60}{r['predicted']:>10.3g}{r['measured']:>12.3g}{r['tolerance']:>11.1g}  "
               f"{'yes' if r['passed'] else 'NO'}")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results.json')
     with open(path, 'w') as f:

@@ -1,0 +1,178 @@
+"""
+Data-reweighting quadratics (problem Q2 of theory/README.md) with their closed forms, and the single-loop
+iteration of bilevel.scalebio_step on them. Nothing here re-implements the step: the p-gradient and the
+order of the updates come from bilevel.py, the function train.py calls; the models are tensors θ and the
+optimizers plain gradient steps (torch.optim.SGD).
+
+    ℓ_i(θ) = ½‖θ − c_i‖²_{A_i},  L_train(θ, s) = Σ_i s_i·ℓ_i(θ),  s = softmax(p),  L_val(θ) = ½‖θ − θ_val‖²
+    θ*(s) = M⁻¹ Σ_i s_i·A_i·c_i,  M(s) = Σ_i s_i·A_i             (the lower level: u's optimum)
+    w_α(s) = (I + α·M)⁻¹ (θ_val + α Σ_i s_i·A_i·c_i)              (the penalised upper level: w's optimum)
+    ∂F/∂s_i = (θ* − θ_val)ᵀ M⁻¹ A_i (c_i − θ*)                   (implicit function theorem)
+"""
+import torch
+
+from bilevel import scalebio_step
+
+
+def make_problem(seed, n_sources=3, dim=4, case='nonrealizable'):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_sources, dim, generator=gen)
+    if case == 'scalar':
+        curvatures = torch.stack([a * torch.eye(dim) for a in (1.0, 4.0, 0.5)[:n_sources]])
+    else:  # unequal, non-isotropic curvatures: the case where the penalty's bias is visible
+        q = torch.randn(n_sources, dim, dim, generator=gen)
+        curvatures = q @ q.transpose(1, 2) / dim + 0.5 * torch.eye(dim)
+    mixture = torch.softmax(torch.randn(n_sources, generator=gen), 0)  # π
+    if case == 'realizable':
+        target = lower_solution(curvatures, centres, mixture)          # θ_val = θ*(π)
+    elif case == 'scalar':
+        target = mixture @ centres                                     # θ_val = Σ π_i c_i
+    else:
+        target = lower_solution(curvatures, centres, mixture) + 0.1 * torch.randn(dim, generator=gen)
+    return dict(centres=centres, curvatures=curvatures, target=target, mixture=mixture)
+
+
+def lower_solution(curvatures, centres, weights):
+    M = torch.einsum('i,ijk->jk', weights, curvatures)
+    return torch.linalg.solve(M, torch.einsum('i,ijk,ik->j', weights, curvatures, centres))
+
+
+def upper_solution(prob, weights, alpha):
+    A, c = prob['curvatures'], prob['centres']
+    M = torch.einsum('i,ijk->jk', weights, A)
+    rhs = prob['target'] + alpha * torch.einsum('i,ijk,ik->j', weights, A, c)
+    return torch.linalg.solve(torch.eye(len(rhs)) + alpha * M, rhs)
+
+
+def objective(prob, theta):
+    """The objective callable of bilevel.scalebio_step for the quadratic 'model' θ."""
+    def run(source_coeffs, val_coeff):
+        theta.grad = None
+        diff = theta - prob['centres']
+        losses = 0.5 * torch.einsum('ij,ijk,ik->i', diff, prob['curvatures'], diff)
+        val = 0.5 * ((theta - prob['target']) ** 2).sum()
+        ((source_coeffs * losses).sum() + val_coeff * val).backward()
+        return losses.detach(), val.detach() if val_coeff else None
+    return run
+
+
+def penalty_gradient(prob, logits, alpha):
+    """ScaleBiO's p-gradient at the exact inner solutions u = θ*(s), w = w_α(s), from bilevel.py."""
+    weights = torch.softmax(logits, 0)
+    u = lower_solution(prob['curvatures'], prob['centres'], weights).requires_grad_(True)
+    w = upper_solution(prob, weights, alpha).requires_grad_(True)
+    source_logits = logits.clone().requires_grad_(True)
+    result = scalebio_step(source_logits, alpha, objective(prob, u), objective(prob, w),
+                           lambda: None, lambda: None, lambda: None)
+    return result['logits_grad']
+
+
+def true_value_and_gradient(prob, logits):
+    """F(s) = ½‖θ*(s) − θ_val‖² and its exact gradient in the logits."""
+    s = torch.softmax(logits, 0)
+    A, c = prob['curvatures'], prob['centres']
+    theta = lower_solution(A, c, s)
+    M = torch.einsum('i,ijk->jk', s, A)
+    dF_ds = torch.einsum('j,ijk,ik->i', torch.linalg.solve(M, theta - prob['target']), A, c - theta)
+    return 0.5 * ((theta - prob['target']) ** 2).sum().item(), (torch.diag(s) - torch.outer(s, s)) @ dF_ds
+
+
+def penalty_value_and_gradient(prob, logits, alpha):
+    """L*_α(p) = L_val(w_α) + α·(L_train(w_α, s) − L_train(θ*, s)) and, by Danskin, bilevel.py's p-gradient."""
+    s = torch.softmax(logits, 0)
+    losses = lambda theta: 0.5 * torch.einsum('ij,ijk,ik->i', theta - prob['centres'], prob['curvatures'],
+                                              theta - prob['centres'])
+    u, w = lower_solution(prob['curvatures'], prob['centres'], s), upper_solution(prob, s, alpha)
+    value = 0.5 * ((w - prob['target']) ** 2).sum() + alpha * s @ (losses(w) - losses(u))
+    return value.item(), penalty_gradient(prob, logits, alpha)
+
+
+def stationary_weights(value_and_gradient, n_sources, newton_steps=8, h=1e-5):
+    """s at a minimiser over p: L-BFGS from uniform, then Newton steps on the gradient (finite-difference
+    Hessian; pinv because softmax is invariant to adding a constant to p) to reach ~1e-15."""
+    logits = torch.zeros(n_sources, requires_grad=True)
+    opt = torch.optim.LBFGS([logits], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-30,
+                            history_size=20, line_search_fn='strong_wolfe')
+
+    def closure():
+        value, grad = value_and_gradient(logits.detach())
+        logits.grad = grad.clone()
+        return value
+    opt.step(closure)
+    p = logits.detach().clone()
+    for _ in range(newton_steps):
+        grad = value_and_gradient(p)[1]
+        hessian = torch.stack([(value_and_gradient(p + h * e)[1] - value_and_gradient(p - h * e)[1]) / (2 * h)
+                               for e in torch.eye(n_sources)])
+        p = p - torch.linalg.pinv(0.5 * (hessian + hessian.T), rtol=1e-10) @ grad
+    return torch.softmax(p, 0), value_and_gradient(p)[1].norm().item()
+
+
+def one_step(prob, alpha, state, step_sizes):
+    """One iteration of bilevel.scalebio_step from state = (u, w, p) with plain gradient steps of the given
+    sizes (η_u, η_w, η_p); returns the new state. SGD without momentum keeps no state, so this is a pure map."""
+    u, w, p = (t.detach().clone().requires_grad_(True) for t in state)
+    optimizers = [torch.optim.SGD([x], lr=lr) for x, lr in zip((u, w, p), step_sizes)]
+    updates = [lambda opt=opt: (opt.step(), opt.zero_grad(set_to_none=True)) for opt in optimizers]
+    scalebio_step(p, alpha, objective(prob, u), objective(prob, w), *updates)
+    return u.detach(), w.detach(), p.detach()
+
+
+def model_step_sizes(prob, alpha, scale=0.5):
+    """One step size for u and w, as train.py uses one learning rate for both copies, scaled by 1/α: w's
+    gradient ∇L_val + α·∇L_train is Lipschitz with 1 + α·L (L the largest curvature), u's with α·L.
+    (The copies must move at the same speed: their lags along the common drift then cancel in
+    ℓ(w) − ℓ(u), which p's gradient multiplies by α. With η_u = 1/(α·L) ≠ η_w the p step-size boundary
+    fell like 1/α in a measurement; with equal steps it stays near 1.)"""
+    curvature = torch.linalg.eigvalsh(prob['curvatures']).max().item()
+    step = scale / (1 + alpha * curvature)
+    return step, step
+
+
+def fixed_point(prob, alpha):
+    """(u, w, p) where the single loop stops: s = s_α, u = θ*(s_α), w = w_α(s_α); p centred (mean 0)."""
+    s_alpha, _ = stationary_weights(lambda p: penalty_value_and_gradient(prob, p, alpha), len(prob['mixture']))
+    p = torch.log(s_alpha)
+    return (lower_solution(prob['curvatures'], prob['centres'], s_alpha), upper_solution(prob, s_alpha, alpha),
+            p - p.mean())
+
+
+def spectral_radius(prob, alpha, state, step_sizes, h=1e-6):
+    """ρ of the iteration's Jacobian at `state`, by central differences of one_step. p + c·1 is a fixed
+    direction (softmax ignores it; eigenvalue 1), so the Jacobian is taken on its complement {p ⊥ 1}."""
+    n_u, n_p = len(state[0]), len(state[2])
+    flat = torch.cat(state)
+    centred = torch.eye(n_p) - 1.0 / n_p                      # projector onto p ⊥ 1
+    basis_p = torch.linalg.qr(centred)[0][:, :n_p - 1]
+    basis = torch.block_diag(torch.eye(2 * n_u), basis_p)      # columns span the invariant complement
+
+    def step(z):
+        return torch.cat(one_step(prob, alpha, (z[:n_u], z[n_u:2 * n_u], z[2 * n_u:]), step_sizes))
+    columns = [(step(flat + h * b) - step(flat - h * b)) / (2 * h) for b in basis.T]
+    jacobian = basis.T @ torch.stack(columns, dim=1)
+    return torch.linalg.eigvals(jacobian).abs().max().item()
+
+
+def stability_boundary(prob, alpha, state, model_sizes, low=1e-4, high=1e3, iterations=40):
+    """The p step size at which ρ of the iteration's Jacobian crosses 1 (bisection in log space): above
+    it p moves too fast for u and w to follow and the loop oscillates or diverges."""
+    for _ in range(iterations):
+        middle = (low * high) ** 0.5
+        if spectral_radius(prob, alpha, state, (*model_sizes, middle)) < 1:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def run_single_loop(prob, alpha, step_sizes, steps, target, tolerance=1e-12):
+    """Iterates one_step from u = w = 0, p = 0; returns the final state and ‖z_t − target‖ per step
+    (stopping early once below tolerance, or once the error has grown 1e6-fold)."""
+    state = tuple(torch.zeros_like(t) for t in target)
+    errors = []
+    for _ in range(steps):
+        state = one_step(prob, alpha, state, step_sizes)
+        errors.append(torch.cat([a - b for a, b in zip(state, target)]).norm().item())
+        if errors[-1] < tolerance or not errors[-1] < 1e6 * errors[0]:
+            break
+    return state, errors
