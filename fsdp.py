@@ -26,11 +26,11 @@ warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavai
 def init_distributed(device):
     """(rank, world_size, device, sharded). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this
     is one process and nothing is sharded. nccl on CUDA, gloo on CPU."""
-    use_cuda = torch.cuda.is_available() and device in ('auto', 'cuda')
+    use_cuda = torch.cuda.is_available() and (device == 'auto' or device.startswith('cuda'))
     if 'RANK' not in os.environ:
         return 0, 1, device if device != 'auto' else ('cuda' if use_cuda else 'cpu'), False
     dist.init_process_group('nccl' if use_cuda else 'gloo')
-    device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'  # under torchrun, one GPU per rank
     if use_cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device, True
@@ -110,6 +110,7 @@ def save_checkpoint(path, models, optimizers, tensors, meta):
     if is_main_process():
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f)
+        shutil.rmtree(path + '.old', ignore_errors=True)  # left by a process killed between the renames
         if os.path.exists(path):
             os.rename(path, path + '.old')
         os.rename(tmp, path)

@@ -138,10 +138,9 @@ def make_optimizer(model, lr, weight_decay):
                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}], lr=lr)
 
 
-def token_mean_loss(row_loss, targets):
-    """Mean over all target tokens (rows weighted by how many targets they have, -1s excluded)."""
-    n_targets = (targets != -1).sum(dim=1).clamp(min=1).to(row_loss.dtype)
-    return (row_loss * n_targets).sum() / n_targets.sum()
+def target_counts(targets, dtype):
+    """Targets per row that count (not -1), so that row means can be turned back into token sums."""
+    return (targets != -1).sum(dim=1).clamp(min=1).to(dtype)
 
 
 def rank_rows(batch, n_groups, rank, world_size):
@@ -158,6 +157,9 @@ def model_objective(model, x, y, val_x, val_y, n_sources, micro_steps, autocast)
     def objective(source_coeffs, val_coeff):
         T = x.size(-1)
         source_losses = val_loss = 0.0
+        if val_coeff:  # L_val is a token mean over the GLOBAL validation batch: each rank divides its token
+            # sum by the mean count per rank, and FSDP's average over ranks completes the global mean
+            val_tokens = mean_over_ranks(target_counts(val_y, torch.float64).sum().to(x.device))
         for k in range(micro_steps):
             rows_x, rows_y = (t.view(n_sources, micro_steps, -1, T)[:, k].reshape(-1, T) for t in (x, y))
             n_train = rows_x.size(0)
@@ -169,7 +171,8 @@ def model_objective(model, x, y, val_x, val_y, n_sources, micro_steps, autocast)
             piece = row_loss[:n_train].view(n_sources, -1).mean(dim=1) / micro_steps  # rows grouped by source
             total = (source_coeffs.to(piece.dtype) * piece).sum()
             if val_coeff:
-                val_piece = token_mean_loss(row_loss[n_train:], rows_y[n_train:]) / micro_steps
+                val_rows = row_loss[n_train:]
+                val_piece = (val_rows * target_counts(rows_y[n_train:], val_rows.dtype)).sum() / val_tokens
                 total = total + val_coeff * val_piece
                 val_loss = val_loss + val_piece.detach()
             total.backward()
@@ -191,15 +194,20 @@ def optimizer_update(model, optimizer, grad_clip, grad_bytes):
 
 
 @torch.no_grad()
-def evaluate(model, batches, autocast):
+def evaluate(model, batches, autocast, rank, world_size):
+    """Token-mean loss over the batches. Each rank takes its share of the rows and the sums are all-reduced:
+    every rank gets the same number, so decisions taken on it (the best checkpoint, a collective) agree."""
     model.eval()
-    losses = []
+    sums = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device)  # loss over tokens, tokens
     for x, y in batches:
+        x, y = rank_rows(x, 1, rank, world_size), rank_rows(y, 1, rank, world_size)
         with autocast:
             _, row_loss = model(x, y)
-        losses.append(token_mean_loss(row_loss, y))
+        counts = target_counts(y, torch.float64)
+        sums += torch.stack([(row_loss.double() * counts).sum(), counts.sum()])
     model.train()
-    return torch.stack(losses).mean().item()
+    sums = mean_over_ranks(sums)
+    return (sums[0] / sums[1]).item()
 
 
 def fixed_weights(spec, sources):
@@ -252,11 +260,10 @@ def main(argv):
         if sharded:
             shard(model, bf16)
     optimizers = [make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models]
-    if sharded:
-        warm_x, warm_y = (rank_rows(t, n_sources, rank, world_size).to(device)
-                          for t in train_batch(data, 0, cfg.batch_per_source, cfg.block_size, cfg.seed))
-        for model in models:
-            warm_up(model, warm_x, warm_y)
+    warm_x, warm_y = (rank_rows(t, n_sources, rank, world_size).to(device)  # on every path, so runs stay equal
+                      for t in train_batch(data, 0, cfg.batch_per_source, cfg.block_size, cfg.seed))
+    for model in models:
+        warm_up(model, warm_x, warm_y)
     # the source logits p: λ = softmax(p) starts uniform; replicated on every rank, not sharded. Adam, as
     # in the authors' code
     source_logits = torch.zeros(n_sources, device=device, dtype=dtype, requires_grad=True)
@@ -270,14 +277,14 @@ def main(argv):
             set_active_blocks(model.transformer.h, opt, draw_active_blocks(
                 cfg.n_layer, cfg.lisa_layers, cfg.seed, step // cfg.lisa_interval, copy_index))
 
-    def checkpoint_tensors():
+    def checkpoint_tensors(with_cuda_rng=device.startswith('cuda')):
         """p, its Adam moments and the RNG state: replicated, so the checkpoint keeps one copy."""
         state = logits_optimizer.state[source_logits]
         if not state:  # before p's first step, or before a load fills them in place
             state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(source_logits),
                          exp_avg_sq=torch.zeros_like(source_logits))
         rng = {'cpu': torch.get_rng_state()}  # every rank is seeded alike, so one copy serves all
-        if device.startswith('cuda'):
+        if with_cuda_rng:
             rng['cuda'] = torch.cuda.get_rng_state()
         return {'source_logits': source_logits.data, 'logits_adam': state, 'rng_state': rng}
 
@@ -290,21 +297,21 @@ def main(argv):
                 f"{k}={getattr(cfg, k)!r} (checkpoint: {meta['config'][k]!r})" for k in changed))
         start_step, best_val_loss = meta['step'], meta['best_val_loss']
         lisa(start_step - 1)  # the blocks that held optimizer state when the checkpoint was written
-        tensors = checkpoint_tensors()
+        tensors = checkpoint_tensors(with_cuda_rng=meta['cuda_rng'])
         load_checkpoint(ckpt_path, models, optimizers, tensors)
         torch.set_rng_state(tensors['rng_state']['cpu'])
-        if device.startswith('cuda'):
+        if meta['cuda_rng'] and device.startswith('cuda'):
             torch.cuda.set_rng_state(tensors['rng_state']['cuda'].cpu())
         if master:
             print(f"resuming from {ckpt_path} at step {start_step}")
 
     def save(step):
         save_checkpoint(ckpt_path, models, optimizers, checkpoint_tensors(),
-                        {'step': step, 'config': dataclasses.asdict(cfg), 'best_val_loss': best_val_loss})
+                        {'step': step, 'config': dataclasses.asdict(cfg), 'best_val_loss': best_val_loss,
+                         'cuda_rng': device.startswith('cuda')})
 
     def on_device(batches):
         return [(x.to(device), y.to(device)) for x, y in batches]
-    # every rank evaluates the same full batches: FSDP needs all ranks in every forward anyway
     eval_sets = {split: on_device(eval_batches(data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size,
                                                cfg.seed)) for split in ['val', 'test'] + sources}
     eval_model = upper_model if scalebio else lower_model  # the model whose val/test loss is reported
@@ -385,13 +392,13 @@ def main(argv):
                 progress.set_postfix_str(f"L_val(w)={result['val_loss'].item():.3f} " +
                                          ' '.join(f"{s}={w:.3f}" for s, w in zip(sources, current.tolist())))
             if done % cfg.eval_interval == 0 or done == end_step:
-                record = {'step': done, 'val_loss': evaluate(eval_model, eval_sets['val'], autocast),
-                          'test_loss': evaluate(eval_model, eval_sets['test'], autocast),
+                record = {'step': done, 'val_loss': evaluate(eval_model, eval_sets['val'], autocast, rank, world_size),
+                          'test_loss': evaluate(eval_model, eval_sets['test'], autocast, rank, world_size),
                           'weights': dict(zip(sources, current.tolist())),
-                          'per_source_loss': {s: evaluate(eval_model, eval_sets[s], autocast) for s in sources},
+                          'per_source_loss': {s: evaluate(eval_model, eval_sets[s], autocast, rank, world_size) for s in sources},
                           'penalty_alpha': alpha, 'lr': cfg.lr * lr_mult * lr_scale}
                 if scalebio:
-                    record['lower_per_source_loss'] = {s: evaluate(lower_model, eval_sets[s], autocast)
+                    record['lower_per_source_loss'] = {s: evaluate(lower_model, eval_sets[s], autocast, rank, world_size)
                                                        for s in sources}
                 if master:
                     with open(log_path, 'a') as f:
@@ -424,6 +431,8 @@ def main(argv):
                                   'optimizer_state': sum(optimizer_state_bytes(o) for o in optimizers)},
                'config': dataclasses.asdict(cfg)}
     summary['per_rank_state_bytes'] = sum(summary['per_rank_bytes'].values())
+    if device.startswith('cuda'):
+        summary['peak_memory_bytes'] = torch.cuda.max_memory_allocated()
     if master:
         with open(os.path.join(cfg.out_dir, 'summary.json'), 'w') as f:
             json.dump(summary, f, indent=2)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import train
 from model import GPT, GPTConfig
@@ -35,15 +37,25 @@ def assert_same_run(a, b):
     assert abs(a['val_loss'] - b['val_loss']) <= 1e-6 * abs(a['val_loss'])
 
 
+def model_states(out_dir):
+    """Both copies' full parameters from out_dir's sharded checkpoint, read in one process."""
+    dcp_to_torch_save(os.path.join(out_dir, 'ckpt'), os.path.join(out_dir, 'full.pt'))
+    return torch.load(os.path.join(out_dir, 'full.pt'), weights_only=False)['models']
+
+
 def test_two_and_four_processes_learn_what_one_learns_and_each_holds_its_share(tmp_path):
     one = train.main(TINY + [f'--out_dir={tmp_path}/1'])
     assert max(one['weights']) - min(one['weights']) > 1e-2  # the weights moved
-    for n in (2, 4):
-        torchrun(n, *TINY, f'--out_dir={tmp_path}/{n}')
+    # 2 processes also split their rows into 2 accumulated micro-batches
+    for n, extra in ((2, ['--micro_batch=1']), (4, [])):
+        torchrun(n, *TINY, *extra, f'--out_dir={tmp_path}/{n}')
         many = summary(tmp_path / str(n))
         assert many['world_size'] == n
         assert_same_run(many, one)
         assert many['per_rank_state_bytes'] == pytest.approx(one['per_rank_state_bytes'] / n, rel=0.1)
+        for copy_one, copy_many in zip(model_states(tmp_path / '1'), model_states(tmp_path / str(n))):
+            for name, tensor in copy_one.items():
+                assert torch.allclose(tensor, copy_many[name], atol=1e-10, rtol=0), name
 
 
 def test_a_checkpoint_written_at_one_world_size_resumes_at_another(tmp_path):
