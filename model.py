@@ -19,7 +19,7 @@ from torch.nn import functional as F
 @dataclass
 class GPTConfig:
     block_size: int = 1024   # context length
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64
+    vocab_size: int = 50257  # the tokenizer's; the model pads its tables up to a multiple of 64
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -82,14 +82,17 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        # embedding and head rows padded to a multiple of 64 for faster matmuls (GPT-2: 50257 -> 50304);
+        # the padding rows are never a target, and forward crops them from the logits
+        self.padded_vocab = -(-config.vocab_size // 64) * 64
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wte=nn.Embedding(self.padded_vocab, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
         # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -122,13 +125,13 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        logits = self.lm_head(self.transformer.ln_f(x))[..., :self.config.vocab_size]
         if targets is None:
             return logits, None
         # cross-entropy in float32 even under bf16 autocast: the per-source means are compared across
         # two models, so their rounding error must stay well below the differences being measured
         logits_fp = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        token_loss = F.cross_entropy(logits_fp.view(-1, logits.size(-1)), targets.reshape(-1),
+        token_loss = F.cross_entropy(logits_fp.reshape(-1, logits.size(-1)), targets.reshape(-1),
                                      ignore_index=-1, reduction='none').view(B, T)
         n_targets = (targets != -1).sum(dim=1).clamp(min=1)
         return logits, token_loss.sum(dim=1) / n_targets

@@ -244,9 +244,8 @@ def main(argv):
 
     data = load_data(cfg.data, cfg.block_size, cfg.seed)
     sources, n_sources = data.sources, len(data.sources)
-    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=-(-data.vocab_size // 64) * 64,  # pad to 64
-                             n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
-                             bias=cfg.bias)
+    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
     # both copies start from the same weights (the authors load the same pretrained checkpoint twice)
     lower_model = GPT(model_config).to(device=device, dtype=dtype)
     if master:

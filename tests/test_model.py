@@ -42,6 +42,8 @@ def test_minus_one_targets_are_ignored_and_loss_is_per_row():
 def test_parameter_count_matches_closed_form(bias):
     V, T, L, C = 50, 16, 3, 24
     model = tiny(vocab_size=V, block_size=T, n_layer=L, n_embd=C, bias=bias)
+    assert model(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 4, V)  # padding rows cropped
+    V = 64  # the embedding is padded up to a multiple of 64
     # per block: 2 LayerNorms, c_attn (C x 3C), attn c_proj (C x C), c_fc (C x 4C), mlp c_proj (4C x C) = 12C²
     # weights, plus with bias 3C+C+4C+C = 9C Linear biases and 2C LayerNorm biases; head tied to wte
     norm = 2 * C if bias else C
