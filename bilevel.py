@@ -54,8 +54,15 @@ def check_finite(**values):
 
 
 def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective,
-                  update_lower, update_upper, update_logits):
+                  update_lower, update_upper, update_logits, central_difference=False):
     """One ScaleBiO iteration (the docstring at the top of this file), in the authors' order.
+
+    The penalty's p-gradient is a forward difference in σ = 1/α (Chen et al., arXiv 2509.02937): with
+    ℓ(σ) the per-source losses at argmin_θ σ·L_val + L_train, it is [ℓ(σ) − ℓ(0)]/σ, bias O(1/α).
+    central_difference=True uses [ℓ(σ) − ℓ(−σ)]/(2σ) instead, bias O(1/α²): the lower copy then descends
+    α·L_train − L_val (it becomes v, the point at −σ) and p's gradient is (α/2)·J·(ℓ(w) − ℓ(v)). Same two
+    copies, same cost; it needs α·L_train − L_val to be bounded below (α > L_val's curvature / L_train's),
+    which theory/ checks on quadratics and which need not hold for a language model (README).
 
     lower_objective, upper_objective(source_coeffs, val_coeff): run forward and backward of
         Σ_i source_coeffs[i]·ℓ_i(model) + val_coeff·L_val(model)
@@ -66,10 +73,12 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
     Returns the losses the step saw. Raises FloatingPointError, before any update, if a loss is not finite.
     """
     weights = torch.softmax(source_logits.detach(), dim=0)
-    lower_losses, _ = lower_objective(penalty_alpha * weights, 0.0)       # ∇_u α·L_train(u, λ)
-    upper_losses, val_loss = upper_objective(penalty_alpha * weights, 1.0)  # ∇_w L_val(w) + α·L_train(w, λ)
+    lower_val_coeff = -1.0 if central_difference else 0.0
+    lower_losses, _ = lower_objective(penalty_alpha * weights, lower_val_coeff)  # ∇_u α·L_train(u, λ) [− L_val(u)]
+    upper_losses, val_loss = upper_objective(penalty_alpha * weights, 1.0)     # ∇_w L_val(w) + α·L_train(w, λ)
     check_finite(lower_losses=lower_losses, upper_losses=upper_losses, val_loss=val_loss)
-    logits_grad = logits_gradient(weights, upper_losses, lower_losses, penalty_alpha)
+    logits_grad = logits_gradient(weights, upper_losses, lower_losses,
+                                  penalty_alpha / 2 if central_difference else penalty_alpha)
     source_logits.grad = logits_grad.to(source_logits.dtype)
     update_lower()
     update_upper()

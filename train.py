@@ -63,6 +63,7 @@ class TrainConfig:
     penalty_alpha: float = 10.0     # α (the authors: 10 for GPT-2, 100 for 8B-34B models)
     alpha_growth: float = 1.0       # τ: α is multiplied by τ every alpha_interval steps (1.0: constant α)
     alpha_interval: int = 0
+    central_difference: bool = False  # u descends α·L_train − L_val: p's gradient has bias O(1/α²) (bilevel.py)
     # optimisation
     max_steps: int = 1500           # the horizon of the learning-rate schedule
     stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
@@ -326,7 +327,7 @@ def main(argv):
 
     end_step = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
     tokens_per_step = n_sources * cfg.batch_per_source * cfg.block_size * (2 if scalebio else 1) \
-        + (cfg.val_batch * cfg.block_size if scalebio else 0)
+        + (cfg.val_batch * cfg.block_size * (2 if cfg.central_difference else 1) if scalebio else 0)
     train_time, log_path, grad_bytes = 0.0, os.path.join(cfg.out_dir, 'log.jsonl'), {}
     if master and os.path.exists(log_path):  # keep only what the checkpoint has seen: a killed run logs more
         with open(log_path) as f:
@@ -368,13 +369,14 @@ def main(argv):
                               for t in val_batch(data, step, cfg.val_batch, cfg.block_size, cfg.seed))
                     result = scalebio_step(
                         source_logits, alpha,
-                        lower_objective=model_objective(lower_model, x, y, None, None, n_sources, micro_steps,
-                                                        autocast),
+                        lower_objective=model_objective(lower_model, x, y, *((vx, vy) if cfg.central_difference
+                                                        else (None, None)), n_sources, micro_steps, autocast),
                         upper_objective=model_objective(upper_model, x, y, vx, vy, n_sources, micro_steps,
                                                         autocast),
                         update_lower=optimizer_update(lower_model, optimizers[0], cfg.grad_clip, grad_bytes),
                         update_upper=optimizer_update(upper_model, optimizers[1], cfg.grad_clip, grad_bytes),
-                        update_logits=lambda: (logits_optimizer.step(), logits_optimizer.zero_grad(set_to_none=True)))
+                        update_logits=lambda: (logits_optimizer.step(), logits_optimizer.zero_grad(set_to_none=True)),
+                        central_difference=cfg.central_difference)
                 else:  # fixed weights: one model descends the lower level's objective L_train(θ, λ)
                     losses, _ = model_objective(lower_model, x, y, None, None, n_sources, micro_steps,
                                                 autocast)(weights, 0.0)

@@ -104,6 +104,25 @@ def test_quadratic_at_exact_optima_gives_alpha_over_one_plus_alpha_times_hypergr
     assert hypergradient.abs().max() > 1e-2  # not trivially zero
 
 
+@pytest.mark.parametrize("alpha", [10.0, 100.0])
+def test_central_difference_at_exact_optima_gives_alpha2_over_alpha2_minus_one_times_hypergradient(alpha):
+    gen = torch.Generator().manual_seed(3)
+    centres, target = torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)
+    source_logits = torch.randn(4, generator=gen).requires_grad_(True)
+    weights = torch.softmax(source_logits.detach(), 0)
+    lower_opt = weights @ centres
+    # w = argmin L_val + α·L_train, v = argmin α·L_train − L_val (identity curvatures, α > 1)
+    w = ((target + alpha * lower_opt) / (alpha + 1)).requires_grad_(True)
+    v = ((alpha * lower_opt - target) / (alpha - 1)).requires_grad_(True)
+    result = scalebio_step(source_logits, alpha, quadratic_objective(v, centres, target),
+                           quadratic_objective(w, centres, target), no_update, no_update, no_update,
+                           central_difference=True)
+    dF_dweights = (centres - lower_opt) @ (lower_opt - target)
+    hypergradient = (torch.diag(weights) - torch.outer(weights, weights)) @ dF_dweights
+    # w − v = (b − θ*)·2α/(α² − 1): the error is O(1/α²), against the forward difference's α/(1 + α)
+    assert torch.allclose(result['logits_grad'], alpha ** 2 / (alpha ** 2 - 1) * hypergradient, atol=1e-12)
+
+
 def logits_gradient_variance(alpha, shared, n_samples=400, sigma=0.5):
     gen = torch.Generator().manual_seed(2)
     centres, target = torch.randn(3, 4, generator=gen), torch.randn(4, generator=gen)

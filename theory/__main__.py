@@ -64,7 +64,7 @@ def run_checks(seeds=range(5)):
 
     # non-realizable, unequal curvatures: the penalty is a forward difference in 1/α, bias O(1/α)
     # (only instances whose optimum s* is inside the simplex: on its boundary p* is at infinity)
-    bias_slopes, dist_slopes, gap_slopes, seed = [], [], [], 0
+    bias_slopes, dist_slopes, gap_slopes, central_bias, central_dist, seed = [], [], [], [], [], 0
     while len(bias_slopes) < len(seeds):
         prob, seed = make_problem(seed), seed + 1
         s_star, _ = stationary_weights(lambda p: true_value_and_gradient(prob, p), 3)
@@ -82,11 +82,20 @@ def run_checks(seeds=range(5)):
         bias_slopes.append(slope(alphas, bias))
         dist_slopes.append(slope(alphas, dist))
         gap_slopes.append(slope(alphas, gap))
+        # the central difference (bilevel.scalebio_step(central_difference=True)): bias O(1/α²)
+        central_bias.append(slope(alphas, [(penalty_gradient(prob, probe, a, central=True) - true_grad).norm().item()
+                                           for a in alphas]))
+        central_dist.append(slope(alphas, [(stationary_weights(
+            lambda p: penalty_value_and_gradient(prob, p, a, central=True), 3)[0] - s_star).norm().item()
+            for a in alphas]))
     check('non-realizable: hypergradient error vs alpha, slope', -1.0, float(np.mean(bias_slopes)), 0.1)
     check('non-realizable: |s_alpha - s*| vs alpha, slope', -1.0, float(np.mean(dist_slopes)), 0.1)
     check('non-realizable: F(s_alpha) - F* vs alpha, slope', -2.0, float(np.mean(gap_slopes)), 0.1)
+    check('central difference: hypergradient error vs alpha, slope', -2.0, float(np.mean(central_bias)), 0.1)
+    check('central difference: |s_alpha - s*| vs alpha, slope', -2.0, float(np.mean(central_dist)), 0.1)
     single_loop_checks(check)
     growing_penalty_checks(check)
+    stochastic_checks(check)
     return rows
 
 
@@ -144,8 +153,8 @@ def growing_penalty_checks(check):
         alpha = 10.0 * (1 + t)
         sizes = model_step_sizes(prob, alpha, 0.9)
         for _ in range(4):
-            state = one_step(prob, alpha, state, (*sizes, 0.0))
-        state = one_step(prob, alpha, state, (*sizes, 0.3))
+            state = one_step(prob, alpha, state, (*sizes, 0.0))[:3]
+        state = one_step(prob, alpha, state, (*sizes, 0.3))[:3]
         if t >= 200 and t % 50 == 0:
             s = torch.softmax(state[2], 0)
             times.append(t)
@@ -158,11 +167,51 @@ def growing_penalty_checks(check):
     state, errors, tau, interval = tuple(torch.zeros(n) for n in (4, 4, 3)), [], 2.0, 400
     for t in range(8 * interval):
         alpha, lr_scale = penalty_schedule(t, 10.0, tau, interval)
-        state = one_step(prob, alpha, state, (*model_step_sizes(prob, 10.0, 0.9 * lr_scale), 0.3))
+        state = one_step(prob, alpha, state, (*model_step_sizes(prob, 10.0, 0.9 * lr_scale), 0.3))[:3]
         if (t + 1) % interval == 0:
             errors.append((torch.softmax(state[2], 0) - s_star).norm().item())
     check('tau schedule: log|s - s*| per epoch, slope', -float(np.log(tau)),
           float(np.polyfit(np.arange(2, 8), np.log(errors[2:]), 1)[0]), 0.1)
+
+
+def stochastic_checks(check, sigma=0.3):
+    """Stochastic per-source losses ℓ_i(θ; ξ) = ½‖θ − c_i − ξ_i‖²_{A_i}, ξ ~ N(0, σ²): one draw per step,
+    shared by u and w as train.py shares its batch."""
+    prob, alpha = make_problem(11), 10.0
+    target = fixed_point(prob, alpha)
+    s_alpha, s_star = torch.softmax(target[2], 0), optimum(prob, 'nonrealizable')
+    gen = torch.Generator().manual_seed(0)
+    # variance of p's gradient at the exact inner optima: flat in α when the draw is shared, ∝ α² if not
+    variance_slopes = {}
+    for shared in (True, False):
+        variances = []
+        for a in (10.0, 100.0, 1000.0):
+            optimum_state = (*fixed_point(prob, a)[:2], torch.log(s_alpha))
+            grads = [one_step(prob, a, optimum_state, (0.0, 0.0, 0.0), sigma * torch.randn(3, 4, generator=gen),
+                              None if shared else sigma * torch.randn(3, 4, generator=gen))[3] for _ in range(300)]
+            variances.append(torch.stack(grads).var(dim=0).sum().item())
+        variance_slopes[shared] = slope([10.0, 100.0, 1000.0], variances)
+    check('noisy losses, shared draw: var(p-gradient) vs alpha, slope', 0.0, variance_slopes[True], 0.2)
+    check('noisy losses, independent draws: var(p-gradient) vs alpha, slope', 2.0, variance_slopes[False], 0.2)
+    # steps ∝ 1/t at fixed α (from the fixed point, so only the noise moves it): E‖s_t − s_α‖² ∝ 1/t,
+    # while ‖s_t − s*‖² levels off at the penalty's squared bias ‖s_α − s*‖² = O(1/α²)
+    sizes, steps, runs, t0 = (*model_step_sizes(prob, alpha, 0.9), 0.3), 4000, 8, 100
+    marks = np.unique(np.geomspace(steps / 8, steps, 8).astype(int))
+    to_alpha, to_star = np.zeros(len(marks)), np.zeros(len(marks))
+    for _ in range(runs):
+        state = target
+        for t in range(1, steps + 1):
+            decay = t0 / (t0 + t)
+            state = one_step(prob, alpha, state, tuple(eta * decay for eta in sizes),
+                             sigma * torch.randn(3, 4, generator=gen))[:3]
+            if t in marks:
+                s = torch.softmax(state[2], 0)
+                k = list(marks).index(t)
+                to_alpha[k] += ((s - s_alpha) ** 2).sum().item() / runs
+                to_star[k] += ((s - s_star) ** 2).sum().item() / runs
+    check('noisy losses, steps ~ 1/t: E|s_t - s_alpha|^2 vs t, slope', -1.0, slope(marks, to_alpha), 0.2)
+    check('noisy losses: E|s_T - s*|^2 / (|s_alpha - s*|^2 + E|s_T - s_alpha|^2)', 1.0,
+          to_star[-1] / (((s_alpha - s_star) ** 2).sum().item() + to_alpha[-1]), 0.3)
 
 
 def main(argv):
@@ -170,9 +219,9 @@ def main(argv):
     if unknown:
         sys.exit(f"error: unknown argument(s) {' '.join(unknown)}; usage: python -m theory [--quick]")
     rows = run_checks()
-    print(f"{'check':<60}{'predicted':>10}{'measured':>12}{'tolerance':>11}  pass")
+    print(f"{'check':<72}{'predicted':>10}{'measured':>12}{'tolerance':>11}  pass")
     for r in rows:
-        print(f"{r['check']:<60}{r['predicted']:>10.3g}{r['measured']:>12.3g}{r['tolerance']:>11.1g}  "
+        print(f"{r['check']:<72}{r['predicted']:>10.3g}{r['measured']:>12.3g}{r['tolerance']:>11.1g}  "
               f"{'yes' if r['passed'] else 'NO'}")
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results.json')
     with open(path, 'w') as f:

@@ -37,18 +37,21 @@ def lower_solution(curvatures, centres, weights):
     return torch.linalg.solve(M, torch.einsum('i,ijk,ik->j', weights, curvatures, centres))
 
 
-def upper_solution(prob, weights, alpha):
+def upper_solution(prob, weights, alpha, val_sign=1.0):
+    """argmin_θ val_sign·L_val(θ) + α·L_train(θ, s): w_α, or with val_sign = −1 the central difference's v_α
+    (a minimum only while α·M − I ≻ 0)."""
     A, c = prob['curvatures'], prob['centres']
     M = torch.einsum('i,ijk->jk', weights, A)
-    rhs = prob['target'] + alpha * torch.einsum('i,ijk,ik->j', weights, A, c)
-    return torch.linalg.solve(torch.eye(len(rhs)) + alpha * M, rhs)
+    rhs = val_sign * prob['target'] + alpha * torch.einsum('i,ijk,ik->j', weights, A, c)
+    return torch.linalg.solve(val_sign * torch.eye(len(rhs)) + alpha * M, rhs)
 
 
-def objective(prob, theta):
-    """The objective callable of bilevel.scalebio_step for the quadratic 'model' θ."""
+def objective(prob, theta, noise=None):
+    """The objective callable of bilevel.scalebio_step for the quadratic 'model' θ. With a noise sample ξ
+    (shape (S, d)) the per-source losses are stochastic: ℓ_i(θ; ξ) = ½‖θ − c_i − ξ_i‖²_{A_i}."""
     def run(source_coeffs, val_coeff):
         theta.grad = None
-        diff = theta - prob['centres']
+        diff = theta - prob['centres'] - (0.0 if noise is None else noise)
         losses = 0.5 * torch.einsum('ij,ijk,ik->i', diff, prob['curvatures'], diff)
         val = 0.5 * ((theta - prob['target']) ** 2).sum()
         ((source_coeffs * losses).sum() + val_coeff * val).backward()
@@ -56,14 +59,19 @@ def objective(prob, theta):
     return run
 
 
-def penalty_gradient(prob, logits, alpha):
-    """ScaleBiO's p-gradient at the exact inner solutions u = θ*(s), w = w_α(s), from bilevel.py."""
-    weights = torch.softmax(logits, 0)
-    u = lower_solution(prob['curvatures'], prob['centres'], weights).requires_grad_(True)
-    w = upper_solution(prob, weights, alpha).requires_grad_(True)
+def inner_solutions(prob, weights, alpha, central):
+    """The exact optima of the two copies: (θ*(s) or, for the central difference, v_α(s)) and w_α(s)."""
+    lower = upper_solution(prob, weights, alpha, val_sign=-1.0) if central \
+        else lower_solution(prob['curvatures'], prob['centres'], weights)
+    return lower, upper_solution(prob, weights, alpha)
+
+
+def penalty_gradient(prob, logits, alpha, central=False):
+    """ScaleBiO's p-gradient at the exact inner solutions, from bilevel.scalebio_step with no-op updates."""
+    u, w = (t.requires_grad_(True) for t in inner_solutions(prob, torch.softmax(logits, 0), alpha, central))
     source_logits = logits.clone().requires_grad_(True)
     result = scalebio_step(source_logits, alpha, objective(prob, u), objective(prob, w),
-                           lambda: None, lambda: None, lambda: None)
+                           lambda: None, lambda: None, lambda: None, central_difference=central)
     return result['logits_grad']
 
 
@@ -77,14 +85,19 @@ def true_value_and_gradient(prob, logits):
     return 0.5 * ((theta - prob['target']) ** 2).sum().item(), (torch.diag(s) - torch.outer(s, s)) @ dF_ds
 
 
-def penalty_value_and_gradient(prob, logits, alpha):
-    """L*_α(p) = L_val(w_α) + α·(L_train(w_α, s) − L_train(θ*, s)) and, by Danskin, bilevel.py's p-gradient."""
+def penalty_value_and_gradient(prob, logits, alpha, central=False):
+    """L*_α(p) = L_val(w_α) + α·(L_train(w_α, s) − L_train(θ*, s)) and, by Danskin, bilevel.py's p-gradient.
+    Central: ½[(L_val(w_α) + α·L_train(w_α, s)) − (α·L_train(v_α, s) − L_val(v_α))]."""
     s = torch.softmax(logits, 0)
     losses = lambda theta: 0.5 * torch.einsum('ij,ijk,ik->i', theta - prob['centres'], prob['curvatures'],
                                               theta - prob['centres'])
-    u, w = lower_solution(prob['curvatures'], prob['centres'], s), upper_solution(prob, s, alpha)
-    value = 0.5 * ((w - prob['target']) ** 2).sum() + alpha * s @ (losses(w) - losses(u))
-    return value.item(), penalty_gradient(prob, logits, alpha)
+    val = lambda theta: 0.5 * ((theta - prob['target']) ** 2).sum()
+    u, w = inner_solutions(prob, s, alpha, central)
+    if central:
+        value = 0.5 * ((val(w) + alpha * s @ losses(w)) - (alpha * s @ losses(u) - val(u)))
+    else:
+        value = val(w) + alpha * s @ (losses(w) - losses(u))
+    return value.item(), penalty_gradient(prob, logits, alpha, central)
 
 
 def stationary_weights(value_and_gradient, n_sources, newton_steps=8, h=1e-5):
@@ -108,14 +121,16 @@ def stationary_weights(value_and_gradient, n_sources, newton_steps=8, h=1e-5):
     return torch.softmax(p, 0), value_and_gradient(p)[1].norm().item()
 
 
-def one_step(prob, alpha, state, step_sizes):
+def one_step(prob, alpha, state, step_sizes, noise=None, lower_noise=None):
     """One iteration of bilevel.scalebio_step from state = (u, w, p) with plain gradient steps of the given
-    sizes (η_u, η_w, η_p); returns the new state. SGD without momentum keeps no state, so this is a pure map."""
+    sizes (η_u, η_w, η_p); returns the new state. SGD without momentum keeps no state, so this is a pure map.
+    noise: one draw ξ shared by both copies, as train.py shares its batch; lower_noise: u's own draw instead."""
     u, w, p = (t.detach().clone().requires_grad_(True) for t in state)
     optimizers = [torch.optim.SGD([x], lr=lr) for x, lr in zip((u, w, p), step_sizes)]
     updates = [lambda opt=opt: (opt.step(), opt.zero_grad(set_to_none=True)) for opt in optimizers]
-    scalebio_step(p, alpha, objective(prob, u), objective(prob, w), *updates)
-    return u.detach(), w.detach(), p.detach()
+    result = scalebio_step(p, alpha, objective(prob, u, noise if lower_noise is None else lower_noise),
+                           objective(prob, w, noise), *updates)
+    return u.detach(), w.detach(), p.detach(), result['logits_grad']
 
 
 def model_step_sizes(prob, alpha, scale=0.5):
@@ -147,7 +162,7 @@ def spectral_radius(prob, alpha, state, step_sizes, h=1e-6):
     basis = torch.block_diag(torch.eye(2 * n_u), basis_p)      # columns span the invariant complement
 
     def step(z):
-        return torch.cat(one_step(prob, alpha, (z[:n_u], z[n_u:2 * n_u], z[2 * n_u:]), step_sizes))
+        return torch.cat(one_step(prob, alpha, (z[:n_u], z[n_u:2 * n_u], z[2 * n_u:]), step_sizes)[:3])
     columns = [(step(flat + h * b) - step(flat - h * b)) / (2 * h) for b in basis.T]
     jacobian = basis.T @ torch.stack(columns, dim=1)
     return torch.linalg.eigvals(jacobian).abs().max().item()
@@ -171,7 +186,7 @@ def run_single_loop(prob, alpha, step_sizes, steps, target, tolerance=1e-12):
     state = tuple(torch.zeros_like(t) for t in target)
     errors = []
     for _ in range(steps):
-        state = one_step(prob, alpha, state, step_sizes)
+        state = one_step(prob, alpha, state, step_sizes)[:3]
         errors.append(torch.cat([a - b for a, b in zip(state, target)]).norm().item())
         if errors[-1] < tolerance or not errors[-1] < 1e6 * errors[0]:
             break
