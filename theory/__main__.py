@@ -33,8 +33,9 @@ def slope(x, y):
 
 
 def run_checks(seeds=range(5)):
+    """Every check as a table row, and the curves behind the plots."""
     alphas = np.logspace(1, 3, 7)
-    rows = []
+    rows, curves = [], {'alpha': alphas.tolist()}
 
     def check(name, predicted, measured, tolerance):
         rows.append(dict(check=name, predicted=predicted, measured=measured, tolerance=tolerance,
@@ -83,8 +84,10 @@ def run_checks(seeds=range(5)):
         dist_slopes.append(slope(alphas, dist))
         gap_slopes.append(slope(alphas, gap))
         # the central difference (bilevel.scalebio_step(central_difference=True)): bias O(1/α²)
-        central_bias.append(slope(alphas, [(penalty_gradient(prob, probe, a, central=True) - true_grad).norm().item()
-                                           for a in alphas]))
+        central = [(penalty_gradient(prob, probe, a, central=True) - true_grad).norm().item() for a in alphas]
+        central_bias.append(slope(alphas, central))
+        curves.setdefault('hypergradient_error_forward', bias)
+        curves.setdefault('hypergradient_error_central', central)
         central_dist.append(slope(alphas, [(stationary_weights(
             lambda p: penalty_value_and_gradient(prob, p, a, central=True), 3)[0] - s_star).norm().item()
             for a in alphas]))
@@ -93,10 +96,10 @@ def run_checks(seeds=range(5)):
     check('non-realizable: F(s_alpha) - F* vs alpha, slope', -2.0, float(np.mean(gap_slopes)), 0.1)
     check('central difference: hypergradient error vs alpha, slope', -2.0, float(np.mean(central_bias)), 0.1)
     check('central difference: |s_alpha - s*| vs alpha, slope', -2.0, float(np.mean(central_dist)), 0.1)
-    single_loop_checks(check)
+    curves['single_loop_error'] = single_loop_checks(check)
     growing_penalty_checks(check)
     stochastic_checks(check)
-    return rows
+    return rows, curves
 
 
 def optimum(prob, case):
@@ -112,7 +115,7 @@ def optimum(prob, case):
 def single_loop_checks(check):
     """bilevel.scalebio_step iterated with plain gradient steps at fixed α: linear convergence at the rate
     ρ(J) of the iteration's Jacobian, the p step size beyond which it fails, and the weights it returns."""
-    rate_ratios, to_penalty_solution, too_fast, loop_bias = [], [], [], {}
+    rate_ratios, to_penalty_solution, too_fast, loop_bias, curve = [], [], [], {}, None
     for case, alpha in (('realizable', 10.0), ('scalar', 10.0), ('nonrealizable', 10.0), ('nonrealizable', 100.0)):
         prob = make_problem(11 if case == 'nonrealizable' else 0, case=case)  # seed 11: s* well inside
         target = fixed_point(prob, alpha)
@@ -121,6 +124,7 @@ def single_loop_checks(check):
         rho = spectral_radius(prob, alpha, target, (*sizes, boundary / 2))
         state, errors = run_single_loop(prob, alpha, (*sizes, boundary / 2), 20000, target)
         errors = np.array(errors)
+        curve = curve or errors.tolist()
         window = np.nonzero((errors < 1e-4) & (errors > 1e-10))[0]
         rate = np.exp(np.polyfit(window, np.log(errors[window]), 1)[0])
         rate_ratios.append((1 - rate) / (1 - rho))
@@ -140,6 +144,7 @@ def single_loop_checks(check):
     for alpha in (10.0, 100.0):
         check(f'loop weights, non-realizable: |s - s*| / |s_alpha - s*|, a={alpha:g}', 1.0,
               loop_bias['nonrealizable', alpha], 1e-3)
+    return curve
 
 
 def growing_penalty_checks(check):
@@ -214,19 +219,41 @@ def stochastic_checks(check, sigma=0.3):
           to_star[-1] / (((s_alpha - s_star) ** 2).sum().item() + to_alpha[-1]), 0.3)
 
 
+def plot(curves, path):
+    """Bias against α and the single loop's error against iteration, where matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (results.json has the numbers)")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.loglog(curves['alpha'], curves['hypergradient_error_forward'], 'o-', label='forward (slope -1)')
+    left.loglog(curves['alpha'], curves['hypergradient_error_central'], 's-', label='central (slope -2)')
+    left.set(xlabel='alpha', ylabel='|p-gradient - hypergradient|', title='penalty bias')
+    left.legend()
+    right.semilogy(curves['single_loop_error'])
+    right.set(xlabel='step', ylabel='|z_t - z_alpha|', title='single loop at fixed alpha')
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
 def main(argv):
     unknown = [a for a in argv if a != '--quick']
     if unknown:
         sys.exit(f"error: unknown argument(s) {' '.join(unknown)}; usage: python -m theory [--quick]")
-    rows = run_checks()
+    rows, curves = run_checks()
     print(f"{'check':<72}{'predicted':>10}{'measured':>12}{'tolerance':>11}  pass")
     for r in rows:
         print(f"{r['check']:<72}{r['predicted']:>10.3g}{r['measured']:>12.3g}{r['tolerance']:>11.1g}  "
               f"{'yes' if r['passed'] else 'NO'}")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results.json')
-    with open(path, 'w') as f:
-        json.dump(rows, f, indent=2)
-    print(f"wrote {path}")
+    folder = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(folder, 'results.json'), 'w') as f:
+        json.dump({'checks': rows, 'curves': curves}, f, indent=2)
+    print(f"wrote {os.path.join(folder, 'results.json')}")
+    plot(curves, os.path.join(folder, 'results.png'))
     return 0 if all(r['passed'] for r in rows) else 1
 
 
