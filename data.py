@@ -158,3 +158,9 @@ def eval_batches(data, split, n_batches, n_rows, block_size, seed):
     split_index = (['val', 'test'] + data.sources).index(split)
     return [_rows(tokens, n_rows, block_size, np.random.default_rng([seed, EVAL_KEY, split_index, k]))
             for k in range(n_batches)]
+
+
+def rank_rows(batch, n_groups, rank, world_size):
+    """This process's slice of a global batch made of n_groups equal groups of rows (the sources): the same
+    share of every group, so per-source means averaged over processes are means over the global batch."""
+    return batch.view(n_groups, world_size, -1, batch.size(-1))[:, rank].reshape(-1, batch.size(-1))

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from bilevel import check_finite, cosine_lr, penalty_schedule, scalebio_step
-from data import eval_batches, load_data, train_batch, val_batch
+from data import eval_batches, load_data, rank_rows, train_batch, val_batch
 from fsdp import (full, init_distributed, is_main_process, load_checkpoint, local_bytes, mean_over_ranks,
                   optimizer_state_bytes, read_meta, save_checkpoint, shard, warm_up)
 from lisa import draw_active_blocks, set_active_blocks
@@ -142,12 +142,6 @@ def make_optimizer(model, lr, weight_decay):
 def target_counts(targets, dtype):
     """Targets per row that count (not -1), so that row means can be turned back into token sums."""
     return (targets != -1).sum(dim=1).clamp(min=1).to(dtype)
-
-
-def rank_rows(batch, n_groups, rank, world_size):
-    """This rank's slice of a global batch made of n_groups equal groups of rows (the sources): the same
-    share of every group, so per-source means over ranks are means over the global batch."""
-    return batch.view(n_groups, world_size, -1, batch.size(-1))[:, rank].reshape(-1, batch.size(-1))
 
 
 def model_objective(model, x, y, val_x, val_y, n_sources, micro_steps, autocast):
@@ -310,11 +304,12 @@ def main(argv):
                         {'step': step, 'config': dataclasses.asdict(cfg), 'best_val_loss': best_val_loss,
                          'cuda_rng': device.startswith('cuda')})
 
-    def on_device(batches):
-        return [(x.to(device), y.to(device)) for x, y in batches]
-    eval_sets = {split: on_device(eval_batches(data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size,
-                                               cfg.seed)) for split in ['val', 'test'] + sources}
+    eval_sets = {split: [(x.to(device), y.to(device)) for x, y in eval_batches(
+        data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed)] for split in ['val', 'test'] + sources}
     eval_model = upper_model if scalebio else lower_model  # the model whose val/test loss is reported
+
+    def losses(model, splits):
+        return {split: evaluate(model, eval_sets[split], autocast, rank, world_size) for split in splits}
 
     # SIGINT / SIGTERM: finish the current step, save a checkpoint, exit. A second signal acts at once.
     stop_signals, old_handlers = [], {}
@@ -393,14 +388,13 @@ def main(argv):
                 progress.set_postfix_str(f"L_val(w)={result['val_loss'].item():.3f} " +
                                          ' '.join(f"{s}={w:.3f}" for s, w in zip(sources, current.tolist())))
             if done % cfg.eval_interval == 0 or done == end_step:
-                record = {'step': done, 'val_loss': evaluate(eval_model, eval_sets['val'], autocast, rank, world_size),
-                          'test_loss': evaluate(eval_model, eval_sets['test'], autocast, rank, world_size),
+                held_out = losses(eval_model, ['val', 'test'])
+                record = {'step': done, 'val_loss': held_out['val'], 'test_loss': held_out['test'],
                           'weights': dict(zip(sources, current.tolist())),
-                          'per_source_loss': {s: evaluate(eval_model, eval_sets[s], autocast, rank, world_size) for s in sources},
+                          'per_source_loss': losses(eval_model, sources),
                           'penalty_alpha': alpha, 'lr': cfg.lr * lr_mult * lr_scale}
                 if scalebio:
-                    record['lower_per_source_loss'] = {s: evaluate(lower_model, eval_sets[s], autocast, rank, world_size)
-                                                       for s in sources}
+                    record['lower_per_source_loss'] = losses(lower_model, sources)
                 if master:
                     with open(log_path, 'a') as f:
                         f.write(json.dumps(record) + '\n')
