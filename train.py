@@ -308,7 +308,7 @@ def main(argv):
         data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed)] for split in ['val', 'test'] + sources}
     eval_model = upper_model if scalebio else lower_model  # the model whose val/test loss is reported
 
-    def losses(model, splits):
+    def eval_losses(model, splits):
         return {split: evaluate(model, eval_sets[split], autocast, rank, world_size) for split in splits}
 
     # SIGINT / SIGTERM: finish the current step, save a checkpoint, exit. A second signal acts at once.
@@ -388,13 +388,13 @@ def main(argv):
                 progress.set_postfix_str(f"L_val(w)={result['val_loss'].item():.3f} " +
                                          ' '.join(f"{s}={w:.3f}" for s, w in zip(sources, current.tolist())))
             if done % cfg.eval_interval == 0 or done == end_step:
-                held_out = losses(eval_model, ['val', 'test'])
+                held_out = eval_losses(eval_model, ['val', 'test'])
                 record = {'step': done, 'val_loss': held_out['val'], 'test_loss': held_out['test'],
                           'weights': dict(zip(sources, current.tolist())),
-                          'per_source_loss': losses(eval_model, sources),
+                          'per_source_loss': eval_losses(eval_model, sources),
                           'penalty_alpha': alpha, 'lr': cfg.lr * lr_mult * lr_scale}
                 if scalebio:
-                    record['lower_per_source_loss'] = losses(lower_model, sources)
+                    record['lower_per_source_loss'] = eval_losses(lower_model, sources)
                 if master:
                     with open(log_path, 'a') as f:
                         f.write(json.dumps(record) + '\n')
