@@ -91,8 +91,7 @@ GPT2_SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large
                'gpt2-xl': (48, 25, 1600)}  # n_layer, n_head, n_embd
 
 
-# fields that may differ between a run and its resumption: they do not change what is computed
-# (not max_steps: it is the horizon of the learning-rate schedule)
+# fields that may differ between a run and its resumption (not max_steps: the schedule's horizon)
 RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'eval_interval', 'ckpt_interval', 'device'}
 
 
