@@ -95,9 +95,9 @@ GPT2_SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large
 RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'eval_interval', 'ckpt_interval', 'device'}
 
 
-def parse_config(argv):
-    cfg = TrainConfig()
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
+def override(cfg, argv):
+    """Sets --field=value arguments on a dataclass, each parsed as the type of its default."""
+    names = [f.name for f in dataclasses.fields(cfg)]
     for arg in argv:
         key, eq, text = arg.removeprefix('--').partition('=')
         if not arg.startswith('--') or not eq:
@@ -115,6 +115,11 @@ def parse_config(argv):
             except ValueError:
                 raise ValueError(f"--{key} expects {type(default).__name__}, got '{text}'") from None
         setattr(cfg, key, value)
+    return cfg
+
+
+def parse_config(argv):
+    cfg = override(TrainConfig(), argv)
     if cfg.method not in ('scalebio', 'fixed'):
         raise ValueError(f"--method must be 'scalebio' or 'fixed', got '{cfg.method}'")
     if cfg.dtype not in ('float32', 'float64'):

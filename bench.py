@@ -1,0 +1,200 @@
+"""
+What a ScaleBiO step costs, against plain fine-tuning and against the floor the algorithm cannot beat.
+
+    python bench.py                       # a toy shape whose steps take 0.1-1 s on 2 CPU cores
+    python bench.py --model=gpt2          # the GPT-2 124M shape (50257-token vocabulary)
+    python bench.py --device=cuda --compile=True --model=gpt2
+
+Three variants, timed interleaved in one run (warm-up first, then the median of `repeats` steps each):
+  sft       one model, AdamW, one forward/backward on the training batch
+  scalebio  bilevel.scalebio_step: u and w forward/backward on the same training batch, w also on val_batch
+  lisa      the same step with LISA (lisa_layers of n_layer blocks unfrozen in each copy)
+The floor: a ScaleBiO step runs 2·B_train + B_val tokens through forward and backward where fine-tuning
+runs B_train, so scalebio/sft cannot beat floor_ratio = (2·B_train + B_val) / B_train.
+Memory, counted from the tensors allocated: parameters + Adam moments after the step, gradients at their
+peak (just before the step), again after a LISA switch; peak memory per variant (CUDA: max allocated; CPU:
+the peak RSS of a fresh process that runs only that variant, since RSS never goes down within a process).
+The last line printed is one JSON object with the ratios.
+"""
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bilevel import scalebio_step
+from fsdp import local_bytes, optimizer_state_bytes
+from lisa import draw_active_blocks, set_active_blocks
+from model import GPT, GPTConfig
+from train import GPT2_SHAPES, make_optimizer, model_objective, optimizer_update, override
+
+
+@dataclass
+class BenchConfig:
+    model: str = ''            # a GPT-2 shape (vocabulary 50257) or the toy shape below (bytes, 256)
+    n_layer: int = 8
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    n_sources: int = 3
+    batch_per_source: int = 8
+    val_batch: int = 32        # train.py's default
+    lisa_layers: int = 2
+    lisa_interval: int = 5     # so the timed steps include switches
+    penalty_alpha: float = 10.0
+    warmup: int = 3
+    repeats: int = 10
+    device: str = 'auto'
+    compile: bool = False
+    peak_rss: bool = True      # CPU: one fresh process per variant for its peak RSS
+    only: str = ''             # internal: run one variant and print its peak RSS
+
+
+def build(cfg, device, lisa_layers):
+    """The models, optimizers and one step function of a variant, as train.py builds them."""
+    torch.manual_seed(0)
+    vocab = 50257 if cfg.model else 256
+    model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                          n_embd=cfg.n_embd)
+    models = [GPT(model_cfg).to(device) for _ in range(1 if lisa_layers is None else 2)]
+    if cfg.compile:
+        for m in models:
+            for block in m.transformer.h:
+                block.compile()
+    optimizers = [make_optimizer(m, 1e-4, 0.01) for m in models]
+    logits = torch.zeros(cfg.n_sources, device=device, requires_grad=True)
+    logits_opt = torch.optim.Adam([logits], lr=1e-2)
+    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.enable_grad()
+    grad_bytes = {}
+    gen = torch.Generator().manual_seed(0)
+
+    def batch(rows):
+        tokens = torch.randint(0, vocab, (rows, cfg.block_size + 1), generator=gen).to(device)
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def step(i):
+        x, y = batch(cfg.n_sources * cfg.batch_per_source)
+        if lisa_layers is None:  # plain fine-tuning: the lower level's objective with uniform weights
+            weights = torch.full((cfg.n_sources,), 1.0 / cfg.n_sources, device=device)
+            model_objective(models[0], x, y, None, None, cfg.n_sources, 1, autocast)(weights, 0.0)
+            optimizer_update(models[0], optimizers[0], 1.0, grad_bytes)()
+            return
+        for copy_index, (m, opt) in enumerate(zip(models, optimizers)):
+            set_active_blocks(m.transformer.h, opt, draw_active_blocks(
+                cfg.n_layer, lisa_layers, 0, i // cfg.lisa_interval, copy_index))
+        vx, vy = batch(cfg.val_batch)
+        scalebio_step(logits, cfg.penalty_alpha,
+                      model_objective(models[0], x, y, None, None, cfg.n_sources, 1, autocast),
+                      model_objective(models[1], x, y, vx, vy, cfg.n_sources, 1, autocast),
+                      optimizer_update(models[0], optimizers[0], cfg.penalty_alpha, grad_bytes),
+                      optimizer_update(models[1], optimizers[1], cfg.penalty_alpha, grad_bytes),
+                      lambda: (logits_opt.step(), logits_opt.zero_grad(set_to_none=True)))
+
+    def state():
+        """(parameters + moments, gradients at their peak), bytes, both copies."""
+        return (sum(local_bytes(m.parameters()) for m in models) + sum(optimizer_state_bytes(o) for o in optimizers),
+                sum(grad_bytes.values()))
+    return models, step, state
+
+
+def sync(device):
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def peak_rss_bytes():
+    """This process's peak resident memory. Linux's VmHWM belongs to the process image, so it starts afresh
+    at exec; getrusage's ru_maxrss is kept across exec and would report the parent's peak (the fallback)."""
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM'))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def matmul_peak_flops(device, n=8192):
+    """The measured bf16 matmul throughput: the honest denominator of the model-FLOPs utilisation."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ a
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    sync(device)
+    return 10 * 2 * n ** 3 / (time.perf_counter() - t0)
+
+
+def main(argv):
+    cfg = override(BenchConfig(), argv)
+    if cfg.model:
+        cfg.n_layer, cfg.n_head, cfg.n_embd = GPT2_SHAPES[cfg.model]
+    device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    lisa_for = {'sft': None, 'scalebio': 0, 'lisa': cfg.lisa_layers}  # None: one model, no LISA; 0: LISA off
+
+    if cfg.only:  # a fresh process for one variant's peak memory
+        _, step, _ = build(cfg, device, lisa_for[cfg.only])
+        for i in range(cfg.warmup):
+            step(i)
+        print(json.dumps({'peak_rss_bytes': peak_rss_bytes()}))
+        return
+
+    built = {name: build(cfg, device, lisa) for name, lisa in lisa_for.items()}
+    n_params = built['sft'][0][0].num_params()
+    for name, (_, step, _) in built.items():
+        for i in range(cfg.warmup):
+            step(i)
+    times = {name: [] for name in built}
+    for r in range(cfg.repeats):  # interleaved, so that a slow moment of the machine hits every variant
+        for name, (_, step, _) in built.items():
+            sync(device)
+            t0 = time.perf_counter()
+            step(cfg.warmup + r)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    state = {name: s() for name, (_, _, s) in built.items()}
+
+    rows_train = cfg.n_sources * cfg.batch_per_source
+    tokens = {'sft': rows_train * cfg.block_size, 'scalebio': (2 * rows_train + cfg.val_batch) * cfg.block_size}
+    tokens['lisa'] = tokens['scalebio']
+    median = {name: float(np.median(t)) for name, t in times.items()}
+    # 6 FLOPs per parameter and token (forward + backward), plus attention: 12·n_layer·n_embd·block_size
+    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    peak = matmul_peak_flops(device) if device.startswith('cuda') else None
+    model = built['sft'][0][0]
+    block = sum(p.numel() for p in model.transformer.h[0].parameters())
+    active_fraction = (n_params - (cfg.n_layer - cfg.lisa_layers) * block) / n_params
+    result = {'device': device, 'n_params': n_params, 'floor_ratio': tokens['scalebio'] / tokens['sft'],
+              'scalebio_over_sft': median['scalebio'] / median['sft'], 'lisa_over_sft': median['lisa'] / median['sft'],
+              'lisa_over_scalebio': median['lisa'] / median['scalebio'],
+              'state_bytes': {name: sum(s) for name, s in state.items()},
+              'parameter_and_moment_bytes': {name: s[0] for name, s in state.items()},
+              'gradient_bytes': {name: s[1] for name, s in state.items()},
+              'lisa_state_over_sft_state': sum(state['lisa']) / sum(state['sft']),
+              # full fine-tuning keeps 4 numbers per parameter; two copies with LISA keep 2·(1 + 3·active)
+              'predicted_lisa_state_over_sft_state': 2 * (1 + 3 * active_fraction) / 4,
+              'seconds_per_step': median,
+              'spread': {name: float(np.percentile(t, 75) - np.percentile(t, 25)) for name, t in times.items()},
+              'tokens_per_second': {name: tokens[name] / median[name] for name in median}}
+    if peak:
+        result['mfu'] = {name: flops_per_token * tokens[name] / median[name] / peak for name in median}
+        result['peak_memory_bytes'] = torch.cuda.max_memory_allocated()
+    elif cfg.peak_rss:
+        result['peak_rss_bytes'] = {name: json.loads(subprocess.run(
+            [sys.executable, __file__, *argv, f'--only={name}'], capture_output=True, text=True,
+            check=True).stdout.strip().splitlines()[-1])['peak_rss_bytes'] for name in built}
+
+    print(f"{'variant':<10}{'s/step':>10}{'spread':>10}{'tokens/s':>12}{'state MB':>10}{'grads MB':>10}")
+    for name in built:
+        print(f"{name:<10}{median[name]:>10.4f}{result['spread'][name]:>10.4f}{result['tokens_per_second'][name]:>12.0f}"
+              f"{sum(state[name]) / 2**20:>10.2f}{state[name][1] / 2**20:>10.2f}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,26 @@
+import json
+import os
+import subprocess
+import sys
+
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_smallest_configuration_reports_ratios_and_exact_state_bytes():
+    shape = ['--n_layer=4', '--n_head=2', '--n_embd=16', '--block_size=16']
+    proc = subprocess.run([sys.executable, 'bench.py', *shape, '--batch_per_source=2', '--val_batch=4',
+                           '--lisa_layers=1', '--warmup=1', '--repeats=2', '--peak_rss=False'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ('floor_ratio', 'scalebio_over_sft', 'lisa_over_sft', 'lisa_over_scalebio', 'state_bytes',
+                'lisa_state_over_sft_state', 'predicted_lisa_state_over_sft_state', 'device'):
+        assert key in result
+    n_params = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=4, n_head=2, n_embd=16)).num_params()
+    # plain fine-tuning in float32: weight, gradient and two AdamW moments, 4 bytes each
+    assert result['state_bytes']['sft'] == 16 * n_params
+    assert result['state_bytes']['scalebio'] == 2 * 16 * n_params
+    assert abs(result['lisa_state_over_sft_state'] - result['predicted_lisa_state_over_sft_state']) < 1e-12
+    assert result['floor_ratio'] == (2 * 3 * 2 + 4) / (3 * 2)
