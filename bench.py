@@ -50,7 +50,7 @@ class BenchConfig:
     repeats: int = 10
     device: str = 'auto'
     compile: bool = False
-    peak_rss: bool = True      # CPU: one fresh process per variant for its peak RSS
+    peak_rss: bool = True      # peak memory of one fresh process per variant (RSS; CUDA: max allocated)
     only: str = ''             # internal: run one variant and print its peak RSS
 
 
@@ -140,7 +140,8 @@ def main(argv):
         _, step, _ = build(cfg, device, lisa_for[cfg.only])
         for i in range(cfg.warmup):
             step(i)
-        print(json.dumps({'peak_rss_bytes': peak_rss_bytes()}))
+        print(json.dumps({'peak_rss_bytes': peak_rss_bytes(), 'peak_cuda_bytes':
+                          torch.cuda.max_memory_allocated() if device.startswith('cuda') else None}))
         return
 
     built = {name: build(cfg, device, lisa) for name, lisa in lisa_for.items()}
@@ -182,11 +183,13 @@ def main(argv):
               'tokens_per_second': {name: tokens[name] / median[name] for name in median}}
     if peak:
         result['mfu'] = {name: flops_per_token * tokens[name] / median[name] / peak for name in median}
-        result['peak_memory_bytes'] = torch.cuda.max_memory_allocated()
-    elif cfg.peak_rss:
-        result['peak_rss_bytes'] = {name: json.loads(subprocess.run(
-            [sys.executable, __file__, *argv, f'--only={name}'], capture_output=True, text=True,
-            check=True).stdout.strip().splitlines()[-1])['peak_rss_bytes'] for name in built}
+    if cfg.peak_rss:  # peak memory per variant: a fresh process each (CUDA: max allocated; CPU: peak RSS)
+        peaks = {name: json.loads(subprocess.run([sys.executable, __file__, *argv, f'--only={name}'],
+                                                 capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+                 for name in built}
+        result['peak_rss_bytes'] = {name: p['peak_rss_bytes'] for name, p in peaks.items()}
+        if device.startswith('cuda'):
+            result['peak_cuda_bytes'] = {name: p['peak_cuda_bytes'] for name, p in peaks.items()}
 
     print(f"{'variant':<10}{'s/step':>10}{'spread':>10}{'tokens/s':>12}{'state MB':>10}{'grads MB':>10}")
     for name in built:
