@@ -10,4 +10,4 @@ def test_theory_checks_pass_through_the_training_step():
     proc = subprocess.run([sys.executable, '-m', 'theory', '--quick'], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(('yes', 'NO'))]
-    assert len(rows) >= 22 and all(r.rstrip().endswith('yes') for r in rows)
+    assert len(rows) >= 27 and all(r.rstrip().endswith('yes') for r in rows)

@@ -75,14 +75,34 @@ def penalty_gradient(prob, logits, alpha, central=False):
     return result['logits_grad']
 
 
-def true_value_and_gradient(prob, logits):
-    """F(s) = ½‖θ*(s) − θ_val‖² and its exact gradient in the logits."""
-    s = torch.softmax(logits, 0)
+def weight_gradient(prob, s):
+    """∂F/∂s_i = (θ* − θ_val)ᵀ M⁻¹ A_i (c_i − θ*), by the implicit function theorem."""
     A, c = prob['curvatures'], prob['centres']
     theta = lower_solution(A, c, s)
     M = torch.einsum('i,ijk->jk', s, A)
-    dF_ds = torch.einsum('j,ijk,ik->i', torch.linalg.solve(M, theta - prob['target']), A, c - theta)
+    return torch.einsum('j,ijk,ik->i', torch.linalg.solve(M, theta - prob['target']), A, c - theta), theta
+
+
+def true_value_and_gradient(prob, logits):
+    """F(s) = ½‖θ*(s) − θ_val‖² and its exact gradient in the logits."""
+    s = torch.softmax(logits, 0)
+    dF_ds, theta = weight_gradient(prob, s)
     return 0.5 * ((theta - prob['target']) ** 2).sum().item(), (torch.diag(s) - torch.outer(s, s)) @ dF_ds
+
+
+def trusted_optimum(prob, starts=5):
+    """s* = argmin_s F(s) on the simplex, from several starts (the best is kept), with its certificate:
+    (s*, the largest distance between the starts' answers, the KKT residual). At an interior optimum the
+    simplex's optimality conditions say every source has the same marginal value, ∂F/∂s_i = const: the
+    residual is max_i ∂F/∂s_i − min_i ∂F/∂s_i."""
+    gen = torch.Generator().manual_seed(0)
+    n = len(prob['mixture'])
+    found = [stationary_weights(lambda p: true_value_and_gradient(prob, p), n,
+                                start=None if k == 0 else torch.randn(n, generator=gen))[0] for k in range(starts)]
+    values = [true_value_and_gradient(prob, torch.log(s))[0] for s in found]
+    best = found[min(range(starts), key=values.__getitem__)]
+    marginal = weight_gradient(prob, best)[0]
+    return best, max((s - best).abs().max().item() for s in found), (marginal.max() - marginal.min()).item()
 
 
 def penalty_value_and_gradient(prob, logits, alpha, central=False):
@@ -100,10 +120,17 @@ def penalty_value_and_gradient(prob, logits, alpha, central=False):
     return value.item(), penalty_gradient(prob, logits, alpha, central)
 
 
-def stationary_weights(value_and_gradient, n_sources, newton_steps=8, h=1e-5):
-    """s at a minimiser over p: L-BFGS from uniform, then Newton steps on the gradient (finite-difference
-    Hessian; pinv because softmax is invariant to adding a constant to p) to reach ~1e-15."""
-    logits = torch.zeros(n_sources, requires_grad=True)
+def logits_hessian(gradient, logits, h=1e-5):
+    """Central finite differences of a logits gradient, symmetrised."""
+    hessian = torch.stack([(gradient(logits + h * e) - gradient(logits - h * e)) / (2 * h)
+                           for e in torch.eye(len(logits))])
+    return 0.5 * (hessian + hessian.T)
+
+
+def stationary_weights(value_and_gradient, n_sources, newton_steps=8, h=1e-5, start=None):
+    """s at a minimiser over p: L-BFGS from `start` (uniform by default), then Newton steps on the gradient
+    (finite-difference Hessian; pinv because softmax is invariant to adding a constant to p) to ~1e-15."""
+    logits = (torch.zeros(n_sources) if start is None else start.clone()).requires_grad_(True)
     opt = torch.optim.LBFGS([logits], lr=1, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-30,
                             history_size=20, line_search_fn='strong_wolfe')
 
@@ -114,14 +141,12 @@ def stationary_weights(value_and_gradient, n_sources, newton_steps=8, h=1e-5):
     opt.step(closure)
     p = logits.detach().clone()
     for _ in range(newton_steps):
-        grad = value_and_gradient(p)[1]
-        hessian = torch.stack([(value_and_gradient(p + h * e)[1] - value_and_gradient(p - h * e)[1]) / (2 * h)
-                               for e in torch.eye(n_sources)])
-        p = p - torch.linalg.pinv(0.5 * (hessian + hessian.T), rtol=1e-10) @ grad
+        hessian = logits_hessian(lambda q: value_and_gradient(q)[1], p, h)
+        p = p - torch.linalg.pinv(hessian, rtol=1e-10) @ value_and_gradient(p)[1]
     return torch.softmax(p, 0), value_and_gradient(p)[1].norm().item()
 
 
-def one_step(prob, alpha, state, step_sizes, noise=None, lower_noise=None):
+def one_step(prob, alpha, state, step_sizes, noise=None, lower_noise=None, central=False):
     """One iteration of bilevel.scalebio_step from state = (u, w, p) with plain gradient steps of the given
     sizes (η_u, η_w, η_p); returns the new state. SGD without momentum keeps no state, so this is a pure map.
     noise: one draw ξ shared by both copies, as train.py shares its batch; lower_noise: u's own draw instead."""
@@ -129,7 +154,7 @@ def one_step(prob, alpha, state, step_sizes, noise=None, lower_noise=None):
     optimizers = [torch.optim.SGD([x], lr=lr) for x, lr in zip((u, w, p), step_sizes)]
     updates = [lambda opt=opt: (opt.step(), opt.zero_grad(set_to_none=True)) for opt in optimizers]
     result = scalebio_step(p, alpha, objective(prob, u, noise if lower_noise is None else lower_noise),
-                           objective(prob, w, noise), *updates)
+                           objective(prob, w, noise), *updates, central_difference=central)
     return u.detach(), w.detach(), p.detach(), result['logits_grad']
 
 
@@ -144,12 +169,12 @@ def model_step_sizes(prob, alpha, scale=0.5):
     return step, step
 
 
-def fixed_point(prob, alpha):
-    """(u, w, p) where the single loop stops: s = s_α, u = θ*(s_α), w = w_α(s_α); p centred (mean 0)."""
-    s_alpha, _ = stationary_weights(lambda p: penalty_value_and_gradient(prob, p, alpha), len(prob['mixture']))
+def fixed_point(prob, alpha, central=False):
+    """(u, w, p) where the single loop stops: s = s_α, u = θ*(s_α) (central: v_α(s_α)), w = w_α(s_α); p centred."""
+    s_alpha, _ = stationary_weights(lambda p: penalty_value_and_gradient(prob, p, alpha, central),
+                                    len(prob['mixture']))
     p = torch.log(s_alpha)
-    return (lower_solution(prob['curvatures'], prob['centres'], s_alpha), upper_solution(prob, s_alpha, alpha),
-            p - p.mean())
+    return (*inner_solutions(prob, s_alpha, alpha, central), p - p.mean())
 
 
 def spectral_radius(prob, alpha, state, step_sizes, h=1e-6):
@@ -168,7 +193,7 @@ def spectral_radius(prob, alpha, state, step_sizes, h=1e-6):
     return torch.linalg.eigvals(jacobian).abs().max().item()
 
 
-def stability_boundary(prob, alpha, state, model_sizes, low=1e-4, high=1e3, iterations=40):
+def stability_boundary(prob, alpha, state, model_sizes, low=1e-4, high=1e3, iterations=24):
     """The p step size at which ρ of the iteration's Jacobian crosses 1 (bisection in log space): above
     it p moves too fast for u and w to follow and the loop oscillates or diverges."""
     for _ in range(iterations):
@@ -180,13 +205,13 @@ def stability_boundary(prob, alpha, state, model_sizes, low=1e-4, high=1e3, iter
     return low
 
 
-def run_single_loop(prob, alpha, step_sizes, steps, target, tolerance=1e-12):
+def run_single_loop(prob, alpha, step_sizes, steps, target, tolerance=1e-12, central=False):
     """Iterates one_step from u = w = 0, p = 0; returns the final state and ‖z_t − target‖ per step
     (stopping early once below tolerance, or once the error has grown 1e6-fold)."""
     state = tuple(torch.zeros_like(t) for t in target)
     errors = []
     for _ in range(steps):
-        state = one_step(prob, alpha, state, step_sizes)[:3]
+        state = one_step(prob, alpha, state, step_sizes, central=central)[:3]
         errors.append(torch.cat([a - b for a, b in zip(state, target)]).norm().item())
         if errors[-1] < tolerance or not errors[-1] < 1e6 * errors[0]:
             break
