@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -9,5 +10,8 @@ def test_theory_checks_pass_through_the_training_step():
     """`python -m theory --quick`: every check within tolerance (it exits 1 otherwise), using bilevel.py."""
     proc = subprocess.run([sys.executable, '-m', 'theory', '--quick'], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(os.path.join(ROOT, 'theory', 'results.json')) as f:
+        checks = json.load(f)['checks']
     rows = [line for line in proc.stdout.splitlines() if line.rstrip().endswith(('yes', 'NO'))]
-    assert len(rows) >= 27 and all(r.rstrip().endswith('yes') for r in rows)
+    assert len(checks) >= 25 and len(rows) == len(checks)
+    assert all(c['passed'] and abs(c['measured'] - c['predicted']) <= c['tolerance'] for c in checks)

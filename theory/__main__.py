@@ -1,6 +1,7 @@
 """
 Checks of ScaleBiO's penalty on data-reweighting quadratics whose answers are known in closed form.
-Exact inner solutions (the penalty's bias), the single loop at fixed α, and growing penalties.
+Exact inner solutions (the penalty's bias, forward and central), the single loop at fixed α, growing penalties
+and noisy losses.
 
     python -m theory            # every check: a table, theory/results.json; exit status 1 if one misses
     python -m theory --quick    # the same here (all checks take seconds); tests/ calls it
