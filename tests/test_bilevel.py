@@ -84,41 +84,40 @@ def test_step_on_a_gpt_sets_the_autograd_gradient_of_the_penalty(micro_steps):
             assert torch.allclose(mine.grad, theirs.grad, atol=1e-12)
 
 
-@pytest.mark.parametrize("alpha", [1.0, 10.0, 100.0])
-def test_quadratic_at_exact_optima_gives_alpha_over_one_plus_alpha_times_hypergradient(alpha):
-    gen = torch.Generator().manual_seed(1)
+def identity_curvature_problem(seed):
+    """Per-source losses ½‖θ − a_i‖², validation ½‖θ − b‖², random logits; θ* = Σ λ_i a_i and the exact
+    hypergradient by the implicit function theorem: ∇²g·dθ*/dλ_i = −∂_θ ℓ_i(θ*) with ∇²g = I, so
+    dθ*/dλ_i = a_i − θ*, ∂F/∂λ_i = (θ* − b)ᵀ(a_i − θ*), and in logits ∇_p F = (diag λ − λλᵀ) ∂F/∂λ."""
+    gen = torch.Generator().manual_seed(seed)
     centres, target = torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)
     source_logits = torch.randn(4, generator=gen).requires_grad_(True)
     weights = torch.softmax(source_logits.detach(), 0)
-    # lower level Σ λ_i ½‖θ − a_i‖²: θ* = Σ λ_i a_i; penalised upper level: w_α = (b + α θ*) / (1 + α)
     lower_opt = weights @ centres
-    upper_opt = (target + alpha * lower_opt) / (1 + alpha)
-    u, w = lower_opt.clone().requires_grad_(True), upper_opt.clone().requires_grad_(True)
+    hypergradient = (torch.diag(weights) - torch.outer(weights, weights)) @ ((centres - lower_opt) @ (lower_opt - target))
+    assert hypergradient.abs().max() > 1e-2  # not trivially zero
+    return centres, target, source_logits, lower_opt, hypergradient
+
+
+@pytest.mark.parametrize("alpha", [1.0, 10.0, 100.0])
+def test_quadratic_at_exact_optima_gives_alpha_over_one_plus_alpha_times_hypergradient(alpha):
+    centres, target, source_logits, lower_opt, hypergradient = identity_curvature_problem(1)
+    # u = θ*; the penalised upper level's optimum w_α = (b + α θ*) / (1 + α)
+    u = lower_opt.clone().requires_grad_(True)
+    w = ((target + alpha * lower_opt) / (1 + alpha)).requires_grad_(True)
     result = scalebio_step(source_logits, alpha, quadratic_objective(u, centres, target),
                            quadratic_objective(w, centres, target), no_update, no_update, no_update)
-    # implicit function theorem: ∇²g·dθ*/dλ_i = −∂_θ ℓ_i(θ*), ∇²g = Σλ_i I = I, so dθ*/dλ_i = a_i − θ*;
-    # ∂F/∂λ_i = (θ* − b)ᵀ(a_i − θ*), and in logits ∇_p F = (diag λ − λλᵀ) ∂F/∂λ
-    dF_dweights = (centres - lower_opt) @ (lower_opt - target)
-    hypergradient = (torch.diag(weights) - torch.outer(weights, weights)) @ dF_dweights
     assert torch.allclose(result['logits_grad'], alpha / (1 + alpha) * hypergradient, atol=1e-12)
-    assert hypergradient.abs().max() > 1e-2  # not trivially zero
 
 
 @pytest.mark.parametrize("alpha", [10.0, 100.0])
 def test_central_difference_at_exact_optima_gives_alpha2_over_alpha2_minus_one_times_hypergradient(alpha):
-    gen = torch.Generator().manual_seed(3)
-    centres, target = torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)
-    source_logits = torch.randn(4, generator=gen).requires_grad_(True)
-    weights = torch.softmax(source_logits.detach(), 0)
-    lower_opt = weights @ centres
-    # w = argmin L_val + α·L_train, v = argmin α·L_train − L_val (identity curvatures, α > 1)
+    centres, target, source_logits, lower_opt, hypergradient = identity_curvature_problem(3)
+    # w = argmin L_val + α·L_train, v = argmin α·L_train − L_val (α > 1)
     w = ((target + alpha * lower_opt) / (alpha + 1)).requires_grad_(True)
     v = ((alpha * lower_opt - target) / (alpha - 1)).requires_grad_(True)
     result = scalebio_step(source_logits, alpha, quadratic_objective(v, centres, target),
                            quadratic_objective(w, centres, target), no_update, no_update, no_update,
                            central_difference=True)
-    dF_dweights = (centres - lower_opt) @ (lower_opt - target)
-    hypergradient = (torch.diag(weights) - torch.outer(weights, weights)) @ dF_dweights
     # w − v = (b − θ*)·2α/(α² − 1): the error is O(1/α²), against the forward difference's α/(1 + α)
     assert torch.allclose(result['logits_grad'], alpha ** 2 / (alpha ** 2 - 1) * hypergradient, atol=1e-12)
 
