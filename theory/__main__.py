@@ -237,7 +237,7 @@ def stochastic_checks(check, sigma=0.3):
     for shared in (True, False):
         variances = []
         for a in (10.0, 100.0, 1000.0):
-            optimum_state = (*fixed_point(prob, a)[:2], torch.log(s_alpha))
+            optimum_state = fixed_point(prob, a)  # u, w and p where the loop at this α stops
             grads = [one_step(prob, a, optimum_state, (0.0, 0.0, 0.0), sigma * torch.randn(3, 4, generator=gen),
                               None if shared else sigma * torch.randn(3, 4, generator=gen))[3] for _ in range(300)]
             variances.append(torch.stack(grads).var(dim=0).sum().item())
