@@ -46,6 +46,7 @@ class BenchConfig:
     lisa_layers: int = 2
     lisa_interval: int = 5     # so the timed steps include switches
     penalty_alpha: float = 10.0
+    grad_clip: float = 1.0     # train.py's default, for every variant
     warmup: int = 3
     repeats: int = 10
     device: str = 'auto'
@@ -81,7 +82,7 @@ def build(cfg, device, lisa_layers):
         if lisa_layers is None:  # plain fine-tuning: the lower level's objective with uniform weights
             weights = torch.full((cfg.n_sources,), 1.0 / cfg.n_sources, device=device)
             model_objective(models[0], x, y, None, None, cfg.n_sources, 1, autocast)(weights, 0.0)
-            optimizer_update(models[0], optimizers[0], 1.0, grad_bytes)()
+            optimizer_update(models[0], optimizers[0], cfg.grad_clip, grad_bytes)()
             return
         for copy_index, (m, opt) in enumerate(zip(models, optimizers)):
             set_active_blocks(m.transformer.h, opt, draw_active_blocks(
@@ -90,8 +91,8 @@ def build(cfg, device, lisa_layers):
         scalebio_step(logits, cfg.penalty_alpha,
                       model_objective(models[0], x, y, None, None, cfg.n_sources, 1, autocast),
                       model_objective(models[1], x, y, vx, vy, cfg.n_sources, 1, autocast),
-                      optimizer_update(models[0], optimizers[0], cfg.penalty_alpha, grad_bytes),
-                      optimizer_update(models[1], optimizers[1], cfg.penalty_alpha, grad_bytes),
+                      optimizer_update(models[0], optimizers[0], cfg.grad_clip, grad_bytes),
+                      optimizer_update(models[1], optimizers[1], cfg.grad_clip, grad_bytes),
                       lambda: (logits_opt.step(), logits_opt.zero_grad(set_to_none=True)))
 
     def state():
@@ -136,9 +137,9 @@ def main(argv):
     device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     lisa_for = {'sft': None, 'scalebio': 0, 'lisa': cfg.lisa_layers}  # None: one model, no LISA; 0: LISA off
 
-    if cfg.only:  # a fresh process for one variant's peak memory
+    if cfg.only:  # a fresh process for one variant's peak memory, run past a LISA switch
         _, step, _ = build(cfg, device, lisa_for[cfg.only])
-        for i in range(cfg.warmup):
+        for i in range(cfg.lisa_interval + 2):
             step(i)
         print(json.dumps({'peak_rss_bytes': peak_rss_bytes(), 'peak_cuda_bytes':
                           torch.cuda.max_memory_allocated() if device.startswith('cuda') else None}))
@@ -149,6 +150,7 @@ def main(argv):
     for name, (_, step, _) in built.items():
         for i in range(cfg.warmup):
             step(i)
+    first_state = {name: s() for name, (_, _, s) in built.items()}  # before any LISA switch if warmup < interval
     times = {name: [] for name in built}
     for r in range(cfg.repeats):  # interleaved, so that a slow moment of the machine hits every variant
         for name, (_, step, _) in built.items():
@@ -157,17 +159,20 @@ def main(argv):
             step(cfg.warmup + r)
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    state = {name: s() for name, (_, _, s) in built.items()}
+    state = {name: s() for name, (_, _, s) in built.items()}  # after the switches of the timed steps
+    switches = (cfg.warmup + cfg.repeats - 1) // cfg.lisa_interval
 
     rows_train = cfg.n_sources * cfg.batch_per_source
     tokens = {'sft': rows_train * cfg.block_size, 'scalebio': (2 * rows_train + cfg.val_batch) * cfg.block_size}
     tokens['lisa'] = tokens['scalebio']
     median = {name: float(np.median(t)) for name, t in times.items()}
-    # 6 FLOPs per parameter and token (forward + backward), plus attention: 12·n_layer·n_embd·block_size
-    flops_per_token = 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    # FLOPs per token: 2 per parameter forward, 2 for input gradients, 2 for weight gradients (skipped by
+    # LISA's frozen blocks), plus attention, 12·n_layer·n_embd·block_size (as nanoGPT's estimate_mfu)
+    block = sum(p.numel() for p in built['sft'][0][0].transformer.h[0].parameters())
+    attention = 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    flops_per_token = {'sft': 6 * n_params + attention, 'scalebio': 6 * n_params + attention,
+                       'lisa': 6 * n_params - 2 * (cfg.n_layer - cfg.lisa_layers) * block + attention}
     peak = matmul_peak_flops(device) if device.startswith('cuda') else None
-    model = built['sft'][0][0]
-    block = sum(p.numel() for p in model.transformer.h[0].parameters())
     active_fraction = (n_params - (cfg.n_layer - cfg.lisa_layers) * block) / n_params
     result = {'device': device, 'n_params': n_params, 'floor_ratio': tokens['scalebio'] / tokens['sft'],
               'scalebio_over_sft': median['scalebio'] / median['sft'], 'lisa_over_sft': median['lisa'] / median['sft'],
@@ -176,13 +181,16 @@ def main(argv):
               'parameter_and_moment_bytes': {name: s[0] for name, s in state.items()},
               'gradient_bytes': {name: s[1] for name, s in state.items()},
               'lisa_state_over_sft_state': sum(state['lisa']) / sum(state['sft']),
+              'lisa_switches_timed': switches,
+              'lisa_state_bytes_before_and_after_switches': [sum(first_state['lisa']), sum(state['lisa'])],
               # full fine-tuning keeps 4 numbers per parameter; two copies with LISA keep 2·(1 + 3·active)
               'predicted_lisa_state_over_sft_state': 2 * (1 + 3 * active_fraction) / 4,
               'seconds_per_step': median,
               'spread': {name: float(np.percentile(t, 75) - np.percentile(t, 25)) for name, t in times.items()},
               'tokens_per_second': {name: tokens[name] / median[name] for name in median}}
     if peak:
-        result['mfu'] = {name: flops_per_token * tokens[name] / median[name] / peak for name in median}
+        result['mfu'] = {name: flops_per_token[name] * tokens[name] / median[name] / peak for name in median}
+        result['matmul_peak_flops'] = peak
     if cfg.peak_rss:  # peak memory per variant: a fresh process each (CUDA: max allocated; CPU: peak RSS)
         peaks = {name: json.loads(subprocess.run([sys.executable, __file__, *argv, f'--only={name}'],
                                                  capture_output=True, text=True, check=True).stdout.splitlines()[-1])
@@ -191,7 +199,7 @@ def main(argv):
         if device.startswith('cuda'):
             result['peak_cuda_bytes'] = {name: p['peak_cuda_bytes'] for name, p in peaks.items()}
 
-    print(f"{'variant':<10}{'s/step':>10}{'spread':>10}{'tokens/s':>12}{'state MB':>10}{'grads MB':>10}")
+    print(f"{'variant':<10}{'s/step':>10}{'spread':>10}{'tokens/s':>12}{'state MiB':>10}{'grads MiB':>10}")
     for name in built:
         print(f"{name:<10}{median[name]:>10.4f}{result['spread'][name]:>10.4f}{result['tokens_per_second'][name]:>12.0f}"
               f"{sum(state[name]) / 2**20:>10.2f}{state[name][1] / 2**20:>10.2f}")

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_smallest_configuration_reports_ratios_and_exact_state_bytes():
     shape = ['--n_layer=4', '--n_head=2', '--n_embd=16', '--block_size=16']
     proc = subprocess.run([sys.executable, 'bench.py', *shape, '--batch_per_source=2', '--val_batch=4',
-                           '--lisa_layers=1', '--warmup=1', '--repeats=2', '--peak_rss=False'],
+                           '--lisa_layers=1', '--lisa_interval=1', '--warmup=1', '--repeats=3', '--peak_rss=False'],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -22,5 +22,9 @@ def test_bench_smallest_configuration_reports_ratios_and_exact_state_bytes():
     # plain fine-tuning in float32: weight, gradient and two AdamW moments, 4 bytes each
     assert result['state_bytes']['sft'] == 16 * n_params
     assert result['state_bytes']['scalebio'] == 2 * 16 * n_params
+    # after 3 LISA switches, state only for the drawn blocks: the closed form, and the same as before them
+    assert result['lisa_switches_timed'] == 3
     assert abs(result['lisa_state_over_sft_state'] - result['predicted_lisa_state_over_sft_state']) < 1e-12
+    before, after = result['lisa_state_bytes_before_and_after_switches']
+    assert before == after
     assert result['floor_ratio'] == (2 * 3 * 2 + 4) / (3 * 2)

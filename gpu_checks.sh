@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Every GPU check of the FSDP and benchmark issues in one run (about 6 minutes on one H100), results under
+# ${OUT:-gpu-results}: the GPT-2 124M shape in bf16, torch.compile'd, through bench.py (time, memory, MFU
+# against the measured bf16 matmul peak), and train.py under torchrun (FSDP2, bf16 mixed precision, the
+# LISA warm-up) for 100 steps with LISA on and off (tokens/s, torch.cuda.max_memory_allocated).
+#     bash gpu_checks.sh
+set -u
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+{ nvidia-smi --query-gpu=name,memory.total --format=csv; $PY -c "import torch; print('torch', torch.__version__)"; } \
+    > "$OUT/gpu.txt" 2>&1
+timeout 240 $PY bench.py --device=cuda --model=gpt2 --compile=True --block_size=512 --batch_per_source=8 \
+    --val_batch=32 --repeats=10 --peak_rss=False > "$OUT/bench_gpt2.txt" 2>&1
+echo "bench exit $?" >> "$OUT/gpu.txt"
+for layers in 2 0; do
+    timeout 150 $PY -m torch.distributed.run --standalone --nproc_per_node 1 train.py --model=gpt2 \
+        --block_size=256 --batch_per_source=16 --val_batch=32 --max_steps=100 --eval_interval=100 \
+        --eval_batches=2 --ckpt_interval=1000 --lisa_layers=$layers --out_dir=/tmp/gpu_train_lisa$layers \
+        > "$OUT/train_lisa$layers.log" 2>&1
+    echo "train lisa_layers=$layers exit $?" >> "$OUT/gpu.txt"
+    cp /tmp/gpu_train_lisa$layers/summary.json "$OUT/summary_lisa$layers.json" 2>/dev/null
+done
