@@ -9,12 +9,13 @@ from fsdp import shard, warm_up
 from lisa import set_active_blocks
 from model import GPT, GPTConfig
 
-dist.init_process_group('gloo')
+device = 'cuda' if torch.cuda.is_available() else 'cpu'  # gloo on CPU in tests/, nccl on a GPU
+dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
 torch.manual_seed(0)
-model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=4, n_head=2, n_embd=16))
+model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=4, n_head=2, n_embd=16)).to(device)
 shard(model, bf16=True)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-x = torch.randint(0, 64, (4, 8))
+x = torch.randint(0, 64, (4, 8), device=device)
 if sys.argv[1] == 'warm_up':
     warm_up(model, x, x)
 for active in ([0, 1], [0, 1], [2, 3], [1, 2]):
