@@ -17,6 +17,7 @@ source is often absent and silently gets zero weight.) The rows of step t are a 
 (seed, split, t), not of a generator's running state: a resumed run, or a run split over any number of
 processes, sees exactly the same global batch at every step.
 """
+import json
 import os
 from dataclasses import dataclass
 
@@ -164,3 +165,16 @@ def rank_rows(batch, n_groups, rank, world_size):
     """This process's slice of a global batch made of n_groups equal groups of rows (the sources): the same
     share of every group, so per-source means averaged over processes are means over the global batch."""
     return batch.view(n_groups, world_size, -1, batch.size(-1))[:, rank].reshape(-1, batch.size(-1))
+
+
+def fixed_weights(spec, sources):
+    """Source weights for --method=fixed: 'uniform', or the weights a scalebio run wrote to its summary.json."""
+    if spec == 'uniform':
+        return torch.full((len(sources),), 1.0 / len(sources), dtype=torch.float64)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--weights: no file {spec} (give 'uniform' or a summary.json)")
+    with open(spec) as f:
+        summary = json.load(f)
+    if summary.get('sources') != sources:
+        raise ValueError(f"--weights: {spec} has sources {summary.get('sources')}, the data has {sources}")
+    return torch.tensor(summary['weights'], dtype=torch.float64)

@@ -14,8 +14,9 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -92,9 +93,21 @@ def optimizer_state_bytes(optimizer):
     return local_bytes(t for state in optimizer.state.values() for name, t in state.items() if name != 'step')
 
 
+def rank_bytes(models, optimizers, grad_bytes):
+    """What this rank holds for the models (local shards): parameters, gradients at their peak (recorded by
+    the caller just before each optimizer step), Adam moments."""
+    return {'parameters': sum(local_bytes(m.parameters()) for m in models), 'gradients': sum(grad_bytes.values()),
+            'optimizer_state': sum(optimizer_state_bytes(o) for o in optimizers)}
+
+
 # ----------------------------------------------------------------------------------------------
 # checkpoints: a folder written by torch.distributed.checkpoint (each rank writes its own shards, nothing
 # is gathered into one rank's memory) plus meta.json; saved at one world size, loadable at any other.
+
+def full_state_dict(model):
+    """The whole model's state dict on CPU, gathered from the shards: for export only (checkpoints stay sharded)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
 
 def save_checkpoint(path, models, optimizers, tensors, meta):
     """Written into path.tmp, then renamed: a kill during a save leaves the previous checkpoint intact

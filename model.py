@@ -8,7 +8,9 @@ Two things differ from nanoGPT, because ScaleBiO needs them:
 - targets equal to -1 are ignored, so prompt or padding tokens can be masked out of the loss.
 `model.transformer.h` is the list of transformer blocks that LISA (lisa.py) freezes and unfreezes.
 """
+import json
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,7 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True        # biases in Linear and LayerNorm layers, as in GPT-2
+    gelu: str = 'none'       # 'tanh': GPT-2's own approximation ("gelu_new"), used for its pretrained weights
 
 
 class CausalSelfAttention(nn.Module):
@@ -54,7 +57,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate=config.gelu)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -135,3 +138,75 @@ class GPT(nn.Module):
                                      ignore_index=-1, reduction='none').view(B, T)
         n_targets = (targets != -1).sum(dim=1).clamp(min=1)
         return logits, token_loss.sum(dim=1) / n_targets
+
+    @classmethod
+    def from_pretrained(cls, path):
+        """A GPT-2 from a local Hugging Face folder (config.json + model.safetensors or pytorch_model.bin).
+        Nothing is downloaded. HF's Conv1D layers store their weights transposed; the vocabulary is padded."""
+        config_path = os.path.join(path, 'config.json')
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{config_path} is missing: a Hugging Face GPT-2 folder holds config.json and "
+                                    f"model.safetensors or pytorch_model.bin")
+        with open(config_path) as f:
+            hf = json.load(f)
+        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
+                           n_head=hf['n_head'], n_embd=hf['n_embd'], bias=True,
+                           gelu='tanh' if hf.get('activation_function', 'gelu_new') != 'gelu' else 'none')
+        model = cls(config)
+        ours = {name: torch.zeros_like(t) for name, t in model.state_dict().items()}  # padding rows stay 0
+        for name, tensor in read_weights(path).items():
+            name = 'transformer.' + name.removeprefix('transformer.')  # GPT2LMHeadModel or GPT2Model keys
+            if name.endswith(('.attn.bias', '.attn.masked_bias', 'lm_head.weight')):
+                continue  # old causal-mask buffers; the head is tied to wte
+            if name not in ours:
+                raise ValueError(f"{path}: weight {name} has no place in a GPT-2")
+            if name.endswith(HF_TRANSPOSED):
+                tensor = tensor.t()
+            ours[name][:tensor.size(0)] = tensor
+        ours['lm_head.weight'] = ours['transformer.wte.weight']
+        model.load_state_dict(ours)
+        return model
+
+
+# HF's GPT-2 uses Conv1D layers, whose weights are stored as (in, out): the transpose of nn.Linear's
+HF_TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+
+
+def read_weights(path):
+    if os.path.isfile(os.path.join(path, 'model.safetensors')):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path}/model.safetensors needs the safetensors package: pip install safetensors") from None
+        return load_file(os.path.join(path, 'model.safetensors'))
+    if os.path.isfile(os.path.join(path, 'pytorch_model.bin')):
+        return torch.load(os.path.join(path, 'pytorch_model.bin'), map_location='cpu', weights_only=True)
+    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
+
+
+def export_pretrained(state_dict, config, folder):
+    """Writes a full state dict of our GPT as a Hugging Face GPT-2 folder that transformers loads:
+    config.json and model.safetensors (pytorch_model.bin without safetensors); the vocabulary cropped."""
+    if not config.bias:
+        raise ValueError("a Hugging Face GPT-2 has biases: export needs a model trained with bias=True")
+    weights = {}
+    for name, tensor in state_dict.items():
+        if name == 'lm_head.weight':
+            continue  # tied to wte
+        tensor = tensor.detach().cpu()
+        if name == 'transformer.wte.weight':
+            tensor = tensor[:config.vocab_size]
+        weights[name] = (tensor.t() if name.endswith(HF_TRANSPOSED) else tensor).contiguous()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'config.json'), 'w') as f:
+        json.dump({'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'], 'vocab_size': config.vocab_size,
+                   'n_positions': config.block_size, 'n_ctx': config.block_size, 'n_embd': config.n_embd,
+                   'n_layer': config.n_layer, 'n_head': config.n_head, 'layer_norm_epsilon': 1e-5,
+                   'activation_function': 'gelu_new' if config.gelu == 'tanh' else 'gelu',
+                   'resid_pdrop': config.dropout, 'embd_pdrop': config.dropout, 'attn_pdrop': config.dropout,
+                   'tie_word_embeddings': True}, f, indent=2)
+    try:
+        from safetensors.torch import save_file
+        save_file(weights, os.path.join(folder, 'model.safetensors'))
+    except ImportError:
+        torch.save(weights, os.path.join(folder, 'pytorch_model.bin'))

@@ -34,11 +34,11 @@ import torch
 from tqdm import tqdm
 
 from bilevel import check_finite, cosine_lr, penalty_schedule, scalebio_step
-from data import eval_batches, load_data, rank_rows, train_batch, val_batch
-from fsdp import (full, init_distributed, is_main_process, load_checkpoint, local_bytes, mean_over_ranks,
-                  optimizer_state_bytes, read_meta, save_checkpoint, shard, warm_up)
+from data import eval_batches, fixed_weights, load_data, rank_rows, train_batch, val_batch
+from fsdp import (full, full_state_dict, init_distributed, load_checkpoint, local_bytes, mean_over_ranks,
+                  rank_bytes, read_meta, save_checkpoint, shard, warm_up)
 from lisa import draw_active_blocks, set_active_blocks
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, export_pretrained
 
 
 @dataclass
@@ -85,6 +85,8 @@ class TrainConfig:
     dtype: str = 'float32'          # parameter dtype: float32, or float64 (exactness tests, CPU)
     amp: bool = True                # bf16 compute on CUDA (autocast, or FSDP's mixed precision); no effect on CPU
     compile: bool = False           # torch.compile each block (meant for CUDA)
+    init_from: str = ''             # a local Hugging Face GPT-2 folder: both copies start from its weights
+    export: bool = False            # at the end: out_dir/hf (the trained model, HF format), out_dir/mixture.json
 
 
 GPT2_SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
@@ -209,27 +211,15 @@ def evaluate(model, batches, autocast, rank, world_size):
     return (sums[0] / sums[1]).item()
 
 
-def fixed_weights(spec, sources):
-    if spec == 'uniform':
-        return torch.full((len(sources),), 1.0 / len(sources), dtype=torch.float64)
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(f"--weights: no file {spec} (give 'uniform' or a summary.json)")
-    with open(spec) as f:
-        summary = json.load(f)
-    if summary.get('sources') != sources:
-        raise ValueError(f"--weights: {spec} has sources {summary.get('sources')}, the data has {sources}")
-    return torch.tensor(summary['weights'], dtype=torch.float64)
-
-
 def main(argv):
     cfg = parse_config(argv)
     rank, world_size, device, sharded = init_distributed(cfg.device)
     master = rank == 0  # only rank 0 prints, shows the progress bar and writes log.jsonl and summary.json
+    say = print if master else (lambda *args, **kwargs: None)
     dtype = getattr(torch, cfg.dtype)
     bf16 = cfg.amp and device.startswith('cuda')
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 and not sharded else contextlib.nullcontext()
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt'), os.path.join(cfg.out_dir, 'best')
     scalebio = cfg.method == 'scalebio'
     for key, rows in (('batch_per_source', cfg.batch_per_source), ('val_batch', cfg.val_batch)):
@@ -240,15 +230,20 @@ def main(argv):
     if local_rows % micro_steps or (cfg.val_batch // world_size) % micro_steps:
         raise ValueError(f"--micro_batch={cfg.micro_batch} must divide the {local_rows} rows per source and the "
                          f"{cfg.val_batch // world_size} validation rows each process gets into equal pieces")
-
     data = load_data(cfg.data, cfg.block_size, cfg.seed)
     sources, n_sources = data.sources, len(data.sources)
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
     # both copies start from the same weights (the authors load the same pretrained checkpoint twice)
-    lower_model = GPT(model_config).to(device=device, dtype=dtype)
-    if master:
-        print(f"number of parameters: {lower_model.num_params() / 1e6:.2f}M per copy; {world_size} process(es)")
+    lower_model = GPT.from_pretrained(cfg.init_from) if cfg.init_from else GPT(model_config)
+    model_config = lower_model.config
+    if (model_config.vocab_size, min(model_config.block_size, cfg.block_size)) != (data.vocab_size, cfg.block_size):
+        raise ValueError(f"--init_from: the model's vocabulary ({model_config.vocab_size}) must be the data's "
+                         f"({data.vocab_size}), its context ({model_config.block_size}) at least {cfg.block_size}")
+    cfg.n_layer, cfg.n_head, cfg.n_embd = model_config.n_layer, model_config.n_head, model_config.n_embd
+    lower_model = lower_model.to(device=device, dtype=dtype)
+    os.makedirs(cfg.out_dir, exist_ok=True)  # only once the inputs are known to be good
+    say(f"number of parameters: {lower_model.num_params() / 1e6:.2f}M per copy; {world_size} process(es)")
     upper_model = copy.deepcopy(lower_model) if scalebio else None
     models = [lower_model, upper_model] if scalebio else [lower_model]
     for model in models:
@@ -300,8 +295,7 @@ def main(argv):
         torch.set_rng_state(tensors['rng_state']['cpu'])
         if meta['cuda_rng'] and device.startswith('cuda'):
             torch.cuda.set_rng_state(tensors['rng_state']['cuda'].cpu())
-        if master:
-            print(f"resuming from {ckpt_path} at step {start_step}")
+        say(f"resuming from {ckpt_path} at step {start_step}")
 
     def save(step):
         save_checkpoint(ckpt_path, models, optimizers, checkpoint_tensors(),
@@ -344,9 +338,8 @@ def main(argv):
                 save(step)
                 progress.close()
                 signum = stop_signals[0] if stop_signals else signal.SIGTERM
-                if master:
-                    print(f"stopped by signal {signum} before step {step}; checkpoint {ckpt_path}; "
-                          f"continue with --resume=True", file=sys.stderr)
+                say(f"stopped by signal {signum} before step {step}; checkpoint {ckpt_path}; "
+                    f"continue with --resume=True", file=sys.stderr)
                 sys.exit(128 + signum)
             t0 = time.time()
             # learning rates and α, set on every param group every step (nanoGPT's get_lr style)
@@ -416,18 +409,13 @@ def main(argv):
     progress.close()
 
     if record is None:
-        if master:
-            print(f"nothing to do: the checkpoint is already at step {start_step}")
+        say(f"nothing to do: the checkpoint is already at step {start_step}")
         return None
     summary = {'sources': sources, 'weights': list(record['weights'].values()), 'steps': end_step,
                'val_loss': record['val_loss'], 'best_val_loss': best_val_loss, 'test_loss': record['test_loss'],
                'per_source_loss': record['per_source_loss'],
                'tokens_per_second': tokens_per_step * (end_step - start_step) / max(train_time, 1e-9),
-               'world_size': world_size,
-               # held by rank 0 for both copies (local shards): parameters, gradients at their peak, Adam moments
-               'per_rank_bytes': {'parameters': sum(local_bytes(m.parameters()) for m in models),
-                                  'gradients': sum(grad_bytes.values()),
-                                  'optimizer_state': sum(optimizer_state_bytes(o) for o in optimizers)},
+               'world_size': world_size, 'per_rank_bytes': rank_bytes(models, optimizers, grad_bytes),
                'config': dataclasses.asdict(cfg)}
     summary['per_rank_state_bytes'] = sum(summary['per_rank_bytes'].values())
     if device.startswith('cuda'):
@@ -440,6 +428,13 @@ def main(argv):
             print(f"{s:<16}{w:>10.4f}{record['per_source_loss'][s]:>18.4f}")
         print(f"val loss {record['val_loss']:.4f} (best {best_val_loss:.4f}), test loss {record['test_loss']:.4f}; "
               f"wrote {cfg.out_dir}/summary.json")
+    if cfg.export:  # the trained model for use elsewhere; the weights as a mixture for standard fine-tuning
+        state = full_state_dict(eval_model)
+        if master:
+            export_pretrained(state, model_config, os.path.join(cfg.out_dir, 'hf'))
+            with open(os.path.join(cfg.out_dir, 'mixture.json'), 'w') as f:
+                json.dump({'sources': sources, 'weights': summary['weights'], 'how': "for N examples, draw "
+                           "int(N * weight) from each source (the authors' second stage)"}, f, indent=2)
     return summary
 
 

@@ -125,9 +125,12 @@ def test_resume_with_a_different_config_is_an_error(tmp_path):
     (['--lisa_interval=0'], "error: --lisa_interval must be positive, got 0"),
 ])
 def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, 'train.py', *args, f'--out_dir={tmp_path}'], cwd=ROOT, capture_output=True, text=True)
+    out_dir = tmp_path / 'out'
+    proc = subprocess.run([sys.executable, 'train.py', *args, f'--out_dir={out_dir}'], cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(message)
+    assert not out_dir.exists()  # nothing half-written
 
 
 def test_scalebio_drops_the_irrelevant_source_early(tmp_path):
@@ -135,3 +138,20 @@ def test_scalebio_drops_the_irrelevant_source_early(tmp_path):
     summary = train.main([f'--out_dir={tmp_path}', '--max_steps=150', '--eval_interval=150', '--lisa_layers=0'])
     weights = dict(zip(summary['sources'], summary['weights']))
     assert weights['irrelevant'] < 0.1 and weights['irrelevant'] == min(weights.values())
+
+
+def test_export_writes_a_hugging_face_folder_and_a_mixture_that_init_from_reads(tmp_path):
+    summary = run(tmp_path / 'first', '--max_steps=4', '--export=True')
+    with open(tmp_path / 'first' / 'mixture.json') as f:
+        mixture = json.load(f)
+    assert mixture['sources'] == summary['sources'] and mixture['weights'] == summary['weights']
+    exported = GPT.from_pretrained(str(tmp_path / 'first' / 'hf'))
+    upper = final_state(tmp_path / 'first')[1][1]
+    for name, tensor in exported.state_dict().items():
+        assert torch.allclose(tensor.double(), upper[name], atol=1e-6), name  # the upper model, exported
+    # both copies of a new run start from it (the exported model is float32: the run is too)
+    args = [a for a in TINY if a != '--dtype=float64'] + [f'--out_dir={tmp_path}/second', '--max_steps=2',
+                                                            f'--init_from={tmp_path}/first/hf']
+    assert train.main(args)['steps'] == 2
+    with pytest.raises(ValueError, match=r"model's vocabulary \(256\) must be the data's"):
+        train.main(args + ['--data=noise_ladder', '--block_size=4096'])

@@ -1,0 +1,33 @@
+"""Our GPT against Hugging Face's GPT-2, offline: a random model saved by transformers, loaded by
+GPT.from_pretrained, and exported back (needs the optional transformers and safetensors packages)."""
+import pytest
+import torch
+
+from model import GPT, export_pretrained
+
+transformers = pytest.importorskip('transformers')
+
+
+def test_hugging_face_gpt2_loads_with_the_same_logits_and_exports_back(tmp_path):
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64,
+                                        bos_token_id=0, eos_token_id=0)
+    hf_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf_model.save_pretrained(tmp_path / 'hf')
+    ours = GPT.from_pretrained(str(tmp_path / 'hf')).eval()
+    assert ours.config.vocab_size == 100 and ours.padded_vocab == 128
+    idx = torch.randint(0, 100, (3, 20))
+    with torch.no_grad():
+        expected = hf_model(idx).logits
+        assert torch.allclose(ours(idx)[0], expected, atol=1e-5)
+        export_pretrained(ours.state_dict(), ours.config, str(tmp_path / 'exported'))
+        back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / 'exported')).eval()
+        assert torch.allclose(back(idx).logits, expected, atol=1e-5)
+
+
+def test_a_folder_without_weights_is_a_clear_error(tmp_path):
+    (tmp_path / 'config.json').write_text('{"n_positions": 8, "vocab_size": 10, "n_layer": 1, "n_head": 1, "n_embd": 4}')
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor pytorch_model.bin"):
+        GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        GPT.from_pretrained(str(tmp_path / 'nowhere'))
