@@ -29,8 +29,8 @@ import torch
 from bilevel import scalebio_step
 from fsdp import local_bytes, optimizer_state_bytes
 from lisa import draw_active_blocks, set_active_blocks
-from model import GPT, GPTConfig
-from train import GPT2_SHAPES, make_optimizer, model_objective, optimizer_update, override
+from model import GPT, GPT2_SHAPES, GPTConfig
+from train import make_optimizer, model_objective, optimizer_update, override
 
 
 @dataclass

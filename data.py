@@ -9,7 +9,11 @@ Where the sources come from (`--data=...` in train.py):
 - `denoise` (default): `clean` ("a+b=c" lines, correct sums), `noisy` (same format, wrong sums),
   `irrelevant` (random lowercase letters). Val and test: clean lines on (a, b) pairs never trained on.
 - `noise_ladder`: `noise_0`, `noise_25`, ..., `noise_100`: additions with that percentage of wrong sums.
-- a folder holding `train_<source>.txt` (one file per source), `val.txt` and `test.txt`.
+- a folder holding `train_<source>.txt` (one file per source), `val.txt` and `test.txt`;
+- or, in the ScaleBiO authors' layout, `train_<source>.json` (or .jsonl), `val.json`, `test.json`: lists of
+  {"text": ...} or Alpaca-style {"instruction", "input" (optional), "output"} records. One example per row,
+  padded to block_size; an instruction record is rendered with PROMPT below and only its response tokens
+  carry loss (targets -1 elsewhere), like the authors' --response_loss_only.
 
 Batches are STRATIFIED: every training batch holds `batch_per_source` rows from EACH source, so every
 source's mean loss exists at every step. (The authors' code counts sources per micro-batch, so a rare
@@ -32,10 +36,11 @@ TRAIN_KEY, VAL_KEY, EVAL_KEY = 0, 1, 2
 @dataclass
 class SourceData:
     sources: list        # source names, in the order of the weights
-    train: list          # one uint8 token array per source
+    train: list          # per source: a 1-D token stream, or examples as an (n, 2, block_size) array of (x, y)
     val: np.ndarray
     test: np.ndarray
     vocab_size: int = 256
+    notes: list = None   # what loading dropped or truncated, for train.py to print once
 
 
 def encode(text):
@@ -119,6 +124,79 @@ def text_folder(folder, block_size):
                       test=_read_text(os.path.join(folder, 'test.txt'), block_size))
 
 
+# ----------------------------------------------------------------------------------------------
+# a folder of JSON examples (the authors' layout)
+
+PROMPT = "### Instruction:\n{instruction}\n\n{input_section}### Response:\n"  # Alpaca's, plainly
+INPUT_SECTION = "### Input:\n{input}\n\n"
+
+
+def _read_records(path):
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    try:
+        if path.endswith('.jsonl'):
+            records = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}: line {number}: malformed JSON ({e.msg})") from None
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path} holds no examples (expected a JSON list of records, or JSON Lines)")
+    return records
+
+
+def _examples(path, block_size, notes):
+    """Each record as one row (x, y) of block_size tokens: y is x shifted by one, -1 where no loss."""
+    rows, truncated, dropped = [], 0, 0
+    for number, record in enumerate(_read_records(path), 1):
+        if isinstance(record, dict) and 'text' in record:
+            prompt, response = '', str(record['text'])
+        elif isinstance(record, dict) and 'output' in record:
+            section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
+            prompt = PROMPT.format(instruction=record.get('instruction', ''), input_section=section)
+            response = str(record['output']) + '\n'
+        else:
+            raise ValueError(f'{path}: record {number} has neither "text" nor "output"')
+        prompt_tokens, tokens = len(encode(prompt)), np.concatenate([encode(prompt), encode(response)])
+        if prompt_tokens >= block_size or len(tokens) <= max(prompt_tokens, 1):  # no response token to learn
+            dropped += 1
+            continue
+        truncated += len(tokens) > block_size + 1
+        tokens = tokens[:block_size + 1].astype(np.int64)
+        row = np.zeros((2, block_size), dtype=np.int64)
+        row[1] = -1
+        row[0, :len(tokens) - 1] = tokens[:-1]
+        row[1, max(prompt_tokens - 1, 0):len(tokens) - 1] = tokens[max(prompt_tokens, 1):]
+        rows.append(row)
+    if truncated or dropped:
+        notes.append(f"{path}: {truncated} examples truncated to block_size={block_size}, {dropped} dropped "
+                     f"(no response token within it)")
+    if not rows:
+        raise ValueError(f"{path}: no example fits block_size={block_size}")
+    return np.stack(rows)
+
+
+def json_folder(folder, block_size):
+    names = sorted(f for f in os.listdir(folder) if f.startswith('train_') and f.endswith(('.json', '.jsonl')))
+    notes = []
+
+    def split(name):
+        for ext in ('.json', '.jsonl'):
+            if os.path.isfile(os.path.join(folder, name + ext)):
+                return _examples(os.path.join(folder, name + ext), block_size, notes)
+        raise FileNotFoundError(f"missing file {os.path.join(folder, name)}.json (or .jsonl)")
+    return SourceData(sources=[n[len('train_'):n.rindex('.')] for n in names],
+                      train=[_examples(os.path.join(folder, n), block_size, notes) for n in names],
+                      val=split('val'), test=split('test'), notes=notes)
+
+
 def load_data(data, block_size, seed):
     if data in BUILTIN_TASKS:
         source_data = builtin_task(data, seed)
@@ -128,6 +206,8 @@ def load_data(data, block_size, seed):
                 raise ValueError(f"built-in split '{name}' has {len(tokens)} tokens; block_size={block_size} "
                                  f"is too long for it")
         return source_data
+    if os.path.isdir(data) and any(f.startswith('train_') and f.endswith(('.json', '.jsonl')) for f in os.listdir(data)):
+        return json_folder(data, block_size)
     return text_folder(data, block_size)
 
 
@@ -135,7 +215,11 @@ def load_data(data, block_size, seed):
 # batches
 
 def _rows(tokens, n_rows, block_size, rng):
-    """n_rows random windows of block_size+1 tokens -> inputs x and next-token targets y, (n_rows, T)."""
+    """n_rows random rows -> inputs x and next-token targets y, (n_rows, T): windows of block_size+1
+    tokens of a stream, or whole examples."""
+    if tokens.ndim == 3:
+        examples = torch.from_numpy(tokens[rng.integers(0, len(tokens), n_rows)])
+        return examples[:, 0], examples[:, 1]
     starts = rng.integers(0, len(tokens) - block_size, n_rows)
     windows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
     return windows[:, :-1], windows[:, 1:]

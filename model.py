@@ -30,6 +30,10 @@ class GPTConfig:
     gelu: str = 'none'       # 'tanh': GPT-2's own approximation ("gelu_new"), used for its pretrained weights
 
 
+GPT2_SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
+               'gpt2-xl': (48, 25, 1600)}  # n_layer, n_head, n_embd of the four GPT-2 sizes
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):

@@ -38,7 +38,7 @@ from data import eval_batches, fixed_weights, load_data, rank_rows, train_batch,
 from fsdp import (full, full_state_dict, init_distributed, load_checkpoint, local_bytes, mean_over_ranks,
                   rank_bytes, read_meta, save_checkpoint, shard, warm_up)
 from lisa import draw_active_blocks, set_active_blocks
-from model import GPT, GPTConfig, export_pretrained
+from model import GPT, GPT2_SHAPES, GPTConfig, export_pretrained
 
 
 @dataclass
@@ -87,10 +87,6 @@ class TrainConfig:
     compile: bool = False           # torch.compile each block (meant for CUDA)
     init_from: str = ''             # a local Hugging Face GPT-2 folder: both copies start from its weights
     export: bool = False            # at the end: out_dir/hf (the trained model, HF format), out_dir/mixture.json
-
-
-GPT2_SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
-               'gpt2-xl': (48, 25, 1600)}  # n_layer, n_head, n_embd
 
 
 # fields that may differ between a run and its resumption (not max_steps: the schedule's horizon)
@@ -232,6 +228,8 @@ def main(argv):
                          f"{cfg.val_batch // world_size} validation rows each process gets into equal pieces")
     data = load_data(cfg.data, cfg.block_size, cfg.seed)
     sources, n_sources = data.sources, len(data.sources)
+    if data.notes:  # examples truncated or dropped while loading
+        say('\n'.join(data.notes))
     model_config = GPTConfig(block_size=cfg.block_size, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
     # both copies start from the same weights (the authors load the same pretrained checkpoint twice)

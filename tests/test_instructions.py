@@ -1,0 +1,90 @@
+"""Instruction data in the ScaleBiO authors' layout: train_<source>.json, val.json, test.json."""
+import json
+import re
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from data import PROMPT, encode, load_data, train_batch
+from model import GPT, GPTConfig
+
+ROOT = __file__.rsplit('/tests/', 1)[0]
+
+
+def additions(n, correct, rng):
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(100), rng.randrange(100)
+        rows.append({'instruction': f'{a}+{b}', 'output': str(a + b if correct else rng.randrange(199))})
+    return rows
+
+
+def write(folder, files):
+    folder.mkdir(exist_ok=True)
+    for name, content in files.items():
+        (folder / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(folder)
+
+
+def test_prompt_tokens_carry_no_loss_and_rows_are_whole_examples(tmp_path):
+    record = {'instruction': 'add', 'input': '2+3', 'output': '5'}
+    folder = write(tmp_path / 'd', {'train_a.json': [record], 'val.json': [record], 'test.jsonl': json.dumps(record)})
+    data = load_data(folder, block_size=64, seed=0)
+    x, y = train_batch(data, 0, 2, 64, seed=0)
+    prompt = PROMPT.format(instruction='add', input_section='### Input:\n2+3\n\n')
+    n_prompt = len(encode(prompt))
+    assert bytes(x[0, :n_prompt].tolist()).decode() == prompt
+    assert (y[0, :n_prompt - 1] == -1).all()  # predicting prompt tokens: no loss
+    assert bytes(y[0, n_prompt - 1:n_prompt + 1].tolist()).decode() == '5\n'  # the response, then the end
+    assert (y[0, n_prompt + 1:] == -1).all()  # padding
+
+
+def test_per_source_losses_are_means_of_per_example_means(tmp_path):
+    short, long = {'instruction': 'q', 'output': 'ab'}, {'instruction': 'q', 'output': 'abcdefghijklmnop'}
+    folder = write(tmp_path / 'd', {'train_a.json': [short, long], 'val.json': [short], 'test.json': [short]})
+    data = load_data(folder, block_size=48, seed=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    x = torch.tensor(data.train[0][:, 0])
+    y = torch.tensor(data.train[0][:, 1])
+    source_loss, _ = train.model_objective(model, x, y, None, None, 1, 1, torch.enable_grad())(torch.ones(1), 0.0)
+    per_example = [torch.nn.functional.cross_entropy(model(x[i:i + 1])[0][0], y[i], ignore_index=-1) for i in range(2)]
+    assert torch.allclose(source_loss, torch.stack(per_example).mean().detach(), atol=1e-6)
+
+
+def test_a_run_on_instruction_sources_learns_weights(tmp_path):
+    rng = random.Random(0)
+    junk = [{'instruction': 'say something', 'output': ''.join(rng.choice('xyzw') for _ in range(8))}
+            for _ in range(300)]
+    folder = write(tmp_path / 'd', {'train_correct.json': additions(300, True, rng),
+                                    'train_wrong.json': additions(300, False, rng), 'train_junk.json': junk,
+                                    'val.json': additions(100, True, rng), 'test.json': additions(100, True, rng)})
+    summary = train.main([f'--data={folder}', f'--out_dir={tmp_path}/out', '--block_size=48', '--n_layer=2',
+                          '--max_steps=150', '--eval_interval=150', '--batch_per_source=8', '--val_batch=16'])
+    weights = dict(zip(summary['sources'], summary['weights']))
+    assert weights['junk'] == min(weights.values()) and weights['junk'] < 0.2
+
+
+@pytest.mark.parametrize("files, message", [
+    ({'train_a.json': '[{"output": "x"},\n {"output": }]', 'val.json': '[]', 'test.json': '[]'},
+     r"train_a.json: line 2: malformed JSON"),
+    ({'train_a.jsonl': '{"output": "x"}\n{"output": "y"\n', 'val.json': '[]', 'test.json': '[]'},
+     r"train_a.jsonl: line 2: malformed JSON"),
+    ({'train_a.json': '[{"instruction": "x"}]', 'val.json': '[]', 'test.json': '[]'},
+     r'train_a.json: record 1 has neither "text" nor "output"'),
+    ({'train_a.json': '[]', 'val.json': '[{"text": "abc"}]', 'test.json': '[{"text": "abc"}]'},
+     r"train_a.json holds no examples"),
+    ({'train_a.json': '[{"text": "abcdef"}]', 'test.json': '[{"text": "abc"}]'}, r"missing file .*val.json"),
+])
+def test_bad_instruction_data_is_one_clear_error_and_writes_nothing(tmp_path, files, message):
+    folder = write(tmp_path / 'd', files)
+    out_dir = tmp_path / 'out'
+    proc = subprocess.run([sys.executable, 'train.py', f'--data={folder}', f'--out_dir={out_dir}'], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: ") and re.search(message, proc.stderr)
+    assert not out_dir.exists()
