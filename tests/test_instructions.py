@@ -1,7 +1,7 @@
 """Instruction data in the ScaleBiO authors' layout: train_<source>.json, val.json, test.json."""
 import json
-import re
 import random
+import re
 import subprocess
 import sys
 
