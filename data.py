@@ -43,8 +43,36 @@ class SourceData:
     notes: list = None   # what loading dropped or truncated, for train.py to print once
 
 
-def encode(text):
-    return np.frombuffer(text.encode('utf-8'), dtype=np.uint8)
+@dataclass
+class Tokenizer:
+    """Text to token ids and back: raw UTF-8 bytes (the default, vocab 256), or a GPT-2 BPE from a folder."""
+    encode: object      # str -> 1-D numpy array of ids
+    decode: object      # list of ids -> str
+    vocab_size: int
+
+
+BYTES = Tokenizer(encode=lambda text: np.frombuffer(text.encode('utf-8'), dtype=np.uint8),
+                  decode=lambda ids: bytes(ids).decode('utf-8', errors='replace'), vocab_size=256)
+
+
+def load_tokenizer(spec):
+    """'bytes', or a local folder with tokenizer.json, or GPT-2's vocab.json + merges.txt, both read through
+    the optional `tokenizers` package (nothing is downloaded)."""
+    if spec == 'bytes':
+        return BYTES
+    files = {name: os.path.join(spec, name) for name in ('tokenizer.json', 'vocab.json', 'merges.txt')}
+    if not os.path.isfile(files['tokenizer.json']) and not (os.path.isfile(files['vocab.json'])
+                                                            and os.path.isfile(files['merges.txt'])):
+        raise FileNotFoundError(f"--tokenizer={spec}: put tokenizer.json, or GPT-2's vocab.json and merges.txt, "
+                                f"in that folder (or use --tokenizer=bytes)")
+    try:
+        import tokenizers
+    except ImportError:
+        raise ImportError("--tokenizer=<folder> needs the tokenizers package: pip install tokenizers") from None
+    bpe = tokenizers.Tokenizer.from_file(files['tokenizer.json']) if os.path.isfile(files['tokenizer.json']) \
+        else tokenizers.ByteLevelBPETokenizer(files['vocab.json'], files['merges.txt'])
+    return Tokenizer(encode=lambda text: np.array(bpe.encode(text).ids, dtype=np.int32),
+                     decode=lambda ids: bpe.decode(list(ids)), vocab_size=bpe.get_vocab_size())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +94,7 @@ def _letter_lines(n_lines, rng):
     return ''.join(''.join(rng.choice(letters, rng.integers(3, 9))) + '\n' for _ in range(n_lines))
 
 
-def builtin_task(name, seed, lines_per_source=20_000, held_out_pairs=1_000):
+def builtin_task(name, seed, tokenizer=BYTES, lines_per_source=20_000, held_out_pairs=1_000):
     """Generates a built-in task deterministically from `seed`: no files needed."""
     rng = np.random.default_rng([seed, 12345])
     pairs = [(a, b) for a in range(100) for b in range(100)]
@@ -87,30 +115,31 @@ def builtin_task(name, seed, lines_per_source=20_000, held_out_pairs=1_000):
                  for pct in (0, 25, 50, 75, 100)}
     else:
         raise ValueError(f"unknown built-in task '{name}' (choose from {', '.join(BUILTIN_TASKS)})")
+    encode = tokenizer.encode
     return SourceData(sources=list(texts), train=[encode(t) for t in texts.values()],
                       val=encode(_addition_lines(val_pairs, 0.0, rng)),
-                      test=encode(_addition_lines(test_pairs, 0.0, rng)))
+                      test=encode(_addition_lines(test_pairs, 0.0, rng)), vocab_size=tokenizer.vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------
 # a folder of text files
 
-def _read_text(path, block_size):
+def _read_text(path, block_size, tokenizer):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"missing file {path}")
     with open(path, 'rb') as f:
         raw = f.read()
     try:
-        raw.decode('utf-8')
+        tokens = tokenizer.encode(raw.decode('utf-8'))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
-    if len(raw) < block_size + 1:
-        what = "is empty" if len(raw) == 0 else f"has only {len(raw)} tokens"
+    if len(tokens) < block_size + 1:
+        what = "is empty" if len(tokens) == 0 else f"has only {len(tokens)} tokens"
         raise ValueError(f"{path} {what}; a split needs at least block_size+1 = {block_size + 1} tokens")
-    return np.frombuffer(raw, dtype=np.uint8)
+    return tokens
 
 
-def text_folder(folder, block_size):
+def text_folder(folder, block_size, tokenizer):
     """train_<source>.txt files (the source is named by what follows 'train_'), val.txt and test.txt."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"data '{folder}' is neither a built-in task ({', '.join(BUILTIN_TASKS)}) "
@@ -119,9 +148,10 @@ def text_folder(folder, block_size):
     if not names:
         raise FileNotFoundError(f"data folder {folder} has no train_<source>.txt files")
     return SourceData(sources=[n[len('train_'):-len('.txt')] for n in names],
-                      train=[_read_text(os.path.join(folder, n), block_size) for n in names],
-                      val=_read_text(os.path.join(folder, 'val.txt'), block_size),
-                      test=_read_text(os.path.join(folder, 'test.txt'), block_size))
+                      train=[_read_text(os.path.join(folder, n), block_size, tokenizer) for n in names],
+                      val=_read_text(os.path.join(folder, 'val.txt'), block_size, tokenizer),
+                      test=_read_text(os.path.join(folder, 'test.txt'), block_size, tokenizer),
+                      vocab_size=tokenizer.vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +182,7 @@ def _read_records(path):
     return records
 
 
-def _examples(path, block_size, notes):
+def _examples(path, block_size, notes, tokenizer):
     """Each record as one row (x, y) of block_size tokens: y is x shifted by one, -1 where no loss."""
     rows, truncated, dropped = [], 0, 0
     for number, record in enumerate(_read_records(path), 1):
@@ -164,6 +194,7 @@ def _examples(path, block_size, notes):
             response = str(record['output']) + '\n'
         else:
             raise ValueError(f'{path}: record {number} has neither "text" nor "output"')
+        encode = tokenizer.encode
         prompt_tokens, tokens = len(encode(prompt)), np.concatenate([encode(prompt), encode(response)])
         if prompt_tokens >= block_size or len(tokens) <= max(prompt_tokens, 1):  # no response token to learn
             dropped += 1
@@ -183,23 +214,23 @@ def _examples(path, block_size, notes):
     return np.stack(rows)
 
 
-def json_folder(folder, block_size):
+def json_folder(folder, block_size, tokenizer):
     names = sorted(f for f in os.listdir(folder) if f.startswith('train_') and f.endswith(('.json', '.jsonl')))
     notes = []
 
     def split(name):
         for ext in ('.json', '.jsonl'):
             if os.path.isfile(os.path.join(folder, name + ext)):
-                return _examples(os.path.join(folder, name + ext), block_size, notes)
+                return _examples(os.path.join(folder, name + ext), block_size, notes, tokenizer)
         raise FileNotFoundError(f"missing file {os.path.join(folder, name)}.json (or .jsonl)")
     return SourceData(sources=[n[len('train_'):n.rindex('.')] for n in names],
-                      train=[_examples(os.path.join(folder, n), block_size, notes) for n in names],
-                      val=split('val'), test=split('test'), notes=notes)
+                      train=[_examples(os.path.join(folder, n), block_size, notes, tokenizer) for n in names],
+                      val=split('val'), test=split('test'), vocab_size=tokenizer.vocab_size, notes=notes)
 
 
-def load_data(data, block_size, seed):
+def load_data(data, block_size, seed, tokenizer=BYTES):
     if data in BUILTIN_TASKS:
-        source_data = builtin_task(data, seed)
+        source_data = builtin_task(data, seed, tokenizer)
         for name, tokens in zip(['val', 'test'] + source_data.sources,
                                 [source_data.val, source_data.test] + source_data.train):
             if len(tokens) < block_size + 1:
@@ -207,8 +238,8 @@ def load_data(data, block_size, seed):
                                  f"is too long for it")
         return source_data
     if os.path.isdir(data) and any(f.startswith('train_') and f.endswith(('.json', '.jsonl')) for f in os.listdir(data)):
-        return json_folder(data, block_size)
-    return text_folder(data, block_size)
+        return json_folder(data, block_size, tokenizer)
+    return text_folder(data, block_size, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------

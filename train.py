@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from bilevel import check_finite, cosine_lr, penalty_schedule, scalebio_step
-from data import eval_batches, fixed_weights, load_data, rank_rows, train_batch, val_batch
+from data import eval_batches, fixed_weights, load_data, load_tokenizer, rank_rows, train_batch, val_batch
 from fsdp import (full, full_state_dict, init_distributed, load_checkpoint, local_bytes, mean_over_ranks,
                   rank_bytes, read_meta, save_checkpoint, shard, warm_up)
 from lisa import draw_active_blocks, set_active_blocks
@@ -45,6 +45,7 @@ from model import GPT, GPT2_SHAPES, GPTConfig, export_pretrained
 class TrainConfig:
     # data
     data: str = 'denoise'           # 'denoise', 'noise_ladder' or a folder (see data.py)
+    tokenizer: str = 'bytes'        # or a local folder: tokenizer.json, or GPT-2's vocab.json + merges.txt
     seed: int = 0
     batch_per_source: int = 16      # training rows per source per step (stratified batches)
     val_batch: int = 32             # validation rows per step, for L_val
@@ -226,7 +227,7 @@ def main(argv):
     if local_rows % micro_steps or (cfg.val_batch // world_size) % micro_steps:
         raise ValueError(f"--micro_batch={cfg.micro_batch} must divide the {local_rows} rows per source and the "
                          f"{cfg.val_batch // world_size} validation rows each process gets into equal pieces")
-    data = load_data(cfg.data, cfg.block_size, cfg.seed)
+    data = load_data(cfg.data, cfg.block_size, cfg.seed, load_tokenizer(cfg.tokenizer))
     sources, n_sources = data.sources, len(data.sources)
     if data.notes:  # examples truncated or dropped while loading
         say('\n'.join(data.notes))
@@ -439,7 +440,7 @@ def main(argv):
 if __name__ == '__main__':
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
         # every rank sees the same data and the same averaged losses, so every rank fails the same way
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''
         sys.exit(f"{rank}error: {e}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from data import PROMPT, encode, load_data, train_batch
+from data import BYTES, PROMPT, load_data, train_batch
 from model import GPT, GPTConfig
 
 ROOT = __file__.rsplit('/tests/', 1)[0]
@@ -36,7 +36,7 @@ def test_prompt_tokens_carry_no_loss_and_rows_are_whole_examples(tmp_path):
     data = load_data(folder, block_size=64, seed=0)
     x, y = train_batch(data, 0, 2, 64, seed=0)
     prompt = PROMPT.format(instruction='add', input_section='### Input:\n2+3\n\n')
-    n_prompt = len(encode(prompt))
+    n_prompt = len(BYTES.encode(prompt))
     assert bytes(x[0, :n_prompt].tolist()).decode() == prompt
     assert (y[0, :n_prompt - 1] == -1).all()  # predicting prompt tokens: no loss
     assert bytes(y[0, n_prompt - 1:n_prompt + 1].tolist()).decode() == '5\n'  # the response, then the end

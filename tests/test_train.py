@@ -118,7 +118,7 @@ def test_resume_with_a_different_config_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (['--nonsense=1'], "error: unknown config field 'nonsense'; valid fields: data, seed,"),
+    (['--nonsense=1'], "error: unknown config field 'nonsense'; valid fields: data, tokenizer, seed,"),
     (['--max_steps=ten'], "error: --max_steps expects int, got 'ten'"),
     (['--data=/no/such/folder'], "error: data '/no/such/folder' is neither a built-in task"),
     (['--block_size=100000', '--max_steps=1'], "error: built-in split 'val' has"),
