@@ -143,6 +143,22 @@ class GPT(nn.Module):
         n_targets = (targets != -1).sum(dim=1).clamp(min=1)
         return logits, token_loss.sum(dim=1) / n_targets
 
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
+        """Appends max_new_tokens sampled tokens to idx (B, T), as nanoGPT's generate; temperature 0 is greedy."""
+        for _ in range(max_new_tokens):
+            logits = self(idx[:, -self.config.block_size:])[0][:, -1, :]
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, -float('inf'))
+                next_token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat([idx, next_token], dim=1)
+        return idx
+
     @classmethod
     def from_pretrained(cls, path):
         """A GPT-2 from a local Hugging Face folder (config.json + model.safetensors or pytorch_model.bin).

@@ -399,7 +399,7 @@ def main(argv):
                 if record['val_loss'] < best_val_loss:  # the same on every rank: all evaluate the same batches
                     best_val_loss = record['val_loss']
                     save_checkpoint(best_path, [eval_model], [], {}, {'step': done, 'val_loss': best_val_loss,
-                                                                      'model_config': dataclasses.asdict(model_config)})
+                                    'model_config': dataclasses.asdict(model_config), 'tokenizer': cfg.tokenizer})
             if done % cfg.ckpt_interval == 0 or done == end_step:
                 save(done)
     finally:

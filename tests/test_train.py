@@ -155,3 +155,14 @@ def test_export_writes_a_hugging_face_folder_and_a_mixture_that_init_from_reads(
     assert train.main(args)['steps'] == 2
     with pytest.raises(ValueError, match=r"model's vocabulary \(256\) must be the data's"):
         train.main(args + ['--data=noise_ladder', '--block_size=4096'])
+
+
+def test_sample_completes_a_prompt_with_the_best_upper_model(tmp_path):
+    import sample
+    run(tmp_path, '--max_steps=5')
+    greedy = sample.main([f'--out_dir={tmp_path}', '--temperature=0', '--num_samples=2', '--max_new_tokens=5'])
+    assert len(greedy) == 2 and greedy[0] == greedy[1] and greedy[0]
+    sampled = sample.main([f'--out_dir={tmp_path}', '--num_samples=3', '--max_new_tokens=8', '--top_k=5'])
+    assert len(sampled) == 3
+    with pytest.raises(FileNotFoundError, match="no .*best/meta.json"):
+        sample.main([f'--out_dir={tmp_path}/nothing'])

@@ -1,0 +1,65 @@
+"""
+Complete prompts with a model trained by train.py (nanoGPT's sample.py): the upper model with the best
+validation loss, from out_dir/best, to see what the reweighted model learned.
+
+    python sample.py --out_dir=out --prompt="12+34="             # the built-in tasks: does it add correctly?
+    python sample.py --out_dir=out --prompt="12+34=" --temperature=0 --num_samples=1     # greedy
+"""
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from data import load_tokenizer
+from model import GPT, GPTConfig
+from train import override
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = 'out'
+    prompt: str = '12+34='
+    num_samples: int = 3
+    max_new_tokens: int = 20
+    temperature: float = 0.8     # 0: greedy
+    top_k: int = 0               # 0: no top-k filtering
+    seed: int = 0
+    device: str = 'cpu'
+
+
+def load_best(out_dir, device):
+    """The best upper model of a run, from its sharded checkpoint (any world size), and its tokenizer."""
+    folder = os.path.join(out_dir, 'best')
+    if not os.path.isfile(os.path.join(folder, 'meta.json')):
+        raise FileNotFoundError(f"no {folder}/meta.json: train.py writes it at its first evaluation")
+    with open(os.path.join(folder, 'meta.json')) as f:
+        meta = json.load(f)
+    model = GPT(GPTConfig(**meta['model_config']))
+    state = {'models': [model.state_dict()]}
+    dcp.load(state, checkpoint_id=folder, no_dist=True)
+    model.load_state_dict(state['models'][0])
+    return model.to(device).eval(), load_tokenizer(meta.get('tokenizer', 'bytes')), meta
+
+
+def main(argv):
+    cfg = override(SampleConfig(), argv)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, meta = load_best(cfg.out_dir, cfg.device)
+    print(f"upper model of step {meta['step']} (val loss {meta['val_loss']:.4f})")
+    prompt = torch.tensor(tokenizer.encode(cfg.prompt), dtype=torch.long, device=cfg.device)[None]
+    completions = []
+    for _ in range(cfg.num_samples):
+        out = model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k)[0, prompt.size(1):]
+        completions.append(tokenizer.decode(out.tolist()))
+        print(f"{cfg.prompt}{completions[-1]}\n---")
+    return completions
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
