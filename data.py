@@ -196,7 +196,7 @@ def _examples(path, block_size, notes, tokenizer):
             raise ValueError(f'{path}: record {number} has neither "text" nor "output"')
         encode = tokenizer.encode
         prompt_tokens, tokens = len(encode(prompt)), np.concatenate([encode(prompt), encode(response)])
-        if prompt_tokens >= block_size or len(tokens) <= max(prompt_tokens, 1):  # no response token to learn
+        if prompt_tokens > block_size or len(tokens) <= max(prompt_tokens, 1):  # no response token to learn
             dropped += 1
             continue
         truncated += len(tokens) > block_size + 1
@@ -210,7 +210,8 @@ def _examples(path, block_size, notes, tokenizer):
         notes.append(f"{path}: {truncated} examples truncated to block_size={block_size}, {dropped} dropped "
                      f"(no response token within it)")
     if not rows:
-        raise ValueError(f"{path}: no example fits block_size={block_size}")
+        raise ValueError(f"{path}: no example fits block_size={block_size} (its prompts are longer): "
+                         f"raise --block_size")
     return np.stack(rows)
 
 

@@ -169,11 +169,16 @@ class GPT(nn.Module):
                                     f"model.safetensors or pytorch_model.bin")
         with open(config_path) as f:
             hf = json.load(f)
+        missing = [k for k in ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd') if k not in hf]
+        activation = hf.get('activation_function', 'gelu_new')
+        if missing or activation not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu'):
+            raise ValueError(f"{config_path} is not a GPT-2 config (missing {missing}, activation {activation})")
         config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
                            n_head=hf['n_head'], n_embd=hf['n_embd'], bias=True,
-                           gelu='tanh' if hf.get('activation_function', 'gelu_new') != 'gelu' else 'none')
+                           gelu='none' if activation == 'gelu' else 'tanh')
         model = cls(config)
         ours = {name: torch.zeros_like(t) for name, t in model.state_dict().items()}  # padding rows stay 0
+        loaded = {'lm_head.weight'}
         for name, tensor in read_weights(path).items():
             name = 'transformer.' + name.removeprefix('transformer.')  # GPT2LMHeadModel or GPT2Model keys
             if name.endswith(('.attn.bias', '.attn.masked_bias', 'lm_head.weight')):
@@ -182,7 +187,14 @@ class GPT(nn.Module):
                 raise ValueError(f"{path}: weight {name} has no place in a GPT-2")
             if name.endswith(HF_TRANSPOSED):
                 tensor = tensor.t()
+            expected = (config.vocab_size, *ours[name].shape[1:]) if name == 'transformer.wte.weight' \
+                else ours[name].shape
+            if tensor.shape != expected:
+                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected)}")
             ours[name][:tensor.size(0)] = tensor
+            loaded.add(name)
+        if set(ours) - loaded:
+            raise ValueError(f"{path}: weights missing for {sorted(set(ours) - loaded)}")
         ours['lm_head.weight'] = ours['transformer.wte.weight']
         model.load_state_dict(ours)
         return model
@@ -213,7 +225,7 @@ def export_pretrained(state_dict, config, folder):
     for name, tensor in state_dict.items():
         if name == 'lm_head.weight':
             continue  # tied to wte
-        tensor = tensor.detach().cpu()
+        tensor = tensor.detach().cpu().float()  # float32, whatever the training dtype
         if name == 'transformer.wte.weight':
             tensor = tensor[:config.vocab_size]
         weights[name] = (tensor.t() if name.endswith(HF_TRANSPOSED) else tensor).contiguous()
@@ -224,7 +236,7 @@ def export_pretrained(state_dict, config, folder):
                    'n_layer': config.n_layer, 'n_head': config.n_head, 'layer_norm_epsilon': 1e-5,
                    'activation_function': 'gelu_new' if config.gelu == 'tanh' else 'gelu',
                    'resid_pdrop': config.dropout, 'embd_pdrop': config.dropout, 'attn_pdrop': config.dropout,
-                   'tie_word_embeddings': True}, f, indent=2)
+                   'tie_word_embeddings': True, 'torch_dtype': 'float32'}, f, indent=2)
     try:
         from safetensors.torch import save_file
         save_file(weights, os.path.join(folder, 'model.safetensors'))

@@ -119,13 +119,13 @@ def override(cfg, argv):
 
 def parse_config(argv):
     cfg = override(TrainConfig(), argv)
-    if cfg.method not in ('scalebio', 'fixed'):
-        raise ValueError(f"--method must be 'scalebio' or 'fixed', got '{cfg.method}'")
-    if cfg.dtype not in ('float32', 'float64'):
-        raise ValueError(f"--dtype must be float32 or float64, got '{cfg.dtype}'")
+    for key, allowed in (('method', ('scalebio', 'fixed')), ('dtype', ('float32', 'float64')),
+                         ('model', ('', *GPT2_SHAPES))):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"--{key} must be one of {', '.join(allowed).strip(', ')}, got '{getattr(cfg, key)}'")
+    if cfg.export and not cfg.bias:
+        raise ValueError("--export=True writes a Hugging Face GPT-2, which has biases: it needs --bias=True")
     if cfg.model:
-        if cfg.model not in GPT2_SHAPES:
-            raise ValueError(f"--model must be one of {', '.join(GPT2_SHAPES)}, got '{cfg.model}'")
         cfg.n_layer, cfg.n_head, cfg.n_embd = GPT2_SHAPES[cfg.model]
     for key in ('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
                 'eval_batches', 'block_size'):
@@ -192,16 +192,16 @@ def optimizer_update(model, optimizer, grad_clip, grad_bytes):
 
 
 @torch.no_grad()
-def evaluate(model, batches, autocast, rank, world_size):
-    """Token-mean loss over the batches. Each rank takes its share of the rows and the sums are all-reduced:
-    every rank gets the same number, so decisions taken on it (the best checkpoint, a collective) agree."""
+def evaluate(model, batches, autocast, rank, world_size, per_example=False):
+    """Token-mean loss over the batches (per_example: the mean of row means, a source's loss). Each rank takes
+    its rows and the sums are all-reduced, so every rank's decisions on it (the best checkpoint) agree."""
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device)  # loss over tokens, tokens
     for x, y in batches:
         x, y = rank_rows(x, 1, rank, world_size), rank_rows(y, 1, rank, world_size)
         with autocast:
             _, row_loss = model(x, y)
-        counts = target_counts(y, torch.float64)
+        counts = target_counts(y, torch.float64) if not per_example else torch.ones_like(row_loss).double()
         sums += torch.stack([(row_loss.double() * counts).sum(), counts.sum()])
     model.train()
     sums = mean_over_ranks(sums)
@@ -305,8 +305,8 @@ def main(argv):
         data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed)] for split in ['val', 'test'] + sources}
     eval_model = upper_model if scalebio else lower_model  # the model whose val/test loss is reported
 
-    def eval_losses(model, splits):
-        return {split: evaluate(model, eval_sets[split], autocast, rank, world_size) for split in splits}
+    def eval_losses(model, splits):  # val, test: token means; sources: per-example means
+        return {sp: evaluate(model, eval_sets[sp], autocast, rank, world_size, sp in sources) for sp in splits}
 
     # SIGINT / SIGTERM: finish the current step, save a checkpoint, exit. A second signal acts at once.
     stop_signals, old_handlers = [], {}
@@ -399,7 +399,8 @@ def main(argv):
                 if record['val_loss'] < best_val_loss:  # the same on every rank: all evaluate the same batches
                     best_val_loss = record['val_loss']
                     save_checkpoint(best_path, [eval_model], [], {}, {'step': done, 'val_loss': best_val_loss,
-                                    'model_config': dataclasses.asdict(model_config), 'tokenizer': cfg.tokenizer})
+                                    'model_config': dataclasses.asdict(model_config),
+                                    'tokenizer': cfg.tokenizer if cfg.tokenizer == 'bytes' else os.path.abspath(cfg.tokenizer)})
             if done % cfg.ckpt_interval == 0 or done == end_step:
                 save(done)
     finally:

@@ -31,3 +31,18 @@ def test_a_folder_without_weights_is_a_clear_error(tmp_path):
         GPT.from_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         GPT.from_pretrained(str(tmp_path / 'nowhere'))
+
+
+def test_a_checkpoint_missing_a_weight_or_with_a_wrong_shape_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    hf_config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, n_positions=16,
+                                        bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / 'model.safetensors'))
+    save_file({k: v for k, v in weights.items() if 'c_fc.weight' not in k}, str(tmp_path / 'model.safetensors'))
+    with pytest.raises(ValueError, match="weights missing for .*c_fc.weight"):
+        GPT.from_pretrained(str(tmp_path))
+    weights['transformer.wpe.weight'] = weights['transformer.wpe.weight'][:3].contiguous()
+    save_file(weights, str(tmp_path / 'model.safetensors'))
+    with pytest.raises(ValueError, match="wpe.weight has shape"):
+        GPT.from_pretrained(str(tmp_path))
