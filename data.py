@@ -49,6 +49,7 @@ class Tokenizer:
     encode: object      # str -> 1-D numpy array of ids
     decode: object      # list of ids -> str
     vocab_size: int
+    end_of_text: int = None  # ends every response when the tokenizer has one (GPT-2: <|endoftext|>)
 
 
 BYTES = Tokenizer(encode=lambda text: np.frombuffer(text.encode('utf-8'), dtype=np.uint8),
@@ -72,7 +73,8 @@ def load_tokenizer(spec):
     bpe = tokenizers.Tokenizer.from_file(files['tokenizer.json']) if os.path.isfile(files['tokenizer.json']) \
         else tokenizers.ByteLevelBPETokenizer(files['vocab.json'], files['merges.txt'])
     return Tokenizer(encode=lambda text: np.array(bpe.encode(text).ids, dtype=np.int32),
-                     decode=lambda ids: bpe.decode(list(ids)), vocab_size=bpe.get_vocab_size())
+                     decode=lambda ids: bpe.decode(list(ids)), vocab_size=bpe.get_vocab_size(),
+                     end_of_text=bpe.token_to_id('<|endoftext|>'))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,11 +193,15 @@ def _examples(path, block_size, notes, tokenizer):
         elif isinstance(record, dict) and 'output' in record:
             section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
             prompt = PROMPT.format(instruction=record.get('instruction', ''), input_section=section)
-            response = str(record['output']) + '\n'
+            response = str(record['output'])
         else:
             raise ValueError(f'{path}: record {number} has neither "text" nor "output"')
-        encode = tokenizer.encode
-        prompt_tokens, tokens = len(encode(prompt)), np.concatenate([encode(prompt), encode(response)])
+        # prompt and response are encoded apart (a BPE merge never crosses into the response) and the response
+        # ends with the tokenizer's end-of-text token, or a newline for bytes, so the model learns to stop
+        end = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else tokenizer.encode('\n')
+        prompt_tokens = len(tokenizer.encode(prompt))
+        tokens = np.concatenate([tokenizer.encode(prompt), tokenizer.encode(response),
+                                 np.asarray(end if prompt else [], dtype=np.int64)])
         if prompt_tokens > block_size or len(tokens) <= max(prompt_tokens, 1):  # no response token to learn
             dropped += 1
             continue

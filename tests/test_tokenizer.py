@@ -16,7 +16,7 @@ TEXT = ['the cat sat on the mat', 'a dog sat on a log', 'two plus two is four'] 
 @pytest.fixture
 def bpe_folders(tmp_path):
     bpe = tokenizers.ByteLevelBPETokenizer()
-    bpe.train_from_iterator(TEXT, vocab_size=300, min_frequency=1)
+    bpe.train_from_iterator(TEXT, vocab_size=300, min_frequency=1, special_tokens=['<|endoftext|>'])
     (tmp_path / 'json').mkdir()
     bpe.save(str(tmp_path / 'json' / 'tokenizer.json'))
     (tmp_path / 'gpt2').mkdir()
@@ -49,3 +49,16 @@ def test_a_tokenizer_folder_without_its_files_is_one_clear_error(tmp_path):
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert 'put tokenizer.json, or GPT-2' in proc.stderr and not (tmp_path / 'out').exists()
+
+
+def test_instruction_responses_end_with_the_end_of_text_token(bpe_folders, tmp_path):
+    folder = tmp_path / 'd'
+    folder.mkdir()
+    record = '[{"instruction": "what sat on the mat", "output": "the cat"}]'
+    for name in ('train_a.json', 'val.json', 'test.json'):
+        (folder / name).write_text(record)
+    tokenizer = load_tokenizer(str(bpe_folders[0]))
+    rows = load_data(str(folder), block_size=64, seed=0, tokenizer=tokenizer).train[0]
+    targets = rows[0, 1][rows[0, 1] != -1]
+    assert targets[-1] == tokenizer.end_of_text
+    assert tokenizer.decode(targets[:-1].tolist()).strip() == 'the cat'
