@@ -30,7 +30,8 @@ from bilevel import scalebio_step
 from fsdp import local_bytes, optimizer_state_bytes
 from lisa import draw_active_blocks, set_active_blocks
 from model import GPT, GPT2_SHAPES, GPTConfig
-from train import make_optimizer, model_objective, optimizer_update, override
+from model import make_optimizer
+from train import model_objective, optimizer_update, override
 
 
 @dataclass

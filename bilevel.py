@@ -33,7 +33,7 @@ import math
 import torch
 
 
-def logits_gradient(weights, upper_losses, lower_losses, penalty_alpha):
+def logits_gradient(weights, upper_losses, lower_losses, penalty_alpha, mirror=False):
     """∇_p α·(L_train(w, λ) − L_train(u, λ)) with λ = softmax(p), from per-source losses alone.
 
     L_train(w, λ) − L_train(u, λ) = λᵀd with d_i = ℓ_i(w) − ℓ_i(u), and the softmax Jacobian is
@@ -41,9 +41,16 @@ def logits_gradient(weights, upper_losses, lower_losses, penalty_alpha):
     so  ∇_p = α·J·d = α·λ ⊙ (d − λᵀd).  No second-order term: the losses are numbers here, not graphs.
     A source on which w (which also sees the validation data) does better than u (which sees only the
     training mixture) has d_i < 0 and gains weight.
+
+    mirror=True returns α·(d − λᵀd) instead: the gradient in λ (centred; softmax ignores shifts of p).
+    A plain step p ← p − η·α·(d − λᵀd) is then λ ← λ ⊙ exp(−η·α·d) / Z, mirror descent on the simplex
+    with the entropy (exponentiated gradient, Kivinen & Warmuth 1997; DoReMi's domain-weight update, Xie
+    et al. 2023, arXiv 2305.10429). It lacks ∇_p's factor λ_i, so a source near weight 0 still feels its
+    gradient and can come back, where gradient steps on p stall at a vertex.
     """
     d = upper_losses - lower_losses
-    return penalty_alpha * weights * (d - (weights * d).sum())
+    centred = penalty_alpha * (d - (weights * d).sum())
+    return centred if mirror else weights * centred
 
 
 def check_finite(**values):
@@ -54,7 +61,7 @@ def check_finite(**values):
 
 
 def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective,
-                  update_lower, update_upper, update_logits, central_difference=False):
+                  update_lower, update_upper, update_logits, central_difference=False, mirror=False):
     """One ScaleBiO iteration (the docstring at the top of this file), in the authors' order.
 
     The penalty's p-gradient is a forward difference in σ = 1/α (Chen et al., arXiv 2509.02937): with
@@ -70,6 +77,7 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
         detached per-source losses ℓ(model), shape (S,), and L_val(model) (None when val_coeff == 0).
     update_lower, update_upper, update_logits(): apply the optimizer to the gradient left behind and clear
         it (gradient clipping, learning rates and LISA are the caller's business).
+    mirror: p's gradient in λ rather than in p (logits_gradient), for mirror descent on the simplex.
     Returns the losses the step saw. Raises FloatingPointError, before any update, if a loss is not finite.
     """
     weights = torch.softmax(source_logits.detach(), dim=0)
@@ -78,13 +86,33 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
     upper_losses, val_loss = upper_objective(penalty_alpha * weights, 1.0)     # ∇_w L_val(w) + α·L_train(w, λ)
     check_finite(lower_losses=lower_losses, upper_losses=upper_losses, val_loss=val_loss)
     logits_grad = logits_gradient(weights, upper_losses, lower_losses,
-                                  penalty_alpha / 2 if central_difference else penalty_alpha)
+                                  penalty_alpha / 2 if central_difference else penalty_alpha, mirror)
     source_logits.grad = logits_grad.to(source_logits.dtype)
     update_lower()
     update_upper()
     update_logits()
     return dict(weights=weights, lower_losses=lower_losses, upper_losses=upper_losses,
                 val_loss=val_loss, logits_grad=logits_grad)
+
+
+# p's update, chosen by train.py's --logits_update (README, "p's update"): the optimizer, whether logits_lr
+# follows the warmup + cosine schedule of u and w, whether the step is taken on the gradient in λ (mirror
+# descent, logits_gradient) and over how many recent steps' gradients it is averaged.
+LOGITS_UPDATES = {
+    'adam': dict(optimizer='adam', cosine=False, mirror=False, window=1),        # constant rate
+    'adam_cosine': dict(optimizer='adam', cosine=True, mirror=False, window=1),  # the authors' choice
+    'sgd': dict(optimizer='sgd', cosine=True, mirror=False, window=1),           # plain gradient steps on p
+    'mirror': dict(optimizer='sgd', cosine=True, mirror=True, window=1),         # exponentiated gradient
+    'window': dict(optimizer='sgd', cosine=True, mirror=True, window=10),
+}
+
+
+def window_average(history, step, gradient):
+    """SOBOW's window averaging (Lin et al., "Non-Convex Bilevel Optimization with Time-Varying Objective
+    Functions", arXiv 2308.03811): the step uses the mean of the last k gradient estimates, k = len(history).
+    history (k, S) is a ring buffer written in place at slot step % k."""
+    history[step % len(history)] = gradient
+    return history[:min(step + 1, len(history))].mean(dim=0)
 
 
 def penalty_schedule(step, penalty_alpha, alpha_growth=1.0, alpha_interval=0):

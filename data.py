@@ -9,6 +9,9 @@ Where the sources come from (`--data=...` in train.py):
 - `denoise` (default): `clean` ("a+b=c" lines, correct sums), `noisy` (same format, wrong sums),
   `irrelevant` (random lowercase letters). Val and test: clean lines on (a, b) pairs never trained on.
 - `noise_ladder`: `noise_0`, `noise_25`, ..., `noise_100`: additions with that percentage of wrong sums.
+- `mixture`: `add` (correct "a+b=c"), `sub` (correct "a-b=c") and `letters` (random letters); val and test are
+  70% additions and 30% subtractions, so both arithmetic sources are needed: the best weights lie inside the
+  simplex, not at a vertex.
 - a folder holding `train_<source>.txt` (one file per source), `val.txt` and `test.txt`;
 - or, in the ScaleBiO authors' layout, `train_<source>.json` (or .jsonl), `val.json`, `test.json`: lists of
   {"text": ...} or Alpaca-style {"instruction", "input" (optional), "output"} records. One example per row,
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BUILTIN_TASKS = ('denoise', 'noise_ladder')
+BUILTIN_TASKS = ('denoise', 'noise_ladder', 'mixture')
 # the second entry of every random key, so that different splits never share a random stream
 TRAIN_KEY, VAL_KEY, EVAL_KEY = 0, 1, 2
 
@@ -91,6 +94,16 @@ def _addition_lines(pairs, wrong_fraction, rng):
     return ''.join(lines)
 
 
+def _subtraction_lines(pairs):
+    return ''.join(f"{a}-{b}={a - b}\n" for a, b in pairs)
+
+
+def _mixed_lines(pairs, add_fraction, rng):
+    """Each pair as an addition with probability add_fraction, else as a subtraction."""
+    is_add = rng.random(len(pairs)) < add_fraction
+    return ''.join(_addition_lines([p], 0.0, rng) if add else _subtraction_lines([p]) for p, add in zip(pairs, is_add))
+
+
 def _letter_lines(n_lines, rng):
     letters = np.array(list('abcdefghijklmnopqrstuvwxyz'))
     return ''.join(''.join(rng.choice(letters, rng.integers(3, 9))) + '\n' for _ in range(n_lines))
@@ -115,12 +128,18 @@ def builtin_task(name, seed, tokenizer=BYTES, lines_per_source=20_000, held_out_
     elif name == 'noise_ladder':
         texts = {f'noise_{pct}': _addition_lines(train_pairs_sample(), pct / 100, rng)
                  for pct in (0, 25, 50, 75, 100)}
+    elif name == 'mixture':
+        texts = {'add': _addition_lines(train_pairs_sample(), 0.0, rng),
+                 'sub': _subtraction_lines(train_pairs_sample()),
+                 'letters': _letter_lines(lines_per_source, rng)}
+        held_out = [_mixed_lines(pairs, 0.7, rng) for pairs in (val_pairs, test_pairs)]
     else:
         raise ValueError(f"unknown built-in task '{name}' (choose from {', '.join(BUILTIN_TASKS)})")
+    if name != 'mixture':
+        held_out = [_addition_lines(pairs, 0.0, rng) for pairs in (val_pairs, test_pairs)]
     encode = tokenizer.encode
     return SourceData(sources=list(texts), train=[encode(t) for t in texts.values()],
-                      val=encode(_addition_lines(val_pairs, 0.0, rng)),
-                      test=encode(_addition_lines(test_pairs, 0.0, rng)), vocab_size=tokenizer.vocab_size)
+                      val=encode(held_out[0]), test=encode(held_out[1]), vocab_size=tokenizer.vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------

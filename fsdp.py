@@ -20,6 +20,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from data import rank_rows
+from model import GPT, GPTConfig, target_counts
+
 # one process has no process group, and torch.distributed.checkpoint says so at every save; that is expected
 warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
 
@@ -75,6 +78,15 @@ def mean_over_ranks(tensor):
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor
+
+
+def gather_over_ranks(tensor):
+    """Every rank's tensor, stacked in rank order: shape (world_size, *tensor.shape)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor[None]
+    pieces = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(pieces, tensor.contiguous())
+    return torch.stack(pieces)
 
 
 def full(tensor):
@@ -154,3 +166,35 @@ def load_checkpoint(path, models, optimizers, tensors):
     for model, opt, model_state, opt_state in zip(models, optimizers, state['models'], state['optimizers']):
         set_model_state_dict(model, model_state)
         set_optimizer_state_dict(model, opt, opt_state)
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast, rank, world_size, per_example=False):
+    """Token-mean loss over the batches (per_example: the mean of row means, a source's loss). Each rank takes
+    its rows and the sums are all-reduced, so every rank's decisions on it (the best checkpoint) agree."""
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device)  # loss over tokens, tokens
+    for x, y in batches:
+        x, y = rank_rows(x, 1, rank, world_size), rank_rows(y, 1, rank, world_size)
+        with autocast:
+            _, row_loss = model(x, y)
+        counts = target_counts(y, torch.float64) if not per_example else torch.ones_like(row_loss).double()
+        sums += torch.stack([(row_loss.double() * counts).sum(), counts.sum()])
+    model.train()
+    sums = mean_over_ranks(sums)
+    return (sums[0] / sums[1]).item()
+
+
+def load_best_model(run_dir):
+    """The best model of a finished train.py run (out_dir/best, saved at any world size), unsharded on the
+    CPU, and its meta.json (step, val_loss, model_config, tokenizer)."""
+    folder = os.path.join(run_dir, 'best')
+    if not os.path.isfile(os.path.join(folder, 'meta.json')):
+        raise FileNotFoundError(f"no {folder}/meta.json: train.py writes it at its first evaluation")
+    with open(os.path.join(folder, 'meta.json')) as f:
+        meta = json.load(f)
+    model = GPT(GPTConfig(**meta['model_config']))
+    state = {'models': [model.state_dict()]}
+    dcp.load(state, checkpoint_id=folder, no_dist=True)
+    model.load_state_dict(state['models'][0])
+    return model.eval(), meta

@@ -204,6 +204,19 @@ class GPT(nn.Module):
 HF_TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 
 
+def target_counts(targets, dtype):
+    """Targets per row that count (not -1), so that row means can be turned back into token sums."""
+    return (targets != -1).sum(dim=1).clamp(min=1).to(dtype)
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW over ALL parameters (LISA freezes some; AdamW skips those whose grad is None). As in nanoGPT,
+    matrices decay and biases / LayerNorm gains do not."""
+    params = list(model.parameters())
+    return torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}], lr=lr)
+
+
 def read_weights(path):
     if os.path.isfile(os.path.join(path, 'model.safetensors')):
         try:

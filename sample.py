@@ -5,16 +5,13 @@ validation loss, from out_dir/best, to see what the reweighted model learned.
     python sample.py --out_dir=out --prompt="12+34="             # the built-in tasks: does it add correctly?
     python sample.py --out_dir=out --prompt="12+34=" --temperature=0 --num_samples=1     # greedy
 """
-import json
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from data import load_tokenizer
-from model import GPT, GPTConfig
+from fsdp import load_best_model
 from train import override
 
 
@@ -30,24 +27,11 @@ class SampleConfig:
     device: str = 'cpu'
 
 
-def load_best(out_dir, device):
-    """The best upper model of a run, from its sharded checkpoint (any world size), and its tokenizer."""
-    folder = os.path.join(out_dir, 'best')
-    if not os.path.isfile(os.path.join(folder, 'meta.json')):
-        raise FileNotFoundError(f"no {folder}/meta.json: train.py writes it at its first evaluation")
-    with open(os.path.join(folder, 'meta.json')) as f:
-        meta = json.load(f)
-    model = GPT(GPTConfig(**meta['model_config']))
-    state = {'models': [model.state_dict()]}
-    dcp.load(state, checkpoint_id=folder, no_dist=True)
-    model.load_state_dict(state['models'][0])
-    return model.to(device).eval(), load_tokenizer(meta.get('tokenizer', 'bytes')), meta
-
-
 def main(argv):
     cfg = override(SampleConfig(), argv)
     torch.manual_seed(cfg.seed)
-    model, tokenizer, meta = load_best(cfg.out_dir, cfg.device)
+    model, meta = load_best_model(cfg.out_dir)
+    model, tokenizer = model.to(cfg.device), load_tokenizer(meta.get('tokenizer', 'bytes'))
     print(f"upper model of step {meta['step']} (val loss {meta['val_loss']:.4f})")
     prompt = torch.tensor(tokenizer.encode(cfg.prompt), dtype=torch.long, device=cfg.device)[None]
     completions = []

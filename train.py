@@ -33,12 +33,13 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from bilevel import check_finite, cosine_lr, penalty_schedule, scalebio_step
+from bilevel import LOGITS_UPDATES, check_finite, cosine_lr, penalty_schedule, scalebio_step, window_average
+from baselines import irdro_step, load_reference, rholoss_step
 from data import eval_batches, fixed_weights, load_data, load_tokenizer, rank_rows, train_batch, val_batch
-from fsdp import (full, full_state_dict, init_distributed, load_checkpoint, local_bytes, mean_over_ranks,
+from fsdp import (evaluate, full, full_state_dict, init_distributed, load_checkpoint, local_bytes, mean_over_ranks,
                   rank_bytes, read_meta, save_checkpoint, shard, warm_up)
 from lisa import draw_active_blocks, set_active_blocks
-from model import GPT, GPT2_SHAPES, GPTConfig, export_pretrained
+from model import GPT, GPT2_SHAPES, GPTConfig, export_pretrained, make_optimizer, target_counts
 
 
 @dataclass
@@ -59,8 +60,13 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     # method
-    method: str = 'scalebio'        # 'scalebio' learns the weights; 'fixed' trains one model with given ones
-    weights: str = 'uniform'        # fixed only: 'uniform' or a summary.json written by a scalebio run
+    method: str = 'scalebio'        # 'scalebio' learns the weights; 'fixed' trains one model with given ones;
+                                    # the baselines of baselines.py: 'irdro', 'rholoss'
+    weights: str = 'uniform'        # fixed only: 'uniform', 'val_only' (the validation split alone) or the
+                                    # summary.json of a scalebio run
+    dro_temperature: float = 1.0    # irdro: τ in w ∝ exp(loss/τ) (the IR-DRO authors' default)
+    reference: str = ''             # rholoss: the out_dir of a run whose best model gives irreducible losses
+    rho_candidates: int = 4         # rholoss: each step selects a training batch out of this many times as many
     penalty_alpha: float = 10.0     # α (the authors: 10 for GPT-2, 100 for 8B-34B models)
     alpha_growth: float = 1.0       # τ: α is multiplied by τ every alpha_interval steps (1.0: constant α)
     alpha_interval: int = 0
@@ -69,7 +75,8 @@ class TrainConfig:
     max_steps: int = 1500           # the horizon of the learning-rate schedule
     stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
     lr: float = 1e-3                # AdamW for both model copies
-    logits_lr: float = 3e-2         # Adam for the source logits p (moves ~lr per step: see README)
+    logits_update: str = 'adam_cosine'  # p's update rule, one of bilevel.LOGITS_UPDATES (README, "p's update")
+    logits_lr: float = 3e-2         # its step size (Adam moves p by ~logits_lr per step: see README)
     weight_decay: float = 0.01      # model matrices only
     logits_weight_decay: float = 0.0  # explicit: the authors' code gets torch's 0.01 by accident
     warmup_steps: int = 30
@@ -119,10 +126,13 @@ def override(cfg, argv):
 
 def parse_config(argv):
     cfg = override(TrainConfig(), argv)
-    for key, allowed in (('method', ('scalebio', 'fixed')), ('dtype', ('float32', 'float64')),
+    for key, allowed in (('method', ('scalebio', 'fixed', 'irdro', 'rholoss')), ('dtype', ('float32', 'float64')),
+                         ('logits_update', tuple(LOGITS_UPDATES)),
                          ('model', ('', *GPT2_SHAPES))):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"--{key} must be one of {', '.join(allowed).strip(', ')}, got '{getattr(cfg, key)}'")
+    if cfg.method in ('irdro', 'rholoss') and cfg.micro_batch:
+        raise ValueError(f"--micro_batch is not implemented for --method={cfg.method}")
     if cfg.export and not cfg.bias:
         raise ValueError("--export=True writes a Hugging Face GPT-2, which has biases: it needs --bias=True")
     if cfg.model:
@@ -132,19 +142,6 @@ def parse_config(argv):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be positive, got {getattr(cfg, key)}")
     return cfg
-
-
-def make_optimizer(model, lr, weight_decay):
-    """AdamW over ALL parameters (LISA freezes some; AdamW skips those whose grad is None). As in nanoGPT,
-    matrices decay and biases / LayerNorm gains do not."""
-    params = list(model.parameters())
-    return torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
-                              {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}], lr=lr)
-
-
-def target_counts(targets, dtype):
-    """Targets per row that count (not -1), so that row means can be turned back into token sums."""
-    return (targets != -1).sum(dim=1).clamp(min=1).to(dtype)
 
 
 def model_objective(model, x, y, val_x, val_y, n_sources, micro_steps, autocast):
@@ -191,23 +188,6 @@ def optimizer_update(model, optimizer, grad_clip, grad_bytes):
     return update
 
 
-@torch.no_grad()
-def evaluate(model, batches, autocast, rank, world_size, per_example=False):
-    """Token-mean loss over the batches (per_example: the mean of row means, a source's loss). Each rank takes
-    its rows and the sums are all-reduced, so every rank's decisions on it (the best checkpoint) agree."""
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device)  # loss over tokens, tokens
-    for x, y in batches:
-        x, y = rank_rows(x, 1, rank, world_size), rank_rows(y, 1, rank, world_size)
-        with autocast:
-            _, row_loss = model(x, y)
-        counts = target_counts(y, torch.float64) if not per_example else torch.ones_like(row_loss).double()
-        sums += torch.stack([(row_loss.double() * counts).sum(), counts.sum()])
-    model.train()
-    sums = mean_over_ranks(sums)
-    return (sums[0] / sums[1]).item()
-
-
 def main(argv):
     cfg = parse_config(argv)
     rank, world_size, device, sharded = init_distributed(cfg.device)
@@ -218,7 +198,7 @@ def main(argv):
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if bf16 and not sharded else contextlib.nullcontext()
     torch.manual_seed(cfg.seed)
     ckpt_path, best_path = os.path.join(cfg.out_dir, 'ckpt'), os.path.join(cfg.out_dir, 'best')
-    scalebio = cfg.method == 'scalebio'
+    scalebio, val_only = cfg.method == 'scalebio', cfg.method == 'fixed' and cfg.weights == 'val_only'
     for key, rows in (('batch_per_source', cfg.batch_per_source), ('val_batch', cfg.val_batch)):
         if rows % world_size:
             raise ValueError(f"--{key}={rows} is the global count: it must divide among {world_size} processes")
@@ -252,15 +232,33 @@ def main(argv):
         if sharded:
             shard(model, bf16)
     optimizers = [make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models]
-    warm_x, warm_y = (rank_rows(t, n_sources, rank, world_size).to(device)  # on every path, so runs stay equal
-                      for t in train_batch(data, 0, cfg.batch_per_source, cfg.block_size, cfg.seed))
+    n_groups = 1 if val_only else n_sources  # the batch's equal groups of rows
+
+    def step_batch(step):
+        """This rank's rows of the step's global batch: batch_per_source rows from each source, or as many
+        rows from the validation split alone (val_only)."""
+        rows = val_batch(data, step, n_sources * cfg.batch_per_source, cfg.block_size, cfg.seed) if val_only \
+            else train_batch(data, step, cfg.batch_per_source, cfg.block_size, cfg.seed)
+        return [rank_rows(t, n_groups, rank, world_size).to(device) for t in rows]
     for model in models:
-        warm_up(model, warm_x, warm_y)
-    # the source logits p: λ = softmax(p) starts uniform; replicated on every rank, not sharded. Adam, as
-    # in the authors' code
+        warm_up(model, *step_batch(0))  # on every path, so runs stay equal
+    # the source logits p: λ = softmax(p) starts uniform; replicated on every rank, not sharded
     source_logits = torch.zeros(n_sources, device=device, dtype=dtype, requires_grad=True)
-    logits_optimizer = torch.optim.Adam([source_logits], lr=cfg.logits_lr, weight_decay=cfg.logits_weight_decay)
-    weights = None if scalebio else fixed_weights(cfg.weights, sources).to(device=device, dtype=dtype)
+    logits_rule = LOGITS_UPDATES[cfg.logits_update]
+    logits_optimizer = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD}[logits_rule['optimizer']](
+        [source_logits], lr=cfg.logits_lr, weight_decay=cfg.logits_weight_decay)
+    logits_history = torch.zeros(logits_rule['window'], n_sources, device=device, dtype=dtype)
+
+    def update_logits(step):
+        if logits_rule['window'] > 1:
+            source_logits.grad = window_average(logits_history, step, source_logits.grad)
+        logits_optimizer.step()
+        logits_optimizer.zero_grad(set_to_none=True)
+    weights = None if scalebio else torch.ones(1) if val_only else fixed_weights(cfg.weights, sources)
+    weights = weights if scalebio else weights.to(device=device, dtype=dtype)
+    received_sum = torch.zeros(n_sources, device=device, dtype=dtype)  # baselines: the share each source got
+    reference_model = load_reference(cfg.reference, model_config).to(device=device, dtype=dtype) \
+        if cfg.method == 'rholoss' else None
 
     def lisa(step):
         """LISA: u and w draw their blocks independently (copy_index), as in the authors' code. On the toy
@@ -270,15 +268,16 @@ def main(argv):
                 cfg.n_layer, cfg.lisa_layers, cfg.seed, step // cfg.lisa_interval, copy_index))
 
     def checkpoint_tensors(with_cuda_rng=device.startswith('cuda')):
-        """p, its Adam moments and the RNG state: replicated, so the checkpoint keeps one copy."""
+        """p, its Adam moments or gradient window, and the RNG state: replicated, so the checkpoint keeps one copy."""
         state = logits_optimizer.state[source_logits]
-        if not state:  # before p's first step, or before a load fills them in place
+        if not state and logits_rule['optimizer'] == 'adam':  # before p's first step, or before a load fills them
             state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(source_logits),
                          exp_avg_sq=torch.zeros_like(source_logits))
         rng = {'cpu': torch.get_rng_state()}  # every rank is seeded alike, so one copy serves all
         if with_cuda_rng:
             rng['cuda'] = torch.cuda.get_rng_state()
-        return {'source_logits': source_logits.data, 'logits_adam': state, 'rng_state': rng}
+        return {'source_logits': source_logits.data, 'logits_adam': state, 'logits_history': logits_history,
+                'received_sum': received_sum, 'rng_state': rng}
 
     start_step, best_val_loss = 0, math.inf
     if cfg.resume:
@@ -348,12 +347,11 @@ def main(argv):
                 for group in opt.param_groups:
                     group['lr'] = cfg.lr * lr_mult * lr_scale
             for group in logits_optimizer.param_groups:  # not scaled with α: see bilevel.penalty_schedule
-                group['lr'] = cfg.logits_lr * lr_mult
+                group['lr'] = cfg.logits_lr * (lr_mult if logits_rule['cosine'] else 1.0)
             lisa(step)
 
             # the global batch of this step, the same for any number of processes; this rank's rows of it
-            x, y = (rank_rows(t, n_sources, rank, world_size).to(device)
-                    for t in train_batch(data, step, cfg.batch_per_source, cfg.block_size, cfg.seed))
+            x, y = step_batch(step)
             try:
                 if scalebio:
                     vx, vy = (rank_rows(t, 1, rank, world_size).to(device)
@@ -366,20 +364,30 @@ def main(argv):
                                                         autocast),
                         update_lower=optimizer_update(lower_model, optimizers[0], cfg.grad_clip, grad_bytes),
                         update_upper=optimizer_update(upper_model, optimizers[1], cfg.grad_clip, grad_bytes),
-                        update_logits=lambda: (logits_optimizer.step(), logits_optimizer.zero_grad(set_to_none=True)),
-                        central_difference=cfg.central_difference)
-                else:  # fixed weights: one model descends the lower level's objective L_train(θ, λ)
-                    losses, _ = model_objective(lower_model, x, y, None, None, n_sources, micro_steps,
-                                                autocast)(weights, 0.0)
+                        update_logits=lambda: update_logits(step),
+                        central_difference=cfg.central_difference, mirror=logits_rule['mirror'])
+                else:
+                    if cfg.method == 'fixed':  # one model descends the lower level's objective L_train(θ, λ)
+                        received = torch.zeros(n_sources, device=device, dtype=dtype) if val_only else weights
+                        losses, _ = model_objective(lower_model, x, y, None, None, n_groups, micro_steps,
+                                                    autocast)(weights, 0.0)
+                    elif cfg.method == 'irdro':
+                        received, losses = irdro_step(lower_model, x, y, n_sources, cfg.dro_temperature, autocast)
+                    else:  # rholoss: every rank scores the whole global candidate batch
+                        cx, cy = (t.to(device) for t in train_batch(data, step, cfg.rho_candidates * cfg.batch_per_source,
+                                                                    cfg.block_size, cfg.seed))
+                        received, losses = rholoss_step(lower_model, reference_model, cx, cy, n_sources,
+                                                        n_sources * cfg.batch_per_source, autocast)
                     check_finite(source_losses=losses)
                     optimizer_update(lower_model, optimizers[0], cfg.grad_clip, grad_bytes)()
+                    received_sum += received.to(dtype)
             except FloatingPointError as e:
                 raise FloatingPointError(f"non-finite loss or gradient at step {step}: {e}; stopped without saving, "
                                          f"the last good checkpoint is {ckpt_path}") from None
             train_time += time.time() - t0
 
-            current = torch.softmax(source_logits.detach(), 0) if scalebio else weights
             done = step + 1
+            current = torch.softmax(source_logits.detach(), 0) if scalebio else received_sum / done
             if done % 10 == 0 and scalebio:
                 progress.set_postfix_str(f"L_val(w)={result['val_loss'].item():.3f} " +
                                          ' '.join(f"{s}={w:.3f}" for s, w in zip(sources, current.tolist())))

@@ -113,3 +113,14 @@ def test_compiled_blocks_do_not_recompile_at_every_lisa_switch(tmp_path):
                           env={**os.environ, 'TORCH_LOGS': 'recompiles'})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 0 < proc.stderr.count('Recompiling function forward') <= 6
+
+
+def test_the_baselines_on_two_processes_match_one(tmp_path):
+    """IR-DRO normalises its weights over the global batch, RHO-LOSS selects from the global candidates."""
+    train.main(TINY + ['--method=fixed', '--weights=val_only', '--max_steps=10', f'--out_dir={tmp_path}/ref'])
+    for method in (['--method=irdro'], ['--method=rholoss', f'--reference={tmp_path}/ref']):
+        one = train.main(TINY + method + [f'--out_dir={tmp_path}/1'])
+        torchrun(2, *TINY, *method, f'--out_dir={tmp_path}/2')
+        assert_same_run(summary(tmp_path / '2'), one)
+        for name, tensor in model_states(tmp_path / '1')[0].items():
+            assert torch.allclose(tensor, model_states(tmp_path / '2')[0][name], atol=1e-10, rtol=0), name

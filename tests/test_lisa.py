@@ -2,7 +2,7 @@ import torch
 
 from lisa import draw_active_blocks, set_active_blocks
 from model import GPT, GPTConfig
-from train import make_optimizer
+from model import make_optimizer
 
 N_LAYER, N_ACTIVE, INTERVAL = 6, 2, 5
 

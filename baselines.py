@@ -1,0 +1,87 @@
+"""
+Baselines: what a user would pick instead of ScaleBiO, on the same stratified batches and the same model.
+Each is one model trained by an online rule; none learns weights over sources, so train.py reports the
+share of each step's training signal that each source received, averaged over the run.
+
+    python train.py --method=fixed --weights=val_only --out_dir=out-val    # train on the validation split alone
+    python train.py --method=irdro --out_dir=out-irdro
+    python train.py --method=rholoss --reference=out-val --out_dir=out-rho  # reference model: the run above
+
+- irdro: instance-reweighted DRO (Chen et al. 2024, "Take the Bull by the Horns", arXiv 2402.14270): each
+  example of a batch is weighted ∝ exp(loss/τ), the closed-form solution of max_w Σ_i w_i·ℓ_i − τ·KL(w‖uniform)
+  over the simplex: hard examples count more, and τ → ∞ is plain uniform training.
+- rholoss: reducible holdout loss selection (Mindermann et al. 2022, "Prioritized Training on Points that
+  are Learnable, Worth Learning, and Not Yet Learnt", arXiv 2206.07137): a reference model trained on
+  held-out data (here: the validation split) gives each example an irreducible loss; each step trains on
+  the examples with the largest ℓ(x; θ) − ℓ(x; θ_ref) out of a larger candidate batch. Noise has a high
+  irreducible loss, learnt examples a low current loss: both are skipped.
+"""
+import torch
+import torch.distributed as dist
+
+from fsdp import gather_over_ranks, load_best_model
+
+
+def irdro_row_weights(row_losses, temperature):
+    """IR-DRO's weights for a batch of per-example losses: softmax(ℓ/τ), summing to 1."""
+    return torch.softmax(row_losses / temperature, dim=0)
+
+
+def rholoss_select(losses, irreducible_losses, n_select):
+    """Indices (ascending) of the n_select examples with the largest reducible loss ℓ − ℓ_ref."""
+    return torch.topk(losses - irreducible_losses, n_select).indices.sort().values
+
+
+def _rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def irdro_step(model, x, y, n_sources, temperature, autocast):
+    """Forward and backward of Σ_j w_j·ℓ_j over the GLOBAL batch (this rank holds its share of every
+    source's rows, as data.rank_rows cuts them), w = irdro_row_weights. Returns the weight each source
+    received in this step (its rows' w summed) and the per-source mean losses of this rank's rows."""
+    rank, world_size = _rank_and_world()
+    with autocast:
+        _, row_loss = model(x, y)
+    every_row = gather_over_ranks(row_loss.detach())  # (world_size, rows): the weights need all of them
+    weights = irdro_row_weights(every_row.flatten(), temperature).view(world_size, -1)
+    # FSDP averages gradients over ranks, hence the factor world_size: the result is Σ_j w_j·∇ℓ_j
+    (world_size * (weights[rank].to(row_loss.dtype) * row_loss).sum()).backward()
+    received = weights.view(world_size, n_sources, -1).sum(dim=(0, 2))
+    return received, row_loss.detach().view(n_sources, -1).mean(dim=1)
+
+
+@torch.no_grad()
+def _row_losses(model, x, y, autocast):
+    model.eval()
+    with autocast:
+        _, row_loss = model(x, y)
+    model.train()
+    return row_loss
+
+
+def rholoss_step(model, reference_model, x, y, n_sources, n_select, autocast):
+    """x, y: the step's GLOBAL candidate batch (n_sources equal groups of rows), the same on every rank.
+    Scores every candidate, keeps the n_select with the largest reducible loss, and each rank takes its
+    equal share of them for the forward and backward of their mean loss. Returns the fraction of the
+    selected examples that came from each source, and the mean loss per source of all candidates."""
+    rank, world_size = _rank_and_world()
+    losses = _row_losses(model, x, y, autocast)
+    selected = rholoss_select(losses, _row_losses(reference_model, x, y, autocast), n_select)
+    mine = selected.view(world_size, -1)[rank]
+    with autocast:
+        _, row_loss = model(x[mine], y[mine])
+    row_loss.mean().backward()  # FSDP's average over ranks makes it the mean over all selected examples
+    per_source = x.size(0) // n_sources
+    received = torch.bincount(selected // per_source, minlength=n_sources).to(losses.dtype) / n_select
+    return received, losses.view(n_sources, -1).mean(dim=1)
+
+
+def load_reference(run_dir, model_config):
+    """RHO-LOSS's reference model: the best model of a finished run (its out_dir/best), unsharded."""
+    if not run_dir:
+        raise ValueError("--method=rholoss needs --reference=<out_dir of a --method=fixed --weights=val_only run>")
+    model, meta = load_best_model(run_dir)
+    if (model.config.vocab_size, model.config.block_size) != (model_config.vocab_size, model_config.block_size):
+        raise ValueError(f"--reference={run_dir}: its model's vocabulary and context must be this run's")
+    return model
