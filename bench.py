@@ -7,10 +7,11 @@ What a ScaleBiO step costs, against plain fine-tuning and against the floor the 
 
 Three variants, timed interleaved in one run (warm-up first, then the median of `repeats` steps each):
   sft       one model, AdamW, one forward/backward on the training batch
-  scalebio  bilevel.scalebio_step: u and w forward/backward on the same training batch, w also on val_batch
+  scalebio  bilevel.scalebio_step: u and w forward/backward on the same training batch and on val_batch
+            (train.py's default central difference; --central_difference=False: w only, the authors' form)
   lisa      the same step with LISA (lisa_layers of n_layer blocks unfrozen in each copy)
-The floor: a ScaleBiO step runs 2·B_train + B_val tokens through forward and backward where fine-tuning
-runs B_train, so scalebio/sft cannot beat floor_ratio = (2·B_train + B_val) / B_train.
+The floor: a ScaleBiO step runs 2·(B_train + B_val) tokens (forward difference: 2·B_train + B_val) through
+forward and backward where fine-tuning runs B_train, so scalebio/sft cannot beat that over B_train.
 Memory, counted from the tensors allocated: parameters + Adam moments after the step, gradients at their
 peak (just before the step), again after a LISA switch; peak memory per variant (CUDA: max allocated; CPU:
 the peak RSS of a fresh process that runs only that variant, since RSS never goes down within a process).
@@ -26,12 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bilevel import scalebio_step
+from bilevel import LOGITS_UPDATES, make_logits_optimizer, scalebio_step, update_logits
 from fsdp import local_bytes, optimizer_state_bytes
 from lisa import draw_active_blocks, set_active_blocks
-from model import GPT, GPT2_SHAPES, GPTConfig
-from model import make_optimizer
-from train import model_objective, optimizer_update, override
+from model import GPT, GPT2_SHAPES, GPTConfig, make_optimizer
+from train import TrainConfig, model_objective, optimizer_update, override
 
 
 @dataclass
@@ -47,6 +47,7 @@ class BenchConfig:
     lisa_layers: int = 2
     lisa_interval: int = 5     # so the timed steps include switches
     penalty_alpha: float = 10.0
+    central_difference: bool = True  # train.py's default
     grad_clip: float = 1.0     # train.py's default, for every variant
     warmup: int = 3
     repeats: int = 10
@@ -69,7 +70,7 @@ def build(cfg, device, lisa_layers):
                 block.compile()
     optimizers = [make_optimizer(m, 1e-4, 0.01) for m in models]
     logits = torch.zeros(cfg.n_sources, device=device, requires_grad=True)
-    logits_opt = torch.optim.Adam([logits], lr=1e-2)
+    logits_opt, logits_history = make_logits_optimizer(logits, TrainConfig.logits_update)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.enable_grad()
     grad_bytes = {}
     gen = torch.Generator().manual_seed(0)
@@ -89,12 +90,15 @@ def build(cfg, device, lisa_layers):
             set_active_blocks(m.transformer.h, opt, draw_active_blocks(
                 cfg.n_layer, lisa_layers, 0, i // cfg.lisa_interval, copy_index))
         vx, vy = batch(cfg.val_batch)
+        lower_val = (vx, vy) if cfg.central_difference else (None, None)
         scalebio_step(logits, cfg.penalty_alpha,
-                      model_objective(models[0], x, y, None, None, cfg.n_sources, 1, autocast),
+                      model_objective(models[0], x, y, *lower_val, cfg.n_sources, 1, autocast),
                       model_objective(models[1], x, y, vx, vy, cfg.n_sources, 1, autocast),
                       optimizer_update(models[0], optimizers[0], cfg.grad_clip, grad_bytes),
                       optimizer_update(models[1], optimizers[1], cfg.grad_clip, grad_bytes),
-                      lambda: (logits_opt.step(), logits_opt.zero_grad(set_to_none=True)))
+                      lambda: update_logits(logits_opt, logits_history, i),
+                      central_difference=cfg.central_difference,
+                      mirror=LOGITS_UPDATES[TrainConfig.logits_update]['mirror'])
 
     def state():
         """(parameters + moments, gradients at their peak), bytes, both copies."""
@@ -164,7 +168,8 @@ def main(argv):
     switches = (cfg.warmup + cfg.repeats - 1) // cfg.lisa_interval
 
     rows_train = cfg.n_sources * cfg.batch_per_source
-    tokens = {'sft': rows_train * cfg.block_size, 'scalebio': (2 * rows_train + cfg.val_batch) * cfg.block_size}
+    val_rows = cfg.val_batch * (2 if cfg.central_difference else 1)
+    tokens = {'sft': rows_train * cfg.block_size, 'scalebio': (2 * rows_train + val_rows) * cfg.block_size}
     tokens['lisa'] = tokens['scalebio']
     median = {name: float(np.median(t)) for name, t in times.items()}
     # FLOPs per token: 2 per parameter forward, 2 for input gradients, 2 for weight gradients (skipped by

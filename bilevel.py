@@ -95,16 +95,37 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
                 val_loss=val_loss, logits_grad=logits_grad)
 
 
-# p's update, chosen by train.py's --logits_update (README, "p's update"): the optimizer, whether logits_lr
-# follows the warmup + cosine schedule of u and w, whether the step is taken on the gradient in λ (mirror
-# descent, logits_gradient) and over how many recent steps' gradients it is averaged.
+# p's update, chosen by train.py's --logits_update (README, "Optimal weights and p's update"): the optimizer,
+# its step size unless --logits_lr gives one, whether that follows the warmup + cosine schedule of u and w,
+# whether the step is taken on the gradient in λ (mirror descent, see logits_gradient) and over how many
+# recent steps' gradients it is averaged. Adam moves p by about lr per step whatever the gradient's size;
+# the others by lr × the gradient, which is ~0.1-1 at α = 10.
 LOGITS_UPDATES = {
-    'adam': dict(optimizer='adam', cosine=False, mirror=False, window=1),        # constant rate
-    'adam_cosine': dict(optimizer='adam', cosine=True, mirror=False, window=1),  # the authors' choice
-    'sgd': dict(optimizer='sgd', cosine=True, mirror=False, window=1),           # plain gradient steps on p
-    'mirror': dict(optimizer='sgd', cosine=True, mirror=True, window=1),         # exponentiated gradient
-    'window': dict(optimizer='sgd', cosine=True, mirror=True, window=10),
+    'adam': dict(optimizer='adam', lr=3e-2, cosine=False, mirror=False, window=1),        # constant rate
+    'adam_cosine': dict(optimizer='adam', lr=3e-2, cosine=True, mirror=False, window=1),  # the authors'
+    'sgd': dict(optimizer='sgd', lr=0.3, cosine=True, mirror=False, window=1),            # gradient steps on p
+    'mirror': dict(optimizer='sgd', lr=0.1, cosine=True, mirror=True, window=1),          # exponentiated gradient
+    'window': dict(optimizer='sgd', lr=0.1, cosine=True, mirror=True, window=10),         # SOBOW's averaging
 }
+
+
+def make_logits_optimizer(source_logits, update, lr=0.0, weight_decay=0.0):
+    """p's optimizer for the rule LOGITS_UPDATES[update] (lr 0: the rule's own), and its window of past
+    gradients (one row: no averaging)."""
+    rule = LOGITS_UPDATES[update]
+    optimizer = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD}[rule['optimizer']](
+        [source_logits], lr=lr or rule['lr'], weight_decay=weight_decay)
+    return optimizer, torch.zeros(rule['window'], len(source_logits), dtype=source_logits.dtype,
+                                  device=source_logits.device)
+
+
+def update_logits(optimizer, history, step):
+    """The update_logits of scalebio_step: p's optimizer applied to p's gradient, or to its window average."""
+    source_logits = optimizer.param_groups[0]['params'][0]
+    if len(history) > 1:
+        source_logits.grad = window_average(history, step, source_logits.grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def window_average(history, step, gradient):

@@ -10,8 +10,11 @@ Where the sources come from (`--data=...` in train.py):
   `irrelevant` (random lowercase letters). Val and test: clean lines on (a, b) pairs never trained on.
 - `noise_ladder`: `noise_0`, `noise_25`, ..., `noise_100`: additions with that percentage of wrong sums.
 - `mixture`: `add` (correct "a+b=c"), `sub` (correct "a-b=c") and `letters` (random letters); val and test are
-  70% additions and 30% subtractions, so both arithmetic sources are needed: the best weights lie inside the
-  simplex, not at a vertex.
+  70% additions and 30% subtractions (in blocks of 20 lines), so both arithmetic sources are needed: the
+  best weights lie inside the simplex, not at a vertex.
+- `coverage`: `low` (correct additions with a < 30), `high` (a >= 30) and `letters`; val and test are
+  additions over every a, as in `denoise`: one skill, two sources covering different parts of it, so the
+  best weights again lie inside the simplex.
 - a folder holding `train_<source>.txt` (one file per source), `val.txt` and `test.txt`;
 - or, in the ScaleBiO authors' layout, `train_<source>.json` (or .jsonl), `val.json`, `test.json`: lists of
   {"text": ...} or Alpaca-style {"instruction", "input" (optional), "output"} records. One example per row,
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BUILTIN_TASKS = ('denoise', 'noise_ladder', 'mixture')
+BUILTIN_TASKS = ('denoise', 'noise_ladder', 'mixture', 'coverage')
 # the second entry of every random key, so that different splits never share a random stream
 TRAIN_KEY, VAL_KEY, EVAL_KEY = 0, 1, 2
 
@@ -98,10 +101,13 @@ def _subtraction_lines(pairs):
     return ''.join(f"{a}-{b}={a - b}\n" for a, b in pairs)
 
 
-def _mixed_lines(pairs, add_fraction, rng):
-    """Each pair as an addition with probability add_fraction, else as a subtraction."""
-    is_add = rng.random(len(pairs)) < add_fraction
-    return ''.join(_addition_lines([p], 0.0, rng) if add else _subtraction_lines([p]) for p, add in zip(pairs, is_add))
+def _mixed_lines(pairs, add_fraction, rng, block=20):
+    """Blocks of `block` lines, each all additions (with probability add_fraction) or all subtractions. Not
+    line by line: no training source mixes the two within a row, so a model reads the operator of the lines
+    before as a cue, and mixed rows made the val loss mostly confident operator mistakes (README)."""
+    chunks = [pairs[i:i + block] for i in range(0, len(pairs), block)]
+    return ''.join(_addition_lines(c, 0.0, rng) if rng.random() < add_fraction else _subtraction_lines(c)
+                   for c in chunks)
 
 
 def _letter_lines(n_lines, rng):
@@ -132,7 +138,12 @@ def builtin_task(name, seed, tokenizer=BYTES, lines_per_source=20_000, held_out_
         texts = {'add': _addition_lines(train_pairs_sample(), 0.0, rng),
                  'sub': _subtraction_lines(train_pairs_sample()),
                  'letters': _letter_lines(lines_per_source, rng)}
-        held_out = [_mixed_lines(pairs, 0.7, rng) for pairs in (val_pairs, test_pairs)]
+        held_out = [_mixed_lines(val_pairs, 0.7, rng), _mixed_lines(test_pairs, 0.7, rng)]
+    elif name == 'coverage':
+        low, high = [p for p in train_pairs if p[0] < 30], [p for p in train_pairs if p[0] >= 30]
+        texts = {'low': _addition_lines([low[i] for i in rng.integers(0, len(low), lines_per_source)], 0.0, rng),
+                 'high': _addition_lines([high[i] for i in rng.integers(0, len(high), lines_per_source)], 0.0, rng),
+                 'letters': _letter_lines(lines_per_source, rng)}
     else:
         raise ValueError(f"unknown built-in task '{name}' (choose from {', '.join(BUILTIN_TASKS)})")
     if name != 'mixture':

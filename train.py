@@ -9,6 +9,10 @@ One process, CPU or one GPU:
 Stage two of the paper's protocol (a fresh model trained with fixed weights; never on the validation split):
     python train.py --method=fixed --weights=out/summary.json --out_dir=out-stage2
     python train.py --method=fixed --weights=uniform --out_dir=out-uniform
+Baselines on the same batches (baselines.py), and all methods compared (compare.py):
+    python train.py --method=fixed --weights=val_only --out_dir=out-val
+    python train.py --method=irdro --out_dir=out-irdro
+    python train.py --method=rholoss --reference=out-val --out_dir=out-rho
 Continue an interrupted run (same arguments):
     python train.py ... --resume=True
 Several processes, both model copies sharded with FSDP2 (fsdp.py); the global batch stays the same:
@@ -33,7 +37,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from bilevel import LOGITS_UPDATES, check_finite, cosine_lr, penalty_schedule, scalebio_step, window_average
+from bilevel import (LOGITS_UPDATES, check_finite, cosine_lr, make_logits_optimizer, penalty_schedule, scalebio_step,
+                     update_logits)
 from baselines import irdro_step, load_reference, rholoss_step
 from data import eval_batches, fixed_weights, load_data, load_tokenizer, rank_rows, train_batch, val_batch
 from fsdp import (evaluate, full, full_state_dict, init_distributed, load_checkpoint, local_bytes, mean_over_ranks,
@@ -70,13 +75,13 @@ class TrainConfig:
     penalty_alpha: float = 10.0     # α (the authors: 10 for GPT-2, 100 for 8B-34B models)
     alpha_growth: float = 1.0       # τ: α is multiplied by τ every alpha_interval steps (1.0: constant α)
     alpha_interval: int = 0
-    central_difference: bool = False  # u descends α·L_train − L_val: p's gradient has bias O(1/α²) (bilevel.py)
+    central_difference: bool = True  # u descends α·L_train − L_val: p's gradient has bias O(1/α²) (bilevel.py)
     # optimisation
     max_steps: int = 1500           # the horizon of the learning-rate schedule
     stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
     lr: float = 1e-3                # AdamW for both model copies
-    logits_update: str = 'adam_cosine'  # p's update rule, one of bilevel.LOGITS_UPDATES (README, "p's update")
-    logits_lr: float = 3e-2         # its step size (Adam moves p by ~logits_lr per step: see README)
+    logits_update: str = 'mirror'   # p's update rule, one of bilevel.LOGITS_UPDATES (README, "p's update")
+    logits_lr: float = 0.0          # its step size; 0: the rule's own (bilevel.LOGITS_UPDATES)
     weight_decay: float = 0.01      # model matrices only
     logits_weight_decay: float = 0.0  # explicit: the authors' code gets torch's 0.01 by accident
     warmup_steps: int = 30
@@ -245,15 +250,8 @@ def main(argv):
     # the source logits p: λ = softmax(p) starts uniform; replicated on every rank, not sharded
     source_logits = torch.zeros(n_sources, device=device, dtype=dtype, requires_grad=True)
     logits_rule = LOGITS_UPDATES[cfg.logits_update]
-    logits_optimizer = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD}[logits_rule['optimizer']](
-        [source_logits], lr=cfg.logits_lr, weight_decay=cfg.logits_weight_decay)
-    logits_history = torch.zeros(logits_rule['window'], n_sources, device=device, dtype=dtype)
-
-    def update_logits(step):
-        if logits_rule['window'] > 1:
-            source_logits.grad = window_average(logits_history, step, source_logits.grad)
-        logits_optimizer.step()
-        logits_optimizer.zero_grad(set_to_none=True)
+    logits_optimizer, logits_history = make_logits_optimizer(source_logits, cfg.logits_update, cfg.logits_lr,
+                                                             cfg.logits_weight_decay)
     weights = None if scalebio else torch.ones(1) if val_only else fixed_weights(cfg.weights, sources)
     weights = weights if scalebio else weights.to(device=device, dtype=dtype)
     received_sum = torch.zeros(n_sources, device=device, dtype=dtype)  # baselines: the share each source got
@@ -347,7 +345,7 @@ def main(argv):
                 for group in opt.param_groups:
                     group['lr'] = cfg.lr * lr_mult * lr_scale
             for group in logits_optimizer.param_groups:  # not scaled with α: see bilevel.penalty_schedule
-                group['lr'] = cfg.logits_lr * (lr_mult if logits_rule['cosine'] else 1.0)
+                group['lr'] = (cfg.logits_lr or logits_rule['lr']) * (lr_mult if logits_rule['cosine'] else 1.0)
             lisa(step)
 
             # the global batch of this step, the same for any number of processes; this rank's rows of it
@@ -364,7 +362,7 @@ def main(argv):
                                                         autocast),
                         update_lower=optimizer_update(lower_model, optimizers[0], cfg.grad_clip, grad_bytes),
                         update_upper=optimizer_update(upper_model, optimizers[1], cfg.grad_clip, grad_bytes),
-                        update_logits=lambda: update_logits(step),
+                        update_logits=lambda: update_logits(logits_optimizer, logits_history, step),
                         central_difference=cfg.central_difference, mirror=logits_rule['mirror'])
                 else:
                     if cfg.method == 'fixed':  # one model descends the lower level's objective L_train(θ, λ)

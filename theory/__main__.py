@@ -21,10 +21,12 @@ import sys
 import numpy as np
 import torch
 
-from bilevel import penalty_schedule
+from bilevel import LOGITS_UPDATES, penalty_schedule
 from theory.quadratics import (fixed_point, logits_hessian, make_problem, model_step_sizes, one_step,
-                               penalty_gradient, penalty_value_and_gradient, run_single_loop, spectral_radius,
-                               stability_boundary, stationary_weights, true_value_and_gradient, trusted_optimum)
+                               penalty_gradient, penalty_value_and_gradient, run_logits_update, run_single_loop,
+                               spectral_radius, stability_boundary, stationary_weights, true_value_and_gradient,
+                               trusted_optimum)
+from train import TrainConfig
 
 torch.set_default_dtype(torch.float64)
 
@@ -101,6 +103,7 @@ def run_checks(seeds=range(5)):
     check('central difference: hypergradient error vs alpha, slope', -2.0, float(np.mean(central_bias)), 0.1)
     check('central difference: |s_alpha - s*| vs alpha, slope', -2.0, float(np.mean(central_dist)), 0.1)
     curves['single_loop_error'] = single_loop_checks(check)
+    logits_update_checks(check)
     growing_penalty_checks(check)
     stochastic_checks(check)
     return rows, curves
@@ -181,6 +184,25 @@ def single_loop_checks(check):
     check('central-difference loop, alpha < 1/mu: error growth (log10)', 6.0,
           min(6.0, float(np.log10(errors[-1] / errors[0]))), 0.0)
     return curve
+
+
+def logits_update_checks(check):
+    """p updated exactly as train.py updates it by default (TrainConfig's logits_update, logits_lr,
+    central_difference and max_steps; bilevel.LOGITS_UPDATES), u and w by plain gradient steps: the loop must
+    end at the penalty's stationary weights s_α. Adam at a constant rate does not settle (it keeps taking
+    steps of about its rate), which is why the authors' cosine decay matters."""
+    cfg = TrainConfig()
+    lr = cfg.logits_lr or LOGITS_UPDATES[cfg.logits_update]['lr']
+    instances = interior_instances(10.0)
+    targets = [torch.softmax(fixed_point(prob, 10.0, cfg.central_difference)[2], 0) for prob in instances]
+
+    def worst(update, lr):
+        return max((run_logits_update(prob, 10.0, update, lr, cfg.max_steps, cfg.central_difference) - s).abs().max().item()
+                   for prob, s in zip(instances, targets))
+    check(f"train.py's default p update ({cfg.logits_update}, logits_lr {lr:g}, {cfg.max_steps} steps): "
+          f"max |s - s_alpha|, {len(instances)} runs", 0.0, worst(cfg.logits_update, lr), 1e-6)
+    check('Adam at a constant rate, same steps: max |s - s_alpha| stays >= 1e-3', 1e-3,
+          min(1e-3, worst('adam', LOGITS_UPDATES['adam']['lr'])), 0.0)
 
 
 def growing_penalty_checks(check):

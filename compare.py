@@ -1,0 +1,188 @@
+"""
+Does ScaleBiO earn its cost? Every method on the same built-in tasks, and ScaleBiO's weights against the
+best weights found by brute force. Each number is a train.py run (in this process), seed by seed.
+
+    python compare.py --what=baselines              # README table: stage-two test loss and weights per method
+    python compare.py --what=oracle --data=mixture  # grid over the simplex of the useful sources (2 seeds)
+    python compare.py --what=updates --data=mixture # p's candidate updates against the oracle's best point
+
+Stage two is the paper's protocol: a fresh model trained with fixed weights for the same steps and seed
+(ScaleBiO: its learned weights; uniform; val_only). IR-DRO and RHO-LOSS are online rules: their own run
+is their stage two. Wall times are relative to `--method=fixed --weights=uniform` on the same task.
+Results are written to out_dir as JSON and printed as Markdown tables.
+"""
+import contextlib
+import io
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+import train
+from bilevel import LOGITS_UPDATES
+
+
+@dataclass
+class CompareConfig:
+    what: str = 'baselines'         # 'baselines', 'oracle' or 'updates'
+    data: str = 'mixture'           # oracle and updates: the task
+    tasks: str = 'denoise,noise_ladder,mixture'  # baselines: the tasks
+    seeds: int = 2                  # oracle and updates: seeds 0..seeds-1
+    grid_step: float = 0.1          # oracle: spacing of the grid on the simplex
+    updates: str = ','.join(LOGITS_UPDATES)  # updates: the candidates to run
+    train_args: str = ''            # more train.py arguments for every run, space-separated
+    out_dir: str = 'compare'
+
+
+TRAIN_ARGS = []  # CompareConfig.train_args, split
+# per task: the sources the oracle's grid spans (the others get weight 0)
+USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'coverage': ['low', 'high']}
+
+
+def run(out_dir, *args):
+    """One quiet train.py run: its summary.json, with the wall time in seconds added. A run already done
+    with the same arguments is read back, so an interrupted comparison continues where it stopped."""
+    argv = [f'--out_dir={out_dir}', '--eval_interval=500', '--ckpt_interval=100000', *args, *TRAIN_ARGS]
+    done = os.path.join(out_dir, 'compare_run.json')
+    if os.path.isfile(done):
+        with open(done) as f:
+            previous = json.load(f)
+        if previous['argv'] == argv:
+            return previous['summary']
+    start = time.time()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        summary = train.main(argv)
+    summary['wall_seconds'] = time.time() - start
+    with open(done, 'w') as f:
+        json.dump({'argv': argv, 'summary': summary}, f)
+    return summary
+
+
+def stage_two(out_dir, weights_file, *args):
+    return run(out_dir, '--method=fixed', f'--weights={weights_file}', *args)
+
+
+def baselines(cfg):
+    rows = []
+    for task in cfg.tasks.split(','):
+        folder = os.path.join(cfg.out_dir, 'baselines', task)
+        data = f'--data={task}'
+        uniform = run(f'{folder}/uniform', data, '--method=fixed')
+        learned = run(f'{folder}/scalebio', data)
+        results = {'uniform': uniform,
+                   'scalebio': stage_two(f'{folder}/scalebio-stage2', f'{folder}/scalebio/summary.json', data),
+                   'val_only': run(f'{folder}/val_only', data, '--method=fixed', '--weights=val_only'),
+                   'irdro': run(f'{folder}/irdro', data, '--method=irdro')}
+        results['rholoss'] = run(f'{folder}/rholoss', data, '--method=rholoss', f'--reference={folder}/val_only')
+        results['scalebio']['weights'] = learned['weights']
+        results['scalebio']['wall_seconds'] += learned['wall_seconds']
+        for method, summary in results.items():
+            rows.append({'task': task, 'method': method, 'test_loss': summary['test_loss'],
+                         'weights': dict(zip(summary['sources'], summary['weights'])),
+                         'time_vs_uniform': summary['wall_seconds'] / uniform['wall_seconds']})
+            print(json.dumps(rows[-1]), flush=True)
+    print('\n| task | method | stage-two test loss | weight each source received | wall time / uniform |\n|---|---|---|---|---|')
+    for r in rows:
+        weights = ', '.join(f'{s} {w:.3f}' for s, w in r['weights'].items())
+        print(f"| {r['task']} | {r['method']} | {r['test_loss']:.4f} | {weights} | {r['time_vs_uniform']:.2f} |")
+    return rows
+
+
+def grid(n, step):
+    """Points of the simplex over n sources with coordinates multiple of step."""
+    k = round(1 / step)
+    return [np.array(c) / k for c in itertools.product(range(k + 1), repeat=n) if sum(c) == k]
+
+
+def weights_file(folder, sources, weights):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, 'weights.json')
+    with open(path, 'w') as f:
+        json.dump({'sources': sources, 'weights': list(map(float, weights))}, f)
+    return path
+
+
+def oracle(cfg):
+    """Each grid point: stage-two runs with those fixed weights, one per seed, scored by the mean val loss."""
+    folder = os.path.join(cfg.out_dir, 'oracle', cfg.data)
+    sources = train.load_data(cfg.data, train.TrainConfig.block_size, 0).sources
+    useful = USEFUL_SOURCES[cfg.data]
+    points = []
+    for point in grid(len(useful), cfg.grid_step):
+        weights = np.array([point[useful.index(s)] if s in useful else 0.0 for s in sources])
+        name = '_'.join(f'{w:.2f}' for w in weights)
+        runs = [stage_two(f'{folder}/{name}/seed{seed}', weights_file(f'{folder}/{name}', sources, weights),
+                          f'--data={cfg.data}', f'--seed={seed}') for seed in range(cfg.seeds)]
+        points.append({'weights': dict(zip(sources, weights.tolist())),
+                       'val_loss': [r['val_loss'] for r in runs], 'test_loss': [r['test_loss'] for r in runs]})
+        print(json.dumps(points[-1]), flush=True)
+    mean_val = [np.mean(p['val_loss']) for p in points]
+    best, worst = points[int(np.argmin(mean_val))], points[int(np.argmax(mean_val))]
+    # the landscape must not be flat: best and worst differ by more than the seeds disagree at one point
+    seed_spread = max(max(p['val_loss']) - min(p['val_loss']) for p in points)
+    result = {'task': cfg.data, 'points': points, 'best': best, 'worst': worst,
+              'best_minus_worst': float(max(mean_val) - min(mean_val)), 'max_seed_spread': float(seed_spread)}
+    with open(os.path.join(folder, 'oracle.json'), 'w') as f:
+        json.dump(result, f, indent=2)
+    print(f"\n| weights | val loss (mean of {cfg.seeds} seeds) | test loss |\n|---|---|---|")
+    for p in points:
+        print(f"| {' / '.join(f'{w:.1f}' for w in p['weights'].values())} | {np.mean(p['val_loss']):.4f} | "
+              f"{np.mean(p['test_loss']):.4f} |")
+    print(f"best {best['weights']} (test {np.mean(best['test_loss']):.4f}); best − worst val "
+          f"{result['best_minus_worst']:.4f} vs largest seed spread {seed_spread:.4f}")
+    return result
+
+
+def updates(cfg):
+    """Each candidate p update: learned weights and their stage-two test loss, seed by seed, against the
+    oracle's best grid point (run `--what=oracle` first)."""
+    with open(os.path.join(cfg.out_dir, 'oracle', cfg.data, 'oracle.json')) as f:
+        best = json.load(f)['best']
+    target = np.array(list(best['weights'].values()))
+    folder = os.path.join(cfg.out_dir, 'updates', cfg.data)
+    rows = []
+    for update in cfg.updates.split(','):
+        label = ' '.join([update, *TRAIN_ARGS])  # e.g. "adam_cosine --central_difference=False"
+        learned, tested = [], []
+        for seed in range(cfg.seeds):
+            run_dir = f"{folder}/{label.replace(' --', '+').replace('=', '_')}/seed{seed}"
+            summary = run(run_dir, f'--data={cfg.data}', f'--seed={seed}', f'--logits_update={update}')
+            learned.append(summary['weights'])
+            tested.append(stage_two(f'{run_dir}-stage2', f'{run_dir}/summary.json', f'--data={cfg.data}',
+                                    f'--seed={seed}')['test_loss'])
+        learned = np.array(learned)
+        rows.append({'update': label, 'weights': learned.tolist(),
+                     'distance_to_oracle': float(np.abs(learned - target).max()),
+                     'seed_spread': float((learned.max(0) - learned.min(0)).max()),
+                     'test_loss_vs_oracle': float(np.mean(tested) / np.mean(best['test_loss']) - 1)})
+        print(json.dumps(rows[-1]), flush=True)
+    with open(os.path.join(folder, f"updates{'+'.join(TRAIN_ARGS)}.json"), 'w') as f:
+        json.dump({'oracle_best': best, 'rows': rows}, f, indent=2)
+    print("\n| p update | mean weights | max |λ − oracle| | seed spread | stage-two test loss vs oracle |\n"
+          "|---|---|---|---|---|")
+    for r in rows:
+        mean = ' / '.join(f'{w:.3f}' for w in np.mean(r['weights'], axis=0))
+        print(f"| {r['update']} | {mean} | {r['distance_to_oracle']:.3f} | {r['seed_spread']:.3f} | "
+              f"{100 * r['test_loss_vs_oracle']:+.2f}% |")
+    return rows
+
+
+def main(argv):
+    cfg = train.override(CompareConfig(), argv)
+    TRAIN_ARGS[:] = cfg.train_args.split()
+    if cfg.what not in ('baselines', 'oracle', 'updates'):
+        raise ValueError(f"--what must be baselines, oracle or updates, got '{cfg.what}'")
+    if cfg.what != 'baselines' and cfg.data not in USEFUL_SOURCES:
+        raise ValueError(f"--data={cfg.data}: the oracle's grid is defined for {', '.join(USEFUL_SOURCES)}")
+    return {'baselines': baselines, 'oracle': oracle, 'updates': updates}[cfg.what](cfg)
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
