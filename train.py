@@ -9,10 +9,8 @@ One process, CPU or one GPU:
 Stage two of the paper's protocol (a fresh model trained with fixed weights; never on the validation split):
     python train.py --method=fixed --weights=out/summary.json --out_dir=out-stage2
     python train.py --method=fixed --weights=uniform --out_dir=out-uniform
-Baselines on the same batches (baselines.py), and all methods compared (compare.py):
-    python train.py --method=fixed --weights=val_only --out_dir=out-val
-    python train.py --method=irdro --out_dir=out-irdro
-    python train.py --method=rholoss --reference=out-val --out_dir=out-rho
+Baselines on the same batches (baselines.py; compare.py runs every method on every built-in task):
+    python train.py --method=irdro      # or rholoss --reference=<out_dir of a val_only run>, fixed --weights=val_only
 Continue an interrupted run (same arguments):
     python train.py ... --resume=True
 Several processes, both model copies sharded with FSDP2 (fsdp.py); the global batch stays the same:
@@ -65,10 +63,8 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     # method
-    method: str = 'scalebio'        # 'scalebio' learns the weights; 'fixed' trains one model with given ones;
-                                    # the baselines of baselines.py: 'irdro', 'rholoss'
-    weights: str = 'uniform'        # fixed only: 'uniform', 'val_only' (the validation split alone) or the
-                                    # summary.json of a scalebio run
+    method: str = 'scalebio'        # 'scalebio' learns weights; 'fixed' uses given ones; baselines.py: 'irdro', 'rholoss'
+    weights: str = 'uniform'        # fixed: 'uniform', 'val_only' (the val split alone) or a scalebio summary.json
     dro_temperature: float = 1.0    # irdro: τ in w ∝ exp(loss/τ) (the IR-DRO authors' default)
     reference: str = ''             # rholoss: the out_dir of a run whose best model gives irreducible losses
     rho_candidates: int = 4         # rholoss: each step selects a training batch out of this many times as many
@@ -252,15 +248,13 @@ def main(argv):
     logits_rule = LOGITS_UPDATES[cfg.logits_update]
     logits_optimizer, logits_history = make_logits_optimizer(source_logits, cfg.logits_update, cfg.logits_lr,
                                                              cfg.logits_weight_decay)
-    weights = None if scalebio else torch.ones(1) if val_only else fixed_weights(cfg.weights, sources)
-    weights = weights if scalebio else weights.to(device=device, dtype=dtype)
+    weights = None if scalebio else (torch.ones(1) if val_only else fixed_weights(cfg.weights, sources)).to(device)
     received_sum = torch.zeros(n_sources, device=device, dtype=dtype)  # baselines: the share each source got
     reference_model = load_reference(cfg.reference, model_config).to(device=device, dtype=dtype) \
         if cfg.method == 'rholoss' else None
 
     def lisa(step):
-        """LISA: u and w draw their blocks independently (copy_index), as in the authors' code. On the toy
-        task this made ℓ(w) − ℓ(u) reflect which blocks trained more than the data (README, honest limits)."""
+        """u and w draw their blocks independently, as in the authors' code (README, honest limits)."""
         for copy_index, (model, opt) in enumerate(zip(models, optimizers)):
             set_active_blocks(model.transformer.h, opt, draw_active_blocks(
                 cfg.n_layer, cfg.lisa_layers, cfg.seed, step // cfg.lisa_interval, copy_index))

@@ -84,3 +84,29 @@ def test_bad_folders_give_one_clear_error_naming_the_file(tmp_path, files, messa
 def test_unknown_data_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a built-in task"):
         load_data(str(tmp_path / 'nope'), block_size=16, seed=0)
+
+
+def lines(tokens):
+    return bytes(tokens.tolist()).decode().splitlines()
+
+
+def test_mixture_needs_both_arithmetic_sources_and_val_is_70_30_in_blocks():
+    data = builtin_task('mixture', seed=0)
+    assert data.sources == ['add', 'sub', 'letters']
+    add, sub, letters = (lines(t) for t in data.train)
+    assert all('+' in l and eval(l.replace('=', '==')) for l in add[:500])
+    assert all('-' in l.split('=')[0][1:] and eval(l.replace('=', '==')) for l in sub[:500])
+    assert all(l.isalpha() for l in letters[:500])
+    for split in (data.val, data.test):
+        held_out = lines(split)
+        is_add = np.array(['+' in l for l in held_out])
+        assert abs(is_add.mean() - 0.7) < 0.05
+        assert (np.diff(is_add.astype(int)) != 0).sum() < len(held_out) / 10  # blocks, not line by line
+
+
+def test_coverage_splits_one_skill_by_the_first_operand():
+    data = builtin_task('coverage', seed=0)
+    low, high, _ = (lines(t) for t in data.train)
+    assert all(int(l.split('+')[0]) < 30 for l in low[:500]) and all(int(l.split('+')[0]) >= 30 for l in high[:500])
+    firsts = [int(l.split('+')[0]) for l in lines(data.val)]
+    assert 0.2 < np.mean(np.array(firsts) < 30) < 0.4  # val covers every first operand

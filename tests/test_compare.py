@@ -1,0 +1,45 @@
+"""compare.py's bookkeeping, with train.py runs replaced by a known landscape (real runs take minutes)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import compare
+
+
+def test_grid_covers_the_simplex():
+    points = compare.grid(2, 0.1)
+    assert len(points) == 11 and all(abs(p.sum() - 1) < 1e-12 for p in points)
+    assert len(compare.grid(3, 0.25)) == 15
+
+
+def fake_run(out_dir, *args):
+    """val loss (λ_add − 0.7)² + seed noise, as if from a stage-two run; learned weights near the optimum."""
+    options = dict(a.removeprefix('--').split('=', 1) for a in args)
+    seed = int(options.get('seed', 0))
+    if options.get('method') == 'fixed':
+        with open(options['weights']) as f:
+            weights = json.load(f)['weights']
+        loss = 1.5 + (weights[0] - 0.7) ** 2 + 1e-3 * seed
+        return {'val_loss': loss, 'test_loss': loss + 0.01, 'weights': weights}
+    learned = [0.68 + 0.01 * seed, 0.32 - 0.01 * seed, 0.0]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+        json.dump({'sources': ['add', 'sub', 'letters'], 'weights': learned}, f)
+    return {'weights': learned}
+
+
+def test_oracle_finds_the_best_grid_point_and_updates_measure_the_distance_to_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, 'run', fake_run)
+    cfg = compare.CompareConfig(what='oracle', data='mixture', out_dir=str(tmp_path))
+    result = compare.oracle(cfg)
+    assert result['best']['weights'] == {'add': 0.7, 'sub': pytest.approx(0.3), 'letters': 0.0}
+    assert result['worst']['weights']['add'] == 0.0
+    assert result['best_minus_worst'] == pytest.approx(0.49, abs=1e-9)
+    assert result['max_seed_spread'] == pytest.approx(1e-3)
+    rows = compare.updates(compare.CompareConfig(what='updates', data='mixture', updates='mirror', out_dir=str(tmp_path)))
+    assert rows[0]['distance_to_oracle'] == pytest.approx(0.02)  # seeds learned 0.68 and 0.69 against 0.7
+    assert rows[0]['seed_spread'] == pytest.approx(0.01)
+    learned_loss = np.mean([1.5 + (w - 0.7) ** 2 + 1e-3 * s for s, w in enumerate((0.68, 0.69))]) + 0.01
+    assert rows[0]['test_loss_vs_oracle'] == pytest.approx(learned_loss / (1.5005 + 0.01) - 1)
