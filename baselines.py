@@ -19,6 +19,7 @@ share of each step's training signal that each source received, averaged over th
 import torch
 import torch.distributed as dist
 
+from data import rank_rows
 from fsdp import gather_over_ranks, load_best_model
 
 
@@ -48,26 +49,33 @@ def irdro_step(model, x, y, n_sources, temperature, autocast):
     # FSDP averages gradients over ranks, hence the factor world_size: the result is Σ_j w_j·∇ℓ_j
     (world_size * (weights[rank].to(row_loss.dtype) * row_loss).sum()).backward()
     received = weights.view(world_size, n_sources, -1).sum(dim=(0, 2))
-    return received, row_loss.detach().view(n_sources, -1).mean(dim=1)
+    return received, every_row.view(world_size, n_sources, -1).mean(dim=(0, 2))  # the same on every rank
 
 
 @torch.no_grad()
 def _row_losses(model, x, y, autocast):
+    training = model.training
     model.eval()
     with autocast:
         _, row_loss = model(x, y)
-    model.train()
+    model.train(training)
     return row_loss
 
 
 def rholoss_step(model, reference_model, x, y, n_sources, n_select, autocast):
     """x, y: the step's GLOBAL candidate batch (n_sources equal groups of rows), the same on every rank.
-    Scores every candidate, keeps the n_select with the largest reducible loss, and each rank takes its
-    equal share of them for the forward and backward of their mean loss. Returns the fraction of the
-    selected examples that came from each source, and the mean loss per source of all candidates."""
+    Each rank scores its share of the candidates (data.rank_rows), the scores are gathered, so every rank
+    selects the same n_select examples with the largest reducible loss, and each rank trains on an equal
+    share of them (forward and backward of their mean loss). Returns the fraction of the selected examples
+    that came from each source, and the mean loss per source of all candidates."""
     rank, world_size = _rank_and_world()
-    losses = _row_losses(model, x, y, autocast)
-    selected = rholoss_select(losses, _row_losses(reference_model, x, y, autocast), n_select)
+    mine_x, mine_y = (rank_rows(t, n_sources, rank, world_size) for t in (x, y))
+
+    def in_global_order(row_losses):  # rank_rows gives each rank the same share of every source's rows
+        return gather_over_ranks(row_losses).view(world_size, n_sources, -1).transpose(0, 1).flatten()
+    losses = in_global_order(_row_losses(model, mine_x, mine_y, autocast))
+    selected = rholoss_select(losses, in_global_order(_row_losses(reference_model, mine_x, mine_y, autocast)),
+                              n_select)
     mine = selected.view(world_size, -1)[rank]
     with autocast:
         _, row_loss = model(x[mine], y[mine])
@@ -77,11 +85,13 @@ def rholoss_step(model, reference_model, x, y, n_sources, n_select, autocast):
     return received, losses.view(n_sources, -1).mean(dim=1)
 
 
-def load_reference(run_dir, model_config):
-    """RHO-LOSS's reference model: the best model of a finished run (its out_dir/best), unsharded."""
+def load_reference(run_dir, model_config, data):
+    """RHO-LOSS's reference model: the best model of a finished run (its out_dir/best) on the same data."""
     if not run_dir:
         raise ValueError("--method=rholoss needs --reference=<out_dir of a --method=fixed --weights=val_only run>")
     model, meta = load_best_model(run_dir)
     if (model.config.vocab_size, model.config.block_size) != (model_config.vocab_size, model_config.block_size):
         raise ValueError(f"--reference={run_dir}: its model's vocabulary and context must be this run's")
+    if meta.get('data', data) != data:
+        raise ValueError(f"--reference={run_dir} was trained on --data={meta['data']}, this run is on {data}")
     return model

@@ -12,6 +12,7 @@ is their stage two. Wall times are relative to `--method=fixed --weights=uniform
 Results are written to out_dir as JSON and printed as Markdown tables.
 """
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -45,20 +46,25 @@ USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'coverage': ['low', 'high']}
 
 def run(out_dir, *args):
     """One quiet train.py run: its summary.json, with the wall time in seconds added. A run already done
-    with the same arguments is read back, so an interrupted comparison continues where it stopped."""
+    with the same arguments, the same resulting config and the same input files (weights, reference model)
+    is read back, so an interrupted comparison continues where it stopped."""
     argv = [f'--out_dir={out_dir}', '--eval_interval=500', '--ckpt_interval=100000', *args, *TRAIN_ARGS]
+    cfg = train.parse_config(argv)
+    inputs = [os.path.join(cfg.reference, 'best', 'meta.json')] if cfg.reference else []
+    inputs += [cfg.weights] if os.path.isfile(cfg.weights) else []
+    key = {'argv': argv, 'config': dataclasses.asdict(cfg), 'inputs': [open(path).read() for path in inputs]}
     done = os.path.join(out_dir, 'compare_run.json')
     if os.path.isfile(done):
         with open(done) as f:
             previous = json.load(f)
-        if previous['argv'] == argv:
+        if previous['key'] == key:
             return previous['summary']
     start = time.time()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         summary = train.main(argv)
     summary['wall_seconds'] = time.time() - start
     with open(done, 'w') as f:
-        json.dump({'argv': argv, 'summary': summary}, f)
+        json.dump({'key': key, 'summary': summary}, f)
     return summary
 
 
@@ -114,7 +120,7 @@ def oracle(cfg):
     points = []
     for point in grid(len(useful), cfg.grid_step):
         weights = np.array([point[useful.index(s)] if s in useful else 0.0 for s in sources])
-        name = '_'.join(f'{w:.2f}' for w in weights)
+        name = '_'.join(str(round(w / cfg.grid_step)) for w in weights)  # grid coordinates
         runs = [stage_two(f'{folder}/{name}/seed{seed}', weights_file(f'{folder}/{name}', sources, weights),
                           f'--data={cfg.data}', f'--seed={seed}') for seed in range(cfg.seeds)]
         points.append({'weights': dict(zip(sources, weights.tolist())),

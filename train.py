@@ -48,7 +48,7 @@ from model import GPT, GPT2_SHAPES, GPTConfig, export_pretrained, make_optimizer
 @dataclass
 class TrainConfig:
     # data
-    data: str = 'denoise'           # 'denoise', 'noise_ladder' or a folder (see data.py)
+    data: str = 'denoise'           # 'denoise', 'noise_ladder', 'mixture', 'coverage' or a folder (data.py)
     tokenizer: str = 'bytes'        # or a local folder: tokenizer.json, or GPT-2's vocab.json + merges.txt
     seed: int = 0
     batch_per_source: int = 16      # training rows per source per step (stratified batches)
@@ -250,7 +250,7 @@ def main(argv):
                                                              cfg.logits_weight_decay)
     weights = None if scalebio else (torch.ones(1) if val_only else fixed_weights(cfg.weights, sources)).to(device)
     received_sum = torch.zeros(n_sources, device=device, dtype=dtype)  # baselines: the share each source got
-    reference_model = load_reference(cfg.reference, model_config).to(device=device, dtype=dtype) \
+    reference_model = load_reference(cfg.reference, model_config, cfg.data).to(device=device, dtype=dtype) \
         if cfg.method == 'rholoss' else None
 
     def lisa(step):
@@ -365,7 +365,7 @@ def main(argv):
                                                     autocast)(weights, 0.0)
                     elif cfg.method == 'irdro':
                         received, losses = irdro_step(lower_model, x, y, n_sources, cfg.dro_temperature, autocast)
-                    else:  # rholoss: every rank scores the whole global candidate batch
+                    else:  # rholoss: the global candidate batch, scored by the ranks together
                         cx, cy = (t.to(device) for t in train_batch(data, step, cfg.rho_candidates * cfg.batch_per_source,
                                                                     cfg.block_size, cfg.seed))
                         received, losses = rholoss_step(lower_model, reference_model, cx, cy, n_sources,
@@ -399,7 +399,7 @@ def main(argv):
                 if record['val_loss'] < best_val_loss:  # the same on every rank: all evaluate the same batches
                     best_val_loss = record['val_loss']
                     save_checkpoint(best_path, [eval_model], [], {}, {'step': done, 'val_loss': best_val_loss,
-                                    'model_config': dataclasses.asdict(model_config),
+                                    'model_config': dataclasses.asdict(model_config), 'data': cfg.data,
                                     'tokenizer': cfg.tokenizer if cfg.tokenizer == 'bytes' else os.path.abspath(cfg.tokenizer)})
             if done % cfg.ckpt_interval == 0 or done == end_step:
                 save(done)
