@@ -40,7 +40,7 @@ def _rank_and_world():
 def irdro_step(model, x, y, n_sources, temperature, autocast):
     """Forward and backward of Σ_j w_j·ℓ_j over the GLOBAL batch (this rank holds its share of every
     source's rows, as data.rank_rows cuts them), w = irdro_row_weights. Returns the weight each source
-    received in this step (its rows' w summed) and the per-source mean losses of this rank's rows."""
+    received in this step (its rows' w summed) and the per-source mean losses over the global batch."""
     rank, world_size = _rank_and_world()
     with autocast:
         _, row_loss = model(x, y)

@@ -109,12 +109,19 @@ LOGITS_UPDATES = {
 }
 
 
+def logits_lr(update, lr, lr_mult):
+    """p's step size under the rule LOGITS_UPDATES[update] (lr 0: the rule's own), given the multiplier of
+    the warmup + cosine schedule, which the rule follows or not."""
+    rule = LOGITS_UPDATES[update]
+    return (lr or rule['lr']) * (lr_mult if rule['cosine'] else 1.0)
+
+
 def make_logits_optimizer(source_logits, update, lr=0.0, weight_decay=0.0):
     """p's optimizer for the rule LOGITS_UPDATES[update] (lr 0: the rule's own), and its window of past
     gradients (one row: no averaging)."""
     rule = LOGITS_UPDATES[update]
     optimizer = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD}[rule['optimizer']](
-        [source_logits], lr=lr or rule['lr'], weight_decay=weight_decay)
+        [source_logits], lr=logits_lr(update, lr, 1.0), weight_decay=weight_decay)
     return optimizer, torch.zeros(rule['window'], len(source_logits), dtype=source_logits.dtype,
                                   device=source_logits.device)
 

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from bilevel import (LOGITS_UPDATES, check_finite, cosine_lr, make_logits_optimizer, penalty_schedule, scalebio_step,
-                     update_logits)
+from bilevel import (LOGITS_UPDATES, check_finite, cosine_lr, logits_lr, make_logits_optimizer, penalty_schedule,
+                     scalebio_step, update_logits)
 from baselines import irdro_step, load_reference, rholoss_step
 from data import eval_batches, fixed_weights, load_data, load_tokenizer, rank_rows, train_batch, val_batch
 from fsdp import (evaluate, full, full_state_dict, init_distributed, load_checkpoint, local_bytes, mean_over_ranks,
@@ -339,7 +339,7 @@ def main(argv):
                 for group in opt.param_groups:
                     group['lr'] = cfg.lr * lr_mult * lr_scale
             for group in logits_optimizer.param_groups:  # not scaled with α: see bilevel.penalty_schedule
-                group['lr'] = (cfg.logits_lr or logits_rule['lr']) * (lr_mult if logits_rule['cosine'] else 1.0)
+                group['lr'] = logits_lr(cfg.logits_update, cfg.logits_lr, lr_mult)
             lisa(step)
 
             # the global batch of this step, the same for any number of processes; this rank's rows of it

@@ -11,7 +11,7 @@ optimizers plain gradient steps (torch.optim.SGD).
 """
 import torch
 
-from bilevel import LOGITS_UPDATES, cosine_lr, make_logits_optimizer, scalebio_step, update_logits
+from bilevel import LOGITS_UPDATES, cosine_lr, logits_lr, make_logits_optimizer, scalebio_step, update_logits
 
 
 def make_problem(seed, n_sources=3, dim=4, case='nonrealizable'):
@@ -218,19 +218,18 @@ def run_single_loop(prob, alpha, step_sizes, steps, target, tolerance=1e-12, cen
     return state, errors
 
 
-def run_logits_update(prob, alpha, update, logits_lr, steps, central=False, warmup_steps=30):
+def run_logits_update(prob, alpha, update, lr, steps, central=False, warmup_steps=30):
     """The single loop with p updated exactly as train.py does it (--logits_update=update: bilevel's optimizer,
-    window and geometry; logits_lr on the warmup + cosine schedule where the rule says so), u and w by plain
-    gradient steps of one size. Returns the final weights softmax(p)."""
+    window, geometry and step size, lr 0 being the rule's own), u and w by plain gradient steps of one size.
+    Returns the final weights softmax(p)."""
     rule = LOGITS_UPDATES[update]
     u, w = (torch.zeros(len(prob['target']), requires_grad=True) for _ in range(2))
     p = torch.zeros(len(prob['mixture']), requires_grad=True)
-    optimizer, history = make_logits_optimizer(p, update, logits_lr)
-    logits_lr = logits_lr or rule['lr']
-    model_optimizers = [torch.optim.SGD([x], lr=lr) for x, lr in zip((u, w), model_step_sizes(prob, alpha, 0.9))]
+    optimizer, history = make_logits_optimizer(p, update, lr)
+    model_optimizers = [torch.optim.SGD([x], lr=size) for x, size in zip((u, w), model_step_sizes(prob, alpha, 0.9))]
     for t in range(steps):
         for group in optimizer.param_groups:
-            group['lr'] = logits_lr * (cosine_lr(t, steps, warmup_steps) if rule['cosine'] else 1.0)
+            group['lr'] = logits_lr(update, lr, cosine_lr(t, steps, warmup_steps))
         scalebio_step(p, alpha, objective(prob, u), objective(prob, w),
                       *[lambda opt=opt: (opt.step(), opt.zero_grad(set_to_none=True)) for opt in model_optimizers],
                       lambda: update_logits(optimizer, history, t), central_difference=central,
