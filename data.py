@@ -9,12 +9,13 @@ Where the sources come from (`--data=...` in train.py):
 - `denoise` (default): `clean` ("a+b=c" lines, correct sums), `noisy` (same format, wrong sums),
   `irrelevant` (random lowercase letters). Val and test: clean lines on (a, b) pairs never trained on.
 - `noise_ladder`: `noise_0`, `noise_25`, ..., `noise_100`: additions with that percentage of wrong sums.
-- `mixture`: `add` (correct "a+b=c"), `sub` (correct "a-b=c") and `letters` (random letters); val and test are
-  70% additions and 30% subtractions (in blocks of 20 lines), so both arithmetic sources are needed: the
-  best weights lie inside the simplex, not at a vertex.
-- `coverage`: `low` (correct additions with a < 30), `high` (a >= 30) and `letters`; val and test are
-  additions over every a, as in `denoise`: one skill, two sources covering different parts of it. Meant to
-  have its best weights inside the simplex; the brute-force oracle could not resolve where (README).
+- `mixture`: `add` (questions "a?b=" on single digits, answered a+b), `sub` (the same questions, answered a-b)
+  and `letters` (random letters); val and test answer 70% of the questions a+b and 30% a-b, chosen row by row,
+  so the best weights are inside the simplex and known: add 0.7, sub 0.3, letters 0 (cross-entropy is lowest
+  where the model's odds match val's). One question per row, loss on the answer only.
+- `dilution`: `add`, `half` (each question answered a+b or a-b at even odds) and `letters`, val and test as in
+  `mixture`: the best weights are add 0.4, half 0.6, letters 0 (0.4 + 0.6/2 = 0.7), the noisier source the
+  heavier.
 - a folder holding `train_<source>.txt` (one file per source), `val.txt` and `test.txt`;
 - or, in the ScaleBiO authors' layout, `train_<source>.json` (or .jsonl), `val.json`, `test.json`: lists of
   {"text": ...} or Alpaca-style {"instruction", "input" (optional), "output"} records. One example per row,
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BUILTIN_TASKS = ('denoise', 'noise_ladder', 'mixture', 'coverage')
+BUILTIN_TASKS = ('denoise', 'noise_ladder', 'mixture', 'dilution')
 # the second entry of every random key, so that different splits never share a random stream
 TRAIN_KEY, VAL_KEY, EVAL_KEY = 0, 1, 2
 
@@ -101,14 +102,13 @@ def _subtraction_lines(pairs):
     return ''.join(f"{a}-{b}={a - b}\n" for a, b in pairs)
 
 
-def _mixed_lines(pairs, add_fraction, rng, block=20):
-    """Blocks of `block` lines, each all additions (with probability add_fraction: on average; seed 0 gives
-    val 72%, test 70%) or all subtractions. Not line by line: no training source mixes the two within a row,
-    so a model reads the operator of the lines before as a cue, and mixed rows made the val loss mostly
-    confident operator mistakes (README)."""
-    chunks = [pairs[i:i + block] for i in range(0, len(pairs), block)]
-    return ''.join(_addition_lines(c, 0.0, rng) if rng.random() < add_fraction else _subtraction_lines(c)
-                   for c in chunks)
+def _convention_examples(pairs, add_fraction, rng):
+    """One question "a?b=" per row, answered a+b on a random add_fraction of the rows (exactly) and a-b on the
+    rest. Nothing in a question tells which convention answers it, so a model can only learn the odds: the
+    val loss of its answers is lowest where those odds match val's. One row per question, and the loss on the
+    answer only: with several lines to a row, a model reads the convention of the lines before as a cue."""
+    is_add = rng.permutation(len(pairs)) < round(add_fraction * len(pairs))
+    return [(f"{a}?{b}=", str(a + b if add else a - b)) for (a, b), add in zip(pairs, is_add)]
 
 
 def _letter_lines(n_lines, rng):
@@ -116,7 +116,7 @@ def _letter_lines(n_lines, rng):
     return ''.join(''.join(rng.choice(letters, rng.integers(3, 9))) + '\n' for _ in range(n_lines))
 
 
-def builtin_task(name, seed, tokenizer=BYTES, lines_per_source=20_000, held_out_pairs=1_000):
+def builtin_task(name, seed, tokenizer=BYTES, block_size=32, lines_per_source=20_000, held_out_pairs=1_000):
     """Generates a built-in task deterministically from `seed`: no files needed."""
     rng = np.random.default_rng([seed, 12345])
     pairs = [(a, b) for a in range(100) for b in range(100)]
@@ -135,20 +135,26 @@ def builtin_task(name, seed, tokenizer=BYTES, lines_per_source=20_000, held_out_
     elif name == 'noise_ladder':
         texts = {f'noise_{pct}': _addition_lines(train_pairs_sample(), pct / 100, rng)
                  for pct in (0, 25, 50, 75, 100)}
-    elif name == 'mixture':
-        texts = {'add': _addition_lines(train_pairs_sample(), 0.0, rng),
-                 'sub': _subtraction_lines(train_pairs_sample()),
-                 'letters': _letter_lines(lines_per_source, rng)}
-        held_out = [_mixed_lines(val_pairs, 0.7, rng), _mixed_lines(test_pairs, 0.7, rng)]
-    elif name == 'coverage':
-        low, high = [p for p in train_pairs if p[0] < 30], [p for p in train_pairs if p[0] >= 30]
-        texts = {'low': _addition_lines([low[i] for i in rng.integers(0, len(low), lines_per_source)], 0.0, rng),
-                 'high': _addition_lines([high[i] for i in rng.integers(0, len(high), lines_per_source)], 0.0, rng),
-                 'letters': _letter_lines(lines_per_source, rng)}
+    elif name in ('mixture', 'dilution'):
+        # single digits, and val and test ask the questions training asks: what generalises to unseen pairs
+        # varies from seed to seed more than the weights matter (README), and here only the weights should
+        digit_pairs = [(a, b) for a in range(5) for b in range(5)]
+
+        def questions(n):
+            return [digit_pairs[i] for i in rng.integers(0, len(digit_pairs), n)]
+        second, second_add_fraction = ('sub', 0.0) if name == 'mixture' else ('half', 0.5)
+        examples = {'add': _convention_examples(questions(lines_per_source), 1.0, rng),
+                    second: _convention_examples(questions(lines_per_source), second_add_fraction, rng),
+                    'letters': [('', word) for word in _letter_lines(lines_per_source, rng).split()]}
+        held_out = [_convention_examples(questions(held_out_pairs), 0.7, rng) for _ in ('val', 'test')]
+        notes = []
+        rows = [_example_rows(e, block_size, tokenizer, notes, f"built-in task {name}")
+                for e in list(examples.values()) + held_out]
+        return SourceData(sources=list(examples), train=rows[:3], val=rows[3], test=rows[4],
+                          vocab_size=tokenizer.vocab_size, notes=notes)
     else:
         raise ValueError(f"unknown built-in task '{name}' (choose from {', '.join(BUILTIN_TASKS)})")
-    if name != 'mixture':
-        held_out = [_addition_lines(pairs, 0.0, rng) for pairs in (val_pairs, test_pairs)]
+    held_out = [_addition_lines(pairs, 0.0, rng) for pairs in (val_pairs, test_pairs)]
     encode = tokenizer.encode
     return SourceData(sources=list(texts), train=[encode(t) for t in texts.values()],
                       val=encode(held_out[0]), test=encode(held_out[1]), vocab_size=tokenizer.vocab_size)
@@ -215,18 +221,11 @@ def _read_records(path):
     return records
 
 
-def _examples(path, block_size, notes, tokenizer):
-    """Each record as one row (x, y) of block_size tokens: y is x shifted by one, -1 where no loss."""
+def _example_rows(examples, block_size, tokenizer, notes, where):
+    """(prompt, response) pairs as rows (x, y) of block_size tokens: y is x shifted by one, -1 where there is
+    no loss (the prompt and the padding)."""
     rows, truncated, dropped = [], 0, 0
-    for number, record in enumerate(_read_records(path), 1):
-        if isinstance(record, dict) and 'text' in record:
-            prompt, response = '', str(record['text'])
-        elif isinstance(record, dict) and 'output' in record:
-            section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
-            prompt = PROMPT.format(instruction=record.get('instruction', ''), input_section=section)
-            response = str(record['output'])
-        else:
-            raise ValueError(f'{path}: record {number} has neither "text" nor "output"')
+    for prompt, response in examples:
         # prompt and response are encoded apart (a BPE merge never crosses into the response) and the response
         # ends with the tokenizer's end-of-text token, or a newline for bytes, so the model learns to stop
         end = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else tokenizer.encode('\n')
@@ -244,12 +243,27 @@ def _examples(path, block_size, notes, tokenizer):
         row[1, max(prompt_tokens - 1, 0):len(tokens) - 1] = tokens[max(prompt_tokens, 1):]
         rows.append(row)
     if truncated or dropped:
-        notes.append(f"{path}: {truncated} examples truncated to block_size={block_size}, {dropped} dropped "
+        notes.append(f"{where}: {truncated} examples truncated to block_size={block_size}, {dropped} dropped "
                      f"(no response token within it)")
     if not rows:
-        raise ValueError(f"{path}: no example fits block_size={block_size} (its prompts are longer): "
+        raise ValueError(f"{where}: no example fits block_size={block_size} (its prompts are longer): "
                          f"raise --block_size")
     return np.stack(rows)
+
+
+def _examples(path, block_size, notes, tokenizer):
+    """Each record of a JSON file as one row."""
+    examples = []
+    for number, record in enumerate(_read_records(path), 1):
+        if isinstance(record, dict) and 'text' in record:
+            examples.append(('', str(record['text'])))
+        elif isinstance(record, dict) and 'output' in record:
+            section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
+            examples.append((PROMPT.format(instruction=record.get('instruction', ''), input_section=section),
+                             str(record['output'])))
+        else:
+            raise ValueError(f'{path}: record {number} has neither "text" nor "output"')
+    return _example_rows(examples, block_size, tokenizer, notes, path)
 
 
 def json_folder(folder, block_size, tokenizer):
@@ -268,7 +282,7 @@ def json_folder(folder, block_size, tokenizer):
 
 def load_data(data, block_size, seed, tokenizer=BYTES):
     if data in BUILTIN_TASKS:
-        source_data = builtin_task(data, seed, tokenizer)
+        source_data = builtin_task(data, seed, tokenizer, block_size)
         for name, tokens in zip(['val', 'test'] + source_data.sources,
                                 [source_data.val, source_data.test] + source_data.train):
             if len(tokens) < block_size + 1:

@@ -48,7 +48,7 @@ from model import GPT, GPT2_SHAPES, GPTConfig, export_pretrained, make_optimizer
 @dataclass
 class TrainConfig:
     # data
-    data: str = 'denoise'           # 'denoise', 'noise_ladder', 'mixture', 'coverage' or a folder (data.py)
+    data: str = 'denoise'           # 'denoise', 'noise_ladder', 'mixture', 'dilution' or a folder (data.py)
     tokenizer: str = 'bytes'        # or a local folder: tokenizer.json, or GPT-2's vocab.json + merges.txt
     seed: int = 0
     batch_per_source: int = 16      # training rows per source per step (stratified batches)

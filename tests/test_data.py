@@ -86,27 +86,28 @@ def test_unknown_data_is_a_clear_error(tmp_path):
         load_data(str(tmp_path / 'nope'), block_size=16, seed=0)
 
 
-def lines(tokens):
-    return bytes(tokens.tolist()).decode().splitlines()
+def questions_and_answers(rows):
+    """Decodes rows of a convention task: (a, b, answer) per row; checks that only the answer carries loss."""
+    decoded = []
+    for x, y in rows:
+        text = bytes(x[x > 0].tolist()).decode()
+        prompt, answer = text.split('=')
+        assert (y[:len(prompt)] == -1).all() and (y[len(prompt):len(text)] >= 0).all()  # loss on the answer only
+        a, b = prompt.split('?')
+        decoded.append((int(a), int(b), int(answer)))
+    return np.array(decoded)
 
 
-def test_mixture_needs_both_arithmetic_sources_and_val_is_70_30_in_blocks():
-    data = builtin_task('mixture', seed=0)
-    assert data.sources == ['add', 'sub', 'letters']
-    add, sub, letters = (lines(t) for t in data.train)
-    assert all('+' in l and eval(l.replace('=', '==')) for l in add[:500])
-    assert all('-' in l.split('=')[0][1:] and eval(l.replace('=', '==')) for l in sub[:500])
-    assert all(l.isalpha() for l in letters[:500])
-    for split in (data.val, data.test):
-        held_out = lines(split)
-        is_add = np.array(['+' in l for l in held_out])
-        assert abs(is_add.mean() - 0.7) < 0.05
-        assert (np.diff(is_add.astype(int)) != 0).sum() < len(held_out) / 10  # blocks, not line by line
+@pytest.mark.parametrize('task, second, second_add_fraction', [('mixture', 'sub', 0.0), ('dilution', 'half', 0.5)])
+def test_convention_tasks_answer_one_question_per_row_and_val_is_70_30(task, second, second_add_fraction):
+    data = builtin_task(task, seed=0)
+    assert data.sources == ['add', second, 'letters']
+    rows = {name: questions_and_answers(train[:2000]) for name, train in zip(data.sources[:2], data.train)}
+    rows.update(val=questions_and_answers(data.val), test=questions_and_answers(data.test))
+    for name, expected in (('add', 1.0), (second, second_add_fraction), ('val', 0.7), ('test', 0.7)):
+        a, b, answer = rows[name][rows[name][:, 1] != 0].T  # b = 0 answers both ways alike
+        assert ((answer == a + b) | (answer == a - b)).all()
+        assert abs((answer == a + b).mean() - expected) < 0.05, name
+    assert all(bytes(x[x > 0].tolist()).decode().isalpha() for x, _ in data.train[2][:500])
 
 
-def test_coverage_splits_one_skill_by_the_first_operand():
-    data = builtin_task('coverage', seed=0)
-    low, high, _ = (lines(t) for t in data.train)
-    assert all(int(l.split('+')[0]) < 30 for l in low[:500]) and all(int(l.split('+')[0]) >= 30 for l in high[:500])
-    firsts = [int(l.split('+')[0]) for l in lines(data.val)]
-    assert 0.2 < np.mean(np.array(firsts) < 30) < 0.4  # val covers every first operand
