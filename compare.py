@@ -4,7 +4,7 @@ best weights found by brute force. Each number is a train.py run (in this proces
 
     python compare.py --what=baselines              # README table: stage-two test loss and weights per method
     python compare.py --what=oracle --data=mixture  # grid over the simplex of the useful sources (2 seeds)
-    python compare.py --what=updates --data=mixture # p's candidate updates against the oracle's best point
+    python compare.py --what=updates --data=mixture --seeds=5  # p's candidate updates against the oracle's best point
 
 Stage two is the paper's protocol: a fresh model trained with fixed weights for the same steps and seed
 (ScaleBiO: its learned weights; uniform; val_only). IR-DRO and RHO-LOSS are online rules: their own run
@@ -32,7 +32,8 @@ class CompareConfig:
     what: str = 'baselines'         # 'baselines', 'oracle' or 'updates'
     data: str = 'mixture'           # oracle and updates: the task
     tasks: str = 'denoise,noise_ladder,mixture'  # baselines: the tasks
-    seeds: int = 2                  # oracle and updates: seeds 0..seeds-1
+    seeds: int = 2                  # oracle, and updates for train.py's default p update: seeds 0..seeds-1
+    candidate_seeds: int = 2        # updates: seeds for every other candidate
     grid_step: float = 0.1          # oracle: spacing of the grid on the simplex
     updates: str = ','.join(LOGITS_UPDATES)  # updates: the candidates to run
     train_args: str = ''            # more train.py arguments for every run, space-separated
@@ -41,7 +42,7 @@ class CompareConfig:
 
 TRAIN_ARGS = []  # CompareConfig.train_args, split
 # per task: the sources the oracle's grid spans (the others get weight 0)
-USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'coverage': ['low', 'high']}
+USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'half']}
 
 
 def run(out_dir, *args):
@@ -112,6 +113,14 @@ def weights_file(folder, sources, weights):
     return path
 
 
+def grid_point_run(cfg, sources, weights, seed):
+    """The stage-two run of one grid point and seed (read back if done)."""
+    folder = os.path.join(cfg.out_dir, 'oracle', cfg.data)
+    name = '_'.join(str(round(w / cfg.grid_step)) for w in weights)  # grid coordinates
+    return stage_two(f'{folder}/{name}/seed{seed}', weights_file(f'{folder}/{name}', sources, weights),
+                     f'--data={cfg.data}', f'--seed={seed}')
+
+
 def oracle(cfg):
     """Each grid point: stage-two runs with those fixed weights, one per seed, scored by the mean val loss."""
     folder = os.path.join(cfg.out_dir, 'oracle', cfg.data)
@@ -120,9 +129,7 @@ def oracle(cfg):
     points = []
     for point in grid(len(useful), cfg.grid_step):
         weights = np.array([point[useful.index(s)] if s in useful else 0.0 for s in sources])
-        name = '_'.join(str(round(w / cfg.grid_step)) for w in weights)  # grid coordinates
-        runs = [stage_two(f'{folder}/{name}/seed{seed}', weights_file(f'{folder}/{name}', sources, weights),
-                          f'--data={cfg.data}', f'--seed={seed}') for seed in range(cfg.seeds)]
+        runs = [grid_point_run(cfg, sources, weights, seed) for seed in range(cfg.seeds)]
         points.append({'weights': dict(zip(sources, weights.tolist())),
                        'val_loss': [r['val_loss'] for r in runs], 'test_loss': [r['test_loss'] for r in runs]})
         print(json.dumps(points[-1]), flush=True)
@@ -145,16 +152,19 @@ def oracle(cfg):
 
 def updates(cfg):
     """Each candidate p update: learned weights and their stage-two test loss, seed by seed, against the
-    oracle's best grid point (run `--what=oracle` first)."""
+    oracle's best grid point (run `--what=oracle` first), whose stage-two run is repeated on every seed."""
     with open(os.path.join(cfg.out_dir, 'oracle', cfg.data, 'oracle.json')) as f:
         best = json.load(f)['best']
     target = np.array(list(best['weights'].values()))
+    # test losses are compared seed by seed: two seeds' models differ by more than 1% at the same weights
+    oracle_test = [grid_point_run(cfg, list(best['weights']), target, seed)['test_loss']
+                   for seed in range(max(cfg.seeds, cfg.candidate_seeds))]
     folder = os.path.join(cfg.out_dir, 'updates', cfg.data)
     rows = []
     for update in cfg.updates.split(','):
         label = ' '.join([update, *TRAIN_ARGS])  # e.g. "adam_cosine --central_difference=False"
         learned, tested = [], []
-        for seed in range(cfg.seeds):
+        for seed in range(cfg.seeds if update == train.TrainConfig.logits_update else cfg.candidate_seeds):
             run_dir = f"{folder}/{label.replace(' --', '+').replace('=', '_')}/seed{seed}"
             summary = run(run_dir, f'--data={cfg.data}', f'--seed={seed}', f'--logits_update={update}')
             learned.append(summary['weights'])
@@ -164,7 +174,7 @@ def updates(cfg):
         rows.append({'update': label, 'weights': learned.tolist(),
                      'distance_to_oracle': float(np.abs(learned - target).max()),
                      'seed_spread': float((learned.max(0) - learned.min(0)).max()),
-                     'test_loss_vs_oracle': float(np.mean(tested) / np.mean(best['test_loss']) - 1)})
+                     'test_loss_vs_oracle': float(np.mean(np.array(tested) / oracle_test[:len(tested)]) - 1)})
         print(json.dumps(rows[-1]), flush=True)
     with open(os.path.join(folder, f"updates{'+'.join(TRAIN_ARGS)}.json"), 'w') as f:
         json.dump({'oracle_best': best, 'rows': rows}, f, indent=2)
