@@ -9,7 +9,7 @@ Where the sources come from (`--data=...` in train.py):
 - `denoise` (default): `clean` ("a+b=c" lines, correct sums), `noisy` (same format, wrong sums),
   `irrelevant` (random lowercase letters). Val and test: clean lines on (a, b) pairs never trained on.
 - `noise_ladder`: `noise_0`, `noise_25`, ..., `noise_100`: additions with that percentage of wrong sums.
-- `mixture`: `add` (questions "a?b=" on single digits, answered a+b), `sub` (the same questions, answered a-b)
+- `mixture`: `add` (questions "a?b=" on digits 0-4, answered a+b), `sub` (the same questions, answered a-b)
   and `letters` (random letters); val and test answer 70% of the questions a+b and 30% a-b, chosen row by row,
   so the best weights are inside the simplex and known: add 0.7, sub 0.3, letters 0 (cross-entropy is lowest
   where the model's odds match val's). One question per row, loss on the answer only.
@@ -106,9 +106,12 @@ def _convention_examples(pairs, add_fraction, rng):
     """One question "a?b=" per row, answered a+b on a random add_fraction of the rows (exactly) and a-b on the
     rest. Nothing in a question tells which convention answers it, so a model can only learn the odds: the
     val loss of its answers is lowest where those odds match val's. One row per question, and the loss on the
-    answer only: with several lines to a row, a model reads the convention of the lines before as a cue."""
+    answer only: with several lines to a row, a model reads the convention of the lines before as a cue.
+    Every answer is signed ("+7", "-3"), so all have three tokens with the newline: a source's loss is a mean
+    over rows of each row's token mean while L_val is a token mean, and with answers of unequal lengths the
+    two weigh a question differently, which moved the best weights off the closed form (README)."""
     is_add = rng.permutation(len(pairs)) < round(add_fraction * len(pairs))
-    return [(f"{a}?{b}=", str(a + b if add else a - b)) for (a, b), add in zip(pairs, is_add)]
+    return [(f"{a}?{b}=", f"{a + b if add else a - b:+d}") for (a, b), add in zip(pairs, is_add)]
 
 
 def _letter_lines(n_lines, rng):
@@ -136,7 +139,7 @@ def builtin_task(name, seed, tokenizer=BYTES, block_size=32, lines_per_source=20
         texts = {f'noise_{pct}': _addition_lines(train_pairs_sample(), pct / 100, rng)
                  for pct in (0, 25, 50, 75, 100)}
     elif name in ('mixture', 'dilution'):
-        # single digits, and val and test ask the questions training asks: what generalises to unseen pairs
+        # digits 0-4, and val and test ask the questions training asks: what generalises to unseen pairs
         # varies from seed to seed more than the weights matter (README), and here only the weights should
         digit_pairs = [(a, b) for a in range(5) for b in range(5)]
 

@@ -92,7 +92,8 @@ def questions_and_answers(rows):
     for x, y in rows:
         text = bytes(x[x > 0].tolist()).decode()
         prompt, answer = text.split('=')
-        assert (y[:len(prompt)] == -1).all() and (y[len(prompt):len(text)] >= 0).all()  # loss on the answer only
+        assert (y[:len(prompt) - 1] == -1).all() and (y >= 0).sum() == 3  # loss on the answer only: sign, digit, newline
+        assert answer[0] in '+-' and len(answer) == 2
         a, b = prompt.split('?')
         decoded.append((int(a), int(b), int(answer)))
     return np.array(decoded)
