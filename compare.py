@@ -42,7 +42,7 @@ class CompareConfig:
 
 TRAIN_ARGS = []  # CompareConfig.train_args, split
 # per task: the sources the oracle's grid spans (the others get weight 0)
-USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'half']}
+USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
 
 
 def run(out_dir, *args):

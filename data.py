@@ -13,9 +13,8 @@ Where the sources come from (`--data=...` in train.py):
   and `letters` (random letters); val and test answer 70% of the questions a+b and 30% a-b, chosen row by row,
   so the best weights are inside the simplex and known: add 0.7, sub 0.3, letters 0 (cross-entropy is lowest
   where the model's odds match val's). One question per row, loss on the answer only.
-- `dilution`: `add`, `half` (each question answered a+b or a-b at even odds) and `letters`, val and test as in
-  `mixture`: the best weights are add 0.4, half 0.6, letters 0 (0.4 + 0.6/2 = 0.7), the noisier source the
-  heavier.
+- `dilution`: `add` and `diluted` (each question answered a+b with odds 1/4, else a-b) and `letters`, val and
+  test as in `mixture`: the best weights are add 0.6, diluted 0.4, letters 0 (0.6 + 0.4/4 = 0.7).
 - a folder holding `train_<source>.txt` (one file per source), `val.txt` and `test.txt`;
 - or, in the ScaleBiO authors' layout, `train_<source>.json` (or .jsonl), `val.json`, `test.json`: lists of
   {"text": ...} or Alpaca-style {"instruction", "input" (optional), "output"} records. One example per row,
@@ -145,7 +144,7 @@ def builtin_task(name, seed, tokenizer=BYTES, block_size=32, lines_per_source=20
 
         def questions(n):
             return [digit_pairs[i] for i in rng.integers(0, len(digit_pairs), n)]
-        second, second_add_fraction = ('sub', 0.0) if name == 'mixture' else ('half', 0.5)
+        second, second_add_fraction = ('sub', 0.0) if name == 'mixture' else ('diluted', 0.25)
         examples = {'add': _convention_examples(questions(lines_per_source), 1.0, rng),
                     second: _convention_examples(questions(lines_per_source), second_add_fraction, rng),
                     'letters': [('', word) for word in _letter_lines(lines_per_source, rng).split()]}

@@ -99,7 +99,7 @@ def questions_and_answers(rows):
     return np.array(decoded)
 
 
-@pytest.mark.parametrize('task, second, second_add_fraction', [('mixture', 'sub', 0.0), ('dilution', 'half', 0.5)])
+@pytest.mark.parametrize('task, second, second_add_fraction', [('mixture', 'sub', 0.0), ('dilution', 'diluted', 0.25)])
 def test_convention_tasks_answer_one_question_per_row_and_val_is_70_30(task, second, second_add_fraction):
     data = builtin_task(task, seed=0)
     assert data.sources == ['add', second, 'letters']
