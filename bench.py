@@ -70,7 +70,7 @@ def build(cfg, device, lisa_layers):
                 block.compile()
     optimizers = [make_optimizer(m, 1e-4, 0.01) for m in models]
     logits = torch.zeros(cfg.n_sources, device=device, requires_grad=True)
-    logits_opt, logits_history = make_logits_optimizer(logits, TrainConfig.logits_update)
+    logits_opt = make_logits_optimizer(logits, TrainConfig.logits_update)
     autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.enable_grad()
     grad_bytes = {}
     gen = torch.Generator().manual_seed(0)
@@ -96,7 +96,7 @@ def build(cfg, device, lisa_layers):
                       model_objective(models[1], x, y, vx, vy, cfg.n_sources, 1, autocast),
                       optimizer_update(models[0], optimizers[0], cfg.grad_clip, grad_bytes),
                       optimizer_update(models[1], optimizers[1], cfg.grad_clip, grad_bytes),
-                      lambda: update_logits(logits_opt, logits_history, i),
+                      lambda: update_logits(logits_opt),
                       central_difference=cfg.central_difference,
                       mirror=LOGITS_UPDATES[TrainConfig.logits_update]['mirror'])
 

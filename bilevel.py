@@ -96,51 +96,32 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
 
 
 # p's update, chosen by train.py's --logits_update (README, "Optimal weights and p's update"): the optimizer,
-# its step size unless --logits_lr gives one, whether that follows the warmup + cosine schedule of u and w,
-# whether the step is taken on the gradient in λ (mirror descent, see logits_gradient) and over how many
-# recent steps' gradients it is averaged. Adam moves p by about lr per step whatever the gradient's size;
-# the others by lr × the gradient, which is ~0.1-1 at α = 10.
+# its step size unless --logits_lr gives one, and whether the step is taken on the gradient in λ (mirror
+# descent, see logits_gradient). Both follow the warmup + cosine schedule of u and w: p's gradient is measured
+# by u and w, and a p that keeps moving once they have stopped runs to a vertex (README). Adam at a constant
+# rate, gradient steps on p and SOBOW's window average were measured too and removed (README).
 LOGITS_UPDATES = {
-    'adam': dict(optimizer='adam', lr=3e-2, cosine=False, mirror=False, window=1),        # constant rate
-    'adam_cosine': dict(optimizer='adam', lr=3e-2, cosine=True, mirror=False, window=1),  # the authors'
-    'sgd': dict(optimizer='sgd', lr=0.3, cosine=True, mirror=False, window=1),            # gradient steps on p
-    'mirror': dict(optimizer='sgd', lr=0.1, cosine=True, mirror=True, window=1),          # exponentiated gradient
-    'window': dict(optimizer='sgd', lr=0.1, cosine=True, mirror=True, window=10),         # SOBOW's averaging
+    'mirror': dict(optimizer='sgd', lr=0.1, mirror=True),         # exponentiated gradient (the default)
+    'adam_cosine': dict(optimizer='adam', lr=3e-2, mirror=False),  # the authors'
 }
 
 
 def logits_lr(update, lr, lr_mult):
     """p's step size under the rule LOGITS_UPDATES[update] (lr 0: the rule's own), given the multiplier of
-    the warmup + cosine schedule, which the rule follows or not."""
-    rule = LOGITS_UPDATES[update]
-    return (lr or rule['lr']) * (lr_mult if rule['cosine'] else 1.0)
+    the warmup + cosine schedule."""
+    return (lr or LOGITS_UPDATES[update]['lr']) * lr_mult
 
 
 def make_logits_optimizer(source_logits, update, lr=0.0, weight_decay=0.0):
-    """p's optimizer for the rule LOGITS_UPDATES[update] (lr 0: the rule's own), and its window of past
-    gradients (one row: no averaging)."""
-    rule = LOGITS_UPDATES[update]
-    optimizer = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD}[rule['optimizer']](
-        [source_logits], lr=logits_lr(update, lr, 1.0), weight_decay=weight_decay)
-    return optimizer, torch.zeros(rule['window'], len(source_logits), dtype=source_logits.dtype,
-                                  device=source_logits.device)
+    """p's optimizer for the rule LOGITS_UPDATES[update] (lr 0: the rule's own)."""
+    optimizer = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD}[LOGITS_UPDATES[update]['optimizer']]
+    return optimizer([source_logits], lr=logits_lr(update, lr, 1.0), weight_decay=weight_decay)
 
 
-def update_logits(optimizer, history, step):
-    """The update_logits of scalebio_step: p's optimizer applied to p's gradient, or to its window average."""
-    source_logits = optimizer.param_groups[0]['params'][0]
-    if len(history) > 1:
-        source_logits.grad = window_average(history, step, source_logits.grad)
+def update_logits(optimizer):
+    """The update_logits of scalebio_step: p's optimizer applied to the gradient left in p, then cleared."""
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-
-
-def window_average(history, step, gradient):
-    """SOBOW's window averaging (Lin et al., "Non-Convex Bilevel Optimization with Time-Varying Objective
-    Functions", arXiv 2308.03811): the step uses the mean of the last k gradient estimates, k = len(history).
-    history (k, S) is a ring buffer written in place at slot step % k."""
-    history[step % len(history)] = gradient
-    return history[:min(step + 1, len(history))].mean(dim=0)
 
 
 def penalty_schedule(step, penalty_alpha, alpha_growth=1.0, alpha_interval=0):

@@ -246,8 +246,7 @@ def main(argv):
     # the source logits p: λ = softmax(p) starts uniform; replicated on every rank, not sharded
     source_logits = torch.zeros(n_sources, device=device, dtype=dtype, requires_grad=True)
     logits_rule = LOGITS_UPDATES[cfg.logits_update]
-    logits_optimizer, logits_history = make_logits_optimizer(source_logits, cfg.logits_update, cfg.logits_lr,
-                                                             cfg.logits_weight_decay)
+    logits_optimizer = make_logits_optimizer(source_logits, cfg.logits_update, cfg.logits_lr, cfg.logits_weight_decay)
     weights = None if scalebio else (torch.ones(1) if val_only else fixed_weights(cfg.weights, sources)).to(device)
     received_sum = torch.zeros(n_sources, device=device, dtype=dtype)  # baselines: the share each source got
     reference_model = load_reference(cfg.reference, model_config, cfg.data).to(device=device, dtype=dtype) \
@@ -260,7 +259,7 @@ def main(argv):
                 cfg.n_layer, cfg.lisa_layers, cfg.seed, step // cfg.lisa_interval, copy_index))
 
     def checkpoint_tensors(with_cuda_rng=device.startswith('cuda')):
-        """p, its Adam moments or gradient window, and the RNG state: replicated, so the checkpoint keeps one copy."""
+        """p, its Adam moments, and the RNG state: replicated, so the checkpoint keeps one copy."""
         state = logits_optimizer.state[source_logits]
         if not state and logits_rule['optimizer'] == 'adam':  # before p's first step, or before a load fills them
             state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(source_logits),
@@ -268,8 +267,8 @@ def main(argv):
         rng = {'cpu': torch.get_rng_state()}  # every rank is seeded alike, so one copy serves all
         if with_cuda_rng:
             rng['cuda'] = torch.cuda.get_rng_state()
-        return {'source_logits': source_logits.data, 'logits_adam': state, 'logits_history': logits_history,
-                'received_sum': received_sum, 'rng_state': rng}
+        return {'source_logits': source_logits.data, 'logits_adam': state, 'received_sum': received_sum,
+                'rng_state': rng}
 
     start_step, best_val_loss = 0, math.inf
     if cfg.resume:
@@ -356,7 +355,7 @@ def main(argv):
                                                         autocast),
                         update_lower=optimizer_update(lower_model, optimizers[0], cfg.grad_clip, grad_bytes),
                         update_upper=optimizer_update(upper_model, optimizers[1], cfg.grad_clip, grad_bytes),
-                        update_logits=lambda: update_logits(logits_optimizer, logits_history, step),
+                        update_logits=lambda: update_logits(logits_optimizer),
                         central_difference=cfg.central_difference, mirror=logits_rule['mirror'])
                 else:
                     if cfg.method == 'fixed':  # one model descends the lower level's objective L_train(θ, λ)

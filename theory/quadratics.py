@@ -220,18 +220,18 @@ def run_single_loop(prob, alpha, step_sizes, steps, target, tolerance=1e-12, cen
 
 def run_logits_update(prob, alpha, update, lr, steps, central=False, warmup_steps=30):
     """The single loop with p updated exactly as train.py does it (--logits_update=update: bilevel's optimizer,
-    window, geometry and step size, lr 0 being the rule's own), u and w by plain gradient steps of one size.
+    geometry and step size, lr 0 being the rule's own), u and w by plain gradient steps of one size.
     Returns the final weights softmax(p)."""
     rule = LOGITS_UPDATES[update]
     u, w = (torch.zeros(len(prob['target']), requires_grad=True) for _ in range(2))
     p = torch.zeros(len(prob['mixture']), requires_grad=True)
-    optimizer, history = make_logits_optimizer(p, update, lr)
+    optimizer = make_logits_optimizer(p, update, lr)
     model_optimizers = [torch.optim.SGD([x], lr=size) for x, size in zip((u, w), model_step_sizes(prob, alpha, 0.9))]
     for t in range(steps):
         for group in optimizer.param_groups:
             group['lr'] = logits_lr(update, lr, cosine_lr(t, steps, warmup_steps))
         scalebio_step(p, alpha, objective(prob, u), objective(prob, w),
                       *[lambda opt=opt: (opt.step(), opt.zero_grad(set_to_none=True)) for opt in model_optimizers],
-                      lambda: update_logits(optimizer, history, t), central_difference=central,
+                      lambda: update_logits(optimizer), central_difference=central,
                       mirror=rule['mirror'])
     return torch.softmax(p.detach(), 0)
