@@ -259,7 +259,8 @@ def main(argv):
                 cfg.n_layer, cfg.lisa_layers, cfg.seed, step // cfg.lisa_interval, copy_index))
 
     def checkpoint_tensors(with_cuda_rng=device.startswith('cuda')):
-        """p, its Adam moments, and the RNG state: replicated, so the checkpoint keeps one copy."""
+        """p, its optimizer's state (Adam's moments; SGD keeps none) and the RNG state: replicated, so the
+        checkpoint keeps one copy."""
         state = logits_optimizer.state[source_logits]
         if not state and logits_rule['optimizer'] == 'adam':  # before p's first step, or before a load fills them
             state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(source_logits),
@@ -267,7 +268,7 @@ def main(argv):
         rng = {'cpu': torch.get_rng_state()}  # every rank is seeded alike, so one copy serves all
         if with_cuda_rng:
             rng['cuda'] = torch.cuda.get_rng_state()
-        return {'source_logits': source_logits.data, 'logits_adam': state, 'received_sum': received_sum,
+        return {'source_logits': source_logits.data, 'logits_optimizer_state': state, 'received_sum': received_sum,
                 'rng_state': rng}
 
     start_step, best_val_loss = 0, math.inf

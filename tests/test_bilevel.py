@@ -9,7 +9,6 @@ from model import GPT, GPTConfig
 from train import model_objective
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     """Exact comparisons need float64; restore the default for the other test files."""
@@ -45,6 +44,23 @@ def test_logits_gradient_equals_autograd_and_the_softmax_jacobian():
     ours = logits_gradient(w, upper, lower, alpha)
     assert torch.allclose(ours, p.grad, atol=1e-12)
     assert torch.allclose(ours, alpha * jacobian @ (upper - lower), atol=1e-12)
+
+
+def test_a_step_on_the_mirror_gradient_is_exponentiated_gradient_on_the_simplex():
+    """p ← p − η·α·(d − λᵀd) gives λ ← λ ⊙ exp(−η·α·d) / Z, and a source near weight 0 still moves."""
+    gen = torch.Generator().manual_seed(1)
+    p = torch.tensor([4.0, 0.0, -16.0])  # the last source at weight ~2e-9
+    upper, lower, alpha, lr = torch.randn(3, generator=gen), torch.randn(3, generator=gen), 5.0, 0.1
+    weights = torch.softmax(p, 0)
+    step = logits_gradient(weights, upper, lower, alpha, mirror=True)
+    exponentiated = weights * torch.exp(-lr * alpha * (upper - lower))
+    assert torch.allclose(torch.softmax(p - lr * step, 0), exponentiated / exponentiated.sum(), atol=1e-15)
+    d = upper - lower
+    favoured = int(torch.argmin(d))  # the source on which w beats u the most gains weight
+    assert torch.softmax(p - lr * step, 0)[favoured] > weights[favoured]
+    # the gradient in p carries the factor λ_i: the near-zero source hardly moves, under mirror it does
+    plain = logits_gradient(weights, upper, lower, alpha)
+    assert abs(plain[2]) < 1e-6 < abs(step[2])
 
 
 @pytest.mark.parametrize("micro_steps", [1, 2])

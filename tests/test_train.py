@@ -41,11 +41,13 @@ def assert_same_state(a, b, atol):
             assert torch.allclose(model_a[k], model_b[k], atol=atol, rtol=0), k
 
 
-def test_resume_equals_the_uninterrupted_run(tmp_path):
-    whole = run(tmp_path / 'whole', '--max_steps=20')
-    run(tmp_path / 'parts', '--max_steps=20', '--stop_at=10')
+@pytest.mark.parametrize("logits_update", ['mirror', 'adam_cosine'])  # adam_cosine: p's Adam moments resume too
+def test_resume_equals_the_uninterrupted_run(tmp_path, logits_update):
+    update = f'--logits_update={logits_update}'
+    whole = run(tmp_path / 'whole', '--max_steps=20', update)
+    run(tmp_path / 'parts', '--max_steps=20', '--stop_at=10', update)
     assert final_state(tmp_path / 'parts')[2] == 10
-    resumed = run(tmp_path / 'parts', '--max_steps=20', '--resume=True')
+    resumed = run(tmp_path / 'parts', '--max_steps=20', '--resume=True', update)
     assert resumed['weights'] == pytest.approx(whole['weights'], abs=1e-6)
     assert_same_state(final_state(tmp_path / 'parts'), final_state(tmp_path / 'whole'), atol=1e-10)
     assert max(whole['weights']) - min(whole['weights']) > 1e-3  # the weights did move
