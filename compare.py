@@ -153,7 +153,11 @@ def oracle(cfg):
 def updates(cfg):
     """Each candidate p update: learned weights and their stage-two test loss, seed by seed, against the
     oracle's best grid point (run `--what=oracle` first), whose stage-two run is repeated on every seed."""
-    with open(os.path.join(cfg.out_dir, 'oracle', cfg.data, 'oracle.json')) as f:
+    oracle_file = os.path.join(cfg.out_dir, 'oracle', cfg.data, 'oracle.json')
+    if not os.path.isfile(oracle_file):
+        raise FileNotFoundError(f"no oracle at {oracle_file}: run `python compare.py --what=oracle "
+                                f"--data={cfg.data} --out_dir={cfg.out_dir}` first")
+    with open(oracle_file) as f:
         best = json.load(f)['best']
     target = np.array(list(best['weights'].values()))
     # test losses are compared seed by seed: two seeds' models differ by more than 1% at the same weights

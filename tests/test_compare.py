@@ -1,6 +1,8 @@
 """compare.py's bookkeeping, with train.py runs replaced by a known landscape (real runs take minutes)."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -38,9 +40,25 @@ def test_oracle_finds_the_best_grid_point_and_updates_measure_the_distance_to_it
     assert result['worst']['weights']['add'] == 0.0
     assert result['best_minus_worst'] == pytest.approx(0.49, abs=1e-9)
     assert result['max_seed_spread'] == pytest.approx(1e-3)
-    rows = compare.updates(compare.CompareConfig(what='updates', data='mixture', updates='mirror', out_dir=str(tmp_path)))
-    assert rows[0]['distance_to_oracle'] == pytest.approx(0.02)  # seeds learned 0.68 and 0.69 against 0.7
-    assert rows[0]['seed_spread'] == pytest.approx(0.01)
+    rows = compare.updates(compare.CompareConfig(what='updates', data='mixture', updates='mirror,adam_cosine',
+                                                 seeds=3, candidate_seeds=2, out_dir=str(tmp_path)))
+    assert [len(r['weights']) for r in rows] == [3, 2]  # --seeds for the default, --candidate_seeds for others
+    assert rows[0]['seed_spread'] == pytest.approx(0.02)  # the default's seeds learned 0.68, 0.69, 0.70
+    assert rows[1]['distance_to_oracle'] == pytest.approx(0.02)  # 0.68 and 0.69 against 0.7
+    assert rows[1]['seed_spread'] == pytest.approx(0.01)
     # seed by seed against the oracle's point on the same seed
     ratios = [(1.5 + (w - 0.7) ** 2 + 1e-3 * s + 0.01) / (1.5 + 1e-3 * s + 0.01) for s, w in enumerate((0.68, 0.69))]
-    assert rows[0]['test_loss_vs_oracle'] == pytest.approx(np.mean(ratios) - 1)
+    assert rows[1]['test_loss_vs_oracle'] == pytest.approx(np.mean(ratios) - 1)
+
+
+@pytest.mark.parametrize("args, message", [
+    (['--what=grid'], "error: --what must be baselines, oracle or updates, got 'grid'"),
+    (['--what=oracle', '--data=denoise'], "error: --data=denoise: the oracle's grid is defined for mixture, dilution"),
+    (['--what=updates', '--data=mixture'], "error: no oracle at "),
+    (['--seeds=two'], "error: --seeds expects int, got 'two'"),
+])
+def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, 'compare.py', *args, f'--out_dir={tmp_path}'], capture_output=True,
+                          text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(message)
