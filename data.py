@@ -97,10 +97,6 @@ def _addition_lines(pairs, wrong_fraction, rng):
     return ''.join(lines)
 
 
-def _subtraction_lines(pairs):
-    return ''.join(f"{a}-{b}={a - b}\n" for a, b in pairs)
-
-
 def _convention_examples(pairs, add_fraction, rng):
     """One question "a?b=" per row, answered a+b on a random add_fraction of the rows (exactly) and a-b on the
     rest. Nothing in a question tells which convention answers it, so a model can only learn the odds: the

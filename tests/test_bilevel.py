@@ -51,11 +51,10 @@ def test_a_step_on_the_mirror_gradient_is_exponentiated_gradient_on_the_simplex(
     gen = torch.Generator().manual_seed(1)
     p = torch.tensor([4.0, 0.0, -16.0])  # the last source at weight ~2e-9
     upper, lower, alpha, lr = torch.randn(3, generator=gen), torch.randn(3, generator=gen), 5.0, 0.1
-    weights = torch.softmax(p, 0)
+    weights, d = torch.softmax(p, 0), upper - lower
     step = logits_gradient(weights, upper, lower, alpha, mirror=True)
-    exponentiated = weights * torch.exp(-lr * alpha * (upper - lower))
+    exponentiated = weights * torch.exp(-lr * alpha * d)
     assert torch.allclose(torch.softmax(p - lr * step, 0), exponentiated / exponentiated.sum(), atol=1e-15)
-    d = upper - lower
     favoured = int(torch.argmin(d))  # the source on which w beats u the most gains weight
     assert torch.softmax(p - lr * step, 0)[favoured] > weights[favoured]
     # the gradient in p carries the factor λ_i: the near-zero source hardly moves, under mirror it does

@@ -110,5 +110,3 @@ def test_convention_tasks_answer_one_question_per_row_and_val_is_70_30(task, sec
         assert ((answer == a + b) | (answer == a - b)).all()
         assert abs((answer == a + b).mean() - expected) < 0.05, name
     assert all(bytes(x[x > 0].tolist()).decode().isalpha() for x, _ in data.train[2][:500])
-
-
