@@ -1,8 +1,10 @@
 """
-Baselines: what a user would pick instead of ScaleBiO, on the same stratified batches and the same model.
-Each is one model trained by an online rule; none learns weights over sources, so train.py reports the
-share of each step's training signal that each source received, averaged over the run.
+Baselines: what a user would pick instead of ScaleBiO, on the same stratified batches and the same model, and
+stage two of the paper's protocol. Each is one model trained by an online rule, in a step with the signature
+of ScaleBiO's (steps.py): `step(run, step, alpha) -> dict`. None learns weights over sources, so each reports
+the share of each step's training signal that each source received, averaged over the run.
 
+    python train.py --method=fixed --weights=out/summary.json --out_dir=out-stage2  # stage two: learned weights
     python train.py --method=fixed --weights=val_only --out_dir=out-val    # train on the validation split alone
     python train.py --method=irdro --out_dir=out-irdro
     python train.py --method=rholoss --reference=out-val --out_dir=out-rho  # reference model: the run above
@@ -19,8 +21,11 @@ share of each step's training signal that each source received, averaged over th
 import torch
 import torch.distributed as dist
 
-from data import rank_rows
-from fsdp import gather_over_ranks, load_best_model
+from bilevel import check_finite, step_and_clear
+from checkpoint import load_best_model
+from data import rank_rows, train_batch
+from fsdp import gather_over_ranks
+from steps import clip_gradient, model_objective, scalebio_train_step, step_rows, validation_rows
 
 
 def irdro_row_weights(row_losses, temperature):
@@ -37,7 +42,7 @@ def _rank_and_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def irdro_step(model, x, y, n_sources, temperature, autocast):
+def irdro_backward(model, x, y, n_sources, temperature, autocast):
     """Forward and backward of Σ_j w_j·ℓ_j over the GLOBAL batch (this rank holds its share of every
     source's rows, as data.rank_rows cuts them), w = irdro_row_weights. Returns the weight each source
     received in this step (its rows' w summed) and the per-source mean losses over the global batch."""
@@ -62,7 +67,7 @@ def _row_losses(model, x, y, autocast):
     return row_loss
 
 
-def rholoss_step(model, reference_model, x, y, n_sources, n_select, autocast):
+def rholoss_backward(model, reference_model, x, y, n_sources, n_select, autocast):
     """x, y: the step's GLOBAL candidate batch (n_sources equal groups of rows), the same on every rank.
     Each rank scores its share of the candidates (data.rank_rows), the scores are gathered, so every rank
     selects the same n_select examples with the largest reducible loss, and each rank trains on an equal
@@ -85,6 +90,52 @@ def rholoss_step(model, reference_model, x, y, n_sources, n_select, autocast):
     return received, losses.view(n_sources, -1).mean(dim=1)
 
 
+def fixed_step(run, step, alpha):
+    """Stage two: one model descends the lower level's objective L_train(θ, λ) with the weights fixed; for
+    --weights=val_only, the mean loss of as many rows of the validation split instead (no training source)."""
+    cfg, n_sources = run.cfg, len(run.data.sources)
+    if cfg.weights == 'val_only':
+        (x, y), n_groups = validation_rows(run, step, n_sources * cfg.batch_per_source), 1
+        received = torch.zeros(n_sources, device=run.device, dtype=run.received_sum.dtype)
+    else:
+        (x, y), n_groups, received = step_rows(run, step), n_sources, run.fixed_weights
+    losses, _ = model_objective(run, run.models[0], x, y, None, None, n_groups)(run.fixed_weights, 0.0)
+    step_and_clear(run.optimizers[0])
+    return received_so_far(run, step, received, losses)
+
+
+def irdro_step(run, step, alpha):
+    """IR-DRO on the step's stratified batch: each row weighted by irdro_row_weights over the global batch."""
+    x, y = step_rows(run, step)
+    received, losses = irdro_backward(run.models[0], x, y, len(run.data.sources), run.cfg.dro_temperature,
+                                      run.autocast)
+    return clip_and_step(run, step, received, losses)
+
+
+def rholoss_step(run, step, alpha):
+    """The step's GLOBAL candidate batch, rho_candidates times the training batch, scored by the ranks together."""
+    cfg, n_sources = run.cfg, len(run.data.sources)
+    cx, cy = (t.to(run.device) for t in train_batch(run.data, step, cfg.rho_candidates * cfg.batch_per_source,
+                                                    cfg.block_size, cfg.seed))
+    received, losses = rholoss_backward(run.models[0], run.reference_model, cx, cy, n_sources,
+                                        n_sources * cfg.batch_per_source, run.autocast)
+    return clip_and_step(run, step, received, losses)
+
+
+def clip_and_step(run, step, received, losses):
+    check_finite(source_losses=losses)
+    clip_gradient(run, run.models[0])
+    step_and_clear(run.optimizers[0])
+    return received_so_far(run, step, received, losses)
+
+
+def received_so_far(run, step, received, losses):
+    """The step's dict: each source's share of the training signal averaged over steps 0..step, and the mean
+    of the per-source losses for the progress bar."""
+    run.received_sum += received.to(run.received_sum.dtype)
+    return {'weights': run.received_sum / (step + 1), 'loss': losses.mean()}
+
+
 def load_reference(run_dir, model_config, data):
     """RHO-LOSS's reference model: the best model of a finished run (its out_dir/best) on the same data."""
     if not run_dir:
@@ -95,3 +146,7 @@ def load_reference(run_dir, model_config, data):
     if meta.get('data', data) != data:
         raise ValueError(f"--reference={run_dir} was trained on --data={meta['data']}, this run is on {data}")
     return model
+
+
+# --method: the step train.py's loop calls; each takes (run, step, alpha) and returns {'weights', 'loss'}
+METHOD_STEPS = {'scalebio': scalebio_train_step, 'fixed': fixed_step, 'irdro': irdro_step, 'rholoss': rholoss_step}

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bilevel import LOGITS_UPDATES, make_logits_optimizer, scalebio_step, update_logits
+from bilevel import make_logits_optimizer, step_and_clear
+from config import TrainConfig, override
 from fsdp import local_bytes, optimizer_state_bytes
 from lisa import draw_active_blocks, set_active_blocks
 from model import GPT, GPT2_SHAPES, GPTConfig, make_optimizer
-from train import TrainConfig, model_objective, optimizer_update, override
+from steps import Run, model_objective, scalebio_gpt_step
 
 
 @dataclass
@@ -68,11 +69,13 @@ def build(cfg, device, lisa_layers):
         for m in models:
             for block in m.transformer.h:
                 block.compile()
-    optimizers = [make_optimizer(m, 1e-4, 0.01) for m in models]
+    train_cfg = TrainConfig(penalty_alpha=cfg.penalty_alpha, central_difference=cfg.central_difference,
+                            grad_clip=cfg.grad_clip)
     logits = torch.zeros(cfg.n_sources, device=device, requires_grad=True)
-    logits_opt = make_logits_optimizer(logits, TrainConfig.logits_update)
-    autocast = torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.enable_grad()
-    grad_bytes = {}
+    run = Run(train_cfg, models, optimizers=[make_optimizer(m, 1e-4, 0.01) for m in models], source_logits=logits,
+              logits_optimizer=make_logits_optimizer(logits, train_cfg.logits_update), device=device,
+              autocast=torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.enable_grad(),
+              fixed_weights=torch.full((cfg.n_sources,), 1.0 / cfg.n_sources, device=device))
     gen = torch.Generator().manual_seed(0)
 
     def batch(rows):
@@ -82,28 +85,18 @@ def build(cfg, device, lisa_layers):
     def step(i):
         x, y = batch(cfg.n_sources * cfg.batch_per_source)
         if lisa_layers is None:  # plain fine-tuning: the lower level's objective with uniform weights
-            weights = torch.full((cfg.n_sources,), 1.0 / cfg.n_sources, device=device)
-            model_objective(models[0], x, y, None, None, cfg.n_sources, 1, autocast)(weights, 0.0)
-            optimizer_update(models[0], optimizers[0], cfg.grad_clip, grad_bytes)()
+            model_objective(run, models[0], x, y, None, None, cfg.n_sources)(run.fixed_weights, 0.0)
+            step_and_clear(run.optimizers[0])
             return
-        for copy_index, (m, opt) in enumerate(zip(models, optimizers)):
+        for copy_index, (m, opt) in enumerate(zip(run.models, run.optimizers)):
             set_active_blocks(m.transformer.h, opt, draw_active_blocks(
                 cfg.n_layer, lisa_layers, 0, i // cfg.lisa_interval, copy_index))
-        vx, vy = batch(cfg.val_batch)
-        lower_val = (vx, vy) if cfg.central_difference else (None, None)
-        scalebio_step(logits, cfg.penalty_alpha,
-                      model_objective(models[0], x, y, *lower_val, cfg.n_sources, 1, autocast),
-                      model_objective(models[1], x, y, vx, vy, cfg.n_sources, 1, autocast),
-                      optimizer_update(models[0], optimizers[0], cfg.grad_clip, grad_bytes),
-                      optimizer_update(models[1], optimizers[1], cfg.grad_clip, grad_bytes),
-                      lambda: update_logits(logits_opt),
-                      central_difference=cfg.central_difference,
-                      mirror=LOGITS_UPDATES[TrainConfig.logits_update]['mirror'])
+        scalebio_gpt_step(run, x, y, *batch(cfg.val_batch), cfg.penalty_alpha)
 
     def state():
         """(parameters + moments, gradients at their peak), bytes, both copies."""
-        return (sum(local_bytes(m.parameters()) for m in models) + sum(optimizer_state_bytes(o) for o in optimizers),
-                sum(grad_bytes.values()))
+        return (sum(local_bytes(m.parameters()) for m in models) + sum(optimizer_state_bytes(o) for o in run.optimizers),
+                sum(run.grad_bytes.values()))
     return models, step, state
 
 

@@ -69,7 +69,7 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
     central_difference=True uses [ℓ(σ) − ℓ(−σ)]/(2σ) instead, bias O(1/α²): the lower copy then descends
     α·L_train − L_val (it becomes v, the point at −σ) and p's gradient is (α/2)·J·(ℓ(w) − ℓ(v)). Same two
     copies, same cost; it needs α·L_train − L_val to be bounded below (α > L_val's curvature / L_train's),
-    which theory/ checks on quadratics and which need not hold for a language model (README).
+    which theory/ checks on quadratics and which need not hold for a language model.
 
     lower_objective, upper_objective(source_coeffs, val_coeff): run forward and backward of
         Σ_i source_coeffs[i]·ℓ_i(model) + val_coeff·L_val(model)
@@ -95,31 +95,31 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
                 val_loss=val_loss, logits_grad=logits_grad)
 
 
-# p's update, chosen by train.py's --logits_update (README, "Optimal weights and p's update"): the optimizer,
-# its step size unless --logits_lr gives one, and whether the step is taken on the gradient in λ (mirror
-# descent, see logits_gradient). Both follow the warmup + cosine schedule of u and w: p's gradient is measured
-# by u and w, and a p that keeps moving once they have stopped runs to a vertex (README). Adam at a constant
-# rate, gradient steps on p and SOBOW's window average were measured too and removed (README).
-LOGITS_UPDATES = {
+# p's update rules, chosen by --logits_update: the optimizer, its step size unless --logits_lr gives one, and
+# whether the step is taken on the gradient in λ (mirror descent, see logits_gradient). Both follow the warmup +
+# cosine schedule of u and w: p's gradient is measured by u and w, and a p that keeps moving once they have
+# stopped runs to a vertex of the simplex (docs/results.md, "p's update").
+LOGITS_RULES = {
     'mirror': dict(optimizer='sgd', lr=0.1, mirror=True),         # exponentiated gradient (the default)
     'adam_cosine': dict(optimizer='adam', lr=3e-2, mirror=False),  # the authors'
 }
 
 
-def logits_lr(update, lr, lr_mult):
-    """p's step size under the rule LOGITS_UPDATES[update] (lr 0: the rule's own), given the multiplier of
-    the warmup + cosine schedule."""
-    return (lr or LOGITS_UPDATES[update]['lr']) * lr_mult
+def logits_step_size(rule, lr, lr_mult):
+    """p's step size under LOGITS_RULES[rule] (lr 0: the rule's own), given the multiplier of the warmup +
+    cosine schedule."""
+    return (lr or LOGITS_RULES[rule]['lr']) * lr_mult
 
 
-def make_logits_optimizer(source_logits, update, lr=0.0, weight_decay=0.0):
-    """p's optimizer for the rule LOGITS_UPDATES[update] (lr 0: the rule's own)."""
-    optimizer = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD}[LOGITS_UPDATES[update]['optimizer']]
-    return optimizer([source_logits], lr=logits_lr(update, lr, 1.0), weight_decay=weight_decay)
+def make_logits_optimizer(source_logits, rule, lr=0.0, weight_decay=0.0):
+    """p's optimizer for LOGITS_RULES[rule] (lr 0: the rule's own)."""
+    optimizer = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD}[LOGITS_RULES[rule]['optimizer']]
+    return optimizer([source_logits], lr=logits_step_size(rule, lr, 1.0), weight_decay=weight_decay)
 
 
-def update_logits(optimizer):
-    """The update_logits of scalebio_step: p's optimizer applied to the gradient left in p, then cleared."""
+def step_and_clear(optimizer):
+    """An update of scalebio_step: the optimizer applied to the gradient left behind, then the gradient
+    dropped (set to None, never zeroed: AdamW still moves a parameter whose gradient is a zero tensor)."""
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

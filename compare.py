@@ -2,7 +2,7 @@
 Does ScaleBiO earn its cost? Every method on the same built-in tasks, and ScaleBiO's weights against the
 best weights found by brute force. Each number is a train.py run (in this process), seed by seed.
 
-    python compare.py --what=baselines              # README table: stage-two test loss and weights per method
+    python compare.py --what=baselines              # docs/results.md: stage-two test loss and weights per method
     python compare.py --what=oracle --data=mixture  # grid over the simplex of the useful sources (2 seeds)
     python compare.py --what=updates --data=mixture --seeds=5  # p's candidate updates against the oracle's best point
 
@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 import train
-from bilevel import LOGITS_UPDATES
+from bilevel import LOGITS_RULES
+from config import TrainConfig, override, parse_config
+from data import load_data
 
 
 @dataclass
@@ -35,7 +37,7 @@ class CompareConfig:
     seeds: int = 2                  # oracle, and updates for train.py's default p update: seeds 0..seeds-1
     candidate_seeds: int = 2        # updates: seeds for every other candidate
     grid_step: float = 0.1          # oracle: spacing of the grid on the simplex
-    updates: str = ','.join(LOGITS_UPDATES)  # updates: the candidates to run
+    updates: str = ','.join(LOGITS_RULES)  # updates: the candidates to run
     train_args: str = ''            # more train.py arguments for every run, space-separated
     out_dir: str = 'compare'
 
@@ -50,7 +52,7 @@ def run(out_dir, *args):
     with the same arguments, the same resulting config and the same input files (weights, reference model)
     is read back, so an interrupted comparison continues where it stopped."""
     argv = [f'--out_dir={out_dir}', '--eval_interval=500', '--ckpt_interval=100000', *args, *TRAIN_ARGS]
-    cfg = train.parse_config(argv)
+    cfg = parse_config(argv)
     inputs = [os.path.join(cfg.reference, 'best', 'meta.json')] if cfg.reference else []
     inputs += [cfg.weights] if os.path.isfile(cfg.weights) else []
     key = {'argv': argv, 'config': dataclasses.asdict(cfg), 'inputs': [open(path).read() for path in inputs]}
@@ -124,7 +126,7 @@ def grid_point_run(cfg, sources, weights, seed):
 def oracle(cfg):
     """Each grid point: stage-two runs with those fixed weights, one per seed, scored by the mean val loss."""
     folder = os.path.join(cfg.out_dir, 'oracle', cfg.data)
-    sources = train.load_data(cfg.data, train.TrainConfig.block_size, 0).sources
+    sources = load_data(cfg.data, TrainConfig.block_size, 0).sources
     useful = USEFUL_SOURCES[cfg.data]
     points = []
     for point in grid(len(useful), cfg.grid_step):
@@ -168,7 +170,7 @@ def updates(cfg):
     for update in cfg.updates.split(','):
         label = ' '.join([update, *TRAIN_ARGS])  # e.g. "adam_cosine --central_difference=False"
         learned, tested = [], []
-        for seed in range(cfg.seeds if update == train.TrainConfig.logits_update else cfg.candidate_seeds):
+        for seed in range(cfg.seeds if update == TrainConfig.logits_update else cfg.candidate_seeds):
             run_dir = f"{folder}/{label.replace(' --', '+').replace('=', '_')}/seed{seed}"
             summary = run(run_dir, f'--data={cfg.data}', f'--seed={seed}', f'--logits_update={update}')
             learned.append(summary['weights'])
@@ -192,7 +194,7 @@ def updates(cfg):
 
 
 def main(argv):
-    cfg = train.override(CompareConfig(), argv)
+    cfg = override(CompareConfig(), argv)
     TRAIN_ARGS[:] = cfg.train_args.split()
     if cfg.what not in ('baselines', 'oracle', 'updates'):
         raise ValueError(f"--what must be baselines, oracle or updates, got '{cfg.what}'")

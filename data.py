@@ -104,7 +104,7 @@ def _convention_examples(pairs, add_fraction, rng):
     answer only: with several lines to a row, a model reads the convention of the lines before as a cue.
     Every answer is signed ("+7", "-3"), so all have three tokens with the newline: a source's loss is a mean
     over rows of each row's token mean while L_val is a token mean, and with answers of unequal lengths the
-    two weigh a question differently, which moved the best weights off the closed form (README)."""
+    two weigh a question differently and the best weights move off the closed form."""
     is_add = rng.permutation(len(pairs)) < round(add_fraction * len(pairs))
     return [(f"{a}?{b}=", f"{a + b if add else a - b:+d}") for (a, b), add in zip(pairs, is_add)]
 
@@ -135,7 +135,7 @@ def builtin_task(name, seed, tokenizer=BYTES, block_size=32, lines_per_source=20
                  for pct in (0, 25, 50, 75, 100)}
     elif name in ('mixture', 'dilution'):
         # digits 0-4, and val and test ask the questions training asks: what generalises to unseen pairs
-        # varies from seed to seed more than the weights matter (README), and here only the weights should
+        # varies from seed to seed more than the weights matter, and here only the weights should
         digit_pairs = [(a, b) for a in range(5) for b in range(5)]
 
         def questions(n):
@@ -313,12 +313,12 @@ def train_batch(data, step, batch_per_source, block_size, seed):
     return torch.cat(xs), torch.cat(ys)
 
 
-def val_batch(data, step, n_rows, block_size, seed):
+def validation_batch(data, step, n_rows, block_size, seed):
     """The validation batch of `step`, for the upper-level objective L_val."""
     return _rows(data.val, n_rows, block_size, np.random.default_rng([seed, VAL_KEY, step]))
 
 
-def eval_batches(data, split, n_batches, n_rows, block_size, seed):
+def evaluation_batches(data, split, n_batches, n_rows, block_size, seed):
     """A fixed list of batches for evaluation: split is 'val', 'test' or a source's name."""
     tokens = {'val': data.val, 'test': data.test, **dict(zip(data.sources, data.train))}[split]
     split_index = (['val', 'test'] + data.sources).index(split)

@@ -1,30 +1,16 @@
 """
-Everything in this project that knows there may be several processes: torchrun's process group, FSDP2
-sharding of a model copy, averaging over ranks, sharded checkpoints and the bytes one rank holds.
+What knows there may be several processes: torchrun's process group, FSDP2 sharding of a model copy,
+averaging and gathering over ranks, and the bytes one rank holds (checkpoint.py writes the shards).
 bilevel.py stays free of it: the step never learns how its models are sharded.
 
-With plain `python train.py` there is no process group and each function does the one-process thing
-(torch.distributed.checkpoint also works without a process group, so there is one checkpoint format).
+With plain `python train.py` there is no process group and each function does the one-process thing.
 """
-import json
 import os
-import shutil
-import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-
-from data import rank_rows
-from model import GPT, GPTConfig, target_counts
-
-# one process has no process group, and torch.distributed.checkpoint says so at every save; that is expected
-warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
 
 
 def init_distributed(device):
@@ -107,94 +93,6 @@ def optimizer_state_bytes(optimizer):
 
 def rank_bytes(models, optimizers, grad_bytes):
     """What this rank holds for the models (local shards): parameters, gradients at their peak (recorded by
-    the caller just before each optimizer step), Adam moments."""
+    steps.clip_gradient once the backward is done), Adam moments."""
     return {'parameters': sum(local_bytes(m.parameters()) for m in models), 'gradients': sum(grad_bytes.values()),
             'optimizer_state': sum(optimizer_state_bytes(o) for o in optimizers)}
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints: a folder written by torch.distributed.checkpoint (each rank writes its own shards, nothing
-# is gathered into one rank's memory) plus meta.json; saved at one world size, loadable at any other.
-
-def full_state_dict(model):
-    """The whole model's state dict on CPU, gathered from the shards: for export only (checkpoints stay sharded)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_checkpoint(path, models, optimizers, tensors, meta):
-    """Written into path.tmp, then renamed: a kill during a save leaves the previous checkpoint intact
-    (between the two renames it is path.old, which load_checkpoint also accepts)."""
-    tmp = path + '.tmp'
-    if is_main_process() and os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    barrier()
-    state = {'models': [get_model_state_dict(m) for m in models],
-             'optimizers': [get_optimizer_state_dict(m, o) for m, o in zip(models, optimizers)],
-             'tensors': tensors}
-    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    if is_main_process():
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump(meta, f)
-        shutil.rmtree(path + '.old', ignore_errors=True)  # left by a process killed between the renames
-        if os.path.exists(path):
-            os.rename(path, path + '.old')
-        os.rename(tmp, path)
-        shutil.rmtree(path + '.old', ignore_errors=True)
-    barrier()
-
-
-def checkpoint_folder(path):
-    for candidate in (path, path + '.old'):
-        if os.path.isfile(os.path.join(candidate, 'meta.json')):
-            return candidate
-    raise FileNotFoundError(f"--resume=True but there is no checkpoint {path}")
-
-
-def read_meta(path):
-    with open(os.path.join(checkpoint_folder(path), 'meta.json')) as f:
-        return json.load(f)
-
-
-def load_checkpoint(path, models, optimizers, tensors):
-    """Loads in place. The optimizers' state entries must exist for the parameters that had state when
-    the checkpoint was saved (get_optimizer_state_dict creates them for every parameter that requires
-    grad, with a zero-lr step), so the caller sets requires_grad as it was at the save (LISA)."""
-    state = {'models': [get_model_state_dict(m) for m in models],
-             'optimizers': [get_optimizer_state_dict(m, o) for m, o in zip(models, optimizers)],
-             'tensors': tensors}
-    dcp.load(state, checkpoint_id=checkpoint_folder(path), no_dist=not dist.is_initialized())
-    for model, opt, model_state, opt_state in zip(models, optimizers, state['models'], state['optimizers']):
-        set_model_state_dict(model, model_state)
-        set_optimizer_state_dict(model, opt, opt_state)
-
-
-@torch.no_grad()
-def evaluate(model, batches, autocast, rank, world_size, per_example=False):
-    """Token-mean loss over the batches (per_example: the mean of row means, a source's loss). Each rank takes
-    its rows and the sums are all-reduced, so every rank's decisions on it (the best checkpoint) agree."""
-    model.eval()
-    sums = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device)  # loss over tokens, tokens
-    for x, y in batches:
-        x, y = rank_rows(x, 1, rank, world_size), rank_rows(y, 1, rank, world_size)
-        with autocast:
-            _, row_loss = model(x, y)
-        counts = target_counts(y, torch.float64) if not per_example else torch.ones_like(row_loss).double()
-        sums += torch.stack([(row_loss.double() * counts).sum(), counts.sum()])
-    model.train()
-    sums = mean_over_ranks(sums)
-    return (sums[0] / sums[1]).item()
-
-
-def load_best_model(run_dir):
-    """The best model of a finished train.py run (out_dir/best, saved at any world size), unsharded on the
-    CPU, and its meta.json (step, val_loss, model_config, tokenizer)."""
-    folder = os.path.join(run_dir, 'best')
-    if not os.path.isfile(os.path.join(folder, 'meta.json')):
-        raise FileNotFoundError(f"no {folder}/meta.json: train.py writes it at its first evaluation")
-    with open(os.path.join(folder, 'meta.json')) as f:
-        meta = json.load(f)
-    model = GPT(GPTConfig(**meta['model_config']))
-    state = {'models': [model.state_dict()]}
-    dcp.load(state, checkpoint_id=folder, no_dist=True)
-    model.load_state_dict(state['models'][0])
-    return model.eval(), meta

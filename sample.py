@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpoint import load_best_model
+from config import override
 from data import load_tokenizer
-from fsdp import load_best_model
-from train import override
 
 
 @dataclass

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+import steps
 import train
-from baselines import irdro_row_weights, rholoss_select
+from baselines import METHOD_STEPS, irdro_row_weights, rholoss_select
+from config import METHODS
 from test_train import assert_same_state, final_state, run
 
 
@@ -37,7 +39,7 @@ def test_rholoss_selects_the_largest_reducible_losses():
 def test_val_only_never_sees_a_training_source(tmp_path, monkeypatch):
     def no_training_batches(*args, **kwargs):
         raise AssertionError("val_only asked for a training batch")
-    monkeypatch.setattr(train, 'train_batch', no_training_batches)
+    monkeypatch.setattr(steps, 'train_batch', no_training_batches)
     summary = run(tmp_path / 'val', '--method=fixed', '--weights=val_only', '--max_steps=6')
     assert summary['weights'] == [0.0, 0.0, 0.0]
     with pytest.raises(AssertionError, match='training batch'):  # the guard is live: uniform does need them
@@ -70,3 +72,7 @@ def test_rholoss_trains_on_selected_examples_with_a_reference_model(tmp_path):
     summary = run(tmp_path / 'rho', '--method=rholoss', f'--reference={tmp_path / "ref"}', '--max_steps=10')
     assert sum(summary['weights']) == pytest.approx(1.0)
     assert all(0.0 <= w <= 1.0 for w in summary['weights'])
+
+
+def test_every_method_the_config_accepts_has_a_step():
+    assert tuple(METHOD_STEPS) == METHODS

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from bilevel import cosine_lr, logits_gradient, penalty_schedule, scalebio_step
-from model import GPT, GPTConfig
-from train import model_objective
+from bilevel import cosine_lr, logits_gradient, make_logits_optimizer, penalty_schedule, scalebio_step
+from config import TrainConfig
+from model import GPT, GPTConfig, make_optimizer
+from steps import Run, model_objective, scalebio_gpt_step
 
 
 @pytest.fixture(autouse=True)
@@ -74,9 +75,10 @@ def test_step_on_a_gpt_sets_the_autograd_gradient_of_the_penalty(micro_steps):
     vx, vy = torch.randint(0, 20, (4, 8)), torch.randint(0, 20, (4, 8))
     source_logits = torch.tensor([0.3, -0.2, 0.1], requires_grad=True)
     alpha = 10.0
+    run = Run(TrainConfig(grad_clip=0.0), [lower_model, upper_model], micro_steps=micro_steps)  # 0: no clipping
     result = scalebio_step(source_logits, alpha,
-                           model_objective(lower_model, x, y, None, None, 3, micro_steps, torch.enable_grad()),
-                           model_objective(upper_model, x, y, vx, vy, 3, micro_steps, torch.enable_grad()),
+                           model_objective(run, lower_model, x, y, None, None, 3),
+                           model_objective(run, upper_model, x, y, vx, vy, 3),
                            no_update, no_update, no_update)
     p = source_logits.detach().clone().requires_grad_(True)
     weights = torch.softmax(p, 0)
@@ -181,3 +183,20 @@ def test_penalty_schedule_and_learning_rate_shape():
     assert cosine_lr(9, 100, 10) == pytest.approx(1.0)
     assert cosine_lr(55, 100, 10) == pytest.approx(0.5)
     assert cosine_lr(100, 100, 10) == pytest.approx(0.0)
+
+
+def test_a_nan_gradient_of_the_upper_copy_stops_the_step_before_the_lower_copy_moves():
+    torch.manual_seed(0)
+    lower_model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
+    upper_model = copy.deepcopy(lower_model)
+    upper_model.lm_head.weight.register_hook(lambda grad: grad * float('nan'))  # finite losses, NaN gradient
+    source_logits = torch.zeros(3, requires_grad=True)
+    run = Run(TrainConfig(), [lower_model, upper_model], [make_optimizer(m, 1e-2, 0.0) for m in (lower_model, upper_model)],
+              source_logits, make_logits_optimizer(source_logits, 'mirror'))
+    before = copy.deepcopy(lower_model.state_dict())
+    x, y = torch.randint(0, 20, (6, 8)), torch.randint(0, 20, (6, 8))
+    with pytest.raises(FloatingPointError, match="gradient_norm"):
+        scalebio_gpt_step(run, x, y, x[:2], y[:2], 10.0)
+    for name, value in lower_model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert not run.optimizers[0].state and torch.equal(source_logits, torch.zeros(3))

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import builtin_task, eval_batches, load_data, train_batch, val_batch
+from data import builtin_task, evaluation_batches, load_data, train_batch, validation_batch
 
 
 def test_stratified_batch_holds_every_source_in_blocks():
@@ -22,11 +22,11 @@ def test_batch_is_a_pure_function_of_seed_split_and_step():
     late_first = train_batch(data, 7, 4, 16, seed=0)
     for step in range(7):  # drawing other steps first changes nothing
         train_batch(data, step, 4, 16, seed=0)
-        val_batch(data, step, 4, 16, seed=0)
+        validation_batch(data, step, 4, 16, seed=0)
     assert torch.equal(train_batch(data, 7, 4, 16, seed=0)[0], late_first[0])
     assert not torch.equal(train_batch(data, 8, 4, 16, seed=0)[0], late_first[0])
     assert not torch.equal(train_batch(data, 7, 4, 16, seed=1)[0], late_first[0])
-    assert not torch.equal(val_batch(data, 7, 20, 16, seed=0)[0], train_batch(data, 7, 4, 16, seed=0)[0])
+    assert not torch.equal(validation_batch(data, 7, 20, 16, seed=0)[0], train_batch(data, 7, 4, 16, seed=0)[0])
 
 
 def test_builtin_tasks_are_deterministic_and_hold_out_val_and_test_pairs():
@@ -65,7 +65,7 @@ def test_text_folder_sources_are_named_by_file(tmp_path):
     assert data.sources == ['books', 'web']
     x, _ = train_batch(data, 0, 2, 16, seed=0)
     assert x.shape == (4, 16)
-    assert len(eval_batches(data, 'test', 3, 2, 16, seed=0)) == 3
+    assert len(evaluation_batches(data, 'test', 3, 2, 16, seed=0)) == 3
 
 
 @pytest.mark.parametrize("files, message", [

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import train
+from config import TrainConfig
+from steps import Run, model_objective
 from data import BYTES, PROMPT, load_data, train_batch
 from model import GPT, GPTConfig
 
@@ -51,7 +53,8 @@ def test_per_source_losses_are_means_of_per_example_means(tmp_path):
     model = GPT(GPTConfig(block_size=48, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     x = torch.tensor(data.train[0][:, 0])
     y = torch.tensor(data.train[0][:, 1])
-    source_loss, _ = train.model_objective(model, x, y, None, None, 1, 1, torch.enable_grad())(torch.ones(1), 0.0)
+    run = Run(TrainConfig(grad_clip=0.0), [model])
+    source_loss, _ = model_objective(run, model, x, y, None, None, 1)(torch.ones(1), 0.0)
     per_example = [torch.nn.functional.cross_entropy(model(x[i:i + 1])[0][0], y[i], ignore_index=-1) for i in range(2)]
     assert torch.allclose(source_loss, torch.stack(per_example).mean().detach(), atol=1e-6)
 

@@ -21,12 +21,12 @@ import sys
 import numpy as np
 import torch
 
-from bilevel import LOGITS_UPDATES, penalty_schedule
+from bilevel import logits_step_size, penalty_schedule
 from theory.quadratics import (fixed_point, logits_hessian, make_problem, model_step_sizes, one_step,
                                penalty_gradient, penalty_value_and_gradient, run_logits_update, run_single_loop,
                                spectral_radius, stability_boundary, stationary_weights, true_value_and_gradient,
                                trusted_optimum)
-from train import TrainConfig
+from config import TrainConfig
 
 torch.set_default_dtype(torch.float64)
 
@@ -188,10 +188,10 @@ def single_loop_checks(check):
 
 def logits_update_checks(check):
     """p updated exactly as train.py updates it by default (TrainConfig's logits_update, logits_lr,
-    central_difference and max_steps; bilevel.LOGITS_UPDATES), u and w by plain gradient steps: the loop must
+    central_difference and max_steps; bilevel.LOGITS_RULES), u and w by plain gradient steps: the loop must
     end at the penalty's stationary weights s_α."""
     cfg = TrainConfig()
-    lr = cfg.logits_lr or LOGITS_UPDATES[cfg.logits_update]['lr']
+    lr = logits_step_size(cfg.logits_update, cfg.logits_lr, 1.0)
     instances = interior_instances(10.0)
     targets = [torch.softmax(fixed_point(prob, 10.0, cfg.central_difference)[2], 0) for prob in instances]
     worst = max((run_logits_update(prob, 10.0, cfg.logits_update, lr, cfg.max_steps, cfg.central_difference) - s)

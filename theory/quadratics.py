@@ -11,7 +11,7 @@ optimizers plain gradient steps (torch.optim.SGD).
 """
 import torch
 
-from bilevel import LOGITS_UPDATES, cosine_lr, logits_lr, make_logits_optimizer, scalebio_step, update_logits
+from bilevel import LOGITS_RULES, cosine_lr, logits_step_size, make_logits_optimizer, scalebio_step, step_and_clear
 
 
 def make_problem(seed, n_sources=3, dim=4, case='nonrealizable'):
@@ -222,16 +222,16 @@ def run_logits_update(prob, alpha, update, lr, steps, central=False, warmup_step
     """The single loop with p updated exactly as train.py does it (--logits_update=update: bilevel's optimizer,
     geometry and step size, lr 0 being the rule's own), u and w by plain gradient steps of one size.
     Returns the final weights softmax(p)."""
-    rule = LOGITS_UPDATES[update]
+    rule = LOGITS_RULES[update]
     u, w = (torch.zeros(len(prob['target']), requires_grad=True) for _ in range(2))
     p = torch.zeros(len(prob['mixture']), requires_grad=True)
     optimizer = make_logits_optimizer(p, update, lr)
     model_optimizers = [torch.optim.SGD([x], lr=size) for x, size in zip((u, w), model_step_sizes(prob, alpha, 0.9))]
     for t in range(steps):
         for group in optimizer.param_groups:
-            group['lr'] = logits_lr(update, lr, cosine_lr(t, steps, warmup_steps))
+            group['lr'] = logits_step_size(update, lr, cosine_lr(t, steps, warmup_steps))
         scalebio_step(p, alpha, objective(prob, u), objective(prob, w),
-                      *[lambda opt=opt: (opt.step(), opt.zero_grad(set_to_none=True)) for opt in model_optimizers],
-                      lambda: update_logits(optimizer), central_difference=central,
+                      *[lambda opt=opt: step_and_clear(opt) for opt in model_optimizers],
+                      lambda: step_and_clear(optimizer), central_difference=central,
                       mirror=rule['mirror'])
     return torch.softmax(p.detach(), 0)

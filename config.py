@@ -1,0 +1,132 @@
+"""
+Every setting of a run, and how a command line sets it: each field of TrainConfig below is `--field=value`,
+parsed as the type of its default (nanoGPT's configurator, without exec). sample.py, bench.py and compare.py
+parse their own dataclasses with the same `override`.
+"""
+import dataclasses
+from dataclasses import dataclass
+
+from bilevel import LOGITS_RULES
+from model import GPT2_SHAPES
+
+METHODS = ('scalebio', 'fixed', 'irdro', 'rholoss')  # the steps: steps.py (scalebio), baselines.py (the rest)
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = 'denoise'           # 'denoise', 'noise_ladder', 'mixture', 'dilution' or a folder (data.py)
+    tokenizer: str = 'bytes'        # or a local folder: tokenizer.json, or GPT-2's vocab.json + merges.txt
+    seed: int = 0
+    batch_per_source: int = 16      # training rows per source per step (stratified batches)
+    val_batch: int = 32             # validation rows per step, for L_val
+    micro_batch: int = 0            # rows per source per forward on each rank (gradient accumulation); 0: all
+    # model, trained from scratch
+    model: str = ''                 # a GPT-2 shape (gpt2, gpt2-medium, gpt2-large, gpt2-xl), or n_layer etc.
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 64
+    block_size: int = 32
+    dropout: float = 0.0
+    bias: bool = True
+    # method
+    method: str = 'scalebio'        # 'scalebio' learns weights; 'fixed' uses given ones; baselines.py: 'irdro', 'rholoss'
+    weights: str = 'uniform'        # fixed: 'uniform', 'val_only' (the val split alone) or a scalebio summary.json
+    dro_temperature: float = 1.0    # irdro: τ in w ∝ exp(loss/τ) (the IR-DRO authors' default)
+    reference: str = ''             # rholoss: the out_dir of a run whose best model gives irreducible losses
+    rho_candidates: int = 4         # rholoss: each step selects a training batch out of this many times as many
+    penalty_alpha: float = 10.0     # α (the authors: 10 for GPT-2, 100 for 8B-34B models)
+    alpha_growth: float = 1.0       # τ: α is multiplied by τ every alpha_interval steps (1.0: constant α)
+    alpha_interval: int = 0
+    central_difference: bool = True  # u descends α·L_train − L_val: p's gradient has bias O(1/α²) (bilevel.py)
+    # optimisation
+    max_steps: int = 1500           # the horizon of the learning-rate schedule
+    stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
+    lr: float = 1e-3                # AdamW for both model copies
+    logits_update: str = 'mirror'   # p's update rule, a key of bilevel.LOGITS_RULES
+    logits_lr: float = 0.0          # its step size; 0: the rule's own (bilevel.LOGITS_RULES)
+    weight_decay: float = 0.01      # model matrices only
+    logits_weight_decay: float = 0.0  # explicit: the authors' code gets torch's 0.01 by accident
+    warmup_steps: int = 30
+    grad_clip: float = 1.0          # on each model's gradient norm; 0: off
+    lisa_layers: int = 0            # blocks unfrozen at a time; 0 or >= n_layer: full fine-tuning (lisa.py)
+    lisa_interval: int = 20         # steps between LISA switches
+    # bookkeeping
+    out_dir: str = 'out'
+    eval_interval: int = 100
+    eval_batches: int = 4           # batches of val_batch rows per split for evaluation
+    ckpt_interval: int = 500
+    resume: bool = False
+    device: str = 'auto'            # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
+    dtype: str = 'float32'          # parameter dtype: float32, or float64 (exactness tests, CPU)
+    amp: bool = True                # bf16 compute on CUDA (autocast, or FSDP's mixed precision); no effect on CPU
+    compile: bool = False           # torch.compile each block (meant for CUDA)
+    init_from: str = ''             # a local Hugging Face GPT-2 folder: both copies start from its weights
+    export: bool = False            # at the end: out_dir/hf (the trained model, HF format), out_dir/mixture.json
+
+
+# fields that may differ between a run and its resumption (not max_steps: the schedule's horizon)
+RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'eval_interval', 'ckpt_interval', 'device'}
+
+
+def override(cfg, argv):
+    """Sets --field=value arguments on a dataclass, each parsed as the type of its default."""
+    names = [f.name for f in dataclasses.fields(cfg)]
+    for arg in argv:
+        key, eq, text = arg.removeprefix('--').partition('=')
+        if not arg.startswith('--') or not eq:
+            raise ValueError(f"argument '{arg}' is not of the form --field=value")
+        if key not in names:
+            raise ValueError(f"unknown config field '{key}'; valid fields: {', '.join(names)}")
+        default = getattr(cfg, key)
+        if isinstance(default, bool):
+            if text.lower() not in ('true', 'false', '1', '0'):
+                raise ValueError(f"--{key} expects True or False, got '{text}'")
+            value = text.lower() in ('true', '1')
+        else:
+            try:
+                value = type(default)(text)
+            except ValueError:
+                raise ValueError(f"--{key} expects {type(default).__name__}, got '{text}'") from None
+        setattr(cfg, key, value)
+    return cfg
+
+
+def parse_config(argv):
+    """TrainConfig from command-line arguments, every value checked; it is not changed afterwards."""
+    cfg = override(TrainConfig(), argv)
+    for key, allowed in (('method', METHODS), ('dtype', ('float32', 'float64')),
+                         ('logits_update', tuple(LOGITS_RULES)), ('model', ('', *GPT2_SHAPES))):
+        if getattr(cfg, key) not in allowed:
+            raise ValueError(f"--{key} must be one of {', '.join(allowed).strip(', ')}, got '{getattr(cfg, key)}'")
+    if cfg.method in ('irdro', 'rholoss') and cfg.micro_batch:
+        raise ValueError(f"--micro_batch is not implemented for --method={cfg.method}")
+    if cfg.export and not cfg.bias:
+        raise ValueError("--export=True writes a Hugging Face GPT-2, which has biases: it needs --bias=True")
+    if cfg.model:
+        cfg.n_layer, cfg.n_head, cfg.n_embd = GPT2_SHAPES[cfg.model]
+    for key in ('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
+                'eval_batches', 'block_size'):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"--{key} must be positive, got {getattr(cfg, key)}")
+    if cfg.micro_batch < 0:
+        raise ValueError(f"--micro_batch must be 0 (all rows at once) or positive, got {cfg.micro_batch}")
+    return cfg
+
+
+def micro_steps(cfg, world_size):
+    """Forwards per step and copy: --micro_batch rows per source each, out of each rank's share of the batch."""
+    for key, rows in (('batch_per_source', cfg.batch_per_source), ('val_batch', cfg.val_batch)):
+        if rows % world_size:
+            raise ValueError(f"--{key}={rows} is the global count: it must divide among {world_size} processes")
+    local_rows, local_val_rows = cfg.batch_per_source // world_size, cfg.val_batch // world_size
+    if not cfg.micro_batch:
+        return 1
+    if cfg.micro_batch > local_rows or local_rows % cfg.micro_batch:
+        raise ValueError(f"--micro_batch={cfg.micro_batch} must divide the {local_rows} rows per source that each "
+                         f"process gets (--batch_per_source={cfg.batch_per_source} over {world_size} process(es))")
+    steps = local_rows // cfg.micro_batch
+    if local_val_rows % steps:
+        raise ValueError(f"--micro_batch={cfg.micro_batch} makes {steps} forwards per step, which must divide the "
+                         f"{local_val_rows} validation rows each process gets (--val_batch={cfg.val_batch})")
+    return steps

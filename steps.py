@@ -1,0 +1,131 @@
+"""
+One training step of ScaleBiO on two GPT copies: the wiring that turns the models, their optimizers and a
+batch into bilevel.scalebio_step, which knows nothing of GPTs. The baselines' steps (baselines.py) have the
+same signature, `step(run, step, alpha) -> dict`, so train.py's loop calls whichever --method names.
+
+A `Run` holds what a step needs: the config, the model copies, their optimizers and p. train.py builds one
+for a training run; bench.py builds one to time the same step.
+"""
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from bilevel import LOGITS_RULES, check_finite, scalebio_step, step_and_clear
+from config import TrainConfig
+from data import rank_rows, train_batch, validation_batch
+from fsdp import full, local_bytes, mean_over_ranks
+from model import target_counts
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    models: list                        # [lower_model u, upper_model w] for ScaleBiO; [model] for a baseline
+    optimizers: list = None             # AdamW, one per model copy
+    source_logits: torch.Tensor = None  # p, λ = softmax(p); replicated on every rank, not sharded
+    logits_optimizer: torch.optim.Optimizer = None
+    autocast: contextlib.AbstractContextManager = contextlib.nullcontext()  # bf16 on one GPU; FSDP does its own
+    micro_steps: int = 1                # forwards per copy per step (gradient accumulation)
+    data: object = None                 # data.SourceData
+    device: str = 'cpu'
+    rank: int = 0
+    world_size: int = 1
+    fixed_weights: torch.Tensor = None  # fixed: the loss weights of the sources
+    reference_model: torch.nn.Module = None  # rholoss: the model whose losses are irreducible
+    received_sum: torch.Tensor = None   # baselines: the share of each step each source received, summed
+    grad_bytes: dict = field(default_factory=dict)  # per model: bytes of its gradient at their peak
+    # train.py's bookkeeping
+    model_config: object = None         # model.GPTConfig of both copies
+    eval_sets: dict = None              # split -> fixed evaluation batches
+    best_val_loss: float = math.inf
+    train_time: float = 0.0             # seconds spent in steps (not evaluation or checkpoints)
+
+
+def step_rows(run, step):
+    """This rank's rows of the step's global training batch: batch_per_source rows from each source, the same
+    global batch for any number of processes (data.train_batch)."""
+    cfg = run.cfg
+    rows = train_batch(run.data, step, cfg.batch_per_source, cfg.block_size, cfg.seed)
+    return [rank_rows(t, len(run.data.sources), run.rank, run.world_size).to(run.device) for t in rows]
+
+
+def validation_rows(run, step, n_rows):
+    """This rank's rows of the step's validation batch of n_rows rows (data.validation_batch)."""
+    cfg = run.cfg
+    rows = validation_batch(run.data, step, n_rows, cfg.block_size, cfg.seed)
+    return [rank_rows(t, 1, run.rank, run.world_size).to(run.device) for t in rows]
+
+
+def model_objective(run, model, x, y, val_x, val_y, n_groups):
+    """The objective callable of bilevel.scalebio_step for one model on this rank's rows of the step's batch:
+    backward of Σ_i coeff_i·ℓ_i(model) + val_coeff·L_val(model), in run.micro_steps accumulated pieces; then the
+    losses and the gradient norm checked and the gradient clipped (clip_gradient). Returns (ℓ(model), L_val(model)) averaged over ranks, so that p's
+    gradient is the same on every rank. x holds n_groups equal groups of rows, one per source; ℓ_i is the mean
+    of its rows' token means. (FSDP averages the model gradients over ranks itself; it knows nothing of p.)"""
+    micro_steps = run.micro_steps
+
+    def objective(source_coeffs, val_coeff):
+        T = x.size(-1)
+        source_losses = val_loss = 0.0
+        if val_coeff:  # L_val is a token mean over the GLOBAL validation batch: each rank divides its token
+            # sum by the mean count per rank, and FSDP's average over ranks completes the global mean
+            val_tokens = mean_over_ranks(target_counts(val_y, torch.float64).sum().to(x.device))
+        for k in range(micro_steps):
+            rows_x, rows_y = (t.view(n_groups, micro_steps, -1, T)[:, k].reshape(-1, T) for t in (x, y))
+            n_train = rows_x.size(0)
+            if val_coeff:  # one forward for training and validation rows
+                rows_x = torch.cat([rows_x, val_x.view(micro_steps, -1, T)[k]])
+                rows_y = torch.cat([rows_y, val_y.view(micro_steps, -1, T)[k]])
+            with run.autocast:
+                _, row_loss = model(rows_x, rows_y)
+            piece = row_loss[:n_train].view(n_groups, -1).mean(dim=1) / micro_steps  # rows grouped by source
+            total = (source_coeffs.to(piece.dtype) * piece).sum()
+            if val_coeff:
+                val_rows = row_loss[n_train:]
+                val_piece = (val_rows * target_counts(rows_y[n_train:], val_rows.dtype)).sum() / val_tokens
+                total = total + val_coeff * val_piece
+                val_loss = val_loss + val_piece.detach()
+            total.backward()
+            source_losses = source_losses + piece.detach()
+        source_losses, val_loss = mean_over_ranks(source_losses), mean_over_ranks(val_loss) if val_coeff else None
+        check_finite(source_losses=source_losses, val_loss=val_loss)
+        clip_gradient(run, model)
+        return source_losses, val_loss
+    return objective
+
+
+def clip_gradient(run, model):
+    """Clips the model's gradient norm to grad_clip (0: only measures it) and raises FloatingPointError if it is
+    not finite: a finite loss can still give a NaN gradient. It runs as each objective ends, so both copies'
+    gradients are checked before either copy steps."""
+    grads = [p for p in model.parameters() if p.grad is not None]
+    run.grad_bytes[model] = local_bytes(p.grad for p in grads)  # at their peak, for fsdp.rank_bytes
+    norm = torch.nn.utils.clip_grad_norm_(grads, run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf)
+    check_finite(gradient_norm=full(norm))
+
+
+def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
+    """bilevel.scalebio_step on the run's two GPT copies and p, with this rank's rows of one training batch
+    (shared by both copies) and of one validation batch. Returns scalebio_step's dict."""
+    cfg, (lower_model, upper_model), n_sources = run.cfg, run.models, run.source_logits.numel()
+    lower_val = (val_x, val_y) if cfg.central_difference else (None, None)  # v descends α·L_train − L_val
+    return scalebio_step(
+        run.source_logits, alpha,
+        lower_objective=model_objective(run, lower_model, x, y, *lower_val, n_sources),
+        upper_objective=model_objective(run, upper_model, x, y, val_x, val_y, n_sources),
+        update_lower=lambda: step_and_clear(run.optimizers[0]),
+        update_upper=lambda: step_and_clear(run.optimizers[1]),
+        update_logits=lambda: step_and_clear(run.logits_optimizer),
+        central_difference=cfg.central_difference, mirror=LOGITS_RULES[cfg.logits_update]['mirror'])
+
+
+def scalebio_train_step(run, step, alpha):
+    """ScaleBiO's step of train.py: the step's batches, then scalebio_gpt_step. Returns the weights λ = softmax(p)
+    after the update, and L_val(w) for the progress bar."""
+    cfg = run.cfg
+    x, y = step_rows(run, step)
+    val_x, val_y = validation_rows(run, step, cfg.val_batch)
+    result = scalebio_gpt_step(run, x, y, val_x, val_y, alpha)
+    return {'weights': torch.softmax(run.source_logits.detach(), 0), 'loss': result['val_loss']}
