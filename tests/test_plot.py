@@ -1,0 +1,42 @@
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import plot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_log(folder, records):
+    folder.mkdir(exist_ok=True)
+    with open(folder / 'log.jsonl', 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+
+
+def test_writes_a_png_of_the_weights_and_the_val_loss(tmp_path):
+    pytest.importorskip('matplotlib')
+    write_log(tmp_path, [{'step': s, 'val_loss': 3.0 - s / 100, 'weights': {'a': 0.5 + s / 1000, 'b': 0.5 - s / 1000}}
+                         for s in (100, 200, 300)])
+    path = plot.plot(str(tmp_path))
+    with open(path, 'rb') as f:
+        assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize("records, message", [(None, "no .*log.jsonl"), ([], "is empty")])
+def test_a_missing_or_empty_log_is_one_clear_error(tmp_path, records, message):
+    if records is not None:
+        write_log(tmp_path / 'run', records)
+    proc = subprocess.run([sys.executable, 'plot.py', str(tmp_path / 'run')], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert re.search(message, proc.stderr)
+
+
+def test_without_matplotlib_it_says_what_to_install(tmp_path, monkeypatch):
+    write_log(tmp_path, [{'step': 1, 'val_loss': 1.0, 'weights': {'a': 1.0}}])
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib now raises ImportError
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plot.plot(str(tmp_path))
