@@ -3,7 +3,7 @@ ScaleBiO data reweighting: learn how much weight each training source deserves (
 nanoGPT-style GPT (model.py), with LISA layer freezing (lisa.py), on multi-source data (data.py).
 
 One process, CPU or one GPU:
-    python train.py                                  # built-in `denoise` task, under 2 minutes on a laptop CPU
+    python train.py                                  # built-in `denoise` task, about 3 minutes on 2 CPU cores
     python train.py --data=noise_ladder
     python train.py --data=path/to/folder            # train_<source>.txt ..., val.txt, test.txt
 Stage two of the paper's protocol (a fresh model trained with fixed weights; never on the validation split):
