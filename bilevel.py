@@ -61,7 +61,7 @@ def check_finite(**values):
 
 
 def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective,
-                  update_lower, update_upper, update_logits, central_difference=False, mirror=False):
+                  step_lower, step_upper, step_logits, central_difference=False, mirror=False):
     """One ScaleBiO iteration (the docstring at the top of this file), in the authors' order.
 
     The penalty's p-gradient is a forward difference in σ = 1/α (Chen et al., arXiv 2509.02937): with
@@ -75,7 +75,7 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
         Σ_i source_coeffs[i]·ℓ_i(model) + val_coeff·L_val(model)
         for one model copy on the step's shared batch, leaving the gradient in the model, and return the
         detached per-source losses ℓ(model), shape (S,), and L_val(model) (None when val_coeff == 0).
-    update_lower, update_upper, update_logits(): apply the optimizer to the gradient left behind and clear
+    step_lower, step_upper, step_logits(): apply the optimizer to the gradient left behind and clear
         it (gradient clipping, learning rates and LISA are the caller's business).
     mirror: p's gradient in λ rather than in p (logits_gradient), for mirror descent on the simplex.
     Returns the losses the step saw. Raises FloatingPointError, before any update, if a loss is not finite.
@@ -88,9 +88,9 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
     logits_grad = logits_gradient(weights, upper_losses, lower_losses,
                                   penalty_alpha / 2 if central_difference else penalty_alpha, mirror)
     source_logits.grad = logits_grad.to(source_logits.dtype)
-    update_lower()
-    update_upper()
-    update_logits()
+    step_lower()
+    step_upper()
+    step_logits()
     return dict(weights=weights, lower_losses=lower_losses, upper_losses=upper_losses,
                 val_loss=val_loss, logits_grad=logits_grad)
 

@@ -152,7 +152,7 @@ def oracle(cfg):
     return result
 
 
-def updates(cfg):
+def compare_logits_rules(cfg):
     """Each candidate p update: learned weights and their stage-two test loss, seed by seed, against the
     oracle's best grid point (run `--what=oracle` first), whose stage-two run is repeated on every seed."""
     oracle_file = os.path.join(cfg.out_dir, 'oracle', cfg.data, 'oracle.json')
@@ -200,7 +200,7 @@ def main(argv):
         raise ValueError(f"--what must be baselines, oracle or updates, got '{cfg.what}'")
     if cfg.what != 'baselines' and cfg.data not in USEFUL_SOURCES:
         raise ValueError(f"--data={cfg.data}: the oracle's grid is defined for {', '.join(USEFUL_SOURCES)}")
-    return {'baselines': baselines, 'oracle': oracle, 'updates': updates}[cfg.what](cfg)
+    return {'baselines': baselines, 'oracle': oracle, 'updates': compare_logits_rules}[cfg.what](cfg)
 
 
 if __name__ == '__main__':

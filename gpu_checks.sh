@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check of the FSDP and benchmark issues in one run (about 6 minutes on one H100), results under
+# Every GPU check in one run (about 6 minutes on one H100), results under
 # ${OUT:-gpu-results}: the GPT-2 124M shape in bf16, torch.compile'd, through bench.py (time, memory, MFU
 # against the measured bf16 matmul peak), and train.py under torchrun (FSDP2, bf16 mixed precision, the
 # LISA warm-up) for 100 steps with LISA on and off (tokens/s, torch.cuda.max_memory_allocated).

@@ -25,13 +25,13 @@ def read_log(out_dir):
 
 
 def plot(out_dir):
+    records = read_log(out_dir)
     try:
         import matplotlib
         matplotlib.use('Agg')  # files only, no screen
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plot.py needs matplotlib: pip install matplotlib") from None
-    records = read_log(out_dir)
     steps = [r['step'] for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for source in records[0]['weights']:

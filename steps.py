@@ -58,12 +58,12 @@ def validation_rows(run, step, n_rows):
     return [rank_rows(t, 1, run.rank, run.world_size).to(run.device) for t in rows]
 
 
-def model_objective(run, model, x, y, val_x, val_y, n_groups):
+def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
     """The objective callable of bilevel.scalebio_step for one model on this rank's rows of the step's batch:
     backward of Σ_i coeff_i·ℓ_i(model) + val_coeff·L_val(model), in run.micro_steps accumulated pieces; then the
     losses and the gradient norm checked and the gradient clipped (clip_gradient). Returns (ℓ(model), L_val(model)) averaged over ranks, so that p's
     gradient is the same on every rank. x holds n_groups equal groups of rows, one per source; ℓ_i is the mean
-    of its rows' token means. (FSDP averages the model gradients over ranks itself; it knows nothing of p.)"""
+    of its rows' token means. `name` labels the copy in the error a non-finite loss or gradient raises. (FSDP averages the model gradients over ranks itself; it knows nothing of p.)"""
     micro_steps = run.micro_steps
 
     def objective(source_coeffs, val_coeff):
@@ -90,20 +90,20 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups):
             total.backward()
             source_losses = source_losses + piece.detach()
         source_losses, val_loss = mean_over_ranks(source_losses), mean_over_ranks(val_loss) if val_coeff else None
-        check_finite(source_losses=source_losses, val_loss=val_loss)
-        clip_gradient(run, model)
+        check_finite(**{f'{name}_losses': source_losses, f'{name}_val_loss': val_loss})
+        clip_gradient(run, model, name)
         return source_losses, val_loss
     return objective
 
 
-def clip_gradient(run, model):
+def clip_gradient(run, model, name='model'):
     """Clips the model's gradient norm to grad_clip (0: only measures it) and raises FloatingPointError if it is
     not finite: a finite loss can still give a NaN gradient. It runs as each objective ends, so both copies'
     gradients are checked before either copy steps."""
     grads = [p for p in model.parameters() if p.grad is not None]
     run.grad_bytes[model] = local_bytes(p.grad for p in grads)  # at their peak, for fsdp.rank_bytes
     norm = torch.nn.utils.clip_grad_norm_(grads, run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf)
-    check_finite(gradient_norm=full(norm))
+    check_finite(**{f'{name}_gradient_norm': full(norm)})
 
 
 def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
@@ -113,11 +113,11 @@ def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
     lower_val = (val_x, val_y) if cfg.central_difference else (None, None)  # v descends α·L_train − L_val
     return scalebio_step(
         run.source_logits, alpha,
-        lower_objective=model_objective(run, lower_model, x, y, *lower_val, n_sources),
-        upper_objective=model_objective(run, upper_model, x, y, val_x, val_y, n_sources),
-        update_lower=lambda: step_and_clear(run.optimizers[0]),
-        update_upper=lambda: step_and_clear(run.optimizers[1]),
-        update_logits=lambda: step_and_clear(run.logits_optimizer),
+        lower_objective=model_objective(run, lower_model, x, y, *lower_val, n_sources, 'lower'),
+        upper_objective=model_objective(run, upper_model, x, y, val_x, val_y, n_sources, 'upper'),
+        step_lower=lambda: step_and_clear(run.optimizers[0]),
+        step_upper=lambda: step_and_clear(run.optimizers[1]),
+        step_logits=lambda: step_and_clear(run.logits_optimizer),
         central_difference=cfg.central_difference, mirror=LOGITS_RULES[cfg.logits_update]['mirror'])
 
 

@@ -195,7 +195,7 @@ def test_a_nan_gradient_of_the_upper_copy_stops_the_step_before_the_lower_copy_m
               source_logits, make_logits_optimizer(source_logits, 'mirror'))
     before = copy.deepcopy(lower_model.state_dict())
     x, y = torch.randint(0, 20, (6, 8)), torch.randint(0, 20, (6, 8))
-    with pytest.raises(FloatingPointError, match="gradient_norm"):
+    with pytest.raises(FloatingPointError, match="upper_gradient_norm"):
         scalebio_gpt_step(run, x, y, x[:2], y[:2], 10.0)
     for name, value in lower_model.state_dict().items():
         assert torch.equal(value, before[name]), name

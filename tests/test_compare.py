@@ -40,7 +40,7 @@ def test_oracle_finds_the_best_grid_point_and_updates_measure_the_distance_to_it
     assert result['worst']['weights']['add'] == 0.0
     assert result['best_minus_worst'] == pytest.approx(0.49, abs=1e-9)
     assert result['max_seed_spread'] == pytest.approx(1e-3)
-    rows = compare.updates(compare.CompareConfig(what='updates', data='mixture', updates='mirror,adam_cosine',
+    rows = compare.compare_logits_rules(compare.CompareConfig(what='updates', data='mixture', updates='mirror,adam_cosine',
                                                  seeds=3, candidate_seeds=2, out_dir=str(tmp_path)))
     assert [len(r['weights']) for r in rows] == [3, 2]  # --seeds for the default, --candidate_seeds for others
     assert rows[0]['seed_spread'] == pytest.approx(0.02)  # the default's seeds learned 0.68, 0.69, 0.70

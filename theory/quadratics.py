@@ -152,7 +152,7 @@ def one_step(prob, alpha, state, step_sizes, noise=None, lower_noise=None, centr
     noise: one draw ξ shared by both copies, as train.py shares its batch; lower_noise: u's own draw instead."""
     u, w, p = (t.detach().clone().requires_grad_(True) for t in state)
     optimizers = [torch.optim.SGD([x], lr=lr) for x, lr in zip((u, w, p), step_sizes)]
-    updates = [lambda opt=opt: (opt.step(), opt.zero_grad(set_to_none=True)) for opt in optimizers]
+    updates = [lambda opt=opt: step_and_clear(opt) for opt in optimizers]
     result = scalebio_step(p, alpha, objective(prob, u, noise if lower_noise is None else lower_noise),
                            objective(prob, w, noise), *updates, central_difference=central)
     return u.detach(), w.detach(), p.detach(), result['logits_grad']
