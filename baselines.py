@@ -25,7 +25,7 @@ from bilevel import check_finite, step_and_clear
 from checkpoint import load_best_model
 from data import rank_rows, train_batch
 from fsdp import gather_over_ranks
-from steps import clip_gradient, model_objective, scalebio_train_step, step_rows, validation_rows
+from steps import clip_gradient, model_objective, step_rows, validation_rows
 
 
 def irdro_row_weights(row_losses, temperature):
@@ -147,6 +147,3 @@ def load_reference(run_dir, model_config, data):
         raise ValueError(f"--reference={run_dir} was trained on --data={meta['data']}, this run is on {data}")
     return model
 
-
-# --method: the step train.py's loop calls; each takes (run, step, alpha) and returns {'weights', 'loss'}
-METHOD_STEPS = {'scalebio': scalebio_train_step, 'fixed': fixed_step, 'irdro': irdro_step, 'rholoss': rholoss_step}

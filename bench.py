@@ -31,13 +31,13 @@ from bilevel import make_logits_optimizer, step_and_clear
 from config import TrainConfig, override
 from fsdp import local_bytes, optimizer_state_bytes
 from lisa import draw_active_blocks, set_active_blocks
-from model import GPT, GPT2_SHAPES, GPTConfig, make_optimizer
+from model import MODEL_PRESETS, GPTConfig, make_model, make_optimizer
 from steps import Run, model_objective, scalebio_gpt_step
 
 
 @dataclass
 class BenchConfig:
-    model: str = ''            # a GPT-2 shape (vocabulary 50257) or the toy shape below (bytes, 256)
+    model: str = ''            # a model.MODEL_PRESETS shape (GPT-2's: vocabulary 50257) or the toy shape below (bytes)
     n_layer: int = 8
     n_head: int = 4
     n_embd: int = 128
@@ -58,16 +58,21 @@ class BenchConfig:
     only: str = ''             # internal: run one variant and print its peak RSS
 
 
+def model_config(cfg):
+    """A --model preset (GPT-2's shapes with its 50257-token vocabulary) or the toy shape (bytes, 256)."""
+    shape = MODEL_PRESETS[cfg.model] if cfg.model else dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+    return GPTConfig(**{'block_size': cfg.block_size, 'vocab_size': 50257 if cfg.model else 256, **shape})
+
+
 def build(cfg, device, lisa_layers):
     """The models, optimizers and one step function of a variant, as train.py builds them."""
     torch.manual_seed(0)
-    vocab = 50257 if cfg.model else 256
-    model_cfg = GPTConfig(block_size=cfg.block_size, vocab_size=vocab, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                          n_embd=cfg.n_embd)
-    models = [GPT(model_cfg).to(device) for _ in range(1 if lisa_layers is None else 2)]
+    model_cfg = model_config(cfg)
+    vocab = model_cfg.vocab_size
+    models = [make_model(model_cfg).to(device) for _ in range(1 if lisa_layers is None else 2)]
     if cfg.compile:
         for m in models:
-            for block in m.transformer.h:
+            for block in m.blocks:
                 block.compile()
     train_cfg = TrainConfig(penalty_alpha=cfg.penalty_alpha, central_difference=cfg.central_difference,
                             grad_clip=cfg.grad_clip)
@@ -89,8 +94,8 @@ def build(cfg, device, lisa_layers):
             step_and_clear(run.optimizers[0])
             return
         for copy_index, (m, opt) in enumerate(zip(run.models, run.optimizers)):
-            set_active_blocks(m.transformer.h, opt, draw_active_blocks(
-                cfg.n_layer, lisa_layers, 0, i // cfg.lisa_interval, copy_index))
+            set_active_blocks(m.blocks, opt, draw_active_blocks(
+                model_cfg.n_layer, lisa_layers, 0, i // cfg.lisa_interval, copy_index))
         scalebio_gpt_step(run, x, y, *batch(cfg.val_batch), cfg.penalty_alpha)
 
     def state():
@@ -130,8 +135,7 @@ def matmul_peak_flops(device, n=8192):
 
 def main(argv):
     cfg = override(BenchConfig(), argv)
-    if cfg.model:
-        cfg.n_layer, cfg.n_head, cfg.n_embd = GPT2_SHAPES[cfg.model]
+    shape = model_config(cfg)
     device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     lisa_for = {'sft': None, 'scalebio': 0, 'lisa': cfg.lisa_layers}  # None: one model, no LISA; 0: LISA off
 
@@ -167,12 +171,12 @@ def main(argv):
     median = {name: float(np.median(t)) for name, t in times.items()}
     # FLOPs per token: 2 per parameter forward, 2 for input gradients, 2 for weight gradients (skipped by
     # LISA's frozen blocks), plus attention, 12·n_layer·n_embd·block_size (as nanoGPT's estimate_mfu)
-    block = sum(p.numel() for p in built['sft'][0][0].transformer.h[0].parameters())
-    attention = 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    block = sum(p.numel() for p in built['sft'][0][0].blocks[0].parameters())
+    attention = 12 * shape.n_layer * shape.n_embd * cfg.block_size
     flops_per_token = {'sft': 6 * n_params + attention, 'scalebio': 6 * n_params + attention,
-                       'lisa': 6 * n_params - 2 * (cfg.n_layer - cfg.lisa_layers) * block + attention}
+                       'lisa': 6 * n_params - 2 * (shape.n_layer - cfg.lisa_layers) * block + attention}
     peak = matmul_peak_flops(device) if device.startswith('cuda') else None
-    active_fraction = (n_params - (cfg.n_layer - cfg.lisa_layers) * block) / n_params
+    active_fraction = (n_params - (shape.n_layer - cfg.lisa_layers) * block) / n_params
     result = {'device': device, 'n_params': n_params, 'floor_ratio': tokens['scalebio'] / tokens['sft'],
               'scalebio_over_sft': median['scalebio'] / median['sft'], 'lisa_over_sft': median['lisa'] / median['sft'],
               'lisa_over_scalebio': median['lisa'] / median['scalebio'],

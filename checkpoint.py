@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from fsdp import barrier, is_main_process
-from model import GPT, GPTConfig
+from model import GPTConfig, make_model
 
 # one process has no process group, and torch.distributed.checkpoint says so at every save; that is expected
 warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
@@ -83,7 +83,7 @@ def load_best_model(run_dir):
         raise FileNotFoundError(f"no {folder}/meta.json: train.py writes it at its first evaluation")
     with open(os.path.join(folder, 'meta.json')) as f:
         meta = json.load(f)
-    model = GPT(GPTConfig(**meta['model_config']))
+    model = make_model(GPTConfig(**meta['model_config']))
     state = {'models': [model.state_dict()]}
     dcp.load(state, checkpoint_id=folder, no_dist=True)
     model.load_state_dict(state['models'][0])

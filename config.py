@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from bilevel import LOGITS_RULES
-from model import GPT2_SHAPES
+from model import MODEL_PRESETS
 
 METHODS = ('scalebio', 'fixed', 'irdro', 'rholoss')  # the steps: steps.py (scalebio), baselines.py (the rest)
 
@@ -22,7 +22,8 @@ class TrainConfig:
     val_batch: int = 32             # validation rows per step, for L_val
     micro_batch: int = 0            # rows per source per forward on each rank (gradient accumulation); 0: all
     # model, trained from scratch
-    model: str = ''                 # a GPT-2 shape (gpt2, gpt2-medium, gpt2-large, gpt2-xl), or n_layer etc.
+    model: str = ''                 # a shape of model.MODEL_PRESETS (gpt2 ... gpt2-xl, llama3.2-1b, llama3-8b, yi-34b),
+                                    # or n_layer etc.; --init_from's config.json overrides both
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 64
@@ -61,7 +62,7 @@ class TrainConfig:
     dtype: str = 'float32'          # parameter dtype: float32, or float64 (exactness tests, CPU)
     amp: bool = True                # bf16 compute on CUDA (autocast, or FSDP's mixed precision); no effect on CPU
     compile: bool = False           # torch.compile each block (meant for CUDA)
-    init_from: str = ''             # a local Hugging Face GPT-2 folder: both copies start from its weights
+    init_from: str = ''             # a local Hugging Face folder, GPT-2 or Llama family (hf.py): both copies start from it
     export: bool = False            # at the end: out_dir/hf (the trained model, HF format), out_dir/mixture.json
 
 
@@ -96,15 +97,11 @@ def parse_config(argv):
     """TrainConfig from command-line arguments, every value checked; it is not changed afterwards."""
     cfg = override(TrainConfig(), argv)
     for key, allowed in (('method', METHODS), ('dtype', ('float32', 'float64')),
-                         ('logits_update', tuple(LOGITS_RULES)), ('model', ('', *GPT2_SHAPES))):
+                         ('logits_update', tuple(LOGITS_RULES)), ('model', ('', *MODEL_PRESETS))):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"--{key} must be one of {', '.join(allowed).strip(', ')}, got '{getattr(cfg, key)}'")
     if cfg.method in ('irdro', 'rholoss') and cfg.micro_batch:
         raise ValueError(f"--micro_batch is not implemented for --method={cfg.method}")
-    if cfg.export and not cfg.bias:
-        raise ValueError("--export=True writes a Hugging Face GPT-2, which has biases: it needs --bias=True")
-    if cfg.model:
-        cfg.n_layer, cfg.n_head, cfg.n_embd = GPT2_SHAPES[cfg.model]
     for key in ('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
                 'eval_batches', 'block_size'):
         if getattr(cfg, key) <= 0:
@@ -122,7 +119,7 @@ def micro_steps(cfg, world_size):
     local_rows, local_val_rows = cfg.batch_per_source // world_size, cfg.val_batch // world_size
     if not cfg.micro_batch:
         return 1
-    if cfg.micro_batch > local_rows or local_rows % cfg.micro_batch:
+    if local_rows % cfg.micro_batch:
         raise ValueError(f"--micro_batch={cfg.micro_batch} must divide the {local_rows} rows per source that each "
                          f"process gets (--batch_per_source={cfg.batch_per_source} over {world_size} process(es))")
     steps = local_rows // cfg.micro_batch

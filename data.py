@@ -55,7 +55,8 @@ class Tokenizer:
     encode: object      # str -> 1-D numpy array of ids
     decode: object      # list of ids -> str
     vocab_size: int
-    end_of_text: int = None  # ends every response when the tokenizer has one (GPT-2: <|endoftext|>)
+    end_of_text: int = None    # ends every response: the tokenizer's end-of-sequence token (GPT-2: <|endoftext|>)
+    begin_of_text: int = None  # starts every example when the tokenizer's own template adds it (Llama 3)
 
 
 BYTES = Tokenizer(encode=lambda text: np.frombuffer(text.encode('utf-8'), dtype=np.uint8),
@@ -78,9 +79,28 @@ def load_tokenizer(spec):
         raise ImportError("--tokenizer=<folder> needs the tokenizers package: pip install tokenizers") from None
     bpe = tokenizers.Tokenizer.from_file(files['tokenizer.json']) if os.path.isfile(files['tokenizer.json']) \
         else tokenizers.ByteLevelBPETokenizer(files['vocab.json'], files['merges.txt'])
-    return Tokenizer(encode=lambda text: np.array(bpe.encode(text).ids, dtype=np.int32),
+    # text is encoded without special tokens; an example gets the template's BOS once, at its start
+    plain, templated = bpe.encode('a', add_special_tokens=False).ids, bpe.encode('a').ids
+    begin = templated[0] if len(templated) > len(plain) and templated[1:len(plain) + 1] == plain else None
+    return Tokenizer(encode=lambda text: np.array(bpe.encode(text, add_special_tokens=False).ids, dtype=np.int32),
                      decode=lambda ids: bpe.decode(list(ids)), vocab_size=bpe.get_vocab_size(),
-                     end_of_text=bpe.token_to_id('<|endoftext|>'))
+                     end_of_text=end_of_sequence_id(spec, bpe), begin_of_text=begin)
+
+
+def end_of_sequence_id(folder, bpe):
+    """The eos_token of tokenizer_config.json or special_tokens_map.json (Llama 3: <|end_of_text|>, or
+    <|eot_id|> for its chat models), else GPT-2's <|endoftext|>; None if the vocabulary has neither."""
+    for name in ('tokenizer_config.json', 'special_tokens_map.json'):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                eos = json.load(f).get('eos_token')
+            eos = eos.get('content') if isinstance(eos, dict) else eos
+            if eos is not None:
+                if bpe.token_to_id(eos) is None:
+                    raise ValueError(f"{path}: eos_token {eos!r} is not in the tokenizer's vocabulary")
+                return bpe.token_to_id(eos)
+    return bpe.token_to_id('<|endoftext|>')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,12 +244,14 @@ def _example_rows(examples, block_size, tokenizer, notes, where):
     no loss (the prompt and the padding)."""
     rows, truncated, dropped = [], 0, 0
     for prompt, response in examples:
-        # prompt and response are encoded apart (a BPE merge never crosses into the response) and the response
-        # ends with the tokenizer's end-of-text token, or a newline for bytes, so the model learns to stop
+        # prompt and response are encoded apart (a BPE merge never crosses into the response); the example starts
+        # with the tokenizer's BOS where its template adds one, and the response ends with its end-of-sequence
+        # token, or a newline for bytes, so the model learns to stop
         end = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else tokenizer.encode('\n')
-        prompt_tokens = len(tokenizer.encode(prompt))
-        tokens = np.concatenate([tokenizer.encode(prompt), tokenizer.encode(response),
-                                 np.asarray(end if prompt else [], dtype=np.int64)])
+        begin = [] if tokenizer.begin_of_text is None else [tokenizer.begin_of_text]
+        prompt_ids = np.concatenate([np.asarray(begin, dtype=np.int64), tokenizer.encode(prompt)])
+        prompt_tokens = len(prompt_ids)
+        tokens = np.concatenate([prompt_ids, tokenizer.encode(response), np.asarray(end if prompt else [], dtype=np.int64)])
         if prompt_tokens > block_size or len(tokens) <= max(prompt_tokens, 1):  # no response token to learn
             dropped += 1
             continue

@@ -29,10 +29,10 @@ def init_distributed(device):
 def shard(model, bf16):
     """FSDP2 (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html): each block is a unit
     whose parameters are all-gathered only for its own forward and backward, then the root holds the rest
-    (embeddings, final norm, tied head). Under bf16 the compute is bf16 and gradients reduce in fp32."""
+    (embeddings, final norm, head). Under bf16 the compute is bf16 and gradients reduce in fp32."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
-    for block in model.transformer.h:
+    for block in model.blocks:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
 

@@ -14,7 +14,7 @@ Two details the reference implementations (LMFlow's LISA trainer, the ScaleBiO a
   gradient, through its momentum and weight decay. Clear gradients with zero_grad(set_to_none=True).
 
 Usage, once per step, before the forward pass (it is idempotent between switches):
-    active = set_active_blocks(model.transformer.h, optimizer, draw_active_blocks(n_layer, n_active, seed, step // interval))
+    active = set_active_blocks(model.blocks, optimizer, draw_active_blocks(n_layer, n_active, seed, step // interval))
 """
 import numpy as np
 

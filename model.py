@@ -1,16 +1,17 @@
 """
-A GPT-2 language model, written in the style of nanoGPT's model.py
-(https://github.com/karpathy/nanoGPT/blob/master/model.py), read top to bottom.
+The two model families, written in the style of nanoGPT's model.py
+(https://github.com/karpathy/nanoGPT/blob/master/model.py), read top to bottom: GPT-2 (LayerNorm, learned
+positions, GELU, multi-head attention, tied head), then the Llama family (RMSNorm, rotary positions, SwiGLU,
+grouped-query attention; Qwen2's q/k/v biases and Mistral's config read the same way). One GPTConfig says which.
 
 Two things differ from nanoGPT, because ScaleBiO needs them:
 - forward(idx, targets) returns the mean cross-entropy of EACH row (shape (B,)), not one scalar: the
   bilevel step weights the data sources, so the caller averages rows by source itself.
 - targets equal to -1 are ignored, so prompt or padding tokens can be masked out of the loss.
-`model.transformer.h` is the list of transformer blocks that LISA (lisa.py) freezes and unfreezes.
+`model.blocks` is the list of transformer blocks that LISA (lisa.py) freezes and FSDP (fsdp.py) shards.
+Hugging Face folders in and out: hf.py.
 """
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -20,18 +21,45 @@ from torch.nn import functional as F
 
 @dataclass
 class GPTConfig:
+    family: str = 'gpt2'     # 'gpt2', or the Llama family: 'llama', 'qwen2', 'mistral' (Hugging Face's model_type)
     block_size: int = 1024   # context length
-    vocab_size: int = 50257  # the tokenizer's; the model pads its tables up to a multiple of 64
+    vocab_size: int = 50257  # at least the tokenizer's; GPT-2 pads its tables up to a multiple of 64
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True        # biases in Linear and LayerNorm layers, as in GPT-2
-    gelu: str = 'none'       # 'tanh': GPT-2's own approximation ("gelu_new"), used for its pretrained weights
+    bias: bool = True        # GPT-2: biases in Linear and LayerNorm layers
+    gelu: str = 'none'       # GPT-2: 'tanh' is its own approximation ("gelu_new"), used for its pretrained weights
+    # the Llama family
+    n_kv_head: int = 0       # grouped-query attention: key/value heads, each shared by n_head / n_kv_head queries
+    head_dim: int = 0        # 0: n_embd // n_head
+    mlp_hidden: int = 0      # SwiGLU's inner width (intermediate_size)
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None  # llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False   # Qwen2: biases on q, k and v
+    o_bias: bool = False     # Llama's attention_bias: biases on q, k, v and o
+    mlp_bias: bool = False
+    tie_embeddings: bool = True  # the head is the embedding matrix (GPT-2 always; Llama 3.2 1B/3B, Qwen2 0.5B)
+    sliding_window: int = 0  # Mistral's attention window (0: none); train.py refuses one shorter than block_size
 
 
-GPT2_SHAPES = {'gpt2': (12, 12, 768), 'gpt2-medium': (24, 16, 1024), 'gpt2-large': (36, 20, 1280),
-               'gpt2-xl': (48, 25, 1600)}  # n_layer, n_head, n_embd of the four GPT-2 sizes
+# --model=NAME: shapes used without weights (or with --init_from's own config.json instead)
+MODEL_PRESETS = {
+    'gpt2': dict(n_layer=12, n_head=12, n_embd=768), 'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024),
+    'gpt2-large': dict(n_layer=36, n_head=20, n_embd=1280), 'gpt2-xl': dict(n_layer=48, n_head=25, n_embd=1600),
+    # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json
+    'llama3.2-1b': dict(family='llama', n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, mlp_hidden=8192,
+                        head_dim=64, vocab_size=128256, rope_theta=500000.0, tie_embeddings=True,
+                        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
+    # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json
+    'llama3-8b': dict(family='llama', n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, mlp_hidden=14336,
+                      vocab_size=128256, rope_theta=500000.0, tie_embeddings=False),
+    # https://huggingface.co/01-ai/Yi-34B/blob/main/config.json
+    'yi-34b': dict(family='llama', n_layer=60, n_head=56, n_kv_head=8, n_embd=7168, mlp_hidden=20480,
+                   vocab_size=64000, rope_theta=5000000.0, tie_embeddings=False),
+}
 
 
 class CausalSelfAttention(nn.Module):
@@ -84,42 +112,13 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        # embedding and head rows padded to a multiple of 64 for faster matmuls (GPT-2: 50257 -> 50304);
-        # the padding rows are never a target, and forward crops them from the logits
-        self.padded_vocab = -(-config.vocab_size // 64) * 64
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(self.padded_vocab, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
-        # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds
-        self.transformer.wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
-        # GPT-2 paper, section 2.3: residual projections are scaled by 1/sqrt(number of residual layers),
-        # so the variance of the residual stream does not grow with depth (2 residual adds per block)
-        for name, param in self.named_parameters():
-            if name.endswith('c_proj.weight'):
-                torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+class LanguageModel(nn.Module):
+    """What both families share: the per-row loss, sampling, the parameter count. A family defines
+    `blocks` and `logits(idx)`."""
 
     def num_params(self):
-        """All parameters, the tied embedding counted once (named_parameters() yields it once)."""
+        """All parameters, a tied embedding counted once (named_parameters() yields it once)."""
         return sum(p.numel() for p in self.parameters())
-
-    def _init_weights(self, module):
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx, targets=None):
         """idx, targets: (B, T) token ids. Returns logits (B, T, vocab) and, given targets, the mean
@@ -128,11 +127,7 @@ class GPT(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"a batch of {T} tokens per row is longer than the model's context "
                              f"(block_size={self.config.block_size})")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))[..., :self.config.vocab_size]
+        logits = self.logits(idx)
         if targets is None:
             return logits, None
         # cross-entropy in float32 even under bf16 autocast: the per-source means are compared across
@@ -159,49 +154,189 @@ class GPT(nn.Module):
             idx = torch.cat([idx, next_token], dim=1)
         return idx
 
-    @classmethod
-    def from_pretrained(cls, path):
-        """A GPT-2 from a local Hugging Face folder (config.json + model.safetensors or pytorch_model.bin).
-        Nothing is downloaded. HF's Conv1D layers store their weights transposed; the vocabulary is padded."""
-        config_path = os.path.join(path, 'config.json')
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} is missing: a Hugging Face GPT-2 folder holds config.json and "
-                                    f"model.safetensors or pytorch_model.bin")
-        with open(config_path) as f:
-            hf = json.load(f)
-        missing = [k for k in ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd') if k not in hf]
-        activation = hf.get('activation_function', 'gelu_new')
-        if missing or activation not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu'):
-            raise ValueError(f"{config_path} is not a GPT-2 config (missing {missing}, activation {activation})")
-        config = GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                           n_head=hf['n_head'], n_embd=hf['n_embd'], bias=True,
-                           gelu='none' if activation == 'gelu' else 'tanh')
-        model = cls(config)
-        ours = {name: torch.zeros_like(t) for name, t in model.state_dict().items()}  # padding rows stay 0
-        loaded = {'lm_head.weight'}
-        for name, tensor in read_weights(path).items():
-            name = 'transformer.' + name.removeprefix('transformer.')  # GPT2LMHeadModel or GPT2Model keys
-            if name.endswith(('.attn.bias', '.attn.masked_bias', 'lm_head.weight')):
-                continue  # old causal-mask buffers; the head is tied to wte
-            if name not in ours:
-                raise ValueError(f"{path}: weight {name} has no place in a GPT-2")
-            if name.endswith(HF_TRANSPOSED):
-                tensor = tensor.t()
-            expected = (config.vocab_size, *ours[name].shape[1:]) if name == 'transformer.wte.weight' \
-                else ours[name].shape
-            if tensor.shape != expected:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected)}")
-            ours[name][:tensor.size(0)] = tensor
-            loaded.add(name)
-        if set(ours) - loaded:
-            raise ValueError(f"{path}: weights missing for {sorted(set(ours) - loaded)}")
-        ours['lm_head.weight'] = ours['transformer.wte.weight']
-        model.load_state_dict(ours)
-        return model
+
+class GPT(LanguageModel):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # embedding and head rows padded to a multiple of 64 for faster matmuls (GPT-2: 50257 -> 50304);
+        # the padding rows are never a target, and forward crops them from the logits
+        self.padded_vocab = -(-config.vocab_size // 64) * 64
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(self.padded_vocab, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
+        # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 paper, section 2.3: residual projections are scaled by 1/sqrt(number of residual layers),
+        # so the variance of the residual stream does not grow with depth (2 residual adds per block)
+        for name, param in self.named_parameters():
+            if name.endswith('c_proj.weight'):
+                torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @property
+    def blocks(self):
+        return self.transformer.h
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def logits(self, idx):
+        pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        return self.lm_head(self.transformer.ln_f(x))[..., :self.config.vocab_size]
 
 
-# HF's GPT-2 uses Conv1D layers, whose weights are stored as (in, out): the transpose of nn.Linear's
-HF_TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+# ----------------------------------------------------------------------------------------------
+# the Llama family, in Hugging Face's layout (module names as in its checkpoints, rotate-half rotary
+# positions), so that a checkpoint's tensors load by name: modeling_llama.py in transformers
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · g (Zhang & Sennrich 2019), computed in float32 at least, as Llama's reference does."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x_fp = x.to(torch.promote_types(x.dtype, torch.float32))
+        x_fp = x_fp * torch.rsqrt(x_fp.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x_fp.to(x.dtype)
+
+
+def rope_frequencies(config):
+    """The rotation frequency of each pair of a head's dimensions: θ^(-2i/d) (Su et al. 2021, RoFormer), with
+    Llama 3.1's rescaling of the long wavelengths when config.rope_scaling asks for it."""
+    dim = config.head_dim or config.n_embd // config.n_head
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if not config.rope_scaling:
+        return inv_freq
+    r = config.rope_scaling  # wavelengths beyond the original context are stretched by `factor`, short ones kept
+    low_wavelen = r['original_max_position_embeddings'] / r['low_freq_factor']
+    high_wavelen = r['original_max_position_embeddings'] / r['high_freq_factor']
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / r['factor'], inv_freq)
+    smooth = (r['original_max_position_embeddings'] / wavelen - r['low_freq_factor']) \
+        / (r['high_freq_factor'] - r['low_freq_factor'])
+    smoothed = (1 - smooth) * scaled / r['factor'] + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x):
+    """Hugging Face's layout: the two halves of a head's dimensions form the rotated pairs (i, i + d/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
+        self.head_dim = config.head_dim or config.n_embd // config.n_head
+        qkv_bias = config.qkv_bias or config.o_bias
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.o_bias)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        # grouped-query attention: each key/value head serves n_head / n_kv_head query heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(LanguageModel):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList([LlamaBlock(config) for _ in range(config.n_layer)]),
+            norm=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+        self.register_buffer('inv_freq', rope_frequencies(config), persistent=False)
+
+    @property
+    def blocks(self):
+        return self.model.layers
+
+    def _init_weights(self, module):  # Hugging Face's initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            torch.nn.init.zeros_(module.bias)
+
+    def logits(self, idx):
+        x = self.model.embed_tokens(idx)
+        # the rotation of position t by angle t·θ_i, for both halves of every head (rotate_half's pairs)
+        angles = torch.outer(torch.arange(idx.size(1), device=idx.device, dtype=torch.float32), self.inv_freq.float())
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
+
+
+def make_model(config):
+    """A GPT-2 or a Llama-family model, as config.family says."""
+    if config.family == 'gpt2':
+        return GPT(config)
+    if config.family in ('llama', 'qwen2', 'mistral'):
+        return Llama(config)
+    raise ValueError(f"unknown model family '{config.family}' (gpt2, llama, qwen2, mistral)")
 
 
 def target_counts(targets, dtype):
@@ -215,43 +350,3 @@ def make_optimizer(model, lr, weight_decay):
     params = list(model.parameters())
     return torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}], lr=lr)
-
-
-def read_weights(path):
-    if os.path.isfile(os.path.join(path, 'model.safetensors')):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{path}/model.safetensors needs the safetensors package: pip install safetensors") from None
-        return load_file(os.path.join(path, 'model.safetensors'))
-    if os.path.isfile(os.path.join(path, 'pytorch_model.bin')):
-        return torch.load(os.path.join(path, 'pytorch_model.bin'), map_location='cpu', weights_only=True)
-    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
-
-
-def export_pretrained(state_dict, config, folder):
-    """Writes a full state dict of our GPT as a Hugging Face GPT-2 folder that transformers loads:
-    config.json and model.safetensors (pytorch_model.bin without safetensors); the vocabulary cropped."""
-    if not config.bias:
-        raise ValueError("a Hugging Face GPT-2 has biases: export needs a model trained with bias=True")
-    weights = {}
-    for name, tensor in state_dict.items():
-        if name == 'lm_head.weight':
-            continue  # tied to wte
-        tensor = tensor.detach().cpu().float()  # float32, whatever the training dtype
-        if name == 'transformer.wte.weight':
-            tensor = tensor[:config.vocab_size]
-        weights[name] = (tensor.t() if name.endswith(HF_TRANSPOSED) else tensor).contiguous()
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, 'config.json'), 'w') as f:
-        json.dump({'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'], 'vocab_size': config.vocab_size,
-                   'n_positions': config.block_size, 'n_ctx': config.block_size, 'n_embd': config.n_embd,
-                   'n_layer': config.n_layer, 'n_head': config.n_head, 'layer_norm_epsilon': 1e-5,
-                   'activation_function': 'gelu_new' if config.gelu == 'tanh' else 'gelu',
-                   'resid_pdrop': config.dropout, 'embd_pdrop': config.dropout, 'attn_pdrop': config.dropout,
-                   'tie_word_embeddings': True, 'torch_dtype': 'float32'}, f, indent=2)
-    try:
-        from safetensors.torch import save_file
-        save_file(weights, os.path.join(folder, 'model.safetensors'))
-    except ImportError:
-        torch.save(weights, os.path.join(folder, 'pytorch_model.bin'))

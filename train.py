@@ -33,15 +33,20 @@ import time
 import torch
 from tqdm import tqdm
 
-from baselines import METHOD_STEPS, load_reference
+from baselines import fixed_step, irdro_step, load_reference, rholoss_step
 from bilevel import LOGITS_RULES, cosine_lr, logits_step_size, make_logits_optimizer, penalty_schedule
 from checkpoint import full_state_dict, load_checkpoint, read_meta, save_checkpoint
 from config import RESUMABLE_CHANGES, micro_steps, parse_config
 from data import evaluation_batches, fixed_weights, load_data, load_tokenizer, rank_rows
 from fsdp import init_distributed, mean_over_ranks, rank_bytes, shard, warm_up
 from lisa import draw_active_blocks, set_active_blocks
-from model import GPT, GPTConfig, export_pretrained, make_optimizer, target_counts
-from steps import Run, validation_rows
+from hf import export_pretrained, from_pretrained, read_config
+from model import MODEL_PRESETS, GPTConfig, make_model, make_optimizer, target_counts
+from steps import Run, scalebio_train_step, validation_rows
+
+
+# --method: the step the loop calls, each step(run, step, alpha) -> {'weights', 'loss'}
+METHOD_STEPS = {'scalebio': scalebio_train_step, 'fixed': fixed_step, 'irdro': irdro_step, 'rholoss': rholoss_step}
 
 
 def main(argv):
@@ -49,7 +54,7 @@ def main(argv):
     # the data, both model copies, their optimizers and p, on every rank
     run = build_run(cfg)
     # continue from the last checkpoint, or start afresh
-    start_step = resume(run) if cfg.resume else 0
+    start_step = resume_from_checkpoint(run) if cfg.resume else 0
     trim_log(run, start_step)
     end_step = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
     record = None
@@ -113,16 +118,31 @@ def build_run(cfg):
     return run
 
 
+def model_config_for(cfg, data):
+    """The model's shape: --init_from's config.json, a --model preset, or n_layer, n_head and n_embd."""
+    if cfg.init_from:
+        config = read_config(cfg.init_from)
+    else:
+        shape = MODEL_PRESETS.get(cfg.model) or dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        config = GPTConfig(**{'block_size': cfg.block_size, 'vocab_size': data.vocab_size, 'dropout': cfg.dropout,
+                              'bias': cfg.bias, **shape})
+    where = f"--init_from={cfg.init_from}: the model's" if cfg.init_from else f"--model={cfg.model}: its"
+    if config.vocab_size < data.vocab_size or config.block_size < cfg.block_size:
+        raise ValueError(f"{where} vocabulary ({config.vocab_size}) must hold the tokenizer's ({data.vocab_size}), "
+                         f"its context ({config.block_size}) at least --block_size={cfg.block_size}")
+    if 0 < config.sliding_window < cfg.block_size:
+        raise ValueError(f"{where} attention window ({config.sliding_window}) is shorter than --block_size="
+                         f"{cfg.block_size}: sliding-window attention is not implemented; lower --block_size")
+    if cfg.export and config.family == 'gpt2' and not config.bias:
+        raise ValueError("--export=True writes a Hugging Face GPT-2, which has biases: it needs --bias=True")
+    return config
+
+
 def build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size):
     """[lower_model, upper_model] (ScaleBiO) or [model], compiled and sharded as configured, and their config."""
-    model_config = GPTConfig(block_size=cfg.block_size, vocab_size=data.vocab_size, n_layer=cfg.n_layer,
-                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias)
+    model_config = model_config_for(cfg, data)
     # both copies start from the same weights (the authors load the same pretrained checkpoint twice)
-    lower_model = GPT.from_pretrained(cfg.init_from) if cfg.init_from else GPT(model_config)
-    model_config = lower_model.config
-    if (model_config.vocab_size, min(model_config.block_size, cfg.block_size)) != (data.vocab_size, cfg.block_size):
-        raise ValueError(f"--init_from: the model's vocabulary ({model_config.vocab_size}) must be the data's "
-                         f"({data.vocab_size}), its context ({model_config.block_size}) at least {cfg.block_size}")
+    lower_model = from_pretrained(cfg.init_from) if cfg.init_from else make_model(model_config)
     lower_model = lower_model.to(device=device, dtype=dtype)
     os.makedirs(cfg.out_dir, exist_ok=True)  # only once the inputs are known to be good
     if rank == 0:
@@ -130,7 +150,7 @@ def build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size):
     models = [lower_model, copy.deepcopy(lower_model)] if cfg.method == 'scalebio' else [lower_model]
     for model in models:
         if cfg.compile:  # per block: LISA flips requires_grad, so each block has at most two compiled graphs
-            for block in model.transformer.h:
+            for block in model.blocks:
                 block.compile()
         if sharded:
             shard(model, bf16)
@@ -158,7 +178,7 @@ def draw_lisa_blocks(run, step):
     """u and w draw their blocks independently, as in the authors' code (lisa.py)."""
     cfg = run.cfg
     for copy_index, (model, opt) in enumerate(zip(run.models, run.optimizers)):
-        set_active_blocks(model.transformer.h, opt, draw_active_blocks(
+        set_active_blocks(model.blocks, opt, draw_active_blocks(
             run.model_config.n_layer, cfg.lisa_layers, cfg.seed, step // cfg.lisa_interval, copy_index))
 
 
@@ -237,7 +257,7 @@ def save(run, step):
                      'cuda_rng': cuda})
 
 
-def resume(run):
+def resume_from_checkpoint(run):
     """Loads out_dir/ckpt in place; returns its step. The config must be the checkpoint's, but for
     RESUMABLE_CHANGES."""
     cfg, path = run.cfg, os.path.join(run.cfg.out_dir, 'ckpt')
@@ -321,7 +341,7 @@ def finish(run, record, start_step, end_step):
                'per_source_loss': record['per_source_loss'],
                'tokens_per_second': tokens_per_step(cfg, len(sources)) * (end_step - start_step) / max(run.train_time, 1e-9),
                'world_size': run.world_size, 'per_rank_bytes': rank_bytes(run.models, run.optimizers, run.grad_bytes),
-               'config': dataclasses.asdict(cfg)}
+               'config': dataclasses.asdict(cfg), 'model_config': dataclasses.asdict(run.model_config)}
     summary['per_rank_state_bytes'] = sum(summary['per_rank_bytes'].values())
     if run.device.startswith('cuda'):
         summary['peak_memory_bytes'] = torch.cuda.max_memory_allocated()

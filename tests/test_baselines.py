@@ -3,7 +3,7 @@ import torch
 
 import steps
 import train
-from baselines import METHOD_STEPS, irdro_row_weights, rholoss_select
+from baselines import irdro_row_weights, rholoss_select
 from config import METHODS
 from test_train import assert_same_state, final_state, run
 
@@ -75,4 +75,4 @@ def test_rholoss_trains_on_selected_examples_with_a_reference_model(tmp_path):
 
 
 def test_every_method_the_config_accepts_has_a_step():
-    assert tuple(METHOD_STEPS) == METHODS
+    assert tuple(train.METHOD_STEPS) == METHODS

@@ -124,3 +124,23 @@ def test_the_baselines_on_two_processes_match_one(tmp_path):
         assert_same_run(summary(tmp_path / '2'), one)
         for name, tensor in model_states(tmp_path / '1')[0].items():
             assert torch.allclose(tensor, model_states(tmp_path / '2')[0][name], atol=1e-10, rtol=0), name
+
+
+def test_a_llama_from_a_hugging_face_folder_trains_alike_on_one_and_two_processes(tmp_path):
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    hf_config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                         max_position_embeddings=32, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(hf_config).save_pretrained(tmp_path / 'llama', max_shard_size='20KB')
+    args = [a for a in TINY if not a.startswith(('--n_layer', '--n_head', '--n_embd'))] + [f'--init_from={tmp_path}/llama']
+    one = train.main(args + [f'--out_dir={tmp_path}/1'])
+    assert max(one['weights']) - min(one['weights']) > 1e-3  # 30 ScaleBiO steps, LISA on: the weights moved
+    import sample  # the best upper model completes a prompt
+    assert len(sample.main([f'--out_dir={tmp_path}/1', '--temperature=0', '--num_samples=1', '--max_new_tokens=3'])) == 1
+    torchrun(2, *args, f'--out_dir={tmp_path}/2')
+    assert_same_run(summary(tmp_path / '2'), one)
+    for copy_one, copy_two in zip(model_states(tmp_path / '1'), model_states(tmp_path / '2')):
+        assert any('self_attn.q_proj' in name for name in copy_one)
+        for name, tensor in copy_one.items():
+            assert torch.allclose(tensor, copy_two[name], atol=1e-6, rtol=0), name

@@ -62,3 +62,48 @@ def test_instruction_responses_end_with_the_end_of_text_token(bpe_folders, tmp_p
     targets = rows[0, 1][rows[0, 1] != -1]
     assert targets[-1] == tokenizer.end_of_text
     assert tokenizer.decode(targets[:-1].tolist()).strip() == 'the cat'
+
+
+@pytest.fixture
+def llama3_style_folder(tmp_path):
+    """A byte-level BPE whose template adds <|begin_of_text|>, with its eos_token in tokenizer_config.json, as
+    Llama 3's files have them (built here, offline)."""
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+    specials = ['<|begin_of_text|>', '<|end_of_text|>', '<|eot_id|>']
+    bpe = tokenizers.Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos = bpe.token_to_id('<|begin_of_text|>')
+    bpe.post_processor = processors.TemplateProcessing(single='<|begin_of_text|> $A', special_tokens=[('<|begin_of_text|>', bos)])
+    folder = tmp_path / 'llama3'
+    folder.mkdir()
+    bpe.save(str(folder / 'tokenizer.json'))
+    (folder / 'tokenizer_config.json').write_text('{"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}')
+    return folder
+
+
+def test_a_llama3_style_tokenizer_puts_bos_once_at_the_start_and_eos_at_the_end(llama3_style_folder, tmp_path):
+    tokenizer = load_tokenizer(str(llama3_style_folder))
+    bos, eos = tokenizer.begin_of_text, tokenizer.end_of_text
+    assert (bos, eos) == (0, 2)  # the template's BOS; tokenizer_config.json's eos_token, not <|end_of_text|>
+    folder = tmp_path / 'd'
+    folder.mkdir()
+    records = '[{"instruction": "what sat on the mat", "output": "the cat"}, {"text": "a dog sat on a log"}]'
+    for name in ('train_a.json', 'val.json', 'test.json'):
+        (folder / name).write_text(records)
+    rows = load_data(str(folder), block_size=64, seed=0, tokenizer=tokenizer).train[0]
+    for x, y in rows:
+        length = np.flatnonzero(y != -1)[-1] + 1  # the example; zeros pad it, never targets
+        assert x[0] == bos and bos not in x[1:length] and bos not in y  # once, at the start, never a target
+    instruction_x, instruction_y = rows[0]
+    targets = instruction_y[instruction_y != -1]
+    assert targets[-1] == eos and eos not in targets[:-1]
+    assert tokenizer.decode(targets[:-1].tolist()) == 'the cat'  # loss on the response tokens only
+    n_prompt = len(tokenizer.encode('### Instruction:\nwhat sat on the mat\n\n### Response:\n'))
+    assert (instruction_y[:n_prompt] == -1).all() and instruction_y[n_prompt] != -1
+    eos_free = llama3_style_folder / 'tokenizer_config.json'
+    eos_free.write_text('{"eos_token": "<|im_end|>"}')
+    with pytest.raises(ValueError, match="eos_token '<|im_end|>' is not in the tokenizer's vocabulary"):
+        load_tokenizer(str(llama3_style_folder))

@@ -10,7 +10,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import train
-from model import GPT, GPTConfig, export_pretrained
+from hf import export_pretrained, from_pretrained
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny float64 run with LISA switching every 3 steps: float32 runs drift apart by ~1e-4 (Adam amplifies rounding)
@@ -160,7 +161,7 @@ def test_export_writes_a_hugging_face_folder_and_a_mixture_that_init_from_reads(
     with open(tmp_path / 'first' / 'mixture.json') as f:
         mixture = json.load(f)
     assert mixture['sources'] == summary['sources'] and mixture['weights'] == summary['weights']
-    exported = GPT.from_pretrained(str(tmp_path / 'first' / 'hf'))
+    exported = from_pretrained(str(tmp_path / 'first' / 'hf'))
     upper = final_state(tmp_path / 'first')[1][1]
     for name, tensor in exported.state_dict().items():
         assert torch.allclose(tensor.double(), upper[name], atol=1e-6), name  # the upper model, exported
@@ -173,7 +174,7 @@ def test_export_writes_a_hugging_face_folder_and_a_mixture_that_init_from_reads(
             assert torch.equal(tensor, copy[name]), name
     small = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
     export_pretrained(small.state_dict(), small.config, str(tmp_path / 'small'))
-    with pytest.raises(ValueError, match=r"model's vocabulary \(100\) must be the data's \(256\)"):
+    with pytest.raises(ValueError, match=r"model's vocabulary \(100\) must hold the tokenizer's \(256\)"):
         train.main(args[:-1] + [f'--init_from={tmp_path}/small'])
 
 
