@@ -63,6 +63,10 @@ BYTES = Tokenizer(encode=lambda text: np.frombuffer(text.encode('utf-8'), dtype=
                   decode=lambda ids: bytes(ids).decode('utf-8', errors='replace'), vocab_size=256)
 
 
+# what a tokenizer folder may hold; --export copies them beside the model
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt')
+
+
 def load_tokenizer(spec):
     """'bytes', or a local folder with tokenizer.json, or GPT-2's vocab.json + merges.txt, both read through
     the optional `tokenizers` package (nothing is downloaded)."""

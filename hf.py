@@ -51,21 +51,27 @@ def llama_config(hf, where):
         raise ValueError(f"{where} is not a Llama-family config (missing {missing}, hidden_act {hf.get('hidden_act')})")
     # rotary settings: rope_theta + rope_scaling, or the newer rope_parameters holding both
     rope = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
-    theta = rope.pop('rope_theta', hf.get('rope_theta', 10000.0))
+    theta = float(rope.pop('rope_theta', hf.get('rope_theta', 10000.0)))
     rope_type = rope.pop('rope_type', rope.pop('type', 'default'))
-    if rope_type not in ('default', 'llama3'):
-        raise ValueError(f"{where}: rope type '{rope_type}' is not implemented (default, llama3)")
-    keys = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
+    if rope_type not in ('default', 'llama3') or rope.get('partial_rotary_factor', 1.0) != 1.0:
+        raise ValueError(f"{where}: rope type '{rope_type}' (partial_rotary_factor {rope.get('partial_rotary_factor', 1.0)})"
+                         f" is not implemented: default or llama3, on whole heads")
+    scaling = None
+    if rope_type == 'llama3':
+        rope.setdefault('original_max_position_embeddings', hf['max_position_embeddings'])  # as transformers does
+        scaling = {k: rope[k] for k in ('factor', 'low_freq_factor', 'high_freq_factor',
+                                        'original_max_position_embeddings')}
     model_type = hf['model_type']
     window = hf.get('sliding_window') if model_type == 'mistral' or hf.get('use_sliding_window') else None
+    llama = model_type == 'llama'  # Qwen2 and Mistral fix their biases: q/k/v only (Qwen2), none (Mistral)
     return GPTConfig(family=model_type, block_size=hf['max_position_embeddings'], vocab_size=hf['vocab_size'],
                      n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'],
                      n_kv_head=hf.get('num_key_value_heads') or hf['num_attention_heads'],
                      n_embd=hf['hidden_size'], head_dim=hf.get('head_dim') or 0, mlp_hidden=hf['intermediate_size'],
-                     rope_theta=float(theta), rope_scaling={k: rope[k] for k in keys} if rope_type == 'llama3' else None,
-                     norm_eps=hf.get('rms_norm_eps', 1e-6), qkv_bias=model_type == 'qwen2',
-                     o_bias=bool(hf.get('attention_bias')), mlp_bias=bool(hf.get('mlp_bias')),
-                     tie_embeddings=bool(hf.get('tie_word_embeddings', False)), sliding_window=window or 0, bias=False)
+                     rope_theta=theta, rope_scaling=scaling, norm_eps=hf.get('rms_norm_eps', 1e-6),
+                     qkv_bias=model_type == 'qwen2', attention_bias=llama and bool(hf.get('attention_bias')),
+                     mlp_bias=llama and bool(hf.get('mlp_bias')), tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+                     sliding_window=window or 0, bias=False)
 
 
 def weight_files(path):
@@ -96,8 +102,9 @@ def read_tensors(file):
 
 def our_name(name, config):
     """The name of a checkpoint tensor in our model, or None for tensors to skip."""
-    if config.family != 'gpt2':
-        return None if name == 'lm_head.weight' and config.tie_embeddings else name
+    if config.family != 'gpt2':  # skipped: a tied head; the rotary buffers older Llama checkpoints carry
+        return None if (name == 'lm_head.weight' and config.tie_embeddings) or name.endswith('rotary_emb.inv_freq') \
+            else name
     name = 'transformer.' + name.removeprefix('transformer.')  # GPT2LMHeadModel or GPT2Model keys
     return None if name.endswith(('.attn.bias', '.attn.masked_bias', 'lm_head.weight')) else name  # old masks; tied head
 
@@ -148,15 +155,18 @@ def hf_config(config):
           'rope_theta': config.rope_theta, 'rope_scaling': dict(rope_type='llama3', **config.rope_scaling)
           if config.rope_scaling else None, 'tie_word_embeddings': config.tie_embeddings, 'torch_dtype': 'float32'}
     if config.family == 'llama':
-        hf.update(attention_bias=config.o_bias, mlp_bias=config.mlp_bias)
+        hf.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
     hf['sliding_window'] = config.sliding_window or None
+    if config.family == 'qwen2':
+        hf['use_sliding_window'] = bool(config.sliding_window)
     return hf
 
 
-def export_pretrained(state_dict, config, folder, max_shard_bytes=5 * 2**30):
-    """Writes a full state dict of our model as a Hugging Face folder that transformers loads: config.json and
-    float32 weights, in shards of at most max_shard_bytes with an index when larger (pytorch_model.bin
-    without the safetensors package); GPT-2's vocabulary cropped to the tokenizer's."""
+def export_pretrained(state_dict, config, folder, token_ids=None, max_shard_bytes=5 * 2**30):
+    """Writes a full state dict of our model as a Hugging Face folder that transformers loads: config.json (with
+    token_ids, e.g. bos_token_id and eos_token_id, so that generation stops where training taught it) and float32
+    weights, in shards of at most max_shard_bytes with an index when larger (pytorch_model.bin without the
+    safetensors package); GPT-2's vocabulary cropped to the tokenizer's."""
     if config.family == 'gpt2' and not config.bias:
         raise ValueError("a Hugging Face GPT-2 has biases: export needs a model trained with bias=True")
     weights = {}
@@ -171,7 +181,7 @@ def export_pretrained(state_dict, config, folder, max_shard_bytes=5 * 2**30):
         weights[name] = tensor.contiguous()
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, 'config.json'), 'w') as f:
-        json.dump(hf_config(config), f, indent=2)
+        json.dump({**hf_config(config), **(token_ids or {})}, f, indent=2)
     try:
         from safetensors.torch import save_file
     except ImportError:

@@ -38,7 +38,7 @@ class GPTConfig:
     rope_scaling: dict = None  # llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
     norm_eps: float = 1e-5
     qkv_bias: bool = False   # Qwen2: biases on q, k and v
-    o_bias: bool = False     # Llama's attention_bias: biases on q, k, v and o
+    attention_bias: bool = False  # Llama's attention_bias: biases on q, k, v and o
     mlp_bias: bool = False
     tie_embeddings: bool = True  # the head is the embedding matrix (GPT-2 always; Llama 3.2 1B/3B, Qwen2 0.5B)
     sliding_window: int = 0  # Mistral's attention window (0: none); train.py refuses one shorter than block_size
@@ -127,6 +127,9 @@ class LanguageModel(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"a batch of {T} tokens per row is longer than the model's context "
                              f"(block_size={self.config.block_size})")
+        if 0 < self.config.sliding_window < T:
+            raise ValueError(f"{T} tokens per row exceed the model's attention window ({self.config.sliding_window}): "
+                             f"sliding-window attention is not implemented")
         logits = self.logits(idx)
         if targets is None:
             return logits, None
@@ -249,11 +252,11 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
         self.head_dim = config.head_dim or config.n_embd // config.n_head
-        qkv_bias = config.qkv_bias or config.o_bias
+        qkv_bias = config.qkv_bias or config.attention_bias
         self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.o_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.attention_bias)
 
     def forward(self, x, cos, sin):
         B, T, _ = x.size()

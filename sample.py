@@ -33,7 +33,8 @@ def main(argv):
     model, meta = load_best_model(cfg.out_dir)
     model, tokenizer = model.to(cfg.device), load_tokenizer(meta.get('tokenizer', 'bytes'))
     print(f"upper model of step {meta['step']} (val loss {meta['val_loss']:.4f})")
-    prompt = torch.tensor(tokenizer.encode(cfg.prompt), dtype=torch.long, device=cfg.device)[None]
+    begin = [] if tokenizer.begin_of_text is None else [tokenizer.begin_of_text]  # as training saw every example
+    prompt = torch.tensor(begin + tokenizer.encode(cfg.prompt).tolist(), dtype=torch.long, device=cfg.device)[None]
     completions = []
     for _ in range(cfg.num_samples):
         out = model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k)[0, prompt.size(1):]

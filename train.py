@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -37,7 +38,7 @@ from baselines import fixed_step, irdro_step, load_reference, rholoss_step
 from bilevel import LOGITS_RULES, cosine_lr, logits_step_size, make_logits_optimizer, penalty_schedule
 from checkpoint import full_state_dict, load_checkpoint, read_meta, save_checkpoint
 from config import RESUMABLE_CHANGES, micro_steps, parse_config
-from data import evaluation_batches, fixed_weights, load_data, load_tokenizer, rank_rows
+from data import TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer, rank_rows
 from fsdp import init_distributed, mean_over_ranks, rank_bytes, shard, warm_up
 from lisa import draw_active_blocks, set_active_blocks
 from hf import export_pretrained, from_pretrained, read_config
@@ -133,6 +134,8 @@ def model_config_for(cfg, data):
     if 0 < config.sliding_window < cfg.block_size:
         raise ValueError(f"{where} attention window ({config.sliding_window}) is shorter than --block_size="
                          f"{cfg.block_size}: sliding-window attention is not implemented; lower --block_size")
+    if config.family != 'gpt2' and cfg.dropout:
+        raise ValueError(f"--dropout={cfg.dropout}: the Llama family is built without dropout, as its checkpoints are")
     if cfg.export and config.family == 'gpt2' and not config.bias:
         raise ValueError("--export=True writes a Hugging Face GPT-2, which has biases: it needs --bias=True")
     return config
@@ -353,14 +356,28 @@ def finish(run, record, start_step, end_step):
             print(f"{s:<16}{w:>10.4f}{record['per_source_loss'][s]:>18.4f}")
         print(f"val loss {record['val_loss']:.4f} (best {run.best_val_loss:.4f}), test loss {record['test_loss']:.4f}; "
               f"wrote {cfg.out_dir}/summary.json")
-    if cfg.export:  # the trained model for use elsewhere; the weights as a mixture for standard fine-tuning
-        state = full_state_dict(run.models[-1])
-        if run.rank == 0:
-            export_pretrained(state, run.model_config, os.path.join(cfg.out_dir, 'hf'))
-            with open(os.path.join(cfg.out_dir, 'mixture.json'), 'w') as f:
-                json.dump({'sources': sources, 'weights': summary['weights'], 'how': "for N examples, draw "
-                           "int(N * weight) from each source (the authors' second stage)"}, f, indent=2)
+    if cfg.export:
+        export(run, summary['weights'])
     return summary
+
+
+def export(run, weights):
+    """out_dir/hf: the trained model for use elsewhere, with the tokenizer's files and its BOS/EOS ids;
+    out_dir/mixture.json: the weights as a mixture for standard fine-tuning."""
+    cfg, folder = run.cfg, os.path.join(run.cfg.out_dir, 'hf')
+    state = full_state_dict(run.models[-1])  # a collective: every rank takes part
+    if run.rank != 0:
+        return
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    token_ids = {key: value for key, value in (('bos_token_id', tokenizer.begin_of_text),
+                                                ('eos_token_id', tokenizer.end_of_text)) if value is not None}
+    export_pretrained(state, run.model_config, folder, token_ids)
+    for name in TOKENIZER_FILES if cfg.tokenizer != 'bytes' else ():
+        if os.path.isfile(os.path.join(cfg.tokenizer, name)):
+            shutil.copy(os.path.join(cfg.tokenizer, name), folder)
+    with open(os.path.join(cfg.out_dir, 'mixture.json'), 'w') as f:
+        json.dump({'sources': run.data.sources, 'weights': weights, 'how': "for N examples, draw "
+                   "int(N * weight) from each source (the authors' second stage)"}, f, indent=2)
 
 
 if __name__ == '__main__':

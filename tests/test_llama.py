@@ -13,16 +13,17 @@ from model import MODEL_PRESETS, GPTConfig, make_model, rope_frequencies
 transformers = pytest.importorskip('transformers')
 
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
-             max_position_embeddings=64, initializer_range=0.3)  # a large std: a wrong rotary layout shows
-LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 10000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
+             max_position_embeddings=64, rms_norm_eps=1e-5)
+LLAMA3_ROPE = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
                'high_freq_factor': 4.0, 'original_max_position_embeddings': 16}
 CASES = {
     'llama, grouped-query, untied, llama3 rotary scaling': (transformers.LlamaConfig, dict(
         num_key_value_heads=2, tie_word_embeddings=False, rope_parameters=LLAMA3_ROPE)),
-    'llama, attention biases, tied': (transformers.LlamaConfig, dict(attention_bias=True, tie_word_embeddings=True)),
+    'llama, attention and MLP biases, tied': (transformers.LlamaConfig, dict(attention_bias=True, mlp_bias=True,
+                                                                             tie_word_embeddings=True)),
     'qwen2, q/k/v biases, tied': (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True)),
-    'mistral, grouped-query, untied': (transformers.MistralConfig, dict(num_key_value_heads=1, sliding_window=None,
-                                                                        tie_word_embeddings=False)),
+    'mistral, grouped-query, head_dim apart from hidden_size / heads, untied': (transformers.MistralConfig, dict(
+        num_key_value_heads=1, head_dim=12, sliding_window=None, tie_word_embeddings=False)),
 }
 ARCHITECTURES = {transformers.LlamaConfig: transformers.LlamaForCausalLM, transformers.Qwen2Config:
                  transformers.Qwen2ForCausalLM, transformers.MistralConfig: transformers.MistralForCausalLM}
@@ -31,6 +32,9 @@ ARCHITECTURES = {transformers.LlamaConfig: transformers.LlamaForCausalLM, transf
 def write_tiny(folder, config_class, extra, seed=0):
     torch.manual_seed(seed)
     hf_model = ARCHITECTURES[config_class](config_class(**{**SMALL, **extra})).eval()
+    with torch.no_grad():  # every tensor random and large (biases and norm gains too): nothing hides in flat logits
+        for name, param in hf_model.named_parameters():
+            param.normal_(1.0 if 'norm' in name else 0.0, 0.3)
     hf_model.save_pretrained(folder, max_shard_size='20KB')  # several shards and an index
     return hf_model
 
@@ -45,16 +49,31 @@ def test_logits_equal_hugging_face_and_the_export_loads_back(tmp_path, case):
         expected = hf_model(idx).logits
         assert expected.std() > 1.0
         assert torch.allclose(ours(idx)[0], expected, atol=1e-5)
-        export_pretrained(ours.state_dict(), ours.config, str(tmp_path / 'exported'), max_shard_bytes=20_000)
+        export_pretrained(ours.state_dict(), ours.config, str(tmp_path / 'exported'),
+                          {'bos_token_id': 0, 'eos_token_id': 99}, max_shard_bytes=20_000)
         assert os.path.isfile(tmp_path / 'exported' / 'model.safetensors.index.json')
         back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'exported')).eval()
-        assert type(back) is type(hf_model)
+        assert type(back) is type(hf_model) and (back.config.bos_token_id, back.config.eos_token_id) == (0, 99)
         assert torch.allclose(back(idx).logits, expected, atol=1e-5)
+
+
+def test_the_older_rope_theta_and_rope_scaling_keys_read_alike(tmp_path):
+    hf_model = write_tiny(tmp_path, *CASES['llama, grouped-query, untied, llama3 rotary scaling'])
+    config = json.loads((tmp_path / 'config.json').read_text())
+    rope = config.pop('rope_parameters')  # the layout of Llama 3.1 / 3.2 config.json files
+    config['rope_theta'] = rope.pop('rope_theta')
+    config['rope_scaling'] = {'type' if k == 'rope_type' else k: v for k, v in rope.items()}
+    (tmp_path / 'config.json').write_text(json.dumps(config))
+    ours = from_pretrained(str(tmp_path)).eval()
+    assert ours.config.rope_theta == 500000.0 and ours.config.rope_scaling['factor'] == 8.0
+    idx = torch.randint(0, 100, (2, 30))
+    with torch.no_grad():
+        assert torch.allclose(ours(idx)[0], hf_model(idx).logits, atol=1e-5)
 
 
 def test_llama3_scaling_stretches_long_wavelengths_and_blends_the_middle():
     plain = rope_frequencies(GPTConfig(family='llama', n_embd=32, n_head=4))  # wavelengths 2π·(1, 10, 100, 1000)
-    scaled = rope_frequencies(GPTConfig(family='llama', n_embd=32, n_head=4, rope_scaling={
+    scaled = rope_frequencies(GPTConfig(family='llama', n_embd=32, n_head=4, rope_theta=10000.0, rope_scaling={
         k: v for k, v in LLAMA3_ROPE.items() if k not in ('rope_type', 'rope_theta')}))
     assert torch.allclose(scaled[1:], plain[1:] / 8)  # longer than original_max_position_embeddings: / factor
     assert plain[0] / 8 < scaled[0] < plain[0]  # between 16/4 and 16: blended
