@@ -21,6 +21,7 @@ from model import target_counts
 
 @dataclass
 class Run:
+    """What a step reads and updates; the fields after grad_bytes are train.py's own bookkeeping."""
     cfg: TrainConfig
     models: list                        # [lower_model u, upper_model w] for ScaleBiO; [model] for a baseline
     optimizers: list = None             # AdamW, one per model copy
@@ -60,10 +61,12 @@ def validation_rows(run, step, n_rows):
 
 def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
     """The objective callable of bilevel.scalebio_step for one model on this rank's rows of the step's batch:
-    backward of Σ_i coeff_i·ℓ_i(model) + val_coeff·L_val(model), in run.micro_steps accumulated pieces; then the
-    losses and the gradient norm checked and the gradient clipped (clip_gradient). Returns (ℓ(model), L_val(model)) averaged over ranks, so that p's
-    gradient is the same on every rank. x holds n_groups equal groups of rows, one per source; ℓ_i is the mean
-    of its rows' token means. `name` labels the copy in the error a non-finite loss or gradient raises. (FSDP averages the model gradients over ranks itself; it knows nothing of p.)"""
+    backward of Σ_i coeff_i·ℓ_i(model) + val_coeff·L_val(model), in run.micro_steps accumulated pieces; then
+    the losses and the gradient norm checked and the gradient clipped (clip_gradient).
+    Returns (ℓ(model), L_val(model)) averaged over ranks, so that p's gradient is the same on every rank
+    (FSDP averages the model gradients over ranks itself; it knows nothing of p).
+    x holds n_groups equal groups of rows, one per source; ℓ_i is the mean of its rows' token means.
+    `name` labels the copy in the error that a non-finite loss or gradient raises."""
     micro_steps = run.micro_steps
 
     def objective(source_coeffs, val_coeff):
