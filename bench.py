@@ -30,7 +30,7 @@ import torch
 from bilevel import make_logits_optimizer, step_and_clear
 from config import TrainConfig, override
 from fsdp import local_bytes, optimizer_state_bytes
-from lisa import draw_active_blocks, set_active_blocks
+from lisa import set_lisa_blocks
 from model import MODEL_PRESETS, GPTConfig, make_model, make_optimizer
 from steps import Run, model_objective, scalebio_gpt_step
 
@@ -93,9 +93,8 @@ def build(cfg, device, lisa_layers):
             model_objective(run, models[0], x, y, None, None, cfg.n_sources)(run.fixed_weights, 0.0)
             step_and_clear(run.optimizers[0])
             return
-        for copy_index, (m, opt) in enumerate(zip(run.models, run.optimizers)):
-            set_active_blocks(m.blocks, opt, draw_active_blocks(
-                model_cfg.n_layer, lisa_layers, 0, i // cfg.lisa_interval, copy_index))
+        set_lisa_blocks([(m.blocks, opt) for m, opt in zip(run.models, run.optimizers)], lisa_layers, 0,
+                        i // cfg.lisa_interval)
         scalebio_gpt_step(run, x, y, *batch(cfg.val_batch), cfg.penalty_alpha)
 
     def state():

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from bilevel import LOGITS_RULES
+from lisa import LISA_DRAWS
 from model import MODEL_PRESETS
 
 METHODS = ('scalebio', 'fixed', 'irdro', 'rholoss')  # the steps: steps.py (scalebio), baselines.py (the rest)
@@ -52,6 +53,7 @@ class TrainConfig:
     grad_clip: float = 1.0          # on each model's gradient norm; 0: off
     lisa_layers: int = 0            # blocks unfrozen at a time; 0 or >= n_layer: full fine-tuning (lisa.py)
     lisa_interval: int = 20         # steps between LISA switches
+    lisa_draw: str = 'shared'       # 'shared': u and w train the same blocks; 'independent': the authors' (lisa.py)
     # bookkeeping
     out_dir: str = 'out'
     eval_interval: int = 100
@@ -97,7 +99,8 @@ def parse_config(argv):
     """TrainConfig from command-line arguments, every value checked; it is not changed afterwards."""
     cfg = override(TrainConfig(), argv)
     for key, allowed in (('method', METHODS), ('dtype', ('float32', 'float64')),
-                         ('logits_update', tuple(LOGITS_RULES)), ('model', ('', *MODEL_PRESETS))):
+                         ('logits_update', tuple(LOGITS_RULES)), ('model', ('', *MODEL_PRESETS)),
+                         ('lisa_draw', LISA_DRAWS)):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"--{key} must be one of {', '.join(allowed).strip(', ')}, got '{getattr(cfg, key)}'")
     if cfg.method in ('irdro', 'rholoss') and cfg.micro_batch:

@@ -13,8 +13,10 @@ Two details the reference implementations (LMFlow's LISA trainer, the ScaleBiO a
 - A frozen parameter must have grad=None, not a zero tensor: AdamW still moves a parameter with a zero
   gradient, through its momentum and weight decay. Clear gradients with zero_grad(set_to_none=True).
 
-Usage, once per step, before the forward pass (it is idempotent between switches):
-    active = set_active_blocks(model.blocks, optimizer, draw_active_blocks(n_layer, n_active, seed, step // interval))
+ScaleBiO has two model copies, and which blocks each trains is a choice that moves the learned weights:
+set_lisa_blocks (at the end) gives both the same draw by default. Usage, once per step, before the forward
+pass (it is idempotent between switches):
+    set_lisa_blocks([(u.blocks, u_optimizer), (w.blocks, w_optimizer)], n_active, seed, step // interval)
 """
 import numpy as np
 
@@ -24,8 +26,8 @@ def draw_active_blocks(n_layer, n_active, seed, switch_index, copy_index=0):
 
     A pure function of its arguments, not of a generator's running state, so a resumed run and every
     process of a distributed run draw the same blocks without saving or broadcasting anything.
-    `copy_index` separates the draws of ScaleBiO's two model copies: as in the authors' code, u and w draw
-    their blocks independently. n_active = 0 or >= n_layer turns LISA off: every block trains.
+    `copy_index` gives each model copy a draw of its own (set_lisa_blocks' independent draws).
+    n_active = 0 or >= n_layer turns LISA off: every block trains.
     """
     if n_active <= 0 or n_active >= n_layer:
         return list(range(n_layer))
@@ -46,3 +48,21 @@ def set_active_blocks(blocks, optimizer, active):
                 param.grad = None
                 optimizer.state.pop(param, None)
     return active
+
+
+LISA_DRAWS = ('shared', 'independent')
+
+
+def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared'):
+    """LISA for ScaleBiO's model copies, `copies` = [(blocks, optimizer), ...] (u, then w).
+
+    draw='shared': every copy trains the same blocks. p's gradient is α·J·(ℓ(w) − ℓ(u)), and w − u must be
+    the O(1/α) response to the validation term alone. Both copies take the same kind of step on the same
+    batch, so whatever else moves them (the batch's noise, the common drift of training) moves them alike
+    and cancels in ℓ(w) − ℓ(u), as the shared batch makes the noise cancel (bilevel.py) -- but only if they
+    move the same coordinates. draw='independent' (the authors' code) lets u train blocks A while w trains
+    blocks B: w − u then carries O(1) differences that α multiplies (theory/, docs/lisa.md).
+    """
+    for copy_index, (blocks, optimizer) in enumerate(copies):
+        set_active_blocks(blocks, optimizer, draw_active_blocks(len(blocks), n_active, seed, switch_index,
+                                                                copy_index if draw == 'independent' else 0))

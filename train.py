@@ -40,7 +40,7 @@ from checkpoint import full_state_dict, load_checkpoint, read_meta, save_checkpo
 from config import RESUMABLE_CHANGES, micro_steps, parse_config
 from data import TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer, rank_rows
 from fsdp import init_distributed, mean_over_ranks, rank_bytes, shard, warm_up
-from lisa import draw_active_blocks, set_active_blocks
+from lisa import set_lisa_blocks
 from hf import export_pretrained, from_pretrained, read_config
 from model import MODEL_PRESETS, GPTConfig, make_model, make_optimizer, target_counts
 from steps import Run, scalebio_train_step, validation_rows
@@ -178,11 +178,10 @@ def set_schedules(run, step):
 
 
 def draw_lisa_blocks(run, step):
-    """u and w draw their blocks independently, as in the authors' code (lisa.py)."""
+    """The blocks each model copy trains during this LISA interval; u and w share them by default (lisa.py)."""
     cfg = run.cfg
-    for copy_index, (model, opt) in enumerate(zip(run.models, run.optimizers)):
-        set_active_blocks(model.blocks, opt, draw_active_blocks(
-            run.model_config.n_layer, cfg.lisa_layers, cfg.seed, step // cfg.lisa_interval, copy_index))
+    set_lisa_blocks([(model.blocks, opt) for model, opt in zip(run.models, run.optimizers)], cfg.lisa_layers,
+                    cfg.seed, step // cfg.lisa_interval, cfg.lisa_draw)
 
 
 def take_step(run, step, alpha):

@@ -1,6 +1,6 @@
 import torch
 
-from lisa import draw_active_blocks, set_active_blocks
+from lisa import draw_active_blocks, set_active_blocks, set_lisa_blocks
 from model import GPT, GPTConfig
 from model import make_optimizer
 
@@ -78,3 +78,22 @@ def test_lisa_off_is_full_fine_tuning_and_draws_are_pure_functions():
     assert len(draws) > 5
     for *_, model, optimizer, _, _ in run_lisa(3, n_active=0):
         assert set(optimizer.state) == set(model.parameters())
+
+
+def trainable(blocks):
+    return [i for i, b in enumerate(blocks) if all(p.requires_grad for p in b.parameters())]
+
+
+def test_copies_train_the_same_blocks_with_a_shared_draw_and_their_own_with_independent_draws():
+    models = [GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=N_LAYER, n_head=2, n_embd=16)) for _ in range(2)]
+    copies = [(m.transformer.h, make_optimizer(m, lr=1e-2, weight_decay=0.1)) for m in models]
+    differ = 0
+    for switch in range(10):
+        set_lisa_blocks(copies, N_ACTIVE, 7, switch, 'shared')
+        u, w = (trainable(blocks) for blocks, _ in copies)
+        assert u == w == draw_active_blocks(N_LAYER, N_ACTIVE, 7, switch)
+        set_lisa_blocks(copies, N_ACTIVE, 7, switch, 'independent')
+        u, w = (trainable(blocks) for blocks, _ in copies)
+        assert [u, w] == [draw_active_blocks(N_LAYER, N_ACTIVE, 7, switch, c) for c in (0, 1)]
+        differ += u != w
+    assert differ >= 5

@@ -126,6 +126,7 @@ def test_resume_with_a_different_config_is_an_error(tmp_path):
     (['--data=/no/such/folder'], "error: data '/no/such/folder' is neither a built-in task"),
     (['--block_size=100000', '--max_steps=1'], "error: built-in split 'val' has"),
     (['--lisa_interval=0'], "error: --lisa_interval must be positive, got 0"),
+    (['--lisa_draw=per_copy'], "error: --lisa_draw must be one of shared, independent, got 'per_copy'"),
     (['--micro_batch=32'], "error: --micro_batch=32 must divide the 16 rows per source that each process gets"),
     (['--micro_batch=6'], "error: --micro_batch=6 must divide the 16 rows per source that each process gets"),
     (['--micro_batch=-4'], "error: --micro_batch must be 0 (all rows at once) or positive, got -4"),
