@@ -1,7 +1,7 @@
 """
 Checks of ScaleBiO's penalty on data-reweighting quadratics whose answers are known in closed form.
-Exact inner solutions (the penalty's bias, forward and central), the single loop at fixed α, growing penalties
-and noisy losses.
+Exact inner solutions (the penalty's bias, forward and central), the single loop at fixed α, growing penalties,
+noisy losses and LISA's block-coordinate steps.
 
     python -m theory            # every check: a table, theory/results.json; exit status 1 if one misses
     python -m theory --quick    # the same here (all checks take seconds); tests/ calls it
@@ -27,6 +27,7 @@ from theory.quadratics import (fixed_point, logits_hessian, make_problem, model_
                                spectral_radius, stability_boundary, stationary_weights, true_value_and_gradient,
                                trusted_optimum)
 from config import TrainConfig
+from lisa import LISA_DRAWS
 
 torch.set_default_dtype(torch.float64)
 
@@ -106,6 +107,7 @@ def run_checks(seeds=range(5)):
     logits_update_checks(check)
     growing_penalty_checks(check)
     stochastic_checks(check)
+    lisa_checks(check)
     return rows, curves
 
 
@@ -194,10 +196,43 @@ def logits_update_checks(check):
     lr = logits_step_size(cfg.logits_update, cfg.logits_lr, 1.0)
     instances = interior_instances(10.0)
     targets = [torch.softmax(fixed_point(prob, 10.0, cfg.central_difference)[2], 0) for prob in instances]
-    worst = max((run_logits_update(prob, 10.0, cfg.logits_update, lr, cfg.max_steps, cfg.central_difference) - s)
+    worst = max((run_logits_update(prob, 10.0, cfg.logits_update, lr, cfg.max_steps, cfg.central_difference)[0] - s)
                 .abs().max().item() for prob, s in zip(instances, targets))
     check(f"train.py's default p update ({cfg.logits_update}, logits_lr {lr:g}, {cfg.max_steps} steps): "
           f"max |s - s_alpha|, {len(instances)} runs", 0.0, worst, 1e-6)
+
+
+def lisa_checks(check, n_blocks=4, n_active=2):
+    """LISA on the copies (lisa.set_lisa_blocks, as train.py calls it): θ in n_blocks blocks of coordinates,
+    each copy trains n_active of them, switched every lisa_interval steps. The fixed point is unchanged (a
+    block-coordinate step stops only where every block's gradient is zero), so the question is whether p's
+    gradient stays right on the way there. It does when both copies move the same blocks: their common
+    motion cancels in ℓ(w) − ℓ(u). With independent draws it does not, and α multiplies the difference."""
+    cfg = TrainConfig()
+    lr = logits_step_size(cfg.logits_update, cfg.logits_lr, 1.0)
+    lisa = dict(lisa_blocks=n_blocks, lisa_layers=n_active, lisa_interval=cfg.lisa_interval)
+    instances = interior_instances(10.0)
+    targets = [torch.softmax(fixed_point(prob, 10.0, cfg.central_difference)[2], 0) for prob in instances]
+    errors = {draw: [(run_logits_update(prob, 10.0, cfg.logits_update, lr, cfg.max_steps, cfg.central_difference,
+                                        lisa_draw=draw, **lisa)[0] - s).abs().max().item()
+                     for prob, s in zip(instances, targets)] for draw in LISA_DRAWS}
+    check(f"LISA {n_active} of {n_blocks} blocks, train.py's draw ({cfg.lisa_draw}), default p update: max |s - s_alpha|",
+          0.0, max(errors[cfg.lisa_draw]), 1e-4)
+    other = [d for d in LISA_DRAWS if d != cfg.lisa_draw][0]
+    check(f'LISA, {other} draws: min |s - s_alpha| of {len(instances)} runs, clamped at 0.1', 0.1,
+          min(0.1, min(errors[other])), 0.0)
+    # noisy losses from the fixed point, p held: the copies' noisy steps cancel in p's gradient only when
+    # they move the same blocks (variance flat in α), as the shared batch makes the losses' noise cancel
+    prob = make_problem(11)
+    for draw, predicted in (('shared', 0.0), ('independent', 2.0)):
+        variances = []
+        for alpha in (10.0, 100.0, 1000.0):
+            gradients = run_logits_update(prob, alpha, cfg.logits_update, lr, 300, cfg.central_difference,
+                                          lisa_draw=draw, **lisa, sigma=0.3,
+                                          start=fixed_point(prob, alpha, cfg.central_difference), move_logits=False)[1]
+            variances.append(gradients.var(dim=0).sum().item())
+        check(f'LISA, {draw} draws, noisy losses: var(p-gradient) vs alpha, slope', predicted,
+              slope([10.0, 100.0, 1000.0], variances), 0.2)
 
 
 def growing_penalty_checks(check):
@@ -259,8 +294,8 @@ def stochastic_checks(check, sigma=0.3):
                               None if shared else sigma * torch.randn(3, 4, generator=gen))[3] for _ in range(300)]
             variances.append(torch.stack(grads).var(dim=0).sum().item())
         variance_slopes[shared] = slope([10.0, 100.0, 1000.0], variances)
-    check('noisy losses, shared draw: var(p-gradient) vs alpha, slope', 0.0, variance_slopes[True], 0.2)
-    check('noisy losses, independent draws: var(p-gradient) vs alpha, slope', 2.0, variance_slopes[False], 0.2)
+    check('noisy losses, one batch for both copies: var(p-gradient) vs alpha, slope', 0.0, variance_slopes[True], 0.2)
+    check('noisy losses, a batch per copy: var(p-gradient) vs alpha, slope', 2.0, variance_slopes[False], 0.2)
     # steps ∝ 1/t at fixed α (from the fixed point, so only the noise moves it): E‖s_t − s_α‖² ∝ 1/t,
     # while ‖s_t − s*‖² levels off at the penalty's squared bias ‖s_α − s*‖² = O(1/α²)
     sizes, steps, runs, t0 = (*model_step_sizes(prob, alpha, 0.9), 0.3), 4000, 8, 100

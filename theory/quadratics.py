@@ -12,6 +12,7 @@ optimizers plain gradient steps (torch.optim.SGD).
 import torch
 
 from bilevel import LOGITS_RULES, cosine_lr, logits_step_size, make_logits_optimizer, scalebio_step, step_and_clear
+from lisa import set_lisa_blocks
 
 
 def make_problem(seed, n_sources=3, dim=4, case='nonrealizable'):
@@ -46,11 +47,14 @@ def upper_solution(prob, weights, alpha, val_sign=1.0):
     return torch.linalg.solve(val_sign * torch.eye(len(rhs)) + alpha * M, rhs)
 
 
-def objective(prob, theta, noise=None):
-    """The objective callable of bilevel.scalebio_step for the quadratic 'model' θ. With a noise sample ξ
-    (shape (S, d)) the per-source losses are stochastic: ℓ_i(θ; ξ) = ½‖θ − c_i − ξ_i‖²_{A_i}."""
+def objective(prob, blocks, noise=None):
+    """The objective callable of bilevel.scalebio_step for the quadratic 'model' θ = concat(blocks): one block,
+    or the blocks lisa.py freezes and unfreezes. With a noise sample ξ (shape (S, d)) the per-source losses
+    are stochastic: ℓ_i(θ; ξ) = ½‖θ − c_i − ξ_i‖²_{A_i}."""
     def run(source_coeffs, val_coeff):
-        theta.grad = None
+        for block in blocks:
+            block.grad = None
+        theta = torch.cat(list(blocks))
         diff = theta - prob['centres'] - (0.0 if noise is None else noise)
         losses = 0.5 * torch.einsum('ij,ijk,ik->i', diff, prob['curvatures'], diff)
         val = 0.5 * ((theta - prob['target']) ** 2).sum()
@@ -70,7 +74,7 @@ def penalty_gradient(prob, logits, alpha, central=False):
     """ScaleBiO's p-gradient at the exact inner solutions, from bilevel.scalebio_step with no-op updates."""
     u, w = (t.requires_grad_(True) for t in inner_solutions(prob, torch.softmax(logits, 0), alpha, central))
     source_logits = logits.clone().requires_grad_(True)
-    result = scalebio_step(source_logits, alpha, objective(prob, u), objective(prob, w),
+    result = scalebio_step(source_logits, alpha, objective(prob, [u]), objective(prob, [w]),
                            lambda: None, lambda: None, lambda: None, central_difference=central)
     return result['logits_grad']
 
@@ -153,8 +157,8 @@ def one_step(prob, alpha, state, step_sizes, noise=None, lower_noise=None, centr
     u, w, p = (t.detach().clone().requires_grad_(True) for t in state)
     optimizers = [torch.optim.SGD([x], lr=lr) for x, lr in zip((u, w, p), step_sizes)]
     updates = [lambda opt=opt: step_and_clear(opt) for opt in optimizers]
-    result = scalebio_step(p, alpha, objective(prob, u, noise if lower_noise is None else lower_noise),
-                           objective(prob, w, noise), *updates, central_difference=central)
+    result = scalebio_step(p, alpha, objective(prob, [u], noise if lower_noise is None else lower_noise),
+                           objective(prob, [w], noise), *updates, central_difference=central)
     return u.detach(), w.detach(), p.detach(), result['logits_grad']
 
 
@@ -218,20 +222,34 @@ def run_single_loop(prob, alpha, step_sizes, steps, target, tolerance=1e-12, cen
     return state, errors
 
 
-def run_logits_update(prob, alpha, update, lr, steps, central=False, warmup_steps=30):
+def run_logits_update(prob, alpha, update, lr, steps, central=False, warmup_steps=30, lisa_blocks=1,
+                      lisa_layers=0, lisa_interval=20, lisa_draw='shared', sigma=0.0, start=None, move_logits=True):
     """The single loop with p updated exactly as train.py does it (--logits_update=update: bilevel's optimizer,
-    geometry and step size, lr 0 being the rule's own), u and w by plain gradient steps of one size.
-    Returns the final weights softmax(p)."""
+    geometry and step size, lr 0 being the rule's own; the warmup + cosine schedule), u and w by plain
+    gradient steps of one size.
+    LISA as train.py runs it: θ is `lisa_blocks` blocks of coordinates, and lisa.py gives each copy its
+    `lisa_layers` trainable blocks (the draw `lisa_draw`, switched every `lisa_interval` steps).
+    sigma > 0: noisy per-source losses, one draw per step shared by both copies (train.py's shared batch).
+    start: (u, w, p) to start from (default zeros); move_logits=False holds p there.
+    Returns the final weights softmax(p) and p's gradient at every step."""
     rule = LOGITS_RULES[update]
-    u, w = (torch.zeros(len(prob['target']), requires_grad=True) for _ in range(2))
-    p = torch.zeros(len(prob['mixture']), requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    u, w, p = start if start is not None else (torch.zeros(len(prob['target'])), torch.zeros(len(prob['target'])),
+                                               torch.zeros(len(prob['mixture'])))
+    copies = [[torch.nn.ParameterList([chunk.clone()]) for chunk in x.chunk(lisa_blocks)] for x in (u, w)]
+    p = p.clone().requires_grad_(True)
     optimizer = make_logits_optimizer(p, update, lr)
-    model_optimizers = [torch.optim.SGD([x], lr=size) for x, size in zip((u, w), model_step_sizes(prob, alpha, 0.9))]
+    model_optimizers = [torch.optim.SGD([b[0] for b in blocks], lr=size)
+                        for blocks, size in zip(copies, model_step_sizes(prob, alpha, 0.9))]
+    gradients = []
     for t in range(steps):
         for group in optimizer.param_groups:
-            group['lr'] = logits_step_size(update, lr, cosine_lr(t, steps, warmup_steps))
-        scalebio_step(p, alpha, objective(prob, u), objective(prob, w),
-                      *[lambda opt=opt: step_and_clear(opt) for opt in model_optimizers],
-                      lambda: step_and_clear(optimizer), central_difference=central,
-                      mirror=rule['mirror'])
-    return torch.softmax(p.detach(), 0)
+            group['lr'] = logits_step_size(update, lr, cosine_lr(t, steps, warmup_steps)) if move_logits else 0.0
+        set_lisa_blocks(list(zip(copies, model_optimizers)), lisa_layers, 0, t // lisa_interval, lisa_draw)
+        noise = sigma * torch.randn(*prob['centres'].shape, generator=gen) if sigma else None
+        result = scalebio_step(p, alpha, *[objective(prob, [b[0] for b in blocks], noise) for blocks in copies],
+                               *[lambda opt=opt: step_and_clear(opt) for opt in model_optimizers],
+                               lambda: step_and_clear(optimizer), central_difference=central,
+                               mirror=rule['mirror'])
+        gradients.append(result['logits_grad'])
+    return torch.softmax(p.detach(), 0), torch.stack(gradients)
