@@ -5,6 +5,7 @@ loss is the upper model w's; for a baseline, the share of the training signal ea
 
     python plot.py out                 # writes out/weights.png
     python plot.py out-uniform         # any train.py out_dir
+    python plot.py out out-lisa --to=weights.png   # several runs side by side, one weights panel each
 
 matplotlib is optional (README's install command installs it); the training code never imports it.
 """
@@ -24,31 +25,41 @@ def read_log(out_dir):
     return records
 
 
-def plot(out_dir):
-    records = read_log(out_dir)
+def plot(out_dirs, path=None):
+    """One weights panel per run, side by side, then the validation losses of all of them; written to `path`
+    (default: weights.png in the single out_dir)."""
+    logs = [read_log(d) for d in out_dirs]
     try:
         import matplotlib
         matplotlib.use('Agg')  # files only, no screen
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plot.py needs matplotlib: pip install matplotlib") from None
-    steps = [r['step'] for r in records]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for source in records[0]['weights']:
-        left.plot(steps, [r['weights'][source] for r in records], marker='.', label=source)
-    left.set(xlabel='step', ylabel='weight', ylim=(-0.02, 1.02), title='source weights')
-    left.legend()
-    right.plot(steps, [r['val_loss'] for r in records], marker='.', color='black')
-    right.set(xlabel='step', ylabel='loss', title='validation loss')
+    fig, axes = plt.subplots(1, len(logs) + 1, figsize=(5.5 * (len(logs) + 1), 4))
+    for out_dir, records, left in zip(out_dirs, logs, axes):
+        steps = [r['step'] for r in records]
+        for source in records[0]['weights']:
+            left.plot(steps, [r['weights'][source] for r in records], marker='.', label=source)
+        left.set(xlabel='step', ylabel='weight', ylim=(-0.02, 1.02),
+                 title='source weights' if len(logs) == 1 else f'source weights: {out_dir}')
+        left.legend()
+        axes[-1].plot(steps, [r['val_loss'] for r in records], marker='.', label=out_dir)
+    axes[-1].set(xlabel='step', ylabel='loss', title='validation loss')
+    if len(logs) > 1:
+        axes[-1].legend()
     fig.tight_layout()
-    path = os.path.join(out_dir, 'weights.png')
+    path = path or os.path.join(out_dirs[0], 'weights.png')
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
 if __name__ == '__main__':
+    to = [a.removeprefix('--to=') for a in sys.argv[1:] if a.startswith('--to=')]
+    runs = [a for a in sys.argv[1:] if not a.startswith('--to=')] or ['out']
     try:
-        print(f"wrote {plot(sys.argv[1] if len(sys.argv) > 1 else 'out')}")
+        if len(runs) > 1 and not to:
+            raise ValueError("several runs need --to=PATH for the picture")
+        print(f"wrote {plot(runs, to[-1] if to else None)}")
     except (ValueError, FileNotFoundError, ImportError) as e:
         sys.exit(f"error: {e}")

@@ -21,9 +21,21 @@ def test_writes_a_png_of_the_weights_and_the_val_loss(tmp_path):
     pytest.importorskip('matplotlib')
     write_log(tmp_path, [{'step': s, 'val_loss': 3.0 - s / 100, 'weights': {'a': 0.5 + s / 1000, 'b': 0.5 - s / 1000}}
                          for s in (100, 200, 300)])
-    path = plot.plot(str(tmp_path))
+    path = plot.plot([str(tmp_path)])
     with open(path, 'rb') as f:
         assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_several_runs_side_by_side_go_to_the_file_named(tmp_path):
+    pytest.importorskip('matplotlib')
+    for name in ('off', 'lisa'):
+        write_log(tmp_path / name, [{'step': s, 'val_loss': 3.0, 'weights': {'a': 0.5, 'b': 0.5}} for s in (1, 2)])
+    runs = [str(tmp_path / 'off'), str(tmp_path / 'lisa')]
+    proc = subprocess.run([sys.executable, 'plot.py', *runs], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: several runs need --to=PATH for the picture"
+    proc = subprocess.run([sys.executable, 'plot.py', *runs, f'--to={tmp_path}/both.png'], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and (tmp_path / 'both.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 @pytest.mark.parametrize("records, message", [(None, "no .*log.jsonl"), ([], "is empty")])
@@ -39,4 +51,4 @@ def test_without_matplotlib_it_says_what_to_install(tmp_path, monkeypatch):
     write_log(tmp_path, [{'step': 1, 'val_loss': 1.0, 'weights': {'a': 1.0}}])
     monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import matplotlib now raises ImportError
     with pytest.raises(ImportError, match="pip install matplotlib"):
-        plot.plot(str(tmp_path))
+        plot.plot([str(tmp_path)])
