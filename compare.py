@@ -5,6 +5,7 @@ best weights found by brute force. Each number is a train.py run (in this proces
     python compare.py --what=baselines              # docs/results.md: stage-two test loss and weights per method
     python compare.py --what=oracle --data=mixture  # grid over the simplex of the useful sources (2 seeds)
     python compare.py --what=updates --data=mixture --seeds=5  # p's candidate updates against the oracle's best point
+    python compare.py --what=lisa --seeds=3           # ScaleBiO's weights with LISA (each draw) and without it
 
 Stage two is the paper's protocol: a fresh model trained with fixed weights for the same steps and seed
 (ScaleBiO: its learned weights; uniform; val_only). IR-DRO and RHO-LOSS are online rules: their own run
@@ -27,17 +28,22 @@ import train
 from bilevel import LOGITS_RULES
 from config import TrainConfig, override, parse_config
 from data import load_data
+from lisa import LISA_DRAWS
 
 
 @dataclass
 class CompareConfig:
-    what: str = 'baselines'         # 'baselines', 'oracle' or 'updates'
+    what: str = 'baselines'         # 'baselines', 'oracle', 'updates' or 'lisa'
     data: str = 'mixture'           # oracle and updates: the task
     tasks: str = 'denoise,noise_ladder,mixture'  # baselines: the tasks
     seeds: int = 2                  # oracle, and updates for train.py's default p update: seeds 0..seeds-1
     candidate_seeds: int = 2        # updates: seeds for every other candidate
     grid_step: float = 0.1          # oracle: spacing of the grid on the simplex
     updates: str = ','.join(LOGITS_RULES)  # updates: the candidates to run
+    lisa_tasks: str = 'mixture,dilution,denoise'  # lisa: the tasks
+    lisa_variants: str = 'off,shared,independent'  # lisa: keys of LISA_VARIANTS
+    first_seed: int = 0             # lisa: seeds first_seed ... first_seed + seeds - 1 (to split runs among processes)
+    stage_two: bool = True          # lisa: also stage two, the same config without LISA, for each learned weights
     train_args: str = ''            # more train.py arguments for every run, space-separated
     out_dir: str = 'compare'
 
@@ -45,6 +51,14 @@ class CompareConfig:
 TRAIN_ARGS = []  # CompareConfig.train_args, split
 # per task: the sources the oracle's grid spans (the others get weight 0)
 USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
+# compare.py --what=lisa: 8 layers; LISA off, or on with 2 of 8 blocks every 20 steps and either draw
+# (lisa.LISA_DRAWS), or with one of those settings changed for the train.py default draw
+LISA_SHAPE = ['--n_layer=8', '--lisa_layers=2', '--lisa_interval=20']
+LISA_VARIANTS = {'off': ['--lisa_layers=0'], **{draw: [f'--lisa_draw={draw}'] for draw in LISA_DRAWS},
+                 '1 block': ['--lisa_layers=1'], '4 blocks': ['--lisa_layers=4'],
+                 'interval 5': ['--lisa_interval=5'], 'interval 50': ['--lisa_interval=50']}
+# the best weights in closed form (data.py)
+CLOSED_FORM = {'mixture': [0.7, 0.3, 0.0], 'dilution': [0.6, 0.4, 0.0]}
 
 
 def run(out_dir, *args):
@@ -193,14 +207,52 @@ def compare_logits_rules(cfg):
     return rows
 
 
+def lisa(cfg):
+    """ScaleBiO's learned weights with LISA off and on (LISA_VARIANTS), seed by seed, with their distance to
+    the closed form and to the same seed's LISA-off weights, and (stage_two) the test loss of stage two: one
+    config without LISA for every variant, only the weights differing."""
+    rows = []
+    for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):  # seeds outermost: every task for a seed first
+        for task in cfg.lisa_tasks.split(','):
+            folder = os.path.join(cfg.out_dir, 'lisa', task)
+            learned = {name: run(f"{folder}/{name.replace(' ', '_')}/seed{seed}", f'--data={task}', f'--seed={seed}',
+                                 *LISA_SHAPE, *LISA_VARIANTS[name]) for name in cfg.lisa_variants.split(',')}
+            for name, summary in learned.items():
+                weights = np.array(summary['weights'])
+                row = {'task': task, 'seed': seed, 'lisa': name, 'weights': weights.tolist(),
+                       'to_off': float(np.abs(weights - learned['off']['weights']).max()) if 'off' in learned else None,
+                       'to_closed_form': float(np.abs(weights - CLOSED_FORM[task]).max()) if task in CLOSED_FORM else None,
+                       'wall_seconds': summary['wall_seconds']}
+                if cfg.stage_two:
+                    row['stage_two_test_loss'] = stage_two(
+                        f"{folder}/{name.replace(' ', '_')}/seed{seed}-stage2",
+                        f"{folder}/{name.replace(' ', '_')}/seed{seed}/summary.json",
+                        f'--data={task}', f'--seed={seed}', *LISA_SHAPE, '--lisa_layers=0')['test_loss']
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    with open(os.path.join(cfg.out_dir, 'lisa', f'lisa_seeds{cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}.json'), 'w') as f:
+        json.dump({'shape': LISA_SHAPE, 'rows': rows}, f, indent=2)
+    print("\n| task | seed | LISA | weights | max |λ − closed form| | max |λ − LISA off| | stage-two test loss | "
+          "wall time |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        number = lambda x, f: '' if x is None else format(x, f)
+        print(f"| {r['task']} | {r['seed']} | {r['lisa']} | {' / '.join(f'{w:.3f}' for w in r['weights'])} | "
+              f"{number(r['to_closed_form'], '.3f')} | {number(r['to_off'], '.3f')} | "
+              f"{number(r.get('stage_two_test_loss'), '.4f')} | {r['wall_seconds']:.0f} s |")
+    return rows
+
+
 def main(argv):
     cfg = override(CompareConfig(), argv)
     TRAIN_ARGS[:] = cfg.train_args.split()
-    if cfg.what not in ('baselines', 'oracle', 'updates'):
-        raise ValueError(f"--what must be baselines, oracle or updates, got '{cfg.what}'")
-    if cfg.what != 'baselines' and cfg.data not in USEFUL_SOURCES:
+    if cfg.what not in ('baselines', 'oracle', 'updates', 'lisa'):
+        raise ValueError(f"--what must be baselines, oracle, updates or lisa, got '{cfg.what}'")
+    unknown = set(cfg.lisa_variants.split(',')) - set(LISA_VARIANTS)
+    if cfg.what == 'lisa' and unknown:
+        raise ValueError(f"--lisa_variants: unknown {', '.join(sorted(unknown))}; known: {', '.join(LISA_VARIANTS)}")
+    if cfg.what in ('oracle', 'updates') and cfg.data not in USEFUL_SOURCES:
         raise ValueError(f"--data={cfg.data}: the oracle's grid is defined for {', '.join(USEFUL_SOURCES)}")
-    return {'baselines': baselines, 'oracle': oracle, 'updates': compare_logits_rules}[cfg.what](cfg)
+    return {'baselines': baselines, 'oracle': oracle, 'updates': compare_logits_rules, 'lisa': lisa}[cfg.what](cfg)
 
 
 if __name__ == '__main__':

@@ -24,12 +24,14 @@ def fake_run(out_dir, *args):
         with open(options['weights']) as f:
             weights = json.load(f)['weights']
         loss = 1.5 + (weights[0] - 0.7) ** 2 + 1e-3 * seed
-        return {'val_loss': loss, 'test_loss': loss + 0.01, 'weights': weights}
+        return {'val_loss': loss, 'test_loss': loss + 0.01, 'weights': weights, 'wall_seconds': 1.0}
     learned = [0.68 + 0.01 * seed, 0.32 - 0.01 * seed, 0.0]
+    if options.get('lisa_draw') == 'independent':
+        learned = [0.5, 0.5, 0.0]
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
         json.dump({'sources': ['add', 'sub', 'letters'], 'weights': learned}, f)
-    return {'weights': learned}
+    return {'weights': learned, 'wall_seconds': 2.0}
 
 
 def test_oracle_finds_the_best_grid_point_and_updates_measure_the_distance_to_it(tmp_path, monkeypatch):
@@ -51,8 +53,24 @@ def test_oracle_finds_the_best_grid_point_and_updates_measure_the_distance_to_it
     assert rows[1]['test_loss_vs_oracle'] == pytest.approx(np.mean(ratios) - 1)
 
 
+def test_lisa_rows_measure_each_variant_against_the_closed_form_and_lisa_off(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, 'run', fake_run)
+    rows = compare.lisa(compare.CompareConfig(what='lisa', lisa_tasks='mixture,denoise', lisa_variants='off,independent',
+                                              seeds=2, first_seed=1, out_dir=str(tmp_path)))
+    assert [(r['seed'], r['task'], r['lisa']) for r in rows][:4] == [
+        (1, 'mixture', 'off'), (1, 'mixture', 'independent'), (1, 'denoise', 'off'), (1, 'denoise', 'independent')]
+    assert len(rows) == 8 and {r['seed'] for r in rows} == {1, 2}
+    off, independent = rows[0], rows[1]
+    assert off['to_off'] == 0 and off['to_closed_form'] == pytest.approx(0.01)  # learned 0.69 / 0.31 / 0
+    assert independent['to_off'] == pytest.approx(0.19) and independent['to_closed_form'] == pytest.approx(0.2)
+    assert rows[2]['to_closed_form'] is None  # denoise has no closed form
+    # stage two of each variant's weights: the landscape's loss at add 0.5, seed 1
+    assert independent['stage_two_test_loss'] == pytest.approx(1.5 + 0.2 ** 2 + 1e-3 + 0.01)
+
+
 @pytest.mark.parametrize("args, message", [
-    (['--what=grid'], "error: --what must be baselines, oracle or updates, got 'grid'"),
+    (['--what=grid'], "error: --what must be baselines, oracle, updates or lisa, got 'grid'"),
+    (['--what=lisa', '--lisa_variants=off,both'], "error: --lisa_variants: unknown both; known: off, shared,"),
     (['--what=oracle', '--data=denoise'], "error: --data=denoise: the oracle's grid is defined for mixture, dilution"),
     (['--what=updates', '--data=mixture'], "error: no oracle at "),
     (['--seeds=two'], "error: --seeds expects int, got 'two'"),
