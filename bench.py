@@ -9,7 +9,7 @@ Three variants, timed interleaved in one run (warm-up first, then the median of 
   sft       one model, AdamW, one forward/backward on the training batch
   scalebio  bilevel.scalebio_step: u and w forward/backward on the same training batch and on val_batch
             (train.py's default central difference; --central_difference=False: w only, the authors' form)
-  lisa      the same step with LISA (lisa_layers of n_layer blocks unfrozen in each copy)
+  lisa      the same step with LISA (lisa_layers of n_layer blocks unfrozen, the same ones in both copies)
 The floor: a ScaleBiO step runs 2·(B_train + B_val) tokens (forward difference: 2·B_train + B_val) through
 forward and backward where fine-tuning runs B_train, so scalebio/sft cannot beat that over B_train.
 Memory, counted from the tensors allocated: parameters + Adam moments after the step, gradients at their

@@ -56,7 +56,8 @@ USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
 LISA_SHAPE = ['--n_layer=8', '--lisa_layers=2', '--lisa_interval=20']
 LISA_VARIANTS = {'off': ['--lisa_layers=0'], **{draw: [f'--lisa_draw={draw}'] for draw in LISA_DRAWS},
                  '1 block': ['--lisa_layers=1'], '4 blocks': ['--lisa_layers=4'],
-                 'interval 5': ['--lisa_interval=5'], 'interval 50': ['--lisa_interval=50']}
+                 'interval 5': ['--lisa_interval=5'], 'interval 50': ['--lisa_interval=50'],
+                 'forward difference': ['--central_difference=False']}
 # the best weights in closed form (data.py)
 CLOSED_FORM = {'mixture': [0.7, 0.3, 0.0], 'dilution': [0.6, 0.4, 0.0]}
 
