@@ -216,8 +216,9 @@ def lisa(cfg):
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):  # seeds outermost: every task for a seed first
         for task in cfg.lisa_tasks.split(','):
             folder = os.path.join(cfg.out_dir, 'lisa', task)
-            learned = {name: run(f"{folder}/{name.replace(' ', '_')}/seed{seed}", f'--data={task}', f'--seed={seed}',
-                                 *LISA_SHAPE, *LISA_VARIANTS[name]) for name in cfg.lisa_variants.split(',')}
+            run_dirs = {name: f"{folder}/{name.replace(' ', '_')}/seed{seed}" for name in cfg.lisa_variants.split(',')}
+            learned = {name: run(run_dir, f'--data={task}', f'--seed={seed}', *LISA_SHAPE, *LISA_VARIANTS[name])
+                       for name, run_dir in run_dirs.items()}
             for name, summary in learned.items():
                 weights = np.array(summary['weights'])
                 row = {'task': task, 'seed': seed, 'lisa': name, 'weights': weights.tolist(),
@@ -225,10 +226,9 @@ def lisa(cfg):
                        'to_closed_form': float(np.abs(weights - CLOSED_FORM[task]).max()) if task in CLOSED_FORM else None,
                        'wall_seconds': summary['wall_seconds']}
                 if cfg.stage_two:
-                    row['stage_two_test_loss'] = stage_two(
-                        f"{folder}/{name.replace(' ', '_')}/seed{seed}-stage2",
-                        f"{folder}/{name.replace(' ', '_')}/seed{seed}/summary.json",
-                        f'--data={task}', f'--seed={seed}', *LISA_SHAPE, '--lisa_layers=0')['test_loss']
+                    row['stage_two_test_loss'] = stage_two(f'{run_dirs[name]}-stage2', f'{run_dirs[name]}/summary.json',
+                                                           f'--data={task}', f'--seed={seed}', *LISA_SHAPE,
+                                                           '--lisa_layers=0')['test_loss']
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     with open(os.path.join(cfg.out_dir, 'lisa', f'lisa_seeds{cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}.json'), 'w') as f:
