@@ -9,9 +9,10 @@ import os
 import shutil
 import warnings
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
@@ -21,11 +22,6 @@ from model import GPTConfig, make_model
 # one process has no process group, and torch.distributed.checkpoint says so at every save; that is expected
 warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
 
-
-
-def full_state_dict(model):
-    """The whole model's state dict on CPU, gathered from the shards: for export only (checkpoints stay sharded)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_checkpoint(path, models, optimizers, tensors, meta):
@@ -77,13 +73,17 @@ def load_checkpoint(path, models, optimizers, tensors):
 
 def load_best_model(run_dir):
     """The best model of a finished train.py run (out_dir/best, saved at any world size), unsharded on the
-    CPU, and its meta.json (step, val_loss, model_config, tokenizer)."""
+    CPU, and its meta.json (step, val_loss, model_config, tokenizer). Built on the meta device and allocated
+    empty: its weights are read once, with no random initialisation to overwrite."""
     folder = os.path.join(run_dir, 'best')
     if not os.path.isfile(os.path.join(folder, 'meta.json')):
-        raise FileNotFoundError(f"no {folder}/meta.json: train.py writes it at its first evaluation")
+        raise FileNotFoundError(f"no {folder}/meta.json: train.py writes it at its first evaluation, "
+                                f"unless --save_best=False")
     with open(os.path.join(folder, 'meta.json')) as f:
         meta = json.load(f)
-    model = make_model(GPTConfig(**meta['model_config']))
+    with torch.device('meta'):
+        model = make_model(GPTConfig(**meta['model_config']))
+    model.to_empty(device='cpu')
     state = {'models': [model.state_dict()]}
     dcp.load(state, checkpoint_id=folder, no_dist=True)
     model.load_state_dict(state['models'][0])

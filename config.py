@@ -60,6 +60,8 @@ class TrainConfig:
     eval_batches: int = 4           # batches of val_batch rows per split for evaluation
     ckpt_interval: int = 500
     resume: bool = False
+    save_best: bool = True          # out_dir/best: the upper model at each new best val loss (sample.py, RHO-LOSS's
+                                    # reference read it); False for large models: a whole model written each time
     device: str = 'auto'            # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
     dtype: str = 'float32'          # parameter dtype: float32, or float64 (exactness tests, CPU)
     amp: bool = True                # bf16 compute on CUDA (autocast, or FSDP's mixed precision); no effect on CPU
@@ -69,7 +71,7 @@ class TrainConfig:
 
 
 # fields that may differ between a run and its resumption (not max_steps: the schedule's horizon)
-RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'eval_interval', 'ckpt_interval', 'device'}
+RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'eval_interval', 'ckpt_interval', 'device', 'save_best'}
 
 
 def override(cfg, argv):

@@ -19,11 +19,15 @@ def init_distributed(device):
     use_cuda = torch.cuda.is_available() and (device == 'auto' or device.startswith('cuda'))
     if 'RANK' not in os.environ:
         return 0, 1, device if device != 'auto' else ('cuda' if use_cuda else 'cpu'), False
-    dist.init_process_group('nccl' if use_cuda else 'gloo')
-    device = f"cuda:{os.environ['LOCAL_RANK']}" if use_cuda else 'cpu'  # under torchrun, one GPU per rank
-    if use_cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device, True
+    if not use_cuda:
+        dist.init_process_group('gloo')
+        return dist.get_rank(), dist.get_world_size(), 'cpu', True
+    # under torchrun, one GPU per rank, set before the group exists: with device_id, nccl binds this rank's
+    # communicator to its GPU at once instead of guessing it at the first collective
+    device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+    torch.cuda.set_device(device)
+    dist.init_process_group('nccl', device_id=device)
+    return dist.get_rank(), dist.get_world_size(), str(device), True
 
 
 def shard(model, bf16):
@@ -37,16 +41,49 @@ def shard(model, bf16):
     fully_shard(model, mp_policy=policy)
 
 
-def warm_up(model, x, y):
-    """One forward and backward with every block trainable, before LISA first freezes any: no optimizer
-    step, the gradients are dropped, so nothing trains and sharded runs stay equal to one-process runs.
+@torch.no_grad()
+def fill(model, named_tensors):
+    """Copies each (name, full tensor) into the model's parameter of that name; of a sharded parameter, only
+    this rank's rows (FSDP2 shards dim 0 as torch.chunk does). A name may come twice: the later value wins.
+    With named_tensors produced one at a time (model.initial_weights, hf.pretrained_tensors), a rank never
+    holds more than one full tensor beyond its own shards."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in named_tensors:
+        param = params[name]
+        if isinstance(param, DTensor):
+            pieces = torch.chunk(tensor, param.device_mesh.size(), dim=0)
+            rank = param.device_mesh.get_local_rank()
+            tensor, param = pieces[rank] if rank < len(pieces) else tensor[:0], param.to_local()
+            if tensor.shape != param.shape:
+                raise RuntimeError(f"{name}: this rank's shard has shape {tuple(param.shape)}, torch.chunk's "
+                                   f"{tuple(tensor.shape)}: FSDP2 no longer shards as fsdp.fill assumes")
+        param.copy_(tensor)
+
+
+@torch.no_grad()
+def copy_shards(target, source):
+    """Copies every parameter of `source` into `target`, a model of the same shape and sharding, shard by shard."""
+    for t, s in zip(target.parameters(), source.parameters()):
+        local(t).copy_(local(s))
+
+
+def local(tensor):
+    """This rank's part of a (possibly sharded) tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+@torch.no_grad()
+def warm_up(model, x):
+    """A forward of one row with every block trainable, before LISA first freezes any: FSDP2 sets its
+    parameters up at its first forward, and a forward alone is enough. No backward, so no gradient is ever
+    allocated and the step-0 peak stays below a training step's; nothing trains, so sharded runs stay equal
+    to one-process runs.
 
     Why: under a bf16 MixedPrecisionPolicy, a block frozen at FSDP2's first forward and unfrozen later fails
     with "attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float" (seen on
     CPU/gloo with torch 2.13, and on an H100 with nccl and torch 2.11; tests/fsdp_bf16_lisa.py shows both).
     """
-    model(x, y)[1].mean().backward()
-    model.zero_grad(set_to_none=True)
+    model(x[:1])
 
 
 def is_main_process():
@@ -82,8 +119,7 @@ def full(tensor):
 
 def local_bytes(tensors):
     """Bytes this rank holds for these tensors: the local shard of a DTensor, all of a plain tensor."""
-    return sum(t.numel() * t.element_size() for t in
-               (x.to_local() if isinstance(x, DTensor) else x for x in tensors))
+    return sum(local(t).numel() * t.element_size() for t in tensors)
 
 
 def optimizer_state_bytes(optimizer):

@@ -1,16 +1,20 @@
 """
 Hugging Face model folders in and out, offline: config.json and the weights, as model.safetensors, as shards
 (model-00001-of-0000N.safetensors with model.safetensors.index.json, what every 7B+ model ships) or as
-pytorch_model.bin. GPT-2 and the Llama family (model_type llama, qwen2, mistral). Nothing is downloaded.
+pytorch_model.bin, read and written one tensor at a time. GPT-2 and the Llama family (model_type llama, qwen2,
+mistral). Nothing is downloaded.
 
     python train.py --init_from=path/to/folder ...     # both copies start from its weights, its config.json
     python train.py ... --export=True                  # out_dir/hf: the trained upper model, the same family
 """
+import contextlib
 import json
+import math
 import os
 
 import torch
 
+from fsdp import fill, full, is_main_process
 from model import GPTConfig, make_model
 
 # HF's GPT-2 uses Conv1D layers, whose weights are stored as (in, out): the transpose of nn.Linear's
@@ -90,14 +94,29 @@ def weight_files(path):
     raise FileNotFoundError(f"{path} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
+# the dtypes of safetensors' header (https://huggingface.co/docs/safetensors/index#format)
+SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16,
+                      'I64': torch.int64, 'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8,
+                      'BOOL': torch.bool}
+
+
 def read_tensors(file):
-    if file.endswith('.safetensors'):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{file} needs the safetensors package: pip install safetensors") from None
-        return load_file(file)
-    return torch.load(file, map_location='cpu', weights_only=True)
+    """(name, tensor) pairs of one weight file, one tensor in memory at a time. A .safetensors file is 8 bytes
+    (little-endian length of the header), a JSON header {name: {dtype, shape, data_offsets}}, then the raw
+    bytes: read here without the safetensors package. A .bin file is memory-mapped."""
+    if not file.endswith('.safetensors'):
+        yield from torch.load(file, map_location='cpu', weights_only=True, mmap=True).items()
+        return
+    with open(file, 'rb') as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
+        start = f.tell()
+        header.pop('__metadata__', None)
+        for name, info in sorted(header.items(), key=lambda item: item[1]['data_offsets'][0]):
+            begin, end = info['data_offsets']
+            f.seek(start + begin)
+            data = bytearray(f.read(end - begin))
+            dtype = SAFETENSORS_DTYPES[info['dtype']]
+            yield name, (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).view(info['shape'])
 
 
 def our_name(name, config):
@@ -109,33 +128,40 @@ def our_name(name, config):
     return None if name.endswith(('.attn.bias', '.attn.masked_bias', 'lm_head.weight')) else name  # old masks; tied head
 
 
-@torch.no_grad()
-def from_pretrained(path):
-    """A model from a local Hugging Face folder, filled one weight file at a time. A tensor with no place in
-    the model, a missing one and a misshapen one are each one clear error naming it."""
-    config = read_config(path)
-    model = make_model(config)
-    ours = model.state_dict()
-    for tensor in ours.values():
-        tensor.zero_()  # GPT-2's padding rows of the vocabulary stay 0
+def pretrained_tensors(path, config):
+    """(name, full tensor) pairs of our model from a local Hugging Face folder, read one tensor at a time
+    (fsdp.fill copies each into a model, or into its shards). A tensor with no place in the model, a missing
+    one and a misshapen one are each one clear error naming it."""
+    with torch.device('meta'):
+        shapes = {name: p.shape for name, p in make_model(config).named_parameters(remove_duplicate=False)}
     loaded = {'lm_head.weight'} if config.tie_embeddings else set()
     for file in weight_files(path):
-        for name, tensor in read_tensors(file).items():
+        for name, tensor in read_tensors(file):
             name = our_name(name, config)
             if name is None:
                 continue
-            if name not in ours:
+            if name not in shapes:
                 raise ValueError(f"{path}: weight {name} has no place in a {config.family} model")
             if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):
                 tensor = tensor.t()
-            expected = (config.vocab_size, *ours[name].shape[1:]) if name == 'transformer.wte.weight' \
-                else ours[name].shape
+            expected = (config.vocab_size, *shapes[name][1:]) if name == 'transformer.wte.weight' else shapes[name]
             if tensor.shape != expected:
                 raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected)}")
-            ours[name][:tensor.size(0)].copy_(tensor)
+            if tensor.shape != shapes[name]:  # GPT-2's padding rows of the vocabulary are 0
+                tensor = torch.cat([tensor, tensor.new_zeros(shapes[name][0] - tensor.size(0), *tensor.shape[1:])])
             loaded.add(name)
-    if set(ours) - loaded:
-        raise ValueError(f"{path}: weights missing for {sorted(set(ours) - loaded)}")
+            yield name, tensor
+    if set(shapes) - loaded:
+        raise ValueError(f"{path}: weights missing for {sorted(set(shapes) - loaded)}")
+
+
+def from_pretrained(path):
+    """A model on the CPU from a local Hugging Face folder (train.py fills its sharded copies itself)."""
+    config = read_config(path)
+    with torch.device('meta'):
+        model = make_model(config)
+    model.to_empty(device='cpu')
+    fill(model, pretrained_tensors(path, config))
     return model
 
 
@@ -162,46 +188,63 @@ def hf_config(config):
     return hf
 
 
-def export_pretrained(state_dict, config, folder, token_ids=None, max_shard_bytes=5 * 2**30):
-    """Writes a full state dict of our model as a Hugging Face folder that transformers loads: config.json (with
-    token_ids, e.g. bos_token_id and eos_token_id, so that generation stops where training taught it) and float32
-    weights, in shards of at most max_shard_bytes with an index when larger (pytorch_model.bin without the
-    safetensors package); GPT-2's vocabulary cropped to the tokenizer's."""
+def export_pretrained(model, folder, token_ids=None, max_shard_bytes=5 * 2**30):
+    """Writes the model as a Hugging Face folder that transformers loads: config.json (with token_ids, e.g.
+    bos_token_id and eos_token_id, so that generation stops where training taught it) and float32 weights, as
+    model.safetensors or, when larger than max_shard_bytes, as shards with an index; GPT-2's vocabulary cropped
+    to the tokenizer's. Streamed: every rank calls it, each tensor is gathered from the shards one at a time,
+    and rank 0 writes it and lets it go, so no rank ever holds the whole model."""
+    config = model.config
     if config.family == 'gpt2' and not config.bias:
         raise ValueError("a Hugging Face GPT-2 has biases: export needs a model trained with bias=True")
-    weights = {}
-    for name, tensor in state_dict.items():
-        if name == 'lm_head.weight' and config.tie_embeddings:
-            continue  # tied to the embedding
-        tensor = tensor.detach().cpu().float()  # float32, whatever the training dtype
-        if name == 'transformer.wte.weight':
-            tensor = tensor[:config.vocab_size]
+    # what each file holds, known before any tensor is gathered: safetensors' header comes first
+    entries = []  # (name in the file, parameter, shape in the file)
+    for name, param in model.named_parameters():  # a tied head is yielded once, as the embedding
+        shape = (config.vocab_size, *param.shape[1:]) if name == 'transformer.wte.weight' else tuple(param.shape)
         if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):
-            tensor = tensor.t()
-        weights[name] = tensor.contiguous()
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, 'config.json'), 'w') as f:
-        json.dump({**hf_config(config), **(token_ids or {})}, f, indent=2)
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        torch.save(weights, os.path.join(folder, 'pytorch_model.bin'))
-        return
-    shards, size = [{}], 0
-    for name, tensor in weights.items():
-        if size and size + tensor.numel() * 4 > max_shard_bytes:
-            shards.append({})
+            shape = shape[::-1]
+        entries.append((name, param, shape))
+    files, size = [[]], 0
+    for entry in entries:
+        nbytes = 4 * math.prod(entry[2])
+        if files[-1] and size + nbytes > max_shard_bytes:
+            files.append([])
             size = 0
-        shards[-1][name] = tensor
-        size += tensor.numel() * 4
-    if len(shards) == 1:
-        save_file(weights, os.path.join(folder, 'model.safetensors'), metadata={'format': 'pt'})
-        return
-    weight_map = {}
-    for number, shard in enumerate(shards, 1):
-        file = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(folder, file), metadata={'format': 'pt'})
-        weight_map.update(dict.fromkeys(shard, file))
-    with open(os.path.join(folder, 'model.safetensors.index.json'), 'w') as f:
-        json.dump({'metadata': {'total_size': sum(t.numel() * 4 for t in weights.values())},
-                   'weight_map': weight_map}, f, indent=2)
+        files[-1].append(entry)
+        size += nbytes
+    names = ['model.safetensors'] if len(files) == 1 else \
+        [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    writer = is_main_process()
+    if writer:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, 'config.json'), 'w') as f:
+            json.dump({**hf_config(config), **(token_ids or {})}, f, indent=2)
+        if len(files) > 1:
+            with open(os.path.join(folder, 'model.safetensors.index.json'), 'w') as f:
+                json.dump({'metadata': {'total_size': sum(4 * math.prod(e[2]) for e in entries)},
+                           'weight_map': {e[0]: file for file, part in zip(names, files) for e in part}}, f, indent=2)
+    for file, part in zip(names, files):
+        with open(os.path.join(folder, file), 'wb') if writer else contextlib.nullcontext() as f:
+            if writer:
+                f.write(safetensors_header(part))
+            for name, param, shape in part:
+                tensor = full(param.detach()).float().cpu()  # a collective: every rank gathers, in the same order
+                if name == 'transformer.wte.weight':
+                    tensor = tensor[:config.vocab_size]
+                if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):
+                    tensor = tensor.t()
+                if writer:
+                    f.write(tensor.contiguous().numpy().tobytes())
+
+
+def safetensors_header(entries):
+    """The 8-byte length and the JSON header of a safetensors file of float32 tensors (read_tensors' format),
+    padded with spaces to a multiple of 8 bytes, as the format asks."""
+    header, offset = {'__metadata__': {'format': 'pt'}}, 0
+    for name, _, shape in entries:
+        nbytes = 4 * math.prod(shape)
+        header[name] = {'dtype': 'F32', 'shape': list(shape), 'data_offsets': [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header).encode()
+    text += b' ' * (-len(text) % 8)
+    return len(text).to_bytes(8, 'little') + text

@@ -11,6 +11,7 @@ Two things differ from nanoGPT, because ScaleBiO needs them:
 `model.blocks` is the list of transformer blocks that LISA (lisa.py) freezes and FSDP (fsdp.py) shards.
 Hugging Face folders in and out: hf.py.
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -113,8 +114,26 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """What both families share: the per-row loss, sampling, the parameter count. A family defines
-    `blocks` and `logits(idx)`."""
+    """What both families share: the initialisation, the per-row loss, sampling, the parameter count. A family
+    defines `blocks`, `tie_weights()`, `_init_weights(module)` and `logits(idx)`."""
+
+    def init_weights(self):
+        """The random initialisation, in place: _init_weights on every module, then the parameters that
+        _residual_std names drawn again with their own std. initial_weights (below) replays exactly these
+        draws for a model built on the meta device."""
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():
+            if self._residual_std(name):
+                torch.nn.init.normal_(param, mean=0.0, std=self._residual_std(name))
+
+    def _residual_std(self, name):
+        return None
+
+    def to_empty(self, *, device, recurse=True):
+        """nn.Module.to_empty, keeping a tied head tied (it gives each module a tensor of its own)."""
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
 
     def num_params(self):
         """All parameters, a tied embedding counted once (named_parameters() yields it once)."""
@@ -174,18 +193,21 @@ class GPT(LanguageModel):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
-        # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds
-        self.transformer.wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
-        # GPT-2 paper, section 2.3: residual projections are scaled by 1/sqrt(number of residual layers),
-        # so the variance of the residual stream does not grow with depth (2 residual adds per block)
-        for name, param in self.named_parameters():
-            if name.endswith('c_proj.weight'):
-                torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.tie_weights()
+        self.init_weights()
 
     @property
     def blocks(self):
         return self.transformer.h
+
+    def tie_weights(self):
+        # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds
+        self.transformer.wte.weight = self.lm_head.weight
+
+    def _residual_std(self, name):
+        # GPT-2 paper, section 2.3: residual projections are scaled by 1/sqrt(number of residual layers),
+        # so the variance of the residual stream does not grow with depth (2 residual adds per block)
+        return 0.02 / math.sqrt(2 * self.config.n_layer) if name.endswith('c_proj.weight') else None
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -212,8 +234,12 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim, eps):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
 
     def forward(self, x):
         x_fp = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -221,11 +247,12 @@ class RMSNorm(nn.Module):
         return self.weight * x_fp.to(x.dtype)
 
 
-def rope_frequencies(config):
+def rope_frequencies(config, device=None):
     """The rotation frequency of each pair of a head's dimensions: θ^(-2i/d) (Su et al. 2021, RoFormer), with
-    Llama 3.1's rescaling of the long wavelengths when config.rope_scaling asks for it."""
+    Llama 3.1's rescaling of the long wavelengths when config.rope_scaling asks for it. Computed at every
+    forward (a few dozen numbers), never stored: a model built on the meta device then has no buffer to fill."""
     dim = config.head_dim or config.n_embd // config.n_head
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     if not config.rope_scaling:
         return inv_freq
     r = config.rope_scaling  # wavelengths beyond the original context are stretched by `factor`, short ones kept
@@ -307,14 +334,16 @@ class Llama(LanguageModel):
             norm=RMSNorm(config.n_embd, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.apply(self._init_weights)
-        self.register_buffer('inv_freq', rope_frequencies(config), persistent=False)
+        self.tie_weights()
+        self.init_weights()
 
     @property
     def blocks(self):
         return self.model.layers
+
+    def tie_weights(self):
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def _init_weights(self, module):  # Hugging Face's initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -325,7 +354,8 @@ class Llama(LanguageModel):
     def logits(self, idx):
         x = self.model.embed_tokens(idx)
         # the rotation of position t by angle t·θ_i, for both halves of every head (rotate_half's pairs)
-        angles = torch.outer(torch.arange(idx.size(1), device=idx.device, dtype=torch.float32), self.inv_freq.float())
+        positions = torch.arange(idx.size(1), device=idx.device, dtype=torch.float32)
+        angles = torch.outer(positions, rope_frequencies(self.config, idx.device))
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for block in self.model.layers:
@@ -334,12 +364,40 @@ class Llama(LanguageModel):
 
 
 def make_model(config):
-    """A GPT-2 or a Llama-family model, as config.family says."""
+    """A GPT-2 or a Llama-family model, as config.family says. Under `with torch.device('meta')` it allocates
+    nothing and draws no random numbers: train.py builds both copies so, shards them, then fills them."""
     if config.family == 'gpt2':
         return GPT(config)
     if config.family in ('llama', 'qwen2', 'mistral'):
         return Llama(config)
     raise ValueError(f"unknown model family '{config.family}' (gpt2, llama, qwen2, mistral)")
+
+
+def initial_weights(config):
+    """(name, tensor) pairs: make_model(config)'s random initial weights, one layer's full tensors at a time on the
+    CPU, drawn from torch's global generator in the order a construction on the CPU draws them. Filling a model
+    built on the meta device with them in order (a name may come again: the later value wins, as in
+    init_weights) gives make_model(config) built on the CPU, bit for bit, without ever holding the whole model.
+
+    The order: each layer's own constructor draws first (nn.Linear's Kaiming-uniform, nn.Embedding's normal),
+    then init_weights redraws, layer by layer, then the residual projections once more."""
+    with torch.device('meta'):
+        model = make_model(config)
+    layers = [(prefix, module) for prefix, module in model.named_modules() if list(module.parameters(recurse=False))]
+    for _, module in layers:  # the constructors' draws, discarded as init_weights discards them
+        if hasattr(module, 'reset_parameters'):
+            copy.deepcopy(module).to_empty(device='cpu').reset_parameters()
+    for prefix, module in layers:
+        layer = copy.deepcopy(module).to_empty(device='cpu')
+        if hasattr(layer, 'reset_parameters'):
+            with torch.random.fork_rng(devices=[]):  # what init_weights leaves alone (norm gains) keeps the
+                layer.reset_parameters()              # constructor's value, without drawing a second time
+        model._init_weights(layer)
+        for name, param in layer.named_parameters(prefix=prefix):
+            yield name, param.detach()
+    for name, param in model.named_parameters():
+        if model._residual_std(name):
+            yield name, torch.empty(param.shape).normal_(mean=0.0, std=model._residual_std(name))
 
 
 def target_counts(targets, dtype):

@@ -19,10 +19,10 @@ Several processes, both model copies sharded with FSDP2 (fsdp.py); the global ba
 Every field of config.TrainConfig can be set as --field=value.
 
 Writes to out_dir: log.jsonl (one JSON line every eval_interval steps), summary.json (at the end),
-ckpt/ (everything needed to resume, one shard per rank) and best/ (the upper model with the best val loss).
+ckpt/ (everything needed to resume, one shard per rank) and best/ (the upper model with the best val loss;
+--save_best=False skips it for models too large to write at every improvement).
 """
 import contextlib
-import copy
 import dataclasses
 import json
 import os
@@ -36,13 +36,13 @@ from tqdm import tqdm
 
 from baselines import fixed_step, irdro_step, load_reference, rholoss_step
 from bilevel import LOGITS_RULES, cosine_lr, logits_step_size, make_logits_optimizer, penalty_schedule
-from checkpoint import full_state_dict, load_checkpoint, read_meta, save_checkpoint
+from checkpoint import load_checkpoint, read_meta, save_checkpoint
 from config import RESUMABLE_CHANGES, micro_steps, parse_config
 from data import TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer, rank_rows
-from fsdp import init_distributed, mean_over_ranks, rank_bytes, shard, warm_up
+from fsdp import copy_shards, fill, init_distributed, mean_over_ranks, rank_bytes, shard, warm_up
 from lisa import set_lisa_blocks
-from hf import export_pretrained, from_pretrained, read_config
-from model import MODEL_PRESETS, GPTConfig, make_model, make_optimizer, target_counts
+from hf import export_pretrained, pretrained_tensors, read_config
+from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
 from steps import Run, scalebio_train_step, validation_rows
 
 
@@ -108,8 +108,8 @@ def build_run(cfg):
               autocast=torch.autocast('cuda', dtype=torch.bfloat16) if bf16 and not sharded else contextlib.nullcontext(),
               micro_steps=micro, data=data, device=device, rank=rank, world_size=world_size,
               received_sum=torch.zeros(len(data.sources), device=device, dtype=dtype), model_config=model_config)
-    for model in models:  # on validation rows shaped as a training batch: no method sees a source it must not
-        warm_up(model, *validation_rows(run, 0, len(data.sources) * cfg.batch_per_source))
+    for model in models if sharded else []:  # on a validation row: no method sees a source it must not
+        warm_up(model, validation_rows(run, 0, world_size)[0])
     if cfg.method == 'fixed':
         run.fixed_weights = (torch.ones(1) if cfg.weights == 'val_only' else fixed_weights(cfg.weights, data.sources)).to(device)
     if cfg.method == 'rholoss':
@@ -142,21 +142,28 @@ def model_config_for(cfg, data):
 
 
 def build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size):
-    """[lower_model, upper_model] (ScaleBiO) or [model], compiled and sharded as configured, and their config."""
+    """[lower_model, upper_model] (ScaleBiO) or [model], compiled and sharded as configured, and their config.
+
+    Both copies are built on the meta device (shapes, no memory), sharded, and only then allocated, so each
+    rank allocates only its shards; the lower copy is then filled one full tensor at a time (random weights
+    drawn as a CPU construction draws them, or --init_from's), and the upper copy from the lower's shards."""
     model_config = model_config_for(cfg, data)
-    # both copies start from the same weights (the authors load the same pretrained checkpoint twice)
-    lower_model = from_pretrained(cfg.init_from) if cfg.init_from else make_model(model_config)
-    lower_model = lower_model.to(device=device, dtype=dtype)
-    os.makedirs(cfg.out_dir, exist_ok=True)  # only once the inputs are known to be good
+    with torch.device('meta'):
+        models = [make_model(model_config).to(dtype) for _ in range(2 if cfg.method == 'scalebio' else 1)]
     if rank == 0:
-        print(f"number of parameters: {lower_model.num_params() / 1e6:.2f}M per copy; {world_size} process(es)")
-    models = [lower_model, copy.deepcopy(lower_model)] if cfg.method == 'scalebio' else [lower_model]
+        print(f"number of parameters: {models[0].num_params() / 1e6:.2f}M per copy; {world_size} process(es)")
     for model in models:
         if cfg.compile:  # per block: LISA flips requires_grad, so each block has at most two compiled graphs
             for block in model.blocks:
                 block.compile()
         if sharded:
             shard(model, bf16)
+        model.to_empty(device=device)
+    # both copies start from the same weights (the authors load the same pretrained checkpoint twice)
+    fill(models[0], pretrained_tensors(cfg.init_from, model_config) if cfg.init_from else initial_weights(model_config))
+    for model in models[1:]:
+        copy_shards(model, models[0])
+    os.makedirs(cfg.out_dir, exist_ok=True)  # only once the inputs are known to be good
     return models, model_config
 
 
@@ -228,6 +235,8 @@ def evaluate_and_log(run, done, weights, alpha, lr, progress):
                        f"weights {' '.join(f'{w:.3f}' for w in weights.tolist())}")
     if record['val_loss'] < run.best_val_loss:  # the same on every rank: all evaluate the same batches
         run.best_val_loss = record['val_loss']
+        if not cfg.save_best:
+            return record
         tokenizer = cfg.tokenizer if cfg.tokenizer == 'bytes' else os.path.abspath(cfg.tokenizer)
         save_checkpoint(os.path.join(cfg.out_dir, 'best'), [eval_model], [], {},
                         {'step': done, 'val_loss': run.best_val_loss, 'tokenizer': tokenizer,
@@ -364,13 +373,12 @@ def export(run, weights):
     """out_dir/hf: the trained model for use elsewhere, with the tokenizer's files and its BOS/EOS ids;
     out_dir/mixture.json: the weights as a mixture for standard fine-tuning."""
     cfg, folder = run.cfg, os.path.join(run.cfg.out_dir, 'hf')
-    state = full_state_dict(run.models[-1])  # a collective: every rank takes part
-    if run.rank != 0:
-        return
     tokenizer = load_tokenizer(cfg.tokenizer)
     token_ids = {key: value for key, value in (('bos_token_id', tokenizer.begin_of_text),
                                                 ('eos_token_id', tokenizer.end_of_text)) if value is not None}
-    export_pretrained(state, run.model_config, folder, token_ids)
+    export_pretrained(run.models[-1], folder, token_ids)  # every rank takes part: it gathers tensor by tensor
+    if run.rank != 0:
+        return
     for name in TOKENIZER_FILES if cfg.tokenizer != 'bytes' else ():
         if os.path.isfile(os.path.join(cfg.tokenizer, name)):
             shutil.copy(os.path.join(cfg.tokenizer, name), folder)

@@ -9,7 +9,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import train
-from model import GPT, GPTConfig
+from hf import export_pretrained, from_pretrained
+from model import GPT, GPTConfig, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float64: Adam's early sign-like steps amplify float32 rounding, so float32 runs drift apart by ~1e-4
@@ -102,6 +103,7 @@ def test_bf16_mixed_precision_lisa_switches_need_and_get_the_warm_up():
     assert without.returncode != 0 and 'grad_dtype' in without.stderr  # the pitfall is real here
     assert with_warm_up.returncode == 0 and with_warm_up.stdout.count('all switches trained') == 2, \
         with_warm_up.stderr[-2000:]
+    assert with_warm_up.stdout.count('the warm-up built no autograd graph') == 2
 
 
 def test_compiled_blocks_do_not_recompile_at_every_lisa_switch(tmp_path):
@@ -126,7 +128,8 @@ def test_the_baselines_on_two_processes_match_one(tmp_path):
             assert torch.allclose(tensor, model_states(tmp_path / '2')[0][name], atol=1e-10, rtol=0), name
 
 
-def test_a_llama_from_a_hugging_face_folder_trains_alike_on_one_and_two_processes(tmp_path):
+def test_a_llama_from_a_hugging_face_folder_trains_alike_on_one_two_and_four_processes(tmp_path):
+    """Each process builds both copies on the meta device and reads the folder's tensors into its shards."""
     transformers = pytest.importorskip('transformers')
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -138,9 +141,35 @@ def test_a_llama_from_a_hugging_face_folder_trains_alike_on_one_and_two_processe
     assert max(one['weights']) - min(one['weights']) > 1e-3  # 30 ScaleBiO steps, LISA on: the weights moved
     import sample  # the best upper model completes a prompt
     assert len(sample.main([f'--out_dir={tmp_path}/1', '--temperature=0', '--num_samples=1', '--max_new_tokens=3'])) == 1
-    torchrun(2, *args, f'--out_dir={tmp_path}/2')
+    torchrun(2, *args, f'--out_dir={tmp_path}/2', '--export=True')
     assert_same_run(summary(tmp_path / '2'), one)
     for copy_one, copy_two in zip(model_states(tmp_path / '1'), model_states(tmp_path / '2')):
         assert any('self_attn.q_proj' in name for name in copy_one)
         for name, tensor in copy_one.items():
             assert torch.allclose(tensor, copy_two[name], atol=1e-10, rtol=0), name
+    exported = from_pretrained(str(tmp_path / '2' / 'hf')).state_dict()  # gathered tensor by tensor, float32
+    for name, tensor in copy_two.items():
+        assert torch.equal(exported[name], tensor.float()), name
+    torchrun(4, *args, f'--out_dir={tmp_path}/4to2', '--stop_at=14')  # and resumed at another world size
+    torchrun(2, *args, f'--out_dir={tmp_path}/4to2', '--resume=True')
+    assert_same_run(summary(tmp_path / '4to2'), one)
+
+
+def test_building_both_copies_takes_each_rank_its_shards_and_one_full_tensor_of_host_memory(tmp_path):
+    """Meta construction and a sharded load: per rank, host memory grows by both copies' bytes / N plus the
+    largest tensor, +10%, not by the whole model (a 27.5M-parameter Llama, 110 MB per copy in float32)."""
+    config = GPTConfig(family='llama', block_size=32, vocab_size=256, n_layer=8, n_head=8, n_embd=512,
+                       mlp_hidden=1536, bias=False, tie_embeddings=False)
+    model = make_model(config)
+    export_pretrained(model, str(tmp_path / 'llama'))
+    copies_bytes = 2 * sum(p.numel() * 4 for p in model.parameters())
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'tests/load_memory.py', f'--init_from={tmp_path}/llama', f'--out_dir={tmp_path}/out',
+                           '--block_size=32', '--device=cpu'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+    assert len(ranks) == 2
+    for rank in ranks:
+        bound = 1.1 * (copies_bytes / 2 + rank['largest_tensor'])
+        assert copies_bytes / 2 < rank['growth'] <= bound, (rank, bound)  # the shards were really filled

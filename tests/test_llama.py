@@ -49,7 +49,7 @@ def test_logits_equal_hugging_face_and_the_export_loads_back(tmp_path, case):
         expected = hf_model(idx).logits
         assert expected.std() > 1.0
         assert torch.allclose(ours(idx)[0], expected, atol=1e-5)
-        export_pretrained(ours.state_dict(), ours.config, str(tmp_path / 'exported'),
+        export_pretrained(ours, str(tmp_path / 'exported'),
                           {'bos_token_id': 0, 'eos_token_id': 99}, max_shard_bytes=20_000)
         assert os.path.isfile(tmp_path / 'exported' / 'model.safetensors.index.json')
         back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / 'exported')).eval()

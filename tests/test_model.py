@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from model import GPT, GPTConfig
+from fsdp import fill
+from model import GPT, GPTConfig, initial_weights, make_model
 
 
 def tiny(**kw):
@@ -65,3 +66,27 @@ def test_batch_longer_than_context_is_a_clear_error():
     model = tiny()
     with pytest.raises(ValueError, match="longer than the model's context"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+LLAMA = dict(family='llama', n_kv_head=1, mlp_hidden=24, bias=False, rope_theta=500000.0)
+
+
+@pytest.mark.parametrize('shape', [{}, dict(bias=False), dict(LLAMA, tie_embeddings=True), dict(LLAMA, tie_embeddings=False)],
+                         ids=['gpt2', 'gpt2 without biases', 'llama tied', 'llama untied'])
+def test_a_model_built_on_the_meta_device_and_filled_equals_one_built_on_the_cpu(shape):
+    """train.py's construction: nothing allocated, then initial_weights one tensor at a time. Bit for bit the
+    CPU construction, and the generator ends where it ends, so everything drawn later is the same too."""
+    config = GPTConfig(**{**dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16), **shape})
+    torch.manual_seed(3)
+    on_cpu, drawn_next = make_model(config), torch.rand(4)
+    torch.manual_seed(3)
+    with torch.device('meta'):
+        built = make_model(config)
+    assert all(p.is_meta for p in built.parameters())
+    built.to_empty(device='cpu')
+    fill(built, initial_weights(config))
+    assert torch.equal(torch.rand(4), drawn_next)
+    for (name, a), b in zip(on_cpu.state_dict().items(), built.state_dict().values()):
+        assert torch.equal(a, b), name
+    embedding = built.transformer.wte if config.family == 'gpt2' else built.model.embed_tokens
+    assert (built.lm_head.weight is embedding.weight) == config.tie_embeddings  # to_empty kept the head tied

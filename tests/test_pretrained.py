@@ -20,7 +20,7 @@ def test_hugging_face_gpt2_loads_with_the_same_logits_and_exports_back(tmp_path)
     with torch.no_grad():
         expected = hf_model(idx).logits
         assert torch.allclose(ours(idx)[0], expected, atol=1e-5)
-        export_pretrained(ours.state_dict(), ours.config, str(tmp_path / 'exported'))
+        export_pretrained(ours, str(tmp_path / 'exported'))
         back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / 'exported')).eval()
         assert torch.allclose(back(idx).logits, expected, atol=1e-5)
 

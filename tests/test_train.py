@@ -174,7 +174,7 @@ def test_export_writes_a_hugging_face_folder_and_a_mixture_that_init_from_reads(
         for name, tensor in exported.state_dict().items():
             assert torch.equal(tensor, copy[name]), name
     small = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
-    export_pretrained(small.state_dict(), small.config, str(tmp_path / 'small'))
+    export_pretrained(small, str(tmp_path / 'small'))
     with pytest.raises(ValueError, match=r"model's vocabulary \(100\) must hold the tokenizer's \(256\)"):
         train.main(args[:-1] + [f'--init_from={tmp_path}/small'])
 
@@ -188,3 +188,10 @@ def test_sample_completes_a_prompt_with_the_best_upper_model(tmp_path):
     assert len(sampled) == 3
     with pytest.raises(FileNotFoundError, match="no .*best/meta.json"):
         sample.main([f'--out_dir={tmp_path}/nothing'])
+
+
+def test_save_best_false_writes_no_best_model_and_the_same_summary(tmp_path):
+    with_best = run(tmp_path / 'with', '--max_steps=10')
+    without = run(tmp_path / 'without', '--max_steps=10', '--save_best=False')
+    assert os.path.isdir(tmp_path / 'with' / 'best') and not os.path.exists(tmp_path / 'without' / 'best')
+    assert (without['weights'], without['best_val_loss']) == (with_best['weights'], with_best['best_val_loss'])
