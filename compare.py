@@ -6,6 +6,7 @@ best weights found by brute force. Each number is a train.py run (in this proces
     python compare.py --what=oracle --data=mixture  # grid over the simplex of the useful sources (2 seeds)
     python compare.py --what=updates --data=mixture --seeds=5  # p's candidate updates against the oracle's best point
     python compare.py --what=lisa --seeds=3           # ScaleBiO's weights with LISA (each draw) and without it
+    python compare.py --what=lisa --pretrained=True   # the same, every run starting from a base model
 
 Stage two is the paper's protocol: a fresh model trained with fixed weights for the same steps and seed
 (ScaleBiO: its learned weights; uniform; val_only). IR-DRO and RHO-LOSS are online rules: their own run
@@ -44,6 +45,9 @@ class CompareConfig:
     lisa_variants: str = 'off,shared,independent'  # lisa: keys of LISA_VARIANTS
     first_seed: int = 0             # lisa: seeds first_seed ... first_seed + seeds - 1 (to split runs among processes)
     stage_two: bool = True          # lisa: also stage two, the same config without LISA, for each learned weights
+    pretrained: bool = False        # lisa: every run starts from a base model (uniform weights, LISA off), as the
+                                    # paper's runs start from a pretrained LLM; base_steps steps, and every run too
+    base_steps: int = 1000
     train_args: str = ''            # more train.py arguments for every run, space-separated
     out_dir: str = 'compare'
 
@@ -57,7 +61,8 @@ LISA_SHAPE = ['--n_layer=8', '--lisa_layers=2', '--lisa_interval=20']
 LISA_VARIANTS = {'off': ['--lisa_layers=0'], **{draw: [f'--lisa_draw={draw}'] for draw in LISA_DRAWS},
                  '1 block': ['--lisa_layers=1'], '4 blocks': ['--lisa_layers=4'],
                  'interval 5': ['--lisa_interval=5'], 'interval 50': ['--lisa_interval=50'],
-                 'forward difference': ['--central_difference=False']}
+                 'forward difference': ['--central_difference=False'],
+                 'p step scaled': ['--lisa_scale_logits_step=True']}
 # the best weights in closed form (data.py)
 CLOSED_FORM = {'mixture': [0.7, 0.3, 0.0], 'dilution': [0.6, 0.4, 0.0]}
 
@@ -216,8 +221,15 @@ def lisa(cfg):
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):  # seeds outermost: every task for a seed first
         for task in cfg.lisa_tasks.split(','):
             folder = os.path.join(cfg.out_dir, 'lisa', task)
+            start = []
+            if cfg.pretrained:  # one base model per task, whatever the seed: the 'pretrained LLM' of every run
+                folder = os.path.join(cfg.out_dir, 'lisa-pretrained', task)
+                steps = f'--max_steps={cfg.base_steps}'
+                run(f'{folder}/base', f'--data={task}', '--method=fixed', *LISA_SHAPE, '--lisa_layers=0', steps,
+                    '--export=True')
+                start = [f'--init_from={folder}/base/hf', steps]
             run_dirs = {name: f"{folder}/{name.replace(' ', '_')}/seed{seed}" for name in cfg.lisa_variants.split(',')}
-            learned = {name: run(run_dir, f'--data={task}', f'--seed={seed}', *LISA_SHAPE, *LISA_VARIANTS[name])
+            learned = {name: run(run_dir, f'--data={task}', f'--seed={seed}', *LISA_SHAPE, *start, *LISA_VARIANTS[name])
                        for name, run_dir in run_dirs.items()}
             for name, summary in learned.items():
                 weights = np.array(summary['weights'])
@@ -228,10 +240,12 @@ def lisa(cfg):
                 if cfg.stage_two:
                     row['stage_two_test_loss'] = stage_two(f'{run_dirs[name]}-stage2', f'{run_dirs[name]}/summary.json',
                                                            f'--data={task}', f'--seed={seed}', *LISA_SHAPE,
-                                                           '--lisa_layers=0')['test_loss']
+                                                           *start, '--lisa_layers=0')['test_loss']
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    with open(os.path.join(cfg.out_dir, 'lisa', f'lisa_seeds{cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}.json'), 'w') as f:
+    results = os.path.join(cfg.out_dir, 'lisa-pretrained' if cfg.pretrained else 'lisa',
+                           f'lisa_seeds{cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}.json')
+    with open(results, 'w') as f:
         json.dump({'shape': LISA_SHAPE, 'rows': rows}, f, indent=2)
     print("\n| task | seed | LISA | weights | max |λ − closed form| | max |λ − LISA off| | stage-two test loss | "
           "wall time |\n|---|---|---|---|---|---|---|---|")

@@ -54,6 +54,7 @@ class TrainConfig:
     lisa_layers: int = 0            # blocks unfrozen at a time; 0 or >= n_layer: full fine-tuning (lisa.py)
     lisa_interval: int = 20         # steps between LISA switches
     lisa_draw: str = 'shared'       # 'shared': u and w train the same blocks; 'independent': the authors' (lisa.py)
+    lisa_scale_logits_step: bool = False  # LISA: p's step × √(n_layer / lisa_layers) (lisa.logits_step_scale)
     # bookkeeping
     out_dir: str = 'out'
     eval_interval: int = 100

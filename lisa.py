@@ -66,3 +66,13 @@ def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared'):
     for copy_index, (blocks, optimizer) in enumerate(copies):
         set_active_blocks(blocks, optimizer, draw_active_blocks(len(blocks), n_active, seed, switch_index,
                                                                 copy_index if draw == 'independent' else 0))
+
+
+def logits_step_scale(n_layer, n_active, scaled=True):
+    """The factor on p's step size under LISA: √(n_layer / n_active) when `scaled` (--lisa_scale_logits_step).
+
+    p's gradient is α·J·(ℓ(w) − ℓ(u)), and w − u, the copies' response to the validation term, grows in a
+    block only while that block trains. Measured on `denoise` from a pretrained start with 2 of 8 blocks,
+    |ℓ(w) − ℓ(u)| was about half of its size without LISA, √(2/8); the irrelevant source then lost weight too
+    slowly and kept 0.05-0.07 where LISA off left 0.003-0.008 (docs/lisa.md)."""
+    return (n_layer / n_active) ** 0.5 if scaled and 0 < n_active < n_layer else 1.0

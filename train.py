@@ -40,7 +40,7 @@ from checkpoint import load_checkpoint, read_meta, save_checkpoint
 from config import RESUMABLE_CHANGES, micro_steps, parse_config
 from data import TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer, rank_rows
 from fsdp import copy_shards, fill, init_distributed, mean_over_ranks, rank_bytes, shard, warm_up
-from lisa import set_lisa_blocks
+from lisa import logits_step_scale, set_lisa_blocks
 from hf import export_pretrained, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
 from steps import Run, scalebio_train_step, validation_rows
@@ -179,8 +179,9 @@ def set_schedules(run, step):
     for opt in run.optimizers:
         for group in opt.param_groups:
             group['lr'] = lr
+    lisa_scale = logits_step_scale(len(run.models[0].blocks), cfg.lisa_layers, cfg.lisa_scale_logits_step)
     for group in run.logits_optimizer.param_groups:  # not scaled with α: see bilevel.penalty_schedule
-        group['lr'] = logits_step_size(cfg.logits_update, cfg.logits_lr, lr_mult)
+        group['lr'] = logits_step_size(cfg.logits_update, cfg.logits_lr, lr_mult) * lisa_scale
     return alpha, lr
 
 
