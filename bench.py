@@ -4,6 +4,7 @@ What a ScaleBiO step costs, against plain fine-tuning and against the floor the 
     python bench.py                       # a toy shape whose steps take 0.1-1 s on 2 CPU cores
     python bench.py --model=gpt2          # the GPT-2 124M shape (50257-token vocabulary)
     python bench.py --device=cuda --compile=True --model=gpt2
+    python bench.py --plan=True --model=llama3-8b --world_size=8 --gpu_gb=48   # memory per GPU, nothing allocated
 
 Three variants, timed interleaved in one run (warm-up first, then the median of `repeats` steps each):
   sft       one model, AdamW, one forward/backward on the training batch
@@ -32,6 +33,7 @@ from config import TrainConfig, override
 from fsdp import local_bytes, optimizer_state_bytes
 from lisa import set_lisa_blocks
 from model import MODEL_PRESETS, GPTConfig, make_model, make_optimizer
+from plan import print_plan, state_plan
 from steps import Run, model_objective, scalebio_gpt_step
 
 
@@ -56,6 +58,9 @@ class BenchConfig:
     compile: bool = False
     peak_rss: bool = True      # peak memory of one fresh process per variant (RSS; CUDA: max allocated)
     only: str = ''             # internal: run one variant and print its peak RSS
+    plan: bool = False         # only print the memory plan of the ScaleBiO + LISA step per GPU (plan.py)
+    world_size: int = 1        # plan: processes (GPUs) the copies are sharded over
+    gpu_gb: float = 80.0       # plan: memory of one GPU, GiB
 
 
 def model_config(cfg):
@@ -137,6 +142,11 @@ def main(argv):
     shape = model_config(cfg)
     device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     lisa_for = {'sft': None, 'scalebio': 0, 'lisa': cfg.lisa_layers}  # None: one model, no LISA; 0: LISA off
+    if cfg.plan:  # float32 parameters, as train.py keeps them
+        plan = state_plan(shape, cfg.world_size, cfg.lisa_layers)
+        print_plan(plan, cfg.gpu_gb * 2**30)
+        print(json.dumps({'per_rank_bytes': plan, 'world_size': cfg.world_size, 'lisa_layers': cfg.lisa_layers}))
+        return plan
 
     if cfg.only:  # a fresh process for one variant's peak memory, run past a LISA switch
         _, step, _ = build(cfg, device, lisa_for[cfg.only])

@@ -67,12 +67,14 @@ class TrainConfig:
     dtype: str = 'float32'          # parameter dtype: float32, or float64 (exactness tests, CPU)
     amp: bool = True                # bf16 compute on CUDA (autocast, or FSDP's mixed precision); no effect on CPU
     compile: bool = False           # torch.compile each block (meant for CUDA)
+    check_memory: bool = True       # CUDA: refuse a run whose counted state alone exceeds the GPU (plan.py)
     init_from: str = ''             # a local Hugging Face folder, GPT-2 or Llama family (hf.py): both copies start from it
     export: bool = False            # at the end: out_dir/hf (the trained model, HF format), out_dir/mixture.json
 
 
 # fields that may differ between a run and its resumption (not max_steps: the schedule's horizon)
-RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'eval_interval', 'ckpt_interval', 'device', 'save_best'}
+RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'eval_interval', 'ckpt_interval', 'device', 'save_best',
+                     'check_memory'}
 
 
 def override(cfg, argv):

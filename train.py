@@ -43,6 +43,7 @@ from fsdp import copy_shards, fill, init_distributed, mean_over_ranks, rank_byte
 from lisa import logits_step_scale, set_lisa_blocks
 from hf import export_pretrained, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
+from plan import check_plan, print_plan, state_plan
 from steps import Run, scalebio_train_step, validation_rows
 
 
@@ -152,6 +153,12 @@ def build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size):
         models = [make_model(model_config).to(dtype) for _ in range(2 if cfg.method == 'scalebio' else 1)]
     if rank == 0:
         print(f"number of parameters: {models[0].num_params() / 1e6:.2f}M per copy; {world_size} process(es)")
+    if device.startswith('cuda'):  # what each GPU will hold for the copies, before it holds anything
+        plan = state_plan(model_config, world_size, cfg.lisa_layers, dtype.itemsize, len(models))
+        if rank == 0:
+            print_plan(plan, torch.cuda.get_device_properties(device).total_memory)
+        if cfg.check_memory:
+            check_plan(plan, torch.cuda.get_device_properties(device).total_memory, f"--device={device}")
     for model in models:
         if cfg.compile:  # per block: LISA flips requires_grad, so each block has at most two compiled graphs
             for block in model.blocks:

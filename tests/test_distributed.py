@@ -11,6 +11,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 import train
 from hf import export_pretrained, from_pretrained
 from model import GPT, GPTConfig, make_model
+from plan import state_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float64: Adam's early sign-like steps amplify float32 rounding, so float32 runs drift apart by ~1e-4
@@ -38,6 +39,13 @@ def assert_same_run(a, b):
     assert abs(a['val_loss'] - b['val_loss']) <= 1e-6 * abs(a['val_loss'])
 
 
+def assert_planned(run):
+    """plan.py's bytes for rank 0 are what it allocated (summary.json's per_rank_bytes), exactly."""
+    config, cfg = GPTConfig(**run['model_config']), run['config']
+    copies = 2 if cfg['method'] == 'scalebio' else 1
+    assert state_plan(config, run['world_size'], cfg['lisa_layers'], 8, copies) == run['per_rank_bytes']
+
+
 def model_states(out_dir):
     """Both copies' full parameters from out_dir's sharded checkpoint, read in one process."""
     dcp_to_torch_save(os.path.join(out_dir, 'ckpt'), os.path.join(out_dir, 'full.pt'))
@@ -47,6 +55,7 @@ def model_states(out_dir):
 def test_two_and_four_processes_learn_what_one_learns_and_each_holds_its_share(tmp_path):
     one = train.main(TINY + [f'--out_dir={tmp_path}/1'])
     assert max(one['weights']) - min(one['weights']) > 1e-2  # the weights moved
+    assert_planned(one)
     # 2 processes also split their rows into 2 accumulated micro-batches
     for n, extra in ((2, ['--micro_batch=1']), (4, [])):
         torchrun(n, *TINY, *extra, f'--out_dir={tmp_path}/{n}')
@@ -54,6 +63,7 @@ def test_two_and_four_processes_learn_what_one_learns_and_each_holds_its_share(t
         assert many['world_size'] == n
         assert_same_run(many, one)
         assert many['per_rank_state_bytes'] == pytest.approx(one['per_rank_state_bytes'] / n, rel=0.1)
+        assert_planned(many)
         for copy_one, copy_many in zip(model_states(tmp_path / '1'), model_states(tmp_path / str(n))):
             for name, tensor in copy_one.items():
                 assert torch.allclose(tensor, copy_many[name], atol=1e-10, rtol=0), name
@@ -74,6 +84,8 @@ def test_lisa_under_fsdp_keeps_optimizer_state_for_the_drawn_blocks_only(tmp_pat
     torchrun(2, *TINY, *shape, '--lisa_layers=2', f'--out_dir={tmp_path}/lisa')
     torchrun(2, *TINY, *shape, '--lisa_layers=0', f'--out_dir={tmp_path}/full')
     lisa, full = (summary(tmp_path / d)['per_rank_bytes']['optimizer_state'] for d in ('lisa', 'full'))
+    for d in ('lisa', 'full'):
+        assert_planned(summary(tmp_path / d))
     model = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=8, n_head=2, n_embd=16))
     block = sum(p.numel() for p in model.transformer.h[0].parameters())
     bound = (model.num_params() - 6 * block) / model.num_params()  # non-block (tied embedding once) + 2 blocks
@@ -143,6 +155,8 @@ def test_a_llama_from_a_hugging_face_folder_trains_alike_on_one_two_and_four_pro
     assert len(sample.main([f'--out_dir={tmp_path}/1', '--temperature=0', '--num_samples=1', '--max_new_tokens=3'])) == 1
     torchrun(2, *args, f'--out_dir={tmp_path}/2', '--export=True')
     assert_same_run(summary(tmp_path / '2'), one)
+    assert_planned(one)
+    assert_planned(summary(tmp_path / '2'))
     for copy_one, copy_two in zip(model_states(tmp_path / '1'), model_states(tmp_path / '2')):
         assert any('self_attn.q_proj' in name for name in copy_one)
         for name, tensor in copy_one.items():
@@ -153,6 +167,7 @@ def test_a_llama_from_a_hugging_face_folder_trains_alike_on_one_two_and_four_pro
     torchrun(4, *args, f'--out_dir={tmp_path}/4to2', '--stop_at=14')  # and resumed at another world size
     torchrun(2, *args, f'--out_dir={tmp_path}/4to2', '--resume=True')
     assert_same_run(summary(tmp_path / '4to2'), one)
+    assert_planned(summary(tmp_path / '4to2'))
 
 
 def test_building_both_copies_takes_each_rank_its_shards_and_one_full_tensor_of_host_memory(tmp_path):
