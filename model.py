@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -135,6 +136,16 @@ class LanguageModel(nn.Module):
         self.tie_weights()
         return self
 
+    checkpoint_blocks = False  # train.py's --checkpoint_blocks
+
+    def run_block(self, block, *inputs):
+        """One transformer block. With activation checkpointing (Chen et al. 2016, arXiv 1604.06174) the backward
+        keeps only each block's input and recomputes the block's activations when it needs them: activation
+        memory falls from every block's intermediates to one block's, for one more forward per step."""
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
+
     def num_params(self):
         """All parameters, a tied embedding counted once (named_parameters() yields it once)."""
         return sum(p.numel() for p in self.parameters())
@@ -221,7 +232,7 @@ class GPT(LanguageModel):
         pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x)
+            x = self.run_block(block, x)
         return self.lm_head(self.transformer.ln_f(x))[..., :self.config.vocab_size]
 
 
@@ -359,7 +370,7 @@ class Llama(LanguageModel):
         angles = torch.cat((angles, angles), dim=-1)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for block in self.model.layers:
-            x = block(x, cos, sin)
+            x = self.run_block(block, x, cos, sin)
         return self.lm_head(self.model.norm(x))
 
 

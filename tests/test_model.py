@@ -90,3 +90,26 @@ def test_a_model_built_on_the_meta_device_and_filled_equals_one_built_on_the_cpu
         assert torch.equal(a, b), name
     embedding = built.transformer.wte if config.family == 'gpt2' else built.model.embed_tokens
     assert (built.lm_head.weight is embedding.weight) == config.tie_embeddings  # to_empty kept the head tied
+
+
+def test_activation_checkpointing_keeps_less_for_the_backward_and_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = tiny(n_layer=4).double()
+    x = torch.randint(0, 50, (3, 16))
+    saved, grads = [], []
+    for on in (False, True):
+        model.checkpoint_blocks = on
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x, x)[1].sum()
+        saved.append(total[0])
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    assert saved[1] < 0.5 * saved[0]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)

@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import train
 from hf import export_pretrained, from_pretrained
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, make_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny float64 run with LISA switching every 3 steps: float32 runs drift apart by ~1e-4 (Adam amplifies rounding)
@@ -195,3 +195,20 @@ def test_save_best_false_writes_no_best_model_and_the_same_summary(tmp_path):
     without = run(tmp_path / 'without', '--max_steps=10', '--save_best=False')
     assert os.path.isdir(tmp_path / 'with' / 'best') and not os.path.exists(tmp_path / 'without' / 'best')
     assert (without['weights'], without['best_val_loss']) == (with_best['weights'], with_best['best_val_loss'])
+
+
+@pytest.mark.parametrize('family', ['gpt2', 'llama'])
+def test_activation_checkpointing_trains_the_same_run(tmp_path, family):
+    """--checkpoint_blocks recomputes each block's activations in the backward: the same numbers, in float64
+    (GPT-2 with dropout: the recomputation draws the same masks)."""
+    if family == 'gpt2':
+        shape = ['--dropout=0.1']
+    else:
+        llama = GPTConfig(family='llama', block_size=16, vocab_size=256, n_layer=2, n_head=2, n_kv_head=1, n_embd=16,
+                          mlp_hidden=32, bias=False, tie_embeddings=False)
+        export_pretrained(make_model(llama), str(tmp_path / 'llama'))
+        shape = [f'--init_from={tmp_path}/llama']
+    runs = [run(tmp_path / str(on), '--max_steps=8', f'--checkpoint_blocks={on}', *shape) for on in (False, True)]
+    assert runs[0]['weights'] == pytest.approx(runs[1]['weights'], abs=1e-10, rel=0)
+    assert runs[0]['val_loss'] == pytest.approx(runs[1]['val_loss'], abs=1e-10, rel=0)
+    assert max(runs[0]['weights']) - min(runs[0]['weights']) > 1e-4  # p moved
