@@ -116,7 +116,8 @@ class Block(nn.Module):
 
 class LanguageModel(nn.Module):
     """What both families share: the initialisation, the per-row loss, sampling, the parameter count. A family
-    defines `blocks`, `tie_weights()`, `_init_weights(module)` and `logits(idx)`."""
+    defines `blocks`, `tie_weights()`, `_init_weights(module)`, `hidden(idx)` (the final normalised states) and
+    `head(hidden)` (the logits)."""
 
     def init_weights(self):
         """The random initialisation, in place: _init_weights on every module, then the parameters that
@@ -137,6 +138,7 @@ class LanguageModel(nn.Module):
         return self
 
     checkpoint_blocks = False  # train.py's --checkpoint_blocks
+    logits_at_targets = True   # train.py's --logits_at_targets
 
     def run_block(self, block, *inputs):
         """One transformer block. With activation checkpointing (Chen et al. 2016, arXiv 1604.06174) the backward
@@ -151,8 +153,8 @@ class LanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx, targets=None):
-        """idx, targets: (B, T) token ids. Returns logits (B, T, vocab) and, given targets, the mean
-        cross-entropy of each row over its targets that are not -1, shape (B,)."""
+        """idx, targets: (B, T) token ids. Without targets: the logits (B, T, vocab), None. With targets: None and
+        the mean cross-entropy of each row over its targets that are not -1, shape (B,)."""
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"a batch of {T} tokens per row is longer than the model's context "
@@ -160,16 +162,20 @@ class LanguageModel(nn.Module):
         if 0 < self.config.sliding_window < T:
             raise ValueError(f"{T} tokens per row exceed the model's attention window ({self.config.sliding_window}): "
                              f"sliding-window attention is not implemented")
-        logits = self.logits(idx)
+        hidden = self.hidden(idx)
         if targets is None:
-            return logits, None
+            return self.head(hidden), None
+        # the head and the cross-entropy only where there is a target: a prompt's and padding's positions cost
+        # nothing (at a 128k vocabulary the logits are about 1 MB per token); every position with --logits_at_targets=False
+        keep = targets != -1 if self.logits_at_targets else torch.ones_like(targets, dtype=torch.bool)
+        logits = self.head(hidden[keep])
         # cross-entropy in float32 even under bf16 autocast: the per-source means are compared across
         # two models, so their rounding error must stay well below the differences being measured
         logits_fp = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        token_loss = F.cross_entropy(logits_fp.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                     ignore_index=-1, reduction='none').view(B, T)
+        token_loss = logits_fp.new_zeros(B, T)
+        token_loss[keep] = F.cross_entropy(logits_fp, targets[keep], ignore_index=-1, reduction='none')
         n_targets = (targets != -1).sum(dim=1).clamp(min=1)
-        return logits, token_loss.sum(dim=1) / n_targets
+        return None, token_loss.sum(dim=1) / n_targets
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0):
@@ -228,12 +234,15 @@ class GPT(LanguageModel):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def logits(self, idx):
+    def hidden(self, idx):
         pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
             x = self.run_block(block, x)
-        return self.lm_head(self.transformer.ln_f(x))[..., :self.config.vocab_size]
+        return self.transformer.ln_f(x)
+
+    def head(self, hidden):
+        return self.lm_head(hidden)[..., :self.config.vocab_size]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,7 +371,7 @@ class Llama(LanguageModel):
         if isinstance(module, nn.Linear) and module.bias is not None:
             torch.nn.init.zeros_(module.bias)
 
-    def logits(self, idx):
+    def hidden(self, idx):
         x = self.model.embed_tokens(idx)
         # the rotation of position t by angle t·θ_i, for both halves of every head (rotate_half's pairs)
         positions = torch.arange(idx.size(1), device=idx.device, dtype=torch.float32)
@@ -371,7 +380,10 @@ class Llama(LanguageModel):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for block in self.model.layers:
             x = self.run_block(block, x, cos, sin)
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
+
+    def head(self, hidden):
+        return self.lm_head(hidden)
 
 
 def make_model(config):

@@ -160,7 +160,7 @@ def build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size):
         if cfg.check_memory:
             check_plan(plan, torch.cuda.get_device_properties(device).total_memory, f"--device={device}")
     for model in models:
-        model.checkpoint_blocks = cfg.checkpoint_blocks
+        model.checkpoint_blocks, model.logits_at_targets = cfg.checkpoint_blocks, cfg.logits_at_targets
         if cfg.compile:  # per block: LISA flips requires_grad, so each block has at most two compiled graphs
             for block in model.blocks:
                 block.compile()

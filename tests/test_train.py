@@ -212,3 +212,11 @@ def test_activation_checkpointing_trains_the_same_run(tmp_path, family):
     assert runs[0]['weights'] == pytest.approx(runs[1]['weights'], abs=1e-10, rel=0)
     assert runs[0]['val_loss'] == pytest.approx(runs[1]['val_loss'], abs=1e-10, rel=0)
     assert max(runs[0]['weights']) - min(runs[0]['weights']) > 1e-4  # p moved
+
+
+def test_logits_only_at_targets_train_the_same_run(tmp_path):
+    """`mixture` masks the question of every row (-1 targets): the head runs on its answers only, same numbers."""
+    runs = [run(tmp_path / str(on), '--data=mixture', '--max_steps=8', f'--logits_at_targets={on}') for on in (False, True)]
+    assert runs[0]['weights'] == pytest.approx(runs[1]['weights'], abs=1e-10, rel=0)
+    assert runs[0]['val_loss'] == pytest.approx(runs[1]['val_loss'], abs=1e-10, rel=0)
+    assert max(runs[0]['weights']) - min(runs[0]['weights']) > 1e-4  # p moved
