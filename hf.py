@@ -105,17 +105,25 @@ def read_tensors(file):
     (little-endian length of the header), a JSON header {name: {dtype, shape, data_offsets}}, then the raw
     bytes: read here without the safetensors package. A .bin file is memory-mapped."""
     if not file.endswith('.safetensors'):
-        yield from torch.load(file, map_location='cpu', weights_only=True, mmap=True).items()
+        try:
+            tensors = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError:  # a file written before torch 1.6 (GPT-2's own) cannot be memory-mapped
+            tensors = torch.load(file, map_location='cpu', weights_only=True)
+        yield from tensors.items()
         return
     with open(file, 'rb') as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
         start = f.tell()
         header.pop('__metadata__', None)
         for name, info in sorted(header.items(), key=lambda item: item[1]['data_offsets'][0]):
+            if info['dtype'] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{file}: {name} is of dtype {info['dtype']}, which is not read here "
+                                 f"({', '.join(SAFETENSORS_DTYPES)})")
+            dtype = SAFETENSORS_DTYPES[info['dtype']]
             begin, end = info['data_offsets']
             f.seek(start + begin)
-            data = bytearray(f.read(end - begin))
-            dtype = SAFETENSORS_DTYPES[info['dtype']]
+            data = bytearray(end - begin)
+            f.readinto(data)  # straight into the tensor's memory: one copy of it, not two
             yield name, (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).view(info['shape'])
 
 
@@ -148,7 +156,9 @@ def pretrained_tensors(path, config):
             if tensor.shape != expected:
                 raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected)}")
             if tensor.shape != shapes[name]:  # GPT-2's padding rows of the vocabulary are 0
-                tensor = torch.cat([tensor, tensor.new_zeros(shapes[name][0] - tensor.size(0), *tensor.shape[1:])])
+                padded = tensor.new_zeros(shapes[name])
+                padded[:tensor.size(0)] = tensor
+                tensor = padded
             loaded.add(name)
             yield name, tensor
     if set(shapes) - loaded:
@@ -234,7 +244,7 @@ def export_pretrained(model, folder, token_ids=None, max_shard_bytes=5 * 2**30):
                 if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):
                     tensor = tensor.t()
                 if writer:
-                    f.write(tensor.contiguous().numpy().tobytes())
+                    f.write(memoryview(tensor.contiguous().numpy()))  # the tensor's own bytes, not a copy
 
 
 def safetensors_header(entries):

@@ -4,6 +4,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from fsdp import shard, warm_up
 from lisa import set_active_blocks
@@ -23,6 +24,8 @@ if sys.argv[1] == 'warm_up':
     hook.remove()
     if grad_enabled == [False] and all(p.grad is None for p in model.parameters()):
         print('the warm-up built no autograd graph')  # no saved activations, no gradient: step 0 peaks lower
+    if all(isinstance(p, DTensor) for p in model.parameters()):
+        print('the warm-up left every parameter sharded')  # the root too, which FSDP2 reshards after a backward
 for active in ([0, 1], [0, 1], [2, 3], [1, 2]):
     set_active_blocks(model.transformer.h, optimizer, active)
     model(x, x)[1].mean().backward()

@@ -116,6 +116,7 @@ def test_bf16_mixed_precision_lisa_switches_need_and_get_the_warm_up():
     assert with_warm_up.returncode == 0 and with_warm_up.stdout.count('all switches trained') == 2, \
         with_warm_up.stderr[-2000:]
     assert with_warm_up.stdout.count('the warm-up built no autograd graph') == 2
+    assert with_warm_up.stdout.count('the warm-up left every parameter sharded') == 2
 
 
 def test_compiled_blocks_do_not_recompile_at_every_lisa_switch(tmp_path):
