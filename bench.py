@@ -105,7 +105,7 @@ def build(cfg, device, lisa_layers):
     def state():
         """(parameters + moments, gradients at their peak), bytes, both copies."""
         return (sum(local_bytes(m.parameters()) for m in models) + sum(optimizer_state_bytes(o) for o in run.optimizers),
-                sum(run.grad_bytes.values()))
+                run.grad_bytes)
     return models, step, state
 
 

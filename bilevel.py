@@ -61,7 +61,7 @@ def check_finite(**values):
 
 
 def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective,
-                  step_lower, step_upper, step_logits, central_difference=False, mirror=False):
+                  step_lower, step_upper, step_logits, central_difference=False, mirror=False, lower_first=False):
     """One ScaleBiO iteration (the docstring at the top of this file), in the authors' order.
 
     The penalty's p-gradient is a forward difference in σ = 1/α (Chen et al., arXiv 2509.02937): with
@@ -78,17 +78,24 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
     step_lower, step_upper, step_logits(): apply the optimizer to the gradient left behind and clear
         it (gradient clipping, learning rates and LISA are the caller's business).
     mirror: p's gradient in λ rather than in p (logits_gradient), for mirror descent on the simplex.
-    Returns the losses the step saw. Raises FloatingPointError, before any update, if a loss is not finite.
+    lower_first: u steps (and drops its gradient) before w's forward, so one copy's gradient exists at a time;
+        the same numbers (w's objective never reads u), but a non-finite loss of w is found after u has stepped.
+    Returns the losses the step saw. Raises FloatingPointError, before any update, if a loss is not finite
+    (with lower_first, before any update of w and p).
     """
     weights = torch.softmax(source_logits.detach(), dim=0)
     lower_val_coeff = -1.0 if central_difference else 0.0
     lower_losses, _ = lower_objective(penalty_alpha * weights, lower_val_coeff)  # ∇_u α·L_train(u, λ) [− L_val(u)]
+    if lower_first:
+        check_finite(lower_losses=lower_losses)
+        step_lower()
     upper_losses, val_loss = upper_objective(penalty_alpha * weights, 1.0)     # ∇_w L_val(w) + α·L_train(w, λ)
     check_finite(lower_losses=lower_losses, upper_losses=upper_losses, val_loss=val_loss)
     logits_grad = logits_gradient(weights, upper_losses, lower_losses,
                                   penalty_alpha / 2 if central_difference else penalty_alpha, mirror)
     source_logits.grad = logits_grad.to(source_logits.dtype)
-    step_lower()
+    if not lower_first:
+        step_lower()
     step_upper()
     step_logits()
     return dict(weights=weights, lower_losses=lower_losses, upper_losses=upper_losses,

@@ -130,6 +130,6 @@ def optimizer_state_bytes(optimizer):
 
 def rank_bytes(models, optimizers, grad_bytes):
     """What this rank holds for the models (local shards): parameters, gradients at their peak (recorded by
-    steps.clip_gradient once the backward is done), Adam moments."""
-    return {'parameters': sum(local_bytes(m.parameters()) for m in models), 'gradients': sum(grad_bytes.values()),
+    steps.clip_gradient once each backward is done), Adam moments."""
+    return {'parameters': sum(local_bytes(m.parameters()) for m in models), 'gradients': grad_bytes,
             'optimizer_state': sum(optimizer_state_bytes(o) for o in optimizers)}

@@ -8,7 +8,8 @@ holds for both model copies, computed from the shapes of a model built on the me
 What it counts exactly, as train.py allocates it (summary.json's per_rank_bytes is the check):
   parameters       both copies, this rank's FSDP2 shards
   gradients        both copies' gradients are alive at once (u's survive w's backward: bilevel.scalebio_step
-                   checks every loss and gradient before either copy steps), for the trainable parameters only
+                   checks every loss and gradient before either copy steps; --lower_first: one copy's), for the
+                   trainable parameters only
   optimizer state  AdamW's two moments, in the parameters' dtype, for the trainable parameters only (LISA drops
                    the state of blocks that go inactive: lisa.py)
 Trainable: everything with LISA off; with LISA, all but n_layer − lisa_layers blocks (every block of a model has
@@ -30,15 +31,17 @@ def rank0_bytes(shape, world_size, element_size):
     return min(rows, shape[0]) * math.prod(shape[1:]) * element_size
 
 
-def state_plan(config, world_size=1, lisa_layers=0, element_size=4, copies=2):
-    """Bytes rank 0 holds for `copies` model copies of `config`: {'parameters', 'gradients', 'optimizer_state'}."""
+def state_plan(config, world_size=1, lisa_layers=0, element_size=4, copies=2, lower_first=False):
+    """Bytes rank 0 holds for `copies` model copies of `config`: {'parameters', 'gradients', 'optimizer_state'}.
+    lower_first (--lower_first): u steps and drops its gradient before w's backward, one copy's at a time."""
     with torch.device('meta'):
         model = make_model(config)
     every = sum(rank0_bytes(p.shape, world_size, element_size) for p in model.parameters())
     block = sum(rank0_bytes(p.shape, world_size, element_size) for p in model.blocks[0].parameters())
     frozen = config.n_layer - lisa_layers if 0 < lisa_layers < config.n_layer else 0
     trainable = every - frozen * block
-    return {'parameters': copies * every, 'gradients': copies * trainable, 'optimizer_state': copies * 2 * trainable}
+    return {'parameters': copies * every, 'gradients': (1 if lower_first else copies) * trainable,
+            'optimizer_state': copies * 2 * trainable}
 
 
 def print_plan(plan, gpu_bytes):

@@ -36,7 +36,7 @@ class Run:
     fixed_weights: torch.Tensor = None  # fixed: the loss weights of the sources
     reference_model: torch.nn.Module = None  # rholoss: the model whose losses are irreducible
     received_sum: torch.Tensor = None   # baselines: the share of each step each source received, summed
-    grad_bytes: dict = field(default_factory=dict)  # per model: bytes of its gradient at their peak
+    grad_bytes: int = 0                 # the most gradient bytes alive at once, all copies together
     # train.py's bookkeeping
     model_config: object = None         # model.GPTConfig of both copies
     eval_sets: dict = None              # split -> fixed evaluation batches
@@ -104,7 +104,8 @@ def clip_gradient(run, model, name='model'):
     not finite: a finite loss can still give a NaN gradient. It runs as each objective ends, so both copies'
     gradients are checked before either copy steps."""
     grads = [p for p in model.parameters() if p.grad is not None]
-    run.grad_bytes[model] = local_bytes(p.grad for p in grads)  # at their peak, for fsdp.rank_bytes
+    alive = local_bytes(p.grad for m in run.models for p in m.parameters() if p.grad is not None)
+    run.grad_bytes = max(run.grad_bytes, alive)  # a copy's backward has just ended: gradients at a peak
     norm = torch.nn.utils.clip_grad_norm_(grads, run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf)
     check_finite(**{f'{name}_gradient_norm': full(norm)})
 
@@ -121,7 +122,8 @@ def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
         step_lower=lambda: step_and_clear(run.optimizers[0]),
         step_upper=lambda: step_and_clear(run.optimizers[1]),
         step_logits=lambda: step_and_clear(run.logits_optimizer),
-        central_difference=cfg.central_difference, mirror=LOGITS_RULES[cfg.logits_update]['mirror'])
+        central_difference=cfg.central_difference, mirror=LOGITS_RULES[cfg.logits_update]['mirror'],
+        lower_first=cfg.lower_first)
 
 
 def scalebio_train_step(run, step, alpha):

@@ -154,7 +154,7 @@ def build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size):
     if rank == 0:
         print(f"number of parameters: {models[0].num_params() / 1e6:.2f}M per copy; {world_size} process(es)")
     if device.startswith('cuda'):  # what each GPU will hold for the copies, before it holds anything
-        plan = state_plan(model_config, world_size, cfg.lisa_layers, dtype.itemsize, len(models))
+        plan = state_plan(model_config, world_size, cfg.lisa_layers, dtype.itemsize, len(models), cfg.lower_first)
         if rank == 0:
             print_plan(plan, torch.cuda.get_device_properties(device).total_memory)
         if cfg.check_memory:

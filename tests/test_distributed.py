@@ -43,7 +43,7 @@ def assert_planned(run):
     """plan.py's bytes for rank 0 are what it allocated (summary.json's per_rank_bytes), exactly."""
     config, cfg = GPTConfig(**run['model_config']), run['config']
     copies = 2 if cfg['method'] == 'scalebio' else 1
-    assert state_plan(config, run['world_size'], cfg['lisa_layers'], 8, copies) == run['per_rank_bytes']
+    assert state_plan(config, run['world_size'], cfg['lisa_layers'], 8, copies, cfg['lower_first']) == run['per_rank_bytes']
 
 
 def model_states(out_dir):

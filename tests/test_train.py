@@ -12,6 +12,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 import train
 from hf import export_pretrained, from_pretrained
 from model import GPT, GPTConfig, make_model
+from plan import state_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a tiny float64 run with LISA switching every 3 steps: float32 runs drift apart by ~1e-4 (Adam amplifies rounding)
@@ -80,16 +81,19 @@ def test_a_signal_mid_run_leaves_a_checkpoint_the_run_resumes_from(tmp_path, sig
     assert_same_state(final_state(out), final_state(tmp_path / 'whole'), atol=1e-10)
 
 
-def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize('lower_first', [False, True])
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, lower_first):
+    """The upper copy's loss turns NaN (its forward is the second of a step): with --lower_first, u has stepped
+    in memory by then, and the run still stops without saving."""
     forward, calls = GPT.forward, []
 
     def poisoned(self, idx, targets=None):
         logits, loss = forward(self, idx, targets)
         calls.append(1)
-        return logits, (loss * float('nan') if loss is not None and len(calls) > 12 else loss)
+        return logits, (loss * float('nan') if loss is not None and len(calls) > 12 and len(calls) % 2 == 0 else loss)
     monkeypatch.setattr(GPT, 'forward', poisoned)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d+: .*nan"):
-        run(tmp_path, '--max_steps=20', '--ckpt_interval=2')
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d+: upper_losses.*nan"):
+        run(tmp_path, '--max_steps=20', '--ckpt_interval=2', f'--lower_first={lower_first}')
     logits, models, step = final_state(tmp_path)
     assert step >= 2 and torch.isfinite(logits).all()
     assert all(torch.isfinite(t).all() for m in models for t in m.values())
@@ -220,3 +224,13 @@ def test_logits_only_at_targets_train_the_same_run(tmp_path):
     assert runs[0]['weights'] == pytest.approx(runs[1]['weights'], abs=1e-10, rel=0)
     assert runs[0]['val_loss'] == pytest.approx(runs[1]['val_loss'], abs=1e-10, rel=0)
     assert max(runs[0]['weights']) - min(runs[0]['weights']) > 1e-4  # p moved
+
+
+def test_lower_first_trains_the_same_run_with_one_copy_of_gradients_at_a_time(tmp_path):
+    runs = [run(tmp_path / str(on), '--max_steps=8', f'--lower_first={on}') for on in (False, True)]
+    assert runs[0]['weights'] == pytest.approx(runs[1]['weights'], abs=1e-10, rel=0)
+    assert runs[0]['val_loss'] == pytest.approx(runs[1]['val_loss'], abs=1e-10, rel=0)
+    both, one = (r['per_rank_bytes'] for r in runs)
+    assert one['gradients'] * 2 == both['gradients'] and one['optimizer_state'] == both['optimizer_state']
+    config = GPTConfig(**runs[1]['model_config'])
+    assert state_plan(config, 1, 1, 8, 2, lower_first=True) == one
