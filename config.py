@@ -70,6 +70,7 @@ class TrainConfig:
     checkpoint_blocks: bool = False  # activation checkpointing per block: less memory, one more forward (model.py)
     logits_at_targets: bool = True  # the head and cross-entropy only at positions with a target (model.py)
     lower_first: bool = False       # u steps before w's forward: one copy's gradients at a time (bilevel.py)
+    cpu_offload: bool = False       # FSDP2 keeps parameters, gradients and AdamW state in host memory (CUDA, torchrun)
     check_memory: bool = True       # CUDA: refuse a run whose counted state alone exceeds the GPU (plan.py)
     init_from: str = ''             # a local Hugging Face folder, GPT-2 or Llama family (hf.py): both copies start from it
     export: bool = False            # at the end: out_dir/hf (the trained model, HF format), out_dir/mixture.json

@@ -9,7 +9,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
@@ -30,15 +30,18 @@ def init_distributed(device):
     return dist.get_rank(), dist.get_world_size(), str(device), True
 
 
-def shard(model, bf16):
+def shard(model, bf16, cpu_offload=False):
     """FSDP2 (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html): each block is a unit
     whose parameters are all-gathered only for its own forward and backward, then the root holds the rest
-    (embeddings, final norm, head). Under bf16 the compute is bf16 and gradients reduce in fp32."""
+    (embeddings, final norm, head). Under bf16 the compute is bf16 and gradients reduce in fp32.
+    cpu_offload: the shards, their gradients and the optimizer's state live in host memory and the optimizer
+    steps on the CPU; a unit is copied to the GPU for its forward and backward (the authors' setting)."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for block in model.blocks:
-        fully_shard(block, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mp_policy=policy, offload_policy=offload)
 
 
 @torch.no_grad()

@@ -22,3 +22,16 @@ for layers in 2 0; do
     echo "train lisa_layers=$layers exit $?" >> "$OUT/gpu.txt"
     cp /tmp/gpu_train_lisa$layers/summary.json "$OUT/summary_lisa$layers.json" 2>/dev/null
 done
+# --cpu_offload: the same run with FSDP2's shards, gradients and optimizer state in host memory, float64 (no
+# bf16), 20 steps with LISA: the weights must equal the run without it to 1e-10
+for offload in False True; do
+    timeout 150 $PY -m torch.distributed.run --standalone --nproc_per_node 1 train.py --n_layer=4 --max_steps=20 \
+        --lisa_layers=2 --lisa_interval=5 --dtype=float64 --amp=False --eval_interval=20 --cpu_offload=$offload \
+        --out_dir=/tmp/gpu_offload_$offload > "$OUT/offload_$offload.log" 2>&1
+    echo "train cpu_offload=$offload exit $?" >> "$OUT/gpu.txt"
+done
+$PY -c "
+import json
+a, b = (json.load(open(f'/tmp/gpu_offload_{o}/summary.json')) for o in ('False', 'True'))
+print('cpu_offload max weight difference', max(abs(x - y) for x, y in zip(a['weights'], b['weights'])),
+      'val', a['val_loss'], b['val_loss'])" >> "$OUT/gpu.txt" 2>&1

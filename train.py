@@ -92,6 +92,9 @@ def main(argv):
 
 def build_run(cfg):
     rank, world_size, device, sharded = init_distributed(cfg.device)
+    if cfg.cpu_offload and not (sharded and device.startswith('cuda')):
+        raise ValueError("--cpu_offload=True moves FSDP2's shards between host and GPU: it needs CUDA and torchrun "
+                         "(torchrun --standalone --nproc_per_node 1 train.py ... for one GPU)")
     dtype = getattr(torch, cfg.dtype)
     bf16 = cfg.amp and device.startswith('cuda')
     torch.manual_seed(cfg.seed)
@@ -153,7 +156,7 @@ def build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size):
         models = [make_model(model_config).to(dtype) for _ in range(2 if cfg.method == 'scalebio' else 1)]
     if rank == 0:
         print(f"number of parameters: {models[0].num_params() / 1e6:.2f}M per copy; {world_size} process(es)")
-    if device.startswith('cuda'):  # what each GPU will hold for the copies, before it holds anything
+    if device.startswith('cuda') and not cfg.cpu_offload:  # what each GPU will hold for the copies, before it holds anything
         plan = state_plan(model_config, world_size, cfg.lisa_layers, dtype.itemsize, len(models), cfg.lower_first)
         if rank == 0:
             print_plan(plan, torch.cuda.get_device_properties(device).total_memory)
@@ -165,8 +168,8 @@ def build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size):
             for block in model.blocks:
                 block.compile()
         if sharded:
-            shard(model, bf16)
-        model.to_empty(device=device)
+            shard(model, bf16, cfg.cpu_offload)
+        model.to_empty(device='cpu' if cfg.cpu_offload else device)
     # both copies start from the same weights (the authors load the same pretrained checkpoint twice)
     fill(models[0], pretrained_tensors(cfg.init_from, model_config) if cfg.init_from else initial_weights(model_config))
     for model in models[1:]:

@@ -234,3 +234,8 @@ def test_lower_first_trains_the_same_run_with_one_copy_of_gradients_at_a_time(tm
     assert one['gradients'] * 2 == both['gradients'] and one['optimizer_state'] == both['optimizer_state']
     config = GPTConfig(**runs[1]['model_config'])
     assert state_plan(config, 1, 1, 8, 2, lower_first=True) == one
+
+
+def test_cpu_offload_without_cuda_and_torchrun_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"--cpu_offload=True .* needs CUDA and torchrun"):
+        run(tmp_path, '--max_steps=2', '--cpu_offload=True')
