@@ -52,6 +52,7 @@ class BenchConfig:
     penalty_alpha: float = 10.0
     central_difference: bool = True  # train.py's default
     grad_clip: float = 1.0     # train.py's default, for every variant
+    source_loss: str = 'example'  # train.py's default: a source's loss is the mean of its rows' token means
     warmup: int = 3
     repeats: int = 10
     device: str = 'auto'
@@ -80,7 +81,7 @@ def build(cfg, device, lisa_layers):
             for block in m.blocks:
                 block.compile()
     train_cfg = TrainConfig(penalty_alpha=cfg.penalty_alpha, central_difference=cfg.central_difference,
-                            grad_clip=cfg.grad_clip)
+                            grad_clip=cfg.grad_clip, source_loss=cfg.source_loss)
     logits = torch.zeros(cfg.n_sources, device=device, requires_grad=True)
     run = Run(train_cfg, models, optimizers=[make_optimizer(m, 1e-4, 0.01) for m in models], source_logits=logits,
               logits_optimizer=make_logits_optimizer(logits, train_cfg.logits_update), device=device,

@@ -22,6 +22,7 @@ class TrainConfig:
     batch_per_source: int = 16      # training rows per source per step (stratified batches)
     val_batch: int = 32             # validation rows per step, for L_val
     micro_batch: int = 0            # rows per source per forward on each rank (gradient accumulation); 0: all
+    source_loss: str = 'example'    # a source's loss: 'example' (mean of its rows' token means) or 'token' (token mean)
     # model, trained from scratch
     model: str = ''                 # a shape of model.MODEL_PRESETS (gpt2 ... gpt2-xl, llama3.2-1b, llama3-8b, yi-34b),
                                     # or n_layer etc.; --init_from's config.json overrides both
@@ -109,7 +110,7 @@ def parse_config(argv):
     cfg = override(TrainConfig(), argv)
     for key, allowed in (('method', METHODS), ('dtype', ('float32', 'float64')),
                          ('logits_update', tuple(LOGITS_RULES)), ('model', ('', *MODEL_PRESETS)),
-                         ('lisa_draw', LISA_DRAWS)):
+                         ('lisa_draw', LISA_DRAWS), ('source_loss', ('example', 'token'))):
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"--{key} must be one of {', '.join(allowed).strip(', ')}, got '{getattr(cfg, key)}'")
     if cfg.method in ('irdro', 'rholoss') and cfg.micro_batch:

@@ -216,16 +216,17 @@ def take_step(run, step, alpha):
 
 @torch.no_grad()
 def evaluate(run, model, split):
-    """The model's loss on the split's fixed batches: a token mean for 'val' and 'test' (as L_val), the mean of
-    row means for a source (as ℓ_i). Each rank takes its rows and the sums are averaged over ranks, so every
-    rank's decisions on it (the best checkpoint) agree."""
+    """The model's loss on the split's fixed batches: a token mean for 'val' and 'test' (as L_val), for a source
+    what --source_loss makes ℓ_i (the mean of row means, or a token mean). Each rank takes its rows and the sums
+    are averaged over ranks, so every rank's decisions on it (the best checkpoint) agree."""
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss over tokens, tokens
     for x, y in run.eval_sets[split]:
         x, y = rank_rows(x, 1, run.rank, run.world_size), rank_rows(y, 1, run.rank, run.world_size)
         with run.autocast:
             _, row_loss = model(x, y)
-        counts = torch.ones_like(row_loss).double() if split in run.data.sources else target_counts(y, torch.float64)
+        by_row = split in run.data.sources and run.cfg.source_loss == 'example'  # a source's loss as ℓ_i in the step
+        counts = torch.ones_like(row_loss).double() if by_row else target_counts(y, torch.float64)
         sums += torch.stack([(row_loss.double() * counts).sum(), counts.sum()])
     model.train()
     sums = mean_over_ranks(sums)

@@ -99,6 +99,18 @@ def test_micro_batches_accumulate_to_the_same_run(tmp_path):
     assert pieces['weights'] == pytest.approx(whole['weights'], abs=1e-10)
 
 
+def test_token_weighted_source_losses_match_across_micro_batches_and_processes(tmp_path):
+    """--source_loss=token on `mixture`, whose answers differ in length: each source's token count is global."""
+    args = TINY + ['--data=mixture', '--source_loss=token', '--max_steps=10']
+    whole = train.main(args + [f'--out_dir={tmp_path}/whole'])
+    by_example = train.main(TINY + ['--data=mixture', '--max_steps=10', f'--out_dir={tmp_path}/example'])
+    assert max(abs(a - b) for a, b in zip(whole['weights'], by_example['weights'])) > 1e-6  # a different loss
+    pieces = train.main(args + [f'--out_dir={tmp_path}/pieces', '--micro_batch=2'])
+    assert pieces['weights'] == pytest.approx(whole['weights'], abs=1e-10)
+    torchrun(2, *args, '--micro_batch=1', f'--out_dir={tmp_path}/2')
+    assert_same_run(summary(tmp_path / '2'), whole)
+
+
 def test_an_error_ends_every_rank_with_its_message(tmp_path):
     proc = torchrun(2, *TINY, '--batch_per_source=3', f'--out_dir={tmp_path}', check=False)
     assert proc.returncode != 0

@@ -45,7 +45,7 @@ def test_prompt_tokens_carry_no_loss_and_rows_are_whole_examples(tmp_path):
     assert (y[0, n_prompt + 1:] == -1).all()  # padding
 
 
-def test_per_source_losses_are_means_of_per_example_means(tmp_path):
+def test_per_source_losses_are_means_of_per_example_means_or_of_tokens(tmp_path):
     short, long = {'instruction': 'q', 'output': 'ab'}, {'instruction': 'q', 'output': 'abcdefghijklmnop'}
     folder = write(tmp_path / 'd', {'train_a.json': [short, long], 'val.json': [short], 'test.json': [short]})
     data = load_data(folder, block_size=48, seed=0)
@@ -57,6 +57,12 @@ def test_per_source_losses_are_means_of_per_example_means(tmp_path):
     source_loss, _ = model_objective(run, model, x, y, None, None, 1)(torch.ones(1), 0.0)
     per_example = [torch.nn.functional.cross_entropy(model(x[i:i + 1])[0][0], y[i], ignore_index=-1) for i in range(2)]
     assert torch.allclose(source_loss, torch.stack(per_example).mean().detach(), atol=1e-6)
+    # --source_loss=token: every token of the source counts alike, as in L_val
+    run = Run(TrainConfig(grad_clip=0.0, source_loss='token'), [model])
+    token_loss, _ = model_objective(run, model, x, y, None, None, 1)(torch.ones(1), 0.0)
+    every_token = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), ignore_index=-1)
+    assert torch.allclose(token_loss, every_token.detach(), atol=1e-6)
+    assert not torch.allclose(token_loss, source_loss, atol=1e-3)  # the long answer weighs more
 
 
 def test_a_run_on_instruction_sources_learns_weights(tmp_path):

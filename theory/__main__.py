@@ -210,7 +210,8 @@ def lisa_checks(check, n_blocks=4, n_active=2):
     motion cancels in ℓ(w) − ℓ(u). With independent draws it does not, and α multiplies the difference."""
     cfg = TrainConfig()
     lr = logits_step_size(cfg.logits_update, cfg.logits_lr, 1.0)
-    lisa = dict(lisa_blocks=n_blocks, lisa_layers=n_active, lisa_interval=cfg.lisa_interval)
+    lisa = dict(lisa_blocks=n_blocks, lisa_layers=n_active, lisa_interval=cfg.lisa_interval,
+                lisa_scale_logits_step=cfg.lisa_scale_logits_step)
     instances = interior_instances(10.0)
     targets = [torch.softmax(fixed_point(prob, 10.0, cfg.central_difference)[2], 0) for prob in instances]
     errors = {draw: [(run_logits_update(prob, 10.0, cfg.logits_update, lr, cfg.max_steps, cfg.central_difference,
