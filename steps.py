@@ -41,6 +41,8 @@ class Run:
     model_config: object = None         # model.GPTConfig of both copies
     eval_sets: dict = None              # split -> fixed evaluation batches
     best_val_loss: float = math.inf
+    lower_val_start: float = None       # the lower copy's val loss at step 0 (central difference), for the guard
+    lower_val_rises: int = 0            # evaluations in a row at which it was above the guard's margin
     train_time: float = 0.0             # seconds spent in steps (not evaluation or checkpoints)
 
 

@@ -120,6 +120,8 @@ def build_run(cfg):
         run.reference_model = load_reference(cfg.reference, model_config, cfg.data).to(device=device, dtype=dtype)
     run.eval_sets = {split: [(x.to(device), y.to(device)) for x, y in evaluation_batches(
         data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed)] for split in ['val', 'test'] + data.sources}
+    if cfg.method == 'scalebio' and cfg.central_difference:  # the guard's reference (guard_lower_copy)
+        run.lower_val_start = evaluate(run, models[0], 'val')
     return run
 
 
@@ -241,11 +243,15 @@ def evaluate_and_log(run, done, weights, alpha, lr, progress):
               'per_source_loss': {s: evaluate(run, eval_model, s) for s in sources}, 'penalty_alpha': alpha, 'lr': lr}
     if len(run.models) == 2:
         record['lower_per_source_loss'] = {s: evaluate(run, run.models[0], s) for s in sources}
+    if run.lower_val_start is not None:
+        record['lower_val_loss'] = evaluate(run, run.models[0], 'val')
     if run.rank == 0:
         with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
             f.write(json.dumps(record) + '\n')
         progress.write(f"step {done}: val {record['val_loss']:.4f} test {record['test_loss']:.4f} "
                        f"weights {' '.join(f'{w:.3f}' for w in weights.tolist())}")
+    if run.lower_val_start is not None:
+        guard_lower_copy(run, record['lower_val_loss'], done)
     if record['val_loss'] < run.best_val_loss:  # the same on every rank: all evaluate the same batches
         run.best_val_loss = record['val_loss']
         if not cfg.save_best:
@@ -255,6 +261,23 @@ def evaluate_and_log(run, done, weights, alpha, lr, progress):
                         {'step': done, 'val_loss': run.best_val_loss, 'tokenizer': tokenizer,
                          'model_config': dataclasses.asdict(run.model_config), 'data': cfg.data})
     return record
+
+
+# the central difference's lower copy descends α·L_train − L_val, which a language model can drive down without
+# bound by raising its validation loss; the guard stops a run whose u does that, before the loss doubles
+LOWER_GUARD_MARGIN = 0.25
+
+
+def guard_lower_copy(run, lower_val, done):
+    """Raises ValueError when u's validation loss is above its step-0 value by more than LOWER_GUARD_MARGIN
+    (relative) at two evaluations in a row. Every rank evaluates the same batches, so all stop together."""
+    limit = run.lower_val_start * (1 + LOWER_GUARD_MARGIN)
+    run.lower_val_rises = run.lower_val_rises + 1 if lower_val > limit else 0
+    if run.lower_val_rises >= 2:
+        raise ValueError(f"the lower copy's validation loss rose from {run.lower_val_start:.4f} at step 0 to "
+                         f"{lower_val:.4f} at step {done}, above {limit:.4f} at two evaluations in a row: under the "
+                         f"central difference it descends α·L_train − L_val, which is unbounded below here; run with "
+                         f"--central_difference=False (or a larger --penalty_alpha)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +301,7 @@ def save(run, step):
     cuda = run.device.startswith('cuda')
     save_checkpoint(os.path.join(run.cfg.out_dir, 'ckpt'), run.models, run.optimizers, replicated_state(run, cuda),
                     {'step': step, 'config': dataclasses.asdict(run.cfg), 'best_val_loss': run.best_val_loss,
+                     'lower_val_rises': run.lower_val_rises,
                      'cuda_rng': cuda})
 
 
@@ -291,6 +315,7 @@ def resume_from_checkpoint(run):
         raise ValueError("--resume=True with a different config: " + ', '.join(
             f"{k}={getattr(cfg, k)!r} (checkpoint: {meta['config'][k]!r})" for k in changed))
     run.best_val_loss = meta['best_val_loss']
+    run.lower_val_rises = meta.get('lower_val_rises', 0)
     draw_lisa_blocks(run, meta['step'] - 1)  # the blocks that held optimizer state when the checkpoint was written
     tensors = replicated_state(run, with_cuda_rng=meta['cuda_rng'])
     load_checkpoint(path, run.models, run.optimizers, tensors)

@@ -239,3 +239,16 @@ def test_lower_first_trains_the_same_run_with_one_copy_of_gradients_at_a_time(tm
 def test_cpu_offload_without_cuda_and_torchrun_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"--cpu_offload=True .* needs CUDA and torchrun"):
         run(tmp_path, '--max_steps=2', '--cpu_offload=True')
+
+
+def test_the_guard_stops_a_lower_copy_that_climbs_its_validation_loss_before_it_doubles(tmp_path):
+    """A small α lets u, which descends α·L_train − L_val, raise its validation loss at will."""
+    with pytest.raises(ValueError, match=r"the lower copy's validation loss rose from .* --central_difference=False"):
+        run(tmp_path, '--penalty_alpha=0.1', '--lr=1e-2', '--max_steps=200', '--eval_interval=5')
+    with open(tmp_path / 'log.jsonl') as f:
+        lower = [json.loads(line)['lower_val_loss'] for line in f]
+    start = train.build_run(train.parse_config(TINY + [f'--out_dir={tmp_path}/again', '--penalty_alpha=0.1'])).lower_val_start
+    assert lower[-1] > 1.25 * start and lower[-2] > 1.25 * start  # two evaluations in a row
+    assert max(lower) < 2 * start  # before the loss doubled
+    summary = run(tmp_path / 'default', '--max_steps=30', '--eval_interval=5')  # silent at the default α
+    assert summary['steps'] == 30
