@@ -116,11 +116,19 @@ def parse_config(argv):
     if cfg.method in ('irdro', 'rholoss') and cfg.micro_batch:
         raise ValueError(f"--micro_batch is not implemented for --method={cfg.method}")
     for key in ('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
-                'eval_batches', 'block_size'):
+                'eval_batches', 'block_size', 'n_layer', 'n_head', 'n_embd', 'penalty_alpha', 'alpha_growth',
+                'rho_candidates', 'dro_temperature'):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"--{key} must be positive, got {getattr(cfg, key)}")
-    if cfg.micro_batch < 0:
-        raise ValueError(f"--micro_batch must be 0 (all rows at once) or positive, got {cfg.micro_batch}")
+    for key in ('micro_batch', 'stop_at', 'lisa_layers', 'alpha_interval', 'lr', 'logits_lr', 'weight_decay',
+                'logits_weight_decay', 'grad_clip', 'warmup_steps', 'seed'):  # 0 has a meaning for each
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"--{key} must be 0 or positive, got {getattr(cfg, key)}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.n_embd % cfg.n_head:
+        raise ValueError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head} (each head gets "
+                         f"n_embd / n_head dimensions)")
     return cfg
 
 

@@ -133,7 +133,12 @@ def test_resume_with_a_different_config_is_an_error(tmp_path):
     (['--lisa_draw=per_copy'], "error: --lisa_draw must be one of shared, independent, got 'per_copy'"),
     (['--micro_batch=32'], "error: --micro_batch=32 must divide the 16 rows per source that each process gets"),
     (['--micro_batch=6'], "error: --micro_batch=6 must divide the 16 rows per source that each process gets"),
-    (['--micro_batch=-4'], "error: --micro_batch must be 0 (all rows at once) or positive, got -4"),
+    (['--micro_batch=-4'], "error: --micro_batch must be 0 or positive, got -4"),
+    (['--penalty_alpha=-10'], "error: --penalty_alpha must be positive, got -10.0"),
+    (['--n_layer=0'], "error: --n_layer must be positive, got 0"),
+    (['--lisa_layers=-3'], "error: --lisa_layers must be 0 or positive, got -3"),
+    (['--n_head=5'], "error: --n_embd=64 must be a multiple of --n_head=5"),
+    (['--alpha_growth=0', '--alpha_interval=5'], "error: --alpha_growth must be positive, got 0.0"),
 ])
 def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
     out_dir = tmp_path / 'out'
