@@ -9,7 +9,6 @@ import os
 import shutil
 import warnings
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
@@ -17,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      set_optimizer_state_dict)
 
 from fsdp import barrier, is_main_process
-from model import GPTConfig, make_model
+from model import GPTConfig, empty_model
 
 # one process has no process group, and torch.distributed.checkpoint says so at every save; that is expected
 warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
@@ -81,9 +80,7 @@ def load_best_model(run_dir):
                                 f"unless --save_best=False")
     with open(os.path.join(folder, 'meta.json')) as f:
         meta = json.load(f)
-    with torch.device('meta'):
-        model = make_model(GPTConfig(**meta['model_config']))
-    model.to_empty(device='cpu')
+    model = empty_model(GPTConfig(**meta['model_config']))
     state = {'models': [model.state_dict()]}
     dcp.load(state, checkpoint_id=folder, no_dist=True)
     model.load_state_dict(state['models'][0])

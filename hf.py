@@ -15,7 +15,7 @@ import os
 import torch
 
 from fsdp import fill, full, is_main_process
-from model import GPTConfig, make_model
+from model import GPTConfig, empty_model, make_model
 
 # HF's GPT-2 uses Conv1D layers, whose weights are stored as (in, out): the transpose of nn.Linear's
 GPT2_TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
@@ -168,9 +168,7 @@ def pretrained_tensors(path, config):
 def from_pretrained(path):
     """A model on the CPU from a local Hugging Face folder (train.py fills its sharded copies itself)."""
     config = read_config(path)
-    with torch.device('meta'):
-        model = make_model(config)
-    model.to_empty(device='cpu')
+    model = empty_model(config)
     fill(model, pretrained_tensors(path, config))
     return model
 

@@ -396,6 +396,13 @@ def make_model(config):
     raise ValueError(f"unknown model family '{config.family}' (gpt2, llama, qwen2, mistral)")
 
 
+def empty_model(config, device='cpu'):
+    """make_model(config) allocated on `device` without initialisation, for weights that are then read in."""
+    with torch.device('meta'):
+        model = make_model(config)
+    return model.to_empty(device=device)
+
+
 def initial_weights(config):
     """(name, tensor) pairs: make_model(config)'s random initial weights, one layer's full tensors at a time on the
     CPU, drawn from torch's global generator in the order a construction on the CPU draws them. Filling a model
