@@ -47,6 +47,7 @@ class SourceData:
     test: np.ndarray
     vocab_size: int = 256
     notes: list = None   # what loading dropped or truncated, for train.py to print once
+    files: dict = None   # the files it was read from, by name (their checksums go into every checkpoint)
 
 
 @dataclass
@@ -191,28 +192,26 @@ def _read_text(path, block_size, tokenizer):
     with open(path, 'rb') as f:
         raw = f.read()
     try:
-        tokens = tokenizer.encode(raw.decode('utf-8'))
+        text = raw.decode('utf-8')
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    if raw and not text.strip():
+        raise ValueError(f"{path} holds only whitespace")
+    tokens = tokenizer.encode(text)
     if len(tokens) < block_size + 1:
         what = "is empty" if len(tokens) == 0 else f"has only {len(tokens)} tokens"
         raise ValueError(f"{path} {what}; a split needs at least block_size+1 = {block_size + 1} tokens")
     return tokens
 
 
-def text_folder(folder, block_size, tokenizer):
+def text_folder(folder, names, block_size, tokenizer):
     """train_<source>.txt files (the source is named by what follows 'train_'), val.txt and test.txt."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data '{folder}' is neither a built-in task ({', '.join(BUILTIN_TASKS)}) "
-                                f"nor a folder")
-    names = sorted(f for f in os.listdir(folder) if f.startswith('train_') and f.endswith('.txt'))
-    if not names:
-        raise FileNotFoundError(f"data folder {folder} has no train_<source>.txt files")
+    paths = {name: os.path.join(folder, name) for name in names + ['val.txt', 'test.txt']}
     return SourceData(sources=[n[len('train_'):-len('.txt')] for n in names],
-                      train=[_read_text(os.path.join(folder, n), block_size, tokenizer) for n in names],
-                      val=_read_text(os.path.join(folder, 'val.txt'), block_size, tokenizer),
-                      test=_read_text(os.path.join(folder, 'test.txt'), block_size, tokenizer),
-                      vocab_size=tokenizer.vocab_size)
+                      train=[_read_text(paths[n], block_size, tokenizer) for n in names],
+                      val=_read_text(paths['val.txt'], block_size, tokenizer),
+                      test=_read_text(paths['test.txt'], block_size, tokenizer),
+                      vocab_size=tokenizer.vocab_size, files=paths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,8 +222,11 @@ INPUT_SECTION = "### Input:\n{input}\n\n"
 
 
 def _read_records(path):
-    with open(path, encoding='utf-8') as f:
-        text = f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
     try:
         if path.endswith('.jsonl'):
             records = []
@@ -276,32 +278,63 @@ def _example_rows(examples, block_size, tokenizer, notes, where):
 
 
 def _examples(path, block_size, notes, tokenizer):
-    """Each record of a JSON file as one row."""
+    """Each record of a JSON file as one row: {"text"}, or {"instruction", "input" (optional), "output"}, all
+    strings (a null or a list would otherwise train as the text 'None' or "['a', 'b']")."""
     examples = []
     for number, record in enumerate(_read_records(path), 1):
-        if isinstance(record, dict) and 'text' in record:
-            examples.append(('', str(record['text'])))
-        elif isinstance(record, dict) and 'output' in record:
-            section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
-            examples.append((PROMPT.format(instruction=record.get('instruction', ''), input_section=section),
-                             str(record['output'])))
-        else:
+        fields = ('text',) if isinstance(record, dict) and 'text' in record else ('instruction', 'output')
+        if not isinstance(record, dict) or not any(k in record for k in ('text', 'output')):
             raise ValueError(f'{path}: record {number} has neither "text" nor "output"')
+        for key in fields + (('input',) if 'input' in record else ()):
+            if not isinstance(record.get(key), str):
+                raise ValueError(f'{path}: record {number}: "{key}" must be a string, got '
+                                 f'{json.dumps(record.get(key)) if key in record else "nothing"}')
+        if 'text' in record:
+            examples.append(('', record['text']))
+        else:
+            section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
+            examples.append((PROMPT.format(instruction=record['instruction'], input_section=section), record['output']))
+    if not any(''.join(example).strip() for example in examples):
+        raise ValueError(f"{path}: every record is blank")
     return _example_rows(examples, block_size, tokenizer, notes, path)
 
 
-def json_folder(folder, block_size, tokenizer):
-    names = sorted(f for f in os.listdir(folder) if f.startswith('train_') and f.endswith(('.json', '.jsonl')))
+def json_folder(folder, names, block_size, tokenizer):
     notes = []
+    split_names = [s + ext for s in ('val', 'test') for ext in ('.json', '.jsonl')
+                   if os.path.isfile(os.path.join(folder, s + ext))]
+    for split in ('val', 'test'):
+        if not any(name.startswith(split + '.') for name in split_names):
+            raise FileNotFoundError(f"missing file {os.path.join(folder, split)}.json (or .jsonl)")
+    paths = {name: os.path.join(folder, name) for name in names + split_names}
+    train, (val, test) = ([_examples(paths[n], block_size, notes, tokenizer) for n in group]
+                          for group in (names, split_names))
+    return SourceData(sources=[n[len('train_'):n.rindex('.')] for n in names], train=train, val=val, test=test,
+                      vocab_size=tokenizer.vocab_size, notes=notes, files=paths)
 
-    def split(name):
-        for ext in ('.json', '.jsonl'):
-            if os.path.isfile(os.path.join(folder, name + ext)):
-                return _examples(os.path.join(folder, name + ext), block_size, notes, tokenizer)
-        raise FileNotFoundError(f"missing file {os.path.join(folder, name)}.json (or .jsonl)")
-    return SourceData(sources=[n[len('train_'):n.rindex('.')] for n in names],
-                      train=[_examples(os.path.join(folder, n), block_size, notes, tokenizer) for n in names],
-                      val=split('val'), test=split('test'), vocab_size=tokenizer.vocab_size, notes=notes)
+
+def data_files(folder):
+    """The training files of a data folder and their format, 'text' or 'json': one format per folder, one file
+    per source and split."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data '{folder}' is neither a built-in task ({', '.join(BUILTIN_TASKS)}) "
+                                f"nor a folder")
+    listing = sorted(os.listdir(folder))
+    names = [n for n in listing if n.startswith('train_') and n.endswith(('.txt', '.json', '.jsonl'))]
+    for name in names:
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise ValueError(f"{os.path.join(folder, name)} is not a file; each source is one file")
+    for stem in sorted({n[:n.rindex('.')] for n in listing if n.endswith(('.txt', '.json', '.jsonl'))}):
+        same = [n for n in listing if n[:n.rfind('.')] == stem and n.endswith(('.txt', '.json', '.jsonl'))]
+        if len(same) > 1:
+            raise ValueError(f"data folder {folder} holds {' and '.join(same)}: one file per source and split")
+    text = [n for n in names if n.endswith('.txt')]
+    if text and len(text) < len(names):
+        raise ValueError(f"data folder {folder} mixes text and JSON sources ({text[0]} and "
+                         f"{next(n for n in names if not n.endswith('.txt'))}): use one format")
+    if not names:
+        raise FileNotFoundError(f"data folder {folder} has no train_<source>.txt (or .json, .jsonl) files")
+    return names, 'text' if text else 'json'
 
 
 def load_data(data, block_size, seed, tokenizer=BYTES):
@@ -312,10 +345,10 @@ def load_data(data, block_size, seed, tokenizer=BYTES):
             if len(tokens) < block_size + 1:
                 raise ValueError(f"built-in split '{name}' has {len(tokens)} tokens; block_size={block_size} "
                                  f"is too long for it")
+        source_data.files = {}
         return source_data
-    if os.path.isdir(data) and any(f.startswith('train_') and f.endswith(('.json', '.jsonl')) for f in os.listdir(data)):
-        return json_folder(data, block_size, tokenizer)
-    return text_folder(data, block_size, tokenizer)
+    names, kind = data_files(data)
+    return (text_folder if kind == 'text' else json_folder)(data, names, block_size, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,8 +397,13 @@ def fixed_weights(spec, sources):
         return torch.full((len(sources),), 1.0 / len(sources), dtype=torch.float64)
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--weights: no file {spec} (give 'uniform' or a summary.json)")
-    with open(spec) as f:
-        summary = json.load(f)
+    try:
+        with open(spec) as f:
+            summary = json.load(f)
+    except ValueError:  # not JSON, or not UTF-8
+        summary = None
+    if not isinstance(summary, dict) or 'weights' not in summary:
+        raise ValueError(f"--weights={spec} is not a summary.json (give 'uniform' or a scalebio run's summary.json)")
     if summary.get('sources') != sources:
         raise ValueError(f"--weights: {spec} has sources {summary.get('sources')}, the data has {sources}")
     return torch.tensor(summary['weights'], dtype=torch.float64)

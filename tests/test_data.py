@@ -69,7 +69,7 @@ def test_text_folder_sources_are_named_by_file(tmp_path):
 
 
 @pytest.mark.parametrize("files, message", [
-    ({'val.txt': 'x' * 40, 'test.txt': 'x' * 40}, "has no train_<source>.txt files"),
+    ({'val.txt': 'x' * 40, 'test.txt': 'x' * 40}, r"has no train_<source>.txt \(or .json, .jsonl\) files"),
     ({'train_a.txt': 'x' * 40, 'test.txt': 'x' * 40}, "missing file .*val.txt"),
     ({'train_a.txt': '', 'val.txt': 'x' * 40, 'test.txt': 'x' * 40}, "train_a.txt is empty"),
     ({'train_a.txt': 'x' * 40, 'val.txt': 'x' * 5, 'test.txt': 'x' * 40}, "val.txt has only 5 tokens.*17"),
