@@ -1,31 +1,176 @@
 """
-Checkpoints: a folder written by torch.distributed.checkpoint (each rank writes its own shards, nothing is
-gathered into one rank's memory) plus meta.json; saved at one world size, loadable at any other. The same
-format serves out_dir/ckpt (everything needed to resume) and out_dir/best (the best upper model).
-torch.distributed.checkpoint also works without a process group, so one process writes the same format.
+What a run keeps on disk, and how it proves itself.
+
+- The out_dir belongs to one run: rank 0 holds out_dir/run.lock (its pid and host) while the run lives, and a
+  fresh run refuses a folder that holds another run's files unless told --overwrite=True.
+- Checkpoints: a folder written by torch.distributed.checkpoint (each rank writes its own shards, nothing is
+  gathered into one rank's memory) plus meta.json; saved at one world size, loadable at any other. The same
+  format serves out_dir/ckpt (everything needed to resume) and out_dir/best (the best upper model).
+  torch.distributed.checkpoint also works without a process group, so one process writes the same format.
+- meta.json records the SHA-256 of every file of the checkpoint and of every data file the run trained on;
+  a load checks both, so a damaged shard or changed data is one clear error, not a different result.
 """
+import contextlib
+import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 import warnings
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from fsdp import barrier, is_main_process
+from fsdp import barrier, is_main_process, merge_over_ranks, rank0_decides
 from model import GPTConfig, empty_model
 
 # one process has no process group, and torch.distributed.checkpoint says so at every save; that is expected
 warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
 
+# what a run writes into its out_dir, and whether each is a folder
+RUN_FILES = {'ckpt': True, 'ckpt.old': True, 'ckpt.tmp': True, 'best': True, 'best.tmp': True, 'hf': True,
+             'log.jsonl': False, 'summary.json': False, 'mixture.json': False}
+LOCK = 'run.lock'
 
 
-def save_checkpoint(path, models, optimizers, tensors, meta):
-    """Written into path.tmp, then renamed: a kill during a save leaves the previous checkpoint intact
-    (between the two renames it is path.old, which load_checkpoint also accepts)."""
+# ----------------------------------------------------------------------------------------------
+# the out_dir
+
+@contextlib.contextmanager
+def own_out_dir(out_dir, resume, overwrite):
+    """Holds out_dir for this run: rank 0 checks that it can be written (by writing the lock), that no live
+    run holds it, and that a fresh run does not write over another's files; every rank gets the same answer.
+    On the way out the lock goes, and so does an out_dir this run created and left empty (bad input)."""
+    created = rank0_decides(lambda: _claim(out_dir, resume, overwrite))
+    try:
+        yield
+    finally:
+        if is_main_process():
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(out_dir, LOCK))
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(out_dir)  # only if empty
+
+
+def _claim(out_dir, resume, overwrite):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir={out_dir} is a file, not a folder")
+    created = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        _take_lock(out_dir)
+    except OSError as e:  # read-only, or under a file, or on a full disk: writing the lock is the test
+        raise ValueError(f"--out_dir={out_dir} cannot be written ({e.strerror})") from None
+    used = [name for name in RUN_FILES if os.path.lexists(os.path.join(out_dir, name))]
+    wrong = [name for name in used if os.path.isdir(os.path.join(out_dir, name)) != RUN_FILES[name]]
+    problem = None
+    if wrong and not overwrite:
+        problem = (f"{os.path.join(out_dir, wrong[0])} should be a {'folder' if RUN_FILES[wrong[0]] else 'file'}: "
+                   f"this out_dir holds something else; use another --out_dir, or --overwrite=True to replace it")
+    elif used and not resume and not overwrite:
+        problem = (f"--out_dir={out_dir} holds another run ({', '.join(used)}): continue it with --resume=True, "
+                   f"or start afresh with --overwrite=True (deletes those) or another --out_dir")
+    if problem:
+        os.remove(os.path.join(out_dir, LOCK))
+        raise ValueError(problem)
+    if overwrite and not resume:
+        for name in used:
+            path = os.path.join(out_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    return created
+
+
+def _take_lock(out_dir):
+    """out_dir/run.lock, created exclusively; a lock whose process is gone from this host is stale and replaced."""
+    path = os.path.join(out_dir, LOCK)
+    for attempt in range(2):
+        try:
+            with open(path, 'x') as f:
+                f.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            return
+        except FileExistsError:
+            with open(path) as f:
+                pid, host, *since = f.read().split() + ['?', '?']
+            if attempt == 0 and host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                os.remove(path)  # its run was killed: the lock is stale
+                continue
+            raise ValueError(f"--out_dir={out_dir} is in use by another run (process {pid} on {host}, since "
+                             f"{' '.join(since[:2])}); wait for it or use another --out_dir (if that run is gone, "
+                             f"delete {path})") from None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# checksums
+
+_DIGESTS = {}  # (path, size, mtime) -> SHA-256: a large corpus is read once per process, not at every save
+
+
+def sha256(path):
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        with open(path, 'rb') as f:
+            _DIGESTS[key] = hashlib.file_digest(f, 'sha256').hexdigest()
+    return _DIGESTS[key]
+
+
+def data_fingerprint(files):
+    """{name: [bytes, SHA-256]} of the files a run reads its data and tokenizer from."""
+    return {name: [os.path.getsize(path), sha256(path)] for name, path in files.items()}
+
+
+def check_data_unchanged(recorded, now):
+    """Raises ValueError naming the first data file whose fingerprint differs from the checkpoint's."""
+    for name in sorted(set(recorded) | set(now)):
+        if recorded.get(name) != now.get(name):
+            what = 'is new' if name not in recorded else 'is gone' if name not in now else 'has changed'
+            raise ValueError(f"--resume=True, but the data file {name} {what} since the checkpoint was written: "
+                             f"resume on the data it trained on, or start afresh (--overwrite=True)")
+
+
+def _checksums(folder):
+    """SHA-256 of every file in folder but meta.json; each rank hashes a share of them."""
+    names = sorted(n for n in os.listdir(folder) if n != 'meta.json')
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return merge_over_ranks({n: sha256(os.path.join(folder, n)) for n in names[rank::world]})
+
+
+def _verify(folder, checksums):
+    """The first file of folder that is missing or does not match its checksum, or None."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problems = {}
+    for name in sorted(checksums)[rank::world]:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            problems[name] = f"{path} is missing"
+        elif sha256(path) != checksums[name]:
+            problems[name] = f"{path} does not match its checksum"
+    problems = merge_over_ranks(problems)
+    return problems[min(problems)] if problems else None
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+def save_checkpoint(path, models, optimizers, tensors, meta, keep_previous=False):
+    """Written into path.tmp, then renamed: a kill during a save leaves the previous checkpoint intact. With
+    keep_previous it stays, as path.old, so a checkpoint damaged later still leaves one to resume from."""
     tmp = path + '.tmp'
     if is_main_process() and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -33,15 +178,24 @@ def save_checkpoint(path, models, optimizers, tensors, meta):
     state = {'models': [get_model_state_dict(m) for m in models],
              'optimizers': [get_optimizer_state_dict(m, o) for m, o in zip(models, optimizers)],
              'tensors': tensors}
-    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    try:
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        barrier()
+        meta = {**meta, 'files': _checksums(tmp)}
+        if is_main_process():
+            with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+                json.dump(meta, f)
+    except (OSError, CheckpointException) as e:  # a full disk, for one
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+        raise OSError(f"could not write the checkpoint {tmp} ({getattr(cause, 'strerror', None) or cause}); "
+                      f"{path}, if there is one, is intact") from None
     if is_main_process():
-        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-            json.dump(meta, f)
-        shutil.rmtree(path + '.old', ignore_errors=True)  # left by a process killed between the renames
+        shutil.rmtree(path + '.old', ignore_errors=True)
         if os.path.exists(path):
             os.rename(path, path + '.old')
-        os.rename(tmp, path)
-        shutil.rmtree(path + '.old', ignore_errors=True)
+        os.rename(tmp, path)  # between the renames only path.old exists, which checkpoint_folder accepts
+        if not keep_previous:
+            shutil.rmtree(path + '.old', ignore_errors=True)
     barrier()
 
 
@@ -49,22 +203,51 @@ def checkpoint_folder(path):
     for candidate in (path, path + '.old'):
         if os.path.isfile(os.path.join(candidate, 'meta.json')):
             return candidate
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} should be a checkpoint folder, and it is a file")
     raise FileNotFoundError(f"--resume=True but there is no checkpoint {path}")
 
 
 def read_meta(path):
-    with open(os.path.join(checkpoint_folder(path), 'meta.json')) as f:
-        return json.load(f)
+    folder = checkpoint_folder(path)
+    try:
+        with open(os.path.join(folder, 'meta.json')) as f:
+            meta = json.load(f)
+        return {**meta, 'folder': folder, 'files': dict(meta['files'])}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder}/meta.json is unreadable ({e}){_previous(folder)}") from None
 
 
-def load_checkpoint(path, models, optimizers, tensors):
-    """Loads in place. The optimizers' state entries must exist for the parameters that had state when
-    the checkpoint was saved (get_optimizer_state_dict creates them for every parameter that requires
-    grad, with a zero-lr step), so the caller sets requires_grad as it was at the save (LISA)."""
+def _previous(folder):
+    """Where to turn when folder is damaged: the previous checkpoint, if a good one is there."""
+    old = folder + '.old'
+    if folder.endswith('.old') or not os.path.isfile(os.path.join(old, 'meta.json')):
+        return ''
+    with contextlib.suppress(ValueError, KeyError, OSError):
+        with open(os.path.join(old, 'meta.json')) as f:
+            step = json.load(f)['step']
+        return f"; the previous checkpoint {old} (step {step}) is there: move it to {folder} to resume from it"
+    return ''
+
+
+def load_checkpoint(meta, models, optimizers, tensors):
+    """Loads the checkpoint that read_meta described, in place, once its files match their checksums. The
+    optimizers' state entries must exist for the parameters that had state when the checkpoint was saved
+    (get_optimizer_state_dict creates them for every parameter that requires grad, with a zero-lr step), so
+    the caller sets requires_grad as it was at the save (LISA)."""
+    folder = meta['folder']
+    problem = _verify(folder, meta['files'])
+    if problem:
+        raise ValueError(f"the checkpoint is damaged: {problem}{_previous(folder)}")
     state = {'models': [get_model_state_dict(m) for m in models],
              'optimizers': [get_optimizer_state_dict(m, o) for m, o in zip(models, optimizers)],
              'tensors': tensors}
-    dcp.load(state, checkpoint_id=checkpoint_folder(path), no_dist=not dist.is_initialized())
+    try:
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+    except CheckpointException as e:  # intact files that do not fit this run
+        cause = next(iter(e.failures.values()))[0]
+        raise ValueError(f"the checkpoint {folder} does not fit this run ({type(cause).__name__}: "
+                         f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
     for model, opt, model_state, opt_state in zip(models, optimizers, state['models'], state['optimizers']):
         set_model_state_dict(model, model_state)
         set_optimizer_state_dict(model, opt, opt_state)
@@ -78,8 +261,10 @@ def load_best_model(run_dir):
     if not os.path.isfile(os.path.join(folder, 'meta.json')):
         raise FileNotFoundError(f"no {folder}/meta.json: train.py writes it at its first evaluation, "
                                 f"unless --save_best=False")
-    with open(os.path.join(folder, 'meta.json')) as f:
-        meta = json.load(f)
+    meta = read_meta(folder)
+    problem = _verify(folder, meta['files'])
+    if problem:
+        raise ValueError(f"the best model is damaged: {problem}")
     model = empty_model(GPTConfig(**meta['model_config']))
     state = {'models': [model.state_dict()]}
     dcp.load(state, checkpoint_id=folder, no_dist=True)

@@ -84,7 +84,7 @@ def run(out_dir, *args):
             return previous['summary']
     start = time.time()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        summary = train.main(argv)
+        summary = train.main(argv + ['--overwrite=True'])  # a run with other arguments may be there
     summary['wall_seconds'] = time.time() - start
     with open(done, 'w') as f:
         json.dump({'key': key, 'summary': summary}, f)

@@ -4,7 +4,11 @@ parsed as the type of its default (nanoGPT's configurator, without exec). sample
 parse their own dataclasses with the same `override`.
 """
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
+
+import torch
 
 from bilevel import LOGITS_RULES
 from lisa import LISA_DRAWS
@@ -57,7 +61,8 @@ class TrainConfig:
     lisa_draw: str = 'shared'       # 'shared': u and w train the same blocks; 'independent': the authors' (lisa.py)
     lisa_scale_logits_step: bool = False  # LISA: p's step × √(n_layer / lisa_layers) (lisa.logits_step_scale)
     # bookkeeping
-    out_dir: str = 'out'
+    out_dir: str = 'out'             # one run's folder: a second run there needs --resume=True or --overwrite=True
+    overwrite: bool = False         # a fresh run in a used out_dir: its run's files are deleted first
     eval_interval: int = 100
     eval_batches: int = 4           # batches of val_batch rows per split for evaluation
     ckpt_interval: int = 500
@@ -65,6 +70,7 @@ class TrainConfig:
     save_best: bool = True          # out_dir/best: the upper model at each new best val loss (sample.py, RHO-LOSS's
                                     # reference read it); False for large models: a whole model written each time
     device: str = 'auto'            # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
+    dist_timeout: float = 10.0      # minutes a collective may wait for its peers before every rank stops
     dtype: str = 'float32'          # parameter dtype: float32, or float64 (exactness tests, CPU)
     amp: bool = True                # bf16 compute on CUDA (autocast, or FSDP's mixed precision); no effect on CPU
     compile: bool = False           # torch.compile each block (meant for CUDA)
@@ -78,8 +84,23 @@ class TrainConfig:
 
 
 # fields that may differ between a run and its resumption (not max_steps: the schedule's horizon)
-RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'eval_interval', 'ckpt_interval', 'device', 'save_best',
-                     'check_memory'}
+RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'overwrite', 'eval_interval', 'ckpt_interval', 'device',
+                     'save_best', 'check_memory', 'dist_timeout'}
+
+# every value is checked against these rules before anything runs (parse_config); micro_steps checks what
+# depends on the number of processes, and train.py that the out_dir can be written and is not in use
+CHOICES = {'method': METHODS, 'dtype': ('float32', 'float64'), 'logits_update': tuple(LOGITS_RULES),
+           'model': ('', *MODEL_PRESETS), 'lisa_draw': LISA_DRAWS, 'source_loss': ('example', 'token')}
+RULES = [  # (fields, the rule, what the error says)
+    (('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
+      'eval_batches', 'block_size', 'n_layer', 'n_head', 'n_embd', 'penalty_alpha', 'alpha_growth',
+      'rho_candidates', 'dro_temperature', 'dist_timeout'), lambda v: v > 0, "must be positive"),
+    (('micro_batch', 'stop_at', 'lisa_layers', 'alpha_interval', 'lr', 'logits_lr', 'weight_decay',
+      'logits_weight_decay', 'grad_clip', 'warmup_steps', 'seed'), lambda v: v >= 0,
+     "must be 0 or positive"),  # 0 has a meaning for each: off, all, or none
+    (('dropout',), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+]
+PATHS = ('data', 'tokenizer', 'weights', 'reference', 'out_dir', 'init_from')  # '~' is expanded in each
 
 
 def override(cfg, argv):
@@ -108,28 +129,35 @@ def override(cfg, argv):
 def parse_config(argv):
     """TrainConfig from command-line arguments, every value checked; it is not changed afterwards."""
     cfg = override(TrainConfig(), argv)
-    for key, allowed in (('method', METHODS), ('dtype', ('float32', 'float64')),
-                         ('logits_update', tuple(LOGITS_RULES)), ('model', ('', *MODEL_PRESETS)),
-                         ('lisa_draw', LISA_DRAWS), ('source_loss', ('example', 'token'))):
+    for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"--{key} must be one of {', '.join(allowed).strip(', ')}, got '{getattr(cfg, key)}'")
-    if cfg.method in ('irdro', 'rholoss') and cfg.micro_batch:
-        raise ValueError(f"--micro_batch is not implemented for --method={cfg.method}")
-    for key in ('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
-                'eval_batches', 'block_size', 'n_layer', 'n_head', 'n_embd', 'penalty_alpha', 'alpha_growth',
-                'rho_candidates', 'dro_temperature'):
-        if getattr(cfg, key) <= 0:
-            raise ValueError(f"--{key} must be positive, got {getattr(cfg, key)}")
-    for key in ('micro_batch', 'stop_at', 'lisa_layers', 'alpha_interval', 'lr', 'logits_lr', 'weight_decay',
-                'logits_weight_decay', 'grad_clip', 'warmup_steps', 'seed'):  # 0 has a meaning for each
-        if getattr(cfg, key) < 0:
-            raise ValueError(f"--{key} must be 0 or positive, got {getattr(cfg, key)}")
-    if not 0 <= cfg.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    for keys, rule, requirement in RULES:  # a NaN fails every rule
+        for key in keys:
+            if not rule(getattr(cfg, key)) or getattr(cfg, key) in (math.inf, -math.inf):
+                raise ValueError(f"--{key} {requirement}, got {getattr(cfg, key)}")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head} (each head gets "
                          f"n_embd / n_head dimensions)")
+    if cfg.method in ('irdro', 'rholoss') and cfg.micro_batch:
+        raise ValueError(f"--micro_batch is not implemented for --method={cfg.method}")
+    check_device(cfg.device)
+    for key in PATHS:
+        setattr(cfg, key, os.path.expanduser(getattr(cfg, key)))
     return cfg
+
+
+def check_device(device):
+    """--device names a device this process has: every process checks it, so under torchrun none falls back."""
+    kind, _, index = device.partition(':')
+    if device in ('auto', 'cpu') or (kind == 'cuda' and (index == '' or index.isdigit())):
+        if kind == 'cuda' and not torch.cuda.is_available():
+            raise ValueError(f"--device={device}, but this machine has no CUDA device that torch can use "
+                             f"(--device=cpu, or auto)")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ValueError(f"--device={device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return
+    raise ValueError(f"--device must be auto, cpu, cuda or cuda:<index>, got '{device}'")
 
 
 def micro_steps(cfg, world_size):

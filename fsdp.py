@@ -5,6 +5,7 @@ bilevel.py stays free of it: the step never learns how its models are sharded.
 
 With plain `python train.py` there is no process group and each function does the one-process thing.
 """
+import datetime
 import os
 
 import torch
@@ -13,20 +14,25 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 
-def init_distributed(device):
+def init_distributed(device, timeout_minutes=10.0):
     """(rank, world_size, device, sharded). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this
-    is one process and nothing is sharded. nccl on CUDA, gloo on CPU."""
+    is one process and nothing is sharded. nccl on CUDA, gloo on CPU. A collective that waits longer than
+    timeout_minutes for its peers raises (gloo) or ends the process (nccl's watchdog), instead of hanging."""
     use_cuda = torch.cuda.is_available() and (device == 'auto' or device.startswith('cuda'))
     if 'RANK' not in os.environ:
         return 0, 1, device if device != 'auto' else ('cuda' if use_cuda else 'cpu'), False
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not use_cuda:
-        dist.init_process_group('gloo')
+        dist.init_process_group('gloo', timeout=timeout)
         return dist.get_rank(), dist.get_world_size(), 'cpu', True
     # under torchrun, one GPU per rank, set before the group exists: with device_id, nccl binds this rank's
     # communicator to its GPU at once instead of guessing it at the first collective
+    if int(os.environ['LOCAL_RANK']) >= torch.cuda.device_count():
+        raise ValueError(f"process {os.environ['LOCAL_RANK']} of this node has no GPU: the node has "
+                         f"{torch.cuda.device_count()}; start at most that many (--nproc_per_node)")
     device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     torch.cuda.set_device(device)
-    dist.init_process_group('nccl', device_id=device)
+    dist.init_process_group('nccl', device_id=device, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), str(device), True
 
 
@@ -97,6 +103,32 @@ def is_main_process():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def rank0_decides(decide):
+    """Runs decide() on rank 0 alone and hands its result, or its error, to every rank: a check of the file
+    system (out_dir, the data's checksums) is made once, and every rank stops with the same one-line error."""
+    outcome = [None]
+    if is_main_process():
+        try:
+            outcome = [('result', decide())]
+        except (ValueError, OSError) as e:
+            outcome = [('error', str(e))]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == 'error':
+        raise ValueError(value)
+    return value
+
+
+def merge_over_ranks(pieces):
+    """The union of every rank's dict."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(pieces)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, pieces)
+    return {k: v for piece in gathered for k, v in piece.items()}
 
 
 def mean_over_ranks(tensor):

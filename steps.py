@@ -40,6 +40,7 @@ class Run:
     # train.py's bookkeeping
     model_config: object = None         # model.GPTConfig of both copies
     eval_sets: dict = None              # split -> fixed evaluation batches
+    data_fingerprint: dict = None       # rank 0: the data's files, sizes and SHA-256s (checkpoint.data_fingerprint)
     best_val_loss: float = math.inf
     lower_val_start: float = None       # the lower copy's val loss at step 0 (central difference), for the guard
     lower_val_rises: int = 0            # evaluations in a row at which it was above the guard's margin

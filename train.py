@@ -30,16 +30,18 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 
 import torch
 from tqdm import tqdm
 
 from baselines import fixed_step, irdro_step, load_reference, rholoss_step
 from bilevel import LOGITS_RULES, cosine_lr, logits_step_size, make_logits_optimizer, penalty_schedule
-from checkpoint import load_checkpoint, read_meta, save_checkpoint
+from checkpoint import (check_data_unchanged, data_fingerprint, load_checkpoint, own_out_dir, read_meta,
+                        save_checkpoint)
 from config import RESUMABLE_CHANGES, micro_steps, parse_config
 from data import TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer, rank_rows
-from fsdp import copy_shards, fill, init_distributed, mean_over_ranks, rank_bytes, shard, warm_up
+from fsdp import copy_shards, fill, init_distributed, mean_over_ranks, rank0_decides, rank_bytes, shard, warm_up
 from lisa import logits_step_scale, set_lisa_blocks
 from hf import export_pretrained, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
@@ -53,8 +55,18 @@ METHOD_STEPS = {'scalebio': scalebio_train_step, 'fixed': fixed_step, 'irdro': i
 
 def main(argv):
     cfg = parse_config(argv)
+    # the process group under torchrun, and the out_dir, which belongs to this run until it ends
+    processes = init_distributed(cfg.device, cfg.dist_timeout)
+    try:
+        with own_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite):
+            return train(cfg, processes)
+    except RuntimeError as e:
+        raise peer_error(e, cfg.dist_timeout) from None
+
+
+def train(cfg, processes):
     # the data, both model copies, their optimizers and p, on every rank
-    run = build_run(cfg)
+    run = build_run(cfg, processes)
     # continue from the last checkpoint, or start afresh
     start_step = resume_from_checkpoint(run) if cfg.resume else 0
     trim_log(run, start_step)
@@ -83,6 +95,8 @@ def main(argv):
             if done % cfg.ckpt_interval == 0 or done == end_step:
                 save(run, done)
     progress.close()
+    if record is None:  # resumed at the final step: what log.jsonl holds of it
+        record = rank0_decides(lambda: logged_record(cfg.out_dir, end_step))
     # summary.json, and with --export the trained model and the mixture for use elsewhere
     return finish(run, record, start_step, end_step)
 
@@ -90,8 +104,8 @@ def main(argv):
 # ----------------------------------------------------------------------------------------------
 # building the run
 
-def build_run(cfg):
-    rank, world_size, device, sharded = init_distributed(cfg.device)
+def build_run(cfg, processes):
+    rank, world_size, device, sharded = processes
     # a source whose weight falls to ~1e-40 gives float32 subnormal products in every backward, which x86 CPUs
     # compute in microcode: a 4-layer step's backward took 1.14 s instead of 0.084 s. Flushed to zero instead,
     # they change nothing a float32 sum of normal numbers can hold
@@ -106,6 +120,10 @@ def build_run(cfg):
     data = load_data(cfg.data, cfg.block_size, cfg.seed, load_tokenizer(cfg.tokenizer))
     if data.notes and rank == 0:  # examples truncated or dropped while loading
         print('\n'.join(data.notes))
+    # what the run trains on, down to the bytes: every checkpoint records it, and a resume checks it
+    tokenizer_files = {f'tokenizer/{name}': os.path.join(cfg.tokenizer, name) for name in TOKENIZER_FILES
+                       if cfg.tokenizer != 'bytes' and os.path.isfile(os.path.join(cfg.tokenizer, name))}
+    fingerprint = data_fingerprint({**data.files, **tokenizer_files}) if rank == 0 else None
     models, model_config = build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size)
     # p: λ = softmax(p) starts uniform
     source_logits = torch.zeros(len(data.sources), device=device, dtype=dtype, requires_grad=True)
@@ -115,7 +133,8 @@ def build_run(cfg):
                                                      cfg.logits_weight_decay),
               autocast=torch.autocast('cuda', dtype=torch.bfloat16) if bf16 and not sharded else contextlib.nullcontext(),
               micro_steps=micro, data=data, device=device, rank=rank, world_size=world_size,
-              received_sum=torch.zeros(len(data.sources), device=device, dtype=dtype), model_config=model_config)
+              received_sum=torch.zeros(len(data.sources), device=device, dtype=dtype), model_config=model_config,
+              data_fingerprint=fingerprint)
     for model in models if sharded else []:  # on a validation row: no method sees a source it must not
         warm_up(model, validation_rows(run, 0, world_size)[0])
     if cfg.method == 'fixed':
@@ -180,7 +199,6 @@ def build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size):
     fill(models[0], pretrained_tensors(cfg.init_from, model_config) if cfg.init_from else initial_weights(model_config))
     for model in models[1:]:
         copy_shards(model, models[0])
-    os.makedirs(cfg.out_dir, exist_ok=True)  # only once the inputs are known to be good
     return models, model_config
 
 
@@ -214,8 +232,10 @@ def take_step(run, step, alpha):
     try:
         result = METHOD_STEPS[run.cfg.method](run, step, alpha)
     except FloatingPointError as e:
+        ckpt = os.path.join(run.cfg.out_dir, 'ckpt')
+        last = f"the last good checkpoint is {ckpt}" if os.path.isdir(ckpt) else "no checkpoint was written yet"
         raise FloatingPointError(f"non-finite loss or gradient at step {step}: {e}; stopped without saving, "
-                                 f"the last good checkpoint is {os.path.join(run.cfg.out_dir, 'ckpt')}") from None
+                                 f"{last}") from None
     run.train_time += time.time() - t0
     return result
 
@@ -305,8 +325,8 @@ def save(run, step):
     cuda = run.device.startswith('cuda')
     save_checkpoint(os.path.join(run.cfg.out_dir, 'ckpt'), run.models, run.optimizers, replicated_state(run, cuda),
                     {'step': step, 'config': dataclasses.asdict(run.cfg), 'best_val_loss': run.best_val_loss,
-                     'lower_val_rises': run.lower_val_rises,
-                     'cuda_rng': cuda})
+                     'lower_val_rises': run.lower_val_rises, 'cuda_rng': cuda, 'data_files': run.data_fingerprint},
+                    keep_previous=True)
 
 
 def resume_from_checkpoint(run):
@@ -318,27 +338,45 @@ def resume_from_checkpoint(run):
     if changed:
         raise ValueError("--resume=True with a different config: " + ', '.join(
             f"{k}={getattr(cfg, k)!r} (checkpoint: {meta['config'][k]!r})" for k in changed))
+    rank0_decides(lambda: check_data_unchanged(meta['data_files'], run.data_fingerprint))
     run.best_val_loss = meta['best_val_loss']
     run.lower_val_rises = meta.get('lower_val_rises', 0)
     draw_lisa_blocks(run, meta['step'] - 1)  # the blocks that held optimizer state when the checkpoint was written
     tensors = replicated_state(run, with_cuda_rng=meta['cuda_rng'])
-    load_checkpoint(path, run.models, run.optimizers, tensors)
+    load_checkpoint(meta, run.models, run.optimizers, tensors)
     torch.set_rng_state(tensors['rng_state']['cpu'])
     if meta['cuda_rng'] and run.device.startswith('cuda'):
         torch.cuda.set_rng_state(tensors['rng_state']['cuda'].cpu())
     if run.rank == 0:
-        print(f"resuming from {path} at step {meta['step']}")
+        print(f"resuming from {meta['folder']} at step {meta['step']}")
     return meta['step']
 
 
 def trim_log(run, start_step):
-    """log.jsonl keeps only what the checkpoint has seen (a killed run logs more); a fresh run starts it empty."""
+    """log.jsonl keeps only what the checkpoint has seen (a killed run logs more, perhaps half a line)."""
     path = os.path.join(run.cfg.out_dir, 'log.jsonl')
-    if run.rank == 0 and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if run.cfg.resume and json.loads(line)['step'] <= start_step]
+    if run.rank == 0 and run.cfg.resume and os.path.exists(path):
+        kept = [record for record in read_log(path) if record['step'] <= start_step]
         with open(path, 'w') as f:
-            f.writelines(kept)
+            f.writelines(json.dumps(record) + '\n' for record in kept)
+
+
+def read_log(path):
+    """The records of a log.jsonl, but a line that a kill cut short."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+def logged_record(out_dir, step):
+    records = [r for r in read_log(os.path.join(out_dir, 'log.jsonl')) if r['step'] == step]
+    if not records:
+        raise ValueError(f"the checkpoint is at the final step {step}, and {out_dir}/log.jsonl has no record of it "
+                         f"to write summary.json from")
+    return records[-1]
 
 
 @contextlib.contextmanager
@@ -385,10 +423,6 @@ def tokens_per_step(cfg, n_sources):
 
 def finish(run, record, start_step, end_step):
     cfg, sources = run.cfg, run.data.sources
-    if record is None:
-        if run.rank == 0:
-            print(f"nothing to do: the checkpoint is already at step {start_step}")
-        return None
     summary = {'sources': sources, 'weights': list(record['weights'].values()), 'steps': end_step,
                'val_loss': record['val_loss'], 'best_val_loss': run.best_val_loss, 'test_loss': record['test_loss'],
                'per_source_loss': record['per_source_loss'],
@@ -429,13 +463,37 @@ def export(run, weights):
                    "int(N * weight) from each source (the authors' second stage)"}, f, indent=2)
 
 
-if __name__ == '__main__':
+def peer_error(error, timeout):
+    """gloo's error when another process stopped answering ("Timed out waiting 600000ms for recv operation") or
+    ended ("Connection closed by peer"), as an error that names the collective; any other error as it is."""
+    names = [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)
+             if frame.f_code.co_filename.endswith('distributed_c10d.py')]
+    during = f"the collective {names[-1]}" if names else "a collective"
+    if 'Timed out' in str(error):
+        return TimeoutError(f"{during} waited more than --dist_timeout={timeout} minutes for another process: "
+                            f"one is hung, or far slower than this one")
+    if 'Connection closed by peer' in str(error):
+        return ConnectionError(f"another process ended during {during}")
+    return error
+
+
+def cli(argv):
+    """`python train.py ...`: a run that cannot go on ends with one line naming why (the field, the file, the
+    collective), and exit status 1."""
     try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
+        main(argv)
+        return 0
+    except (ValueError, OSError, FloatingPointError, ImportError) as e:
         # every rank sees the same data and the same averaged losses, so every rank fails the same way
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''
-        sys.exit(f"{rank}error: {e}")
+        print(f"{rank}error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    try:
+        code = cli(sys.argv[1:])
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    sys.exit(code)

@@ -1,8 +1,11 @@
 """Several processes on CPU (gloo) through torchrun must compute what one process computes."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -111,11 +114,42 @@ def test_token_weighted_source_losses_match_across_micro_batches_and_processes(t
     assert_same_run(summary(tmp_path / '2'), whole)
 
 
-def test_an_error_ends_every_rank_with_its_message(tmp_path):
-    proc = torchrun(2, *TINY, '--batch_per_source=3', f'--out_dir={tmp_path}', check=False)
+@pytest.mark.parametrize('args, message', [
+    (['--batch_per_source=3'], "error: --batch_per_source=3 is the global count: it must divide among 2 processes"),
+    pytest.param(['--device=cuda'], "error: --device=cuda, but this machine has no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_an_error_ends_every_rank_with_its_message(tmp_path, args, message):
+    proc = torchrun(2, *TINY, *args, f'--out_dir={tmp_path}/out', check=False)
     assert proc.returncode != 0
-    assert "[rank 0] error: --batch_per_source=3 is the global count: it must divide among 2 processes" \
-        in proc.stderr
+    assert f"[rank 0] {message}" in proc.stderr and f"[rank 1] {message}" in proc.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_hung_peer_ends_every_live_rank_within_the_timeout_naming_the_collective(tmp_path):
+    """Rank 1 stopped (SIGSTOP) in the middle of training: rank 0 waits --dist_timeout (6 s here), then exits
+    with one line; torchrun then kills the stopped rank."""
+    launcher = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                                 'train.py', *TINY, '--max_steps=100000', '--dist_timeout=0.1',
+                                 f'--out_dir={tmp_path}'], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / 'log.jsonl').exists() and time.time() < deadline:
+        time.sleep(0.2)
+    workers = {}
+    for child in open(f'/proc/{launcher.pid}/task/{launcher.pid}/children').read().split():
+        environ = open(f'/proc/{child}/environ', 'rb').read().split(b'\0')
+        workers[next(int(v[5:]) for v in environ if v.startswith(b'RANK='))] = int(child)
+    os.kill(workers[1], signal.SIGSTOP)
+    stopped = time.time()
+    while os.path.exists(f'/proc/{workers[0]}') and open(f'/proc/{workers[0]}/stat').read().split()[2] != 'Z':
+        time.sleep(0.2)
+    assert time.time() - stopped < 6 + 10  # rank 0 is gone (a zombie until torchrun reaps it)
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0 and not os.path.exists(f'/proc/{workers[1]}')
+    errors = [line for line in stderr.splitlines() if 'error:' in line]
+    assert len(errors) == 1 and re.fullmatch(r"\[rank 0\] error: the collective \w+ waited more than "
+                                             r"--dist_timeout=0.1 minutes for another process: one is hung, or far "
+                                             r"slower than this one", errors[0]), stderr[-2000:]
 
 
 def test_bf16_mixed_precision_lisa_switches_need_and_get_the_warm_up():
@@ -146,8 +180,8 @@ def test_the_baselines_on_two_processes_match_one(tmp_path):
     """IR-DRO normalises its weights over the global batch, RHO-LOSS selects from the global candidates."""
     train.main(TINY + ['--method=fixed', '--weights=val_only', '--max_steps=10', f'--out_dir={tmp_path}/ref'])
     for method in (['--method=irdro'], ['--method=rholoss', f'--reference={tmp_path}/ref']):
-        one = train.main(TINY + method + [f'--out_dir={tmp_path}/1'])
-        torchrun(2, *TINY, *method, f'--out_dir={tmp_path}/2')
+        one = train.main(TINY + method + [f'--out_dir={tmp_path}/1', '--overwrite=True'])
+        torchrun(2, *TINY, *method, f'--out_dir={tmp_path}/2', '--overwrite=True')
         assert_same_run(summary(tmp_path / '2'), one)
         for name, tensor in model_states(tmp_path / '1')[0].items():
             assert torch.allclose(tensor, model_states(tmp_path / '2')[0][name], atol=1e-10, rtol=0), name

@@ -124,21 +124,10 @@ def test_resume_with_a_different_config_is_an_error(tmp_path):
         run(tmp_path, '--max_steps=4', '--penalty_alpha=3', '--resume=True')
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize("args, message", [  # tests/test_errors.py runs the rest in-process, through train.cli
     (['--nonsense=1'], "error: unknown config field 'nonsense'; valid fields: data, tokenizer, seed,"),
-    (['--max_steps=ten'], "error: --max_steps expects int, got 'ten'"),
     (['--data=/no/such/folder'], "error: data '/no/such/folder' is neither a built-in task"),
-    (['--block_size=100000', '--max_steps=1'], "error: built-in split 'val' has"),
-    (['--lisa_interval=0'], "error: --lisa_interval must be positive, got 0"),
-    (['--lisa_draw=per_copy'], "error: --lisa_draw must be one of shared, independent, got 'per_copy'"),
     (['--micro_batch=32'], "error: --micro_batch=32 must divide the 16 rows per source that each process gets"),
-    (['--micro_batch=6'], "error: --micro_batch=6 must divide the 16 rows per source that each process gets"),
-    (['--micro_batch=-4'], "error: --micro_batch must be 0 or positive, got -4"),
-    (['--penalty_alpha=-10'], "error: --penalty_alpha must be positive, got -10.0"),
-    (['--n_layer=0'], "error: --n_layer must be positive, got 0"),
-    (['--lisa_layers=-3'], "error: --lisa_layers must be 0 or positive, got -3"),
-    (['--n_head=5'], "error: --n_embd=64 must be a multiple of --n_head=5"),
-    (['--alpha_growth=0', '--alpha_interval=5'], "error: --alpha_growth must be positive, got 0.0"),
 ])
 def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
     out_dir = tmp_path / 'out'
@@ -185,7 +174,7 @@ def test_export_writes_a_hugging_face_folder_and_a_mixture_that_init_from_reads(
     small = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
     export_pretrained(small, str(tmp_path / 'small'))
     with pytest.raises(ValueError, match=r"model's vocabulary \(100\) must hold the tokenizer's \(256\)"):
-        train.main(args[:-1] + [f'--init_from={tmp_path}/small'])
+        train.main(args[:-1] + [f'--init_from={tmp_path}/small', '--overwrite=True'])
 
 
 def test_sample_completes_a_prompt_with_the_best_upper_model(tmp_path):
@@ -252,7 +241,8 @@ def test_the_guard_stops_a_lower_copy_that_climbs_its_validation_loss_before_it_
         run(tmp_path, '--penalty_alpha=0.1', '--lr=1e-2', '--max_steps=200', '--eval_interval=5')
     with open(tmp_path / 'log.jsonl') as f:
         lower = [json.loads(line)['lower_val_loss'] for line in f]
-    start = train.build_run(train.parse_config(TINY + [f'--out_dir={tmp_path}/again', '--penalty_alpha=0.1'])).lower_val_start
+    cfg = train.parse_config(TINY + [f'--out_dir={tmp_path}/again', '--penalty_alpha=0.1'])
+    start = train.build_run(cfg, train.init_distributed(cfg.device)).lower_val_start
     assert lower[-1] > 1.25 * start and lower[-2] > 1.25 * start  # two evaluations in a row
     assert max(lower) < 2 * start  # before the loss doubled
     summary = run(tmp_path / 'default', '--max_steps=30', '--eval_interval=5')  # silent at the default α

@@ -1,0 +1,327 @@
+"""What a hostile user tries: bad values, bad files, a used out_dir, a damaged checkpoint, changed data. Each
+ends in one line naming the field or the file (train.cli is what `python train.py` runs), no traceback, and
+nothing a run wrote is lost or mixed. Interruption and killed ranks: test_train.py and test_distributed.py."""
+import errno
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+import checkpoint
+import train
+from model import GPT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--n_layer=2', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_per_source=4', '--val_batch=8',
+        '--eval_batches=1', '--eval_interval=5', '--ckpt_interval=5', '--max_steps=10', '--warmup_steps=3',
+        '--dtype=float64', '--device=cpu']
+
+
+def fails(capsys, out_dir, *args):
+    """Runs train.cli and returns the error line, once it checked that the run failed as a user must see it:
+    exit status 1, the last line 'error: ...', no traceback."""
+    code = train.cli([*TINY, f'--out_dir={out_dir}', *args])
+    out, err = capsys.readouterr()
+    assert code == 1, out + err
+    assert 'Traceback' not in out + err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith('error: '), err
+    return last
+
+
+def listing(folder):
+    """Every file under folder with its size and modification time; None if there is no folder."""
+    if not os.path.exists(folder):
+        return None
+    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), os.path.getmtime(os.path.join(d, f)))
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def write(folder, files):
+    os.makedirs(folder, exist_ok=True)
+    for name, content in files.items():
+        mode = 'wb' if isinstance(content, bytes) else 'w'
+        with open(os.path.join(folder, name), mode) as f:
+            f.write(content)
+    return str(folder)
+
+
+LINES = ''.join(f"{a}+{a}={2 * a}\n" for a in range(40))
+RECORDS = json.dumps([{'instruction': f'{a}+{a}', 'output': str(2 * a)} for a in range(20)])
+
+
+@pytest.mark.parametrize("args, message", [
+    (['--micro_batch=-4'], "--micro_batch must be 0 or positive, got -4"),
+    (['--n_head=5', '--n_embd=64'], "--n_embd=64 must be a multiple of --n_head=5"),
+    (['--n_head=0'], "--n_head must be positive, got 0"),
+    (['--n_embd=0'], "--n_embd must be positive, got 0"),
+    (['--n_layer=0'], "--n_layer must be positive, got 0"),
+    (['--alpha_growth=0', '--alpha_interval=5'], "--alpha_growth must be positive, got 0.0"),
+    (['--penalty_alpha=-10'], "--penalty_alpha must be positive, got -10.0"),
+    (['--lr=-1'], "--lr must be 0 or positive, got -1.0"),
+    (['--lr=nan'], "--lr must be 0 or positive, got nan"),
+    (['--logits_lr=inf'], "--logits_lr must be 0 or positive, got inf"),
+    (['--stop_at=-5'], "--stop_at must be 0 or positive, got -5"),
+    (['--lisa_layers=-3'], "--lisa_layers must be 0 or positive, got -3"),
+    (['--dist_timeout=0'], "--dist_timeout must be positive, got 0.0"),
+    (['--dropout=1'], r"--dropout must be in \[0, 1\), got 1.0"),
+    (['--device=tpu'], "--device must be auto, cpu, cuda or cuda:<index>, got 'tpu'"),
+    (['--device=cuda:x'], "--device must be auto, cpu, cuda or cuda:<index>, got 'cuda:x'"),
+    pytest.param(['--device=cuda'], "--device=cuda, but this machine has no CUDA device",
+                 marks=pytest.mark.skipif(train.torch.cuda.is_available(), reason="this machine has CUDA")),
+    (['--weights=README.md', '--method=fixed'], "--weights=README.md is not a summary.json"),
+    (['--nonsense=1'], "unknown config field 'nonsense'"),
+    (['--max_steps=ten'], "--max_steps expects int, got 'ten'"),
+    (['--block_size=100000'], "built-in split 'val' has"),
+    (['--lisa_interval=0'], "--lisa_interval must be positive, got 0"),
+    (['--lisa_draw=per_copy'], "--lisa_draw must be one of shared, independent, got 'per_copy'"),
+    (['--micro_batch=3'], "--micro_batch=3 must divide the 4 rows per source that each process gets"),
+])
+def test_a_bad_value_is_one_line_naming_the_field_and_writes_nothing(tmp_path, capsys, args, message):
+    assert re.search(message, fails(capsys, tmp_path / 'out', *args))
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize("files, message", [
+    ({'train_a.txt': LINES, 'train_b.txt': LINES, 'train_a.json': RECORDS, 'val.txt': LINES, 'test.txt': LINES},
+     r"holds train_a.json and train_a.txt: one file per source and split"),
+    ({'train_a.txt': LINES, 'train_b.json': RECORDS, 'val.txt': LINES, 'test.txt': LINES},
+     r"mixes text and JSON sources \(train_a.txt and train_b.json\)"),
+    ({'train_a.txt': LINES, 'val.txt': LINES, 'val.json': RECORDS, 'test.txt': LINES},
+     r"holds val.json and val.txt"),
+    ({'train_a.json': '[{"instruction": "q", "output": null}]', 'val.json': RECORDS, 'test.json': RECORDS},
+     r'train_a.json: record 1: "output" must be a string, got null'),
+    ({'train_a.json': '[{"text": null}]', 'val.json': RECORDS, 'test.json': RECORDS},
+     r'train_a.json: record 1: "text" must be a string, got null'),
+    ({'train_a.json': '[{"text": ["a", "b"]}]', 'val.json': RECORDS, 'test.json': RECORDS},
+     r'train_a.json: record 1: "text" must be a string, got \["a", "b"\]'),
+    ({'train_a.json': RECORDS[:-1] + ', {"instruction": null, "output": "x"}]', 'val.json': RECORDS,
+      'test.json': RECORDS}, r'train_a.json: record 21: "instruction" must be a string, got null'),
+    ({'train_a.json': '[{"output": "x"}]', 'val.json': RECORDS, 'test.json': RECORDS},
+     r'train_a.json: record 1: "instruction" must be a string, got nothing'),
+    ({'train_a.json': '[{"instruction": "q", "input": 3, "output": "x"}]', 'val.json': RECORDS, 'test.json': RECORDS},
+     r'train_a.json: record 1: "input" must be a string, got 3'),
+    ({'train_a.txt': LINES, 'train_b.txt': ' \n\t\n' * 20, 'val.txt': LINES, 'test.txt': LINES},
+     r"train_b.txt holds only whitespace"),
+    ({'train_a.json': '[{"text": "  "}, {"text": "\\n"}]', 'val.json': RECORDS, 'test.json': RECORDS},
+     r"train_a.json: every record is blank"),
+    ({'train_a.json': b'[{"text": "\xff\xfe"}]', 'val.json': RECORDS, 'test.json': RECORDS},
+     r"train_a.json is not UTF-8 text"),
+])
+def test_bad_data_is_one_line_naming_the_file_and_writes_nothing(tmp_path, capsys, files, message):
+    folder = write(tmp_path / 'data', files)
+    assert re.search(message, fails(capsys, tmp_path / 'out', f'--data={folder}', '--block_size=64'))
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_folder_named_like_a_source_is_an_error(tmp_path, capsys):
+    folder = write(tmp_path / 'data', {'train_a.json': RECORDS, 'val.json': RECORDS, 'test.json': RECORDS})
+    os.mkdir(os.path.join(folder, 'train_z.json'))
+    assert re.search(r"train_z.json is not a file", fails(capsys, tmp_path / 'out', f'--data={folder}'))
+
+
+# ----------------------------------------------------------------------------------------------
+# the out_dir belongs to one run
+
+def test_a_second_run_in_a_used_out_dir_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert train.cli([*TINY, f'--out_dir={out}']) == 0
+    before = listing(out)
+    message = fails(capsys, out, '--seed=1')
+    assert re.search(r"holds another run \(ckpt, ckpt.old, best, log.jsonl, summary.json\): continue it with "
+                     r"--resume=True, or start afresh with --overwrite=True", message)
+    assert listing(out) == before
+    assert train.cli([*TINY, f'--out_dir={out}', '--seed=1', '--overwrite=True']) == 0
+    with open(out / 'summary.json') as f:
+        assert json.load(f)['config']['seed'] == 1
+    with open(out / 'log.jsonl') as f:
+        assert [json.loads(line)['step'] for line in f] == [5, 10]  # the second run's records alone
+    assert not (out / 'run.lock').exists()
+
+
+def test_two_runs_at_once_in_one_out_dir_the_second_is_refused_and_the_first_goes_on(tmp_path):
+    out = tmp_path / 'out'
+    first = subprocess.Popen([sys.executable, 'train.py', *TINY, f'--out_dir={out}', '--max_steps=100000',
+                              '--ckpt_interval=100000'], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / 'log.jsonl').exists() and time.time() < deadline:
+        time.sleep(0.2)
+    second = subprocess.run([sys.executable, 'train.py', *TINY, f'--out_dir={out}', '--overwrite=True'], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert second.returncode == 1 and 'Traceback' not in second.stderr
+    assert re.fullmatch(rf"error: --out_dir={out} is in use by another run \(process {first.pid} on .*\); wait "
+                        rf"for it or use another --out_dir \(if that run is gone, delete {out}/run.lock\)\n", second.stderr)
+    time.sleep(2)  # the first run goes on logging, alone
+    first.terminate()
+    assert first.wait(timeout=120) == 128 + 15, first.stderr.read()
+    with open(out / 'log.jsonl') as f:
+        steps = [json.loads(line)['step'] for line in f]
+    assert len(steps) >= 2 and steps == list(range(5, 5 * len(steps) + 1, 5))
+    assert not (out / 'run.lock').exists()
+
+
+def test_a_lock_left_by_a_killed_run_is_stale_and_one_held_elsewhere_is_respected(tmp_path, capsys):
+    gone = subprocess.Popen([sys.executable, '-c', 'pass'])
+    gone.wait()  # its pid names no process now
+    write(tmp_path / 'stale', {'run.lock': f"{gone.pid} {checkpoint.socket.gethostname()} 2026-01-01 00:00:00\n"})
+    assert train.cli([*TINY, f'--out_dir={tmp_path}/stale', '--max_steps=5']) == 0
+    capsys.readouterr()
+    write(tmp_path / 'held', {'run.lock': "1234 another-host 2026-01-01 00:00:00\n"})
+    assert re.search(r"is in use by another run \(process 1234 on another-host, since 2026-01-01 00:00:00\)",
+                     fails(capsys, tmp_path / 'held'))
+    assert os.listdir(tmp_path / 'held') == ['run.lock']
+
+
+def test_an_out_dir_that_cannot_be_written_or_holds_the_wrong_things_is_one_line(tmp_path, capsys):
+    write(tmp_path, {'a_file': 'x'})
+    assert re.search(r"--out_dir=.*a_file is a file, not a folder", fails(capsys, tmp_path / 'a_file'))
+    assert re.search(r"--out_dir=.*a_file/out cannot be written \(Not a directory\)",
+                     fails(capsys, tmp_path / 'a_file' / 'out'))
+    os.makedirs(tmp_path / 'odd' / 'log.jsonl')
+    assert re.search(r"odd/log.jsonl should be a file", fails(capsys, tmp_path / 'odd', '--resume=True'))
+    write(tmp_path / 'odd2', {'ckpt': 'not a folder'})
+    assert re.search(r"odd2/ckpt should be a folder", fails(capsys, tmp_path / 'odd2', '--resume=True'))
+    assert listing(tmp_path / 'odd2') == {str(tmp_path / 'odd2' / 'ckpt'): listing(tmp_path / 'odd2')[
+        str(tmp_path / 'odd2' / 'ckpt')]}  # untouched, no lock left behind
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_dir_is_one_line(tmp_path, capsys):
+    os.makedirs(tmp_path / 'ro')
+    os.chmod(tmp_path / 'ro', 0o555)
+    assert re.search(r"--out_dir=.*ro cannot be written \(Permission denied\)", fails(capsys, tmp_path / 'ro'))
+
+
+def test_a_tilde_in_a_path_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv('HOME', str(tmp_path))
+    assert train.cli([*TINY, '--out_dir=~/run', '--max_steps=5']) == 0
+    assert (tmp_path / 'run' / 'summary.json').exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints that prove themselves
+
+@pytest.fixture(scope='module')
+def stopped_run(tmp_path_factory):
+    """A run stopped at step 10 of 20: ckpt at step 10, ckpt.old at step 5."""
+    out = tmp_path_factory.mktemp('stopped') / 'out'
+    assert train.cli([*TINY, f'--out_dir={out}', '--max_steps=20', '--stop_at=10']) == 0
+    return out
+
+
+def damage(path, how):
+    if how == 'flip':
+        with open(path, 'r+b') as f:
+            f.seek(os.path.getsize(path) // 2)
+            f.write(bytes(64))
+    elif how == 'truncate':
+        with open(path, 'r+b') as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif how == 'empty':
+        open(path, 'w').close()
+    elif how == 'remove':
+        os.remove(path)
+    elif how == 'garble':
+        with open(path, 'w') as f:
+            f.write('{"step": 1')
+
+
+@pytest.mark.parametrize("name, how, message", [
+    ('__0_0.distcp', 'flip', r"the checkpoint is damaged: .*/ckpt/__0_0.distcp does not match its checksum"),
+    ('__0_0.distcp', 'truncate', r"the checkpoint is damaged: .*/ckpt/__0_0.distcp does not match its checksum"),
+    ('.metadata', 'empty', r"the checkpoint is damaged: .*/ckpt/.metadata does not match its checksum"),
+    ('__0_0.distcp', 'remove', r"the checkpoint is damaged: .*/ckpt/__0_0.distcp is missing"),
+    ('meta.json', 'garble', r".*/ckpt/meta.json is unreadable \(.*\)"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_previous_one(stopped_run, tmp_path, capsys,
+                                                                             name, how, message):
+    out = tmp_path / 'out'
+    shutil.copytree(stopped_run, out)
+    damage(out / 'ckpt' / name, how)
+    before = listing(out)
+    line = fails(capsys, out, '--max_steps=20', '--resume=True')
+    assert re.search(message + rf"; the previous checkpoint {out}/ckpt.old \(step 5\) is there: move it to "
+                     rf"{out}/ckpt to resume from it", line), line
+    assert listing(out) == before
+    # as it says: the previous checkpoint resumes
+    shutil.rmtree(out / 'ckpt')
+    os.rename(out / 'ckpt.old', out / 'ckpt')
+    assert train.cli([*TINY, f'--out_dir={out}', '--max_steps=20', '--resume=True', '--stop_at=12']) == 0
+
+
+def test_a_damaged_best_model_is_refused(stopped_run, tmp_path):
+    shutil.copytree(stopped_run, tmp_path / 'out')
+    damage(tmp_path / 'out' / 'best' / '__0_0.distcp', 'flip')
+    with pytest.raises(ValueError, match=r"the best model is damaged: .*best/__0_0.distcp does not match"):
+        checkpoint.load_best_model(tmp_path / 'out')
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: write(d, {'train_c.txt': LINES}), r"the data file train_c.txt is new since the checkpoint"),
+    (lambda d: write(d, {'train_a.txt': LINES + '1+1=2\n'}), r"the data file train_a.txt has changed since"),
+    (lambda d: os.remove(os.path.join(d, 'train_b.txt')), r"the data file train_b.txt is gone since"),
+])
+def test_resuming_on_other_data_is_refused_naming_the_file(tmp_path, capsys, change, message):
+    data = write(tmp_path / 'data', {'train_a.txt': LINES, 'train_b.txt': LINES[::-1], 'val.txt': LINES,
+                                     'test.txt': LINES})
+    args = [f'--data={data}', '--max_steps=20']
+    assert train.cli([*TINY, f'--out_dir={tmp_path}/out', *args, '--stop_at=5']) == 0
+    change(data)
+    before = listing(tmp_path / 'out')
+    assert re.search(message, fails(capsys, tmp_path / 'out', *args, '--resume=True'))
+    assert listing(tmp_path / 'out') == before
+
+
+def test_a_half_written_log_line_does_not_block_resume(stopped_run, tmp_path):
+    out = tmp_path / 'out'
+    shutil.copytree(stopped_run, out)
+    with open(out / 'log.jsonl', 'a') as f:
+        f.write('{"step": 15, "val_lo')  # a kill in the middle of a write
+    assert train.cli([*TINY, f'--out_dir={out}', '--max_steps=20', '--resume=True']) == 0
+    with open(out / 'log.jsonl') as f:
+        assert [json.loads(line)['step'] for line in f] == [5, 10, 15, 20]
+
+
+def test_resuming_a_run_killed_after_its_last_checkpoint_writes_its_summary(tmp_path):
+    out = tmp_path / 'out'
+    assert train.cli([*TINY, f'--out_dir={out}']) == 0
+    with open(out / 'summary.json') as f:
+        whole = json.load(f)
+    os.remove(out / 'summary.json')  # killed between the last checkpoint and the summary
+    assert train.cli([*TINY, f'--out_dir={out}', '--resume=True']) == 0
+    with open(out / 'summary.json') as f:
+        resumed = json.load(f)
+    assert resumed['weights'] == whole['weights'] and resumed['val_loss'] == whole['val_loss']
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_last_checkpoint_stays(tmp_path, capsys, monkeypatch):
+    save, saves = checkpoint.dcp.save, []
+
+    def save_until_the_disk_fills(state, checkpoint_id, **kwargs):
+        saves.append(checkpoint_id)
+        if len(saves) > 1:  # the checkpoint of step 5 is written, then the disk is full
+            os.makedirs(checkpoint_id, exist_ok=True)
+            open(os.path.join(checkpoint_id, '__0_0.distcp'), 'w').close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(state, checkpoint_id=checkpoint_id, **kwargs)
+    monkeypatch.setattr(checkpoint.dcp, 'save', save_until_the_disk_fills)
+    line = fails(capsys, tmp_path / 'out', '--save_best=False', '--max_steps=20')
+    assert re.search(r"could not write the checkpoint .*/out/ckpt.tmp \(No space left on device\); .*/out/ckpt, if "
+                     r"there is one, is intact", line)
+    monkeypatch.setattr(checkpoint.dcp, 'save', save)
+    meta = checkpoint.read_meta(str(tmp_path / 'out' / 'ckpt'))
+    assert meta['step'] == 5 and checkpoint._verify(meta['folder'], meta['files']) is None
+
+
+def test_a_nan_at_the_first_step_says_no_checkpoint_exists(tmp_path, capsys, monkeypatch):
+    forward = GPT.forward
+    monkeypatch.setattr(GPT, 'forward', lambda self, idx, targets=None: tuple(
+        t * float('nan') if t is not None else t for t in forward(self, idx, targets)))
+    line = fails(capsys, tmp_path / 'out')
+    assert re.search(r"non-finite loss or gradient at step 0: .*; stopped without saving, no checkpoint was "
+                     r"written yet", line)
