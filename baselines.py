@@ -91,15 +91,21 @@ def rholoss_backward(model, reference_model, x, y, n_sources, n_select, autocast
 
 
 def fixed_step(run, step, alpha):
-    """Stage two: one model descends the lower level's objective L_train(θ, λ) with the weights fixed; for
-    --weights=val_only, the mean loss of as many rows of the validation split instead (no training source)."""
-    cfg, n_sources = run.cfg, len(run.data.sources)
+    """Stage two: one model descends the lower level's objective L_train(θ, λ) with the weights fixed, on the
+    stratified batch with each source's loss weighted (--sampling=stratified), or on a batch drawn in proportion
+    to the weights, every row alike (proportional: in expectation the same objective, without rows of near-zero
+    weight). --weights=val_only: the mean loss of as many rows of the validation split (no training source)."""
+    cfg, n_sources, dtype = run.cfg, len(run.data.sources), run.received_sum.dtype
+    coeffs = torch.ones(1, device=run.device, dtype=dtype)  # one group of rows: the batch's mean loss
     if cfg.weights == 'val_only':
         (x, y), n_groups = validation_rows(run, step, n_sources * cfg.batch_per_source), 1
-        received = torch.zeros(n_sources, device=run.device, dtype=run.received_sum.dtype)
+        received = torch.zeros(n_sources, device=run.device, dtype=dtype)
+    elif cfg.sampling == 'proportional':
+        (x, y), n_groups = step_rows(run, step, run.rows_per_source), 1
+        received = torch.tensor(run.rows_per_source, device=run.device, dtype=dtype) / sum(run.rows_per_source)
     else:
-        (x, y), n_groups, received = step_rows(run, step), n_sources, run.fixed_weights
-    losses, _ = model_objective(run, run.models[0], x, y, None, None, n_groups)(run.fixed_weights, 0.0)
+        (x, y), n_groups, received, coeffs = step_rows(run, step), n_sources, run.fixed_weights, run.fixed_weights
+    losses, _ = model_objective(run, run.models[0], x, y, None, None, n_groups)(coeffs, 0.0)
     step_and_clear(run.optimizers[0])
     return received_so_far(run, step, received, losses)
 

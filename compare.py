@@ -36,8 +36,8 @@ from lisa import LISA_DRAWS
 class CompareConfig:
     what: str = 'baselines'         # 'baselines', 'oracle', 'updates' or 'lisa'
     data: str = 'mixture'           # oracle and updates: the task
-    tasks: str = 'denoise,noise_ladder,mixture'  # baselines: the tasks
-    seeds: int = 2                  # oracle, and updates for train.py's default p update: seeds 0..seeds-1
+    tasks: str = 'denoise,noise_ladder,mixture,dilution'  # baselines: the tasks
+    seeds: int = 2                  # baselines, oracle, and updates for train.py's default p update: seeds 0..seeds-1
     candidate_seeds: int = 2        # updates: seeds for every other candidate
     grid_step: float = 0.1          # oracle: spacing of the grid on the simplex
     updates: str = ','.join(LOGITS_RULES)  # updates: the candidates to run
@@ -65,6 +65,8 @@ LISA_VARIANTS = {'off': ['--lisa_layers=0'], **{draw: [f'--lisa_draw={draw}'] fo
                  'p step scaled': ['--lisa_scale_logits_step=True']}
 # the best weights in closed form (data.py)
 CLOSED_FORM = {'mixture': [0.7, 0.3, 0.0], 'dilution': [0.6, 0.4, 0.0]}
+# what stage two would get at the best weights: the closed form, or all on the clean source where val is clean
+BEST_WEIGHTS = {**CLOSED_FORM, 'denoise': [1.0, 0.0, 0.0], 'noise_ladder': [1.0, 0.0, 0.0, 0.0, 0.0]}
 
 
 def run(out_dir, *args):
@@ -96,28 +98,41 @@ def stage_two(out_dir, weights_file, *args):
 
 
 def baselines(cfg):
+    """Per task and seed: uniform, ScaleBiO's stage two (loss-weighted and sampled), val_only, IR-DRO, RHO-LOSS."""
     rows = []
-    for task in cfg.tasks.split(','):
-        folder = os.path.join(cfg.out_dir, 'baselines', task)
-        data = f'--data={task}'
-        uniform = run(f'{folder}/uniform', data, '--method=fixed')
-        learned = run(f'{folder}/scalebio', data)
+    for task, seed in itertools.product(cfg.tasks.split(','), range(cfg.seeds)):
+        folder = os.path.join(cfg.out_dir, 'baselines', task, f'seed{seed}')
+        data = [f'--data={task}', f'--seed={seed}']
+        uniform = run(f'{folder}/uniform', *data, '--method=fixed')
+        learned = run(f'{folder}/scalebio', *data)
         results = {'uniform': uniform,
-                   'scalebio': stage_two(f'{folder}/scalebio-stage2', f'{folder}/scalebio/summary.json', data),
-                   'val_only': run(f'{folder}/val_only', data, '--method=fixed', '--weights=val_only'),
-                   'irdro': run(f'{folder}/irdro', data, '--method=irdro')}
-        results['rholoss'] = run(f'{folder}/rholoss', data, '--method=rholoss', f'--reference={folder}/val_only')
-        results['scalebio']['weights'] = learned['weights']
-        results['scalebio']['wall_seconds'] += learned['wall_seconds']
+                   'scalebio, loss-weighted': stage_two(f'{folder}/scalebio-stage2', f'{folder}/scalebio/summary.json',
+                                                        *data),
+                   'scalebio, sampled': stage_two(f'{folder}/scalebio-sampled', f'{folder}/scalebio/summary.json',
+                                                  *data, '--sampling=proportional'),
+                   'val_only': run(f'{folder}/val_only', *data, '--method=fixed', '--weights=val_only'),
+                   'irdro': run(f'{folder}/irdro', *data, '--method=irdro')}
+        results['rholoss'] = run(f'{folder}/rholoss', *data, '--method=rholoss', f'--reference={folder}/val_only')
+        best = weights_file(folder, load_data(task, TrainConfig.block_size, seed).sources, BEST_WEIGHTS[task])
+        results['best weights, sampled'] = stage_two(f'{folder}/best', best, *data, '--sampling=proportional')
         for method, summary in results.items():
-            rows.append({'task': task, 'method': method, 'test_loss': summary['test_loss'],
+            learning = learned['wall_seconds'] if method.startswith('scalebio') else 0  # stage one's cost too
+            rows.append({'task': task, 'seed': seed, 'method': method, 'test_loss': summary['test_loss'],
                          'weights': dict(zip(summary['sources'], summary['weights'])),
-                         'time_vs_uniform': summary['wall_seconds'] / uniform['wall_seconds']})
+                         'learned_weights': learned['weights'] if method.startswith('scalebio') else None,
+                         'time_vs_uniform': (summary['wall_seconds'] + learning) / uniform['wall_seconds']})
             print(json.dumps(rows[-1]), flush=True)
-    print('\n| task | method | stage-two test loss | weight each source received | wall time / uniform |\n|---|---|---|---|---|')
-    for r in rows:
-        weights = ', '.join(f'{s} {w:.3f}' for s, w in r['weights'].items())
-        print(f"| {r['task']} | {r['method']} | {r['test_loss']:.4f} | {weights} | {r['time_vs_uniform']:.2f} |")
+    print('\n| task | method | stage-two test loss, by seed | weight each source received (seed 0) | wall time / '
+          'uniform |\n|---|---|---|---|---|')
+    for task in cfg.tasks.split(','):
+        for method in dict.fromkeys(r['method'] for r in rows):
+            group = [r for r in rows if r['task'] == task and r['method'] == method]
+            losses = ' / '.join(f"{r['test_loss']:.4f}" for r in group)
+            weights = ', '.join(f'{s} {w:.3f}' for s, w in group[0]['weights'].items())
+            time_ratio = np.mean([r['time_vs_uniform'] for r in group])
+            print(f"| {task} | {method} | {losses} | {weights} | {time_ratio:.2f} |")
+    with open(os.path.join(cfg.out_dir, 'baselines', 'results.json'), 'w') as f:
+        json.dump(rows, f, indent=1)
     return rows
 
 

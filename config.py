@@ -39,6 +39,8 @@ class TrainConfig:
     # method
     method: str = 'scalebio'        # 'scalebio' learns weights; 'fixed' uses given ones; baselines.py: 'irdro', 'rholoss'
     weights: str = 'uniform'        # fixed: 'uniform', 'val_only' (the val split alone) or a scalebio summary.json
+    sampling: str = 'stratified'    # fixed: 'stratified' (batch_per_source rows of each source, losses weighted) or
+                                    # 'proportional' (rows per source in proportion to the weights, data.proportional_rows)
     dro_temperature: float = 1.0    # irdro: τ in w ∝ exp(loss/τ) (the IR-DRO authors' default)
     reference: str = ''             # rholoss: the out_dir of a run whose best model gives irreducible losses
     rho_candidates: int = 4         # rholoss: each step selects a training batch out of this many times as many
@@ -90,7 +92,8 @@ RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'overwrite', 'eval_interval
 # every value is checked against these rules before anything runs (parse_config); micro_steps checks what
 # depends on the number of processes, and train.py that the out_dir can be written and is not in use
 CHOICES = {'method': METHODS, 'dtype': ('float32', 'float64'), 'logits_update': tuple(LOGITS_RULES),
-           'model': ('', *MODEL_PRESETS), 'lisa_draw': LISA_DRAWS, 'source_loss': ('example', 'token')}
+           'model': ('', *MODEL_PRESETS), 'lisa_draw': LISA_DRAWS, 'source_loss': ('example', 'token'),
+           'sampling': ('stratified', 'proportional')}
 RULES = [  # (fields, the rule, what the error says)
     (('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
       'eval_batches', 'block_size', 'n_layer', 'n_head', 'n_embd', 'penalty_alpha', 'alpha_growth',
@@ -139,6 +142,9 @@ def parse_config(argv):
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head} (each head gets "
                          f"n_embd / n_head dimensions)")
+    if cfg.sampling == 'proportional' and (cfg.method != 'fixed' or cfg.weights == 'val_only'):
+        raise ValueError("--sampling=proportional draws a stage-two batch by fixed weights: it needs --method=fixed "
+                         "with --weights=uniform or a summary.json")
     if cfg.method in ('irdro', 'rholoss') and cfg.micro_batch:
         raise ValueError(f"--micro_batch is not implemented for --method={cfg.method}")
     check_device(cfg.device)

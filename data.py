@@ -28,6 +28,7 @@ source is often absent and silently gets zero weight.) The rows of step t are a 
 processes, sees exactly the same global batch at every step.
 """
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -365,11 +366,25 @@ def _rows(tokens, n_rows, block_size, rng):
     return windows[:, :-1], windows[:, 1:]
 
 
-def train_batch(data, step, batch_per_source, block_size, seed):
-    """The global training batch of `step`: rows [i*B, (i+1)*B) come from source i, B = batch_per_source."""
+def train_batch(data, step, rows_per_source, block_size, seed):
+    """The global training batch of `step`, source after source: rows_per_source[i] rows from source i, or, for
+    an int B, B rows from each (the stratified batch: rows [i*B, (i+1)*B) come from source i)."""
     rng = np.random.default_rng([seed, TRAIN_KEY, step])
-    xs, ys = zip(*(_rows(tokens, batch_per_source, block_size, rng) for tokens in data.train))
+    counts = [rows_per_source] * len(data.train) if isinstance(rows_per_source, int) else rows_per_source
+    xs, ys = zip(*(_rows(tokens, n, block_size, rng) for tokens, n in zip(data.train, counts)))
     return torch.cat(xs), torch.cat(ys)
+
+
+def proportional_rows(weights, n_rows):
+    """Rows per source out of n_rows, in proportion to the weights (stage two as the paper runs it): each source
+    gets ⌊λ_i·n⌋, and the rows left over go to the largest remainders (Hamilton's method), ties to the earlier
+    source. Equal weights give every source n / S rows, the stratified batch."""
+    exact = [float(w) * n_rows for w in weights]
+    counts = [math.floor(x + 1e-9) for x in exact]  # 1e-9: 1/3·48 may be 15.999999999999998
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:n_rows - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def validation_batch(data, step, n_rows, block_size, seed):

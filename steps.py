@@ -34,6 +34,7 @@ class Run:
     rank: int = 0
     world_size: int = 1
     fixed_weights: torch.Tensor = None  # fixed: the loss weights of the sources
+    rows_per_source: list = None        # fixed, --sampling=proportional: each step's rows from each source
     reference_model: torch.nn.Module = None  # rholoss: the model whose losses are irreducible
     received_sum: torch.Tensor = None   # baselines: the share of each step each source received, summed
     grad_bytes: int = 0                 # the most gradient bytes alive at once, all copies together
@@ -47,12 +48,13 @@ class Run:
     train_time: float = 0.0             # seconds spent in steps (not evaluation or checkpoints)
 
 
-def step_rows(run, step):
-    """This rank's rows of the step's global training batch: batch_per_source rows from each source, the same
-    global batch for any number of processes (data.train_batch)."""
-    cfg = run.cfg
-    rows = train_batch(run.data, step, cfg.batch_per_source, cfg.block_size, cfg.seed)
-    return [rank_rows(t, len(run.data.sources), run.rank, run.world_size).to(run.device) for t in rows]
+def step_rows(run, step, rows_per_source=None):
+    """This rank's rows of the step's global training batch (data.train_batch), the same global batch for any
+    number of processes: batch_per_source rows from each source, each rank taking its share of every source's;
+    or rows_per_source[i] from source i, each rank taking an equal share of the whole batch."""
+    cfg, n_groups = run.cfg, 1 if rows_per_source else len(run.data.sources)
+    rows = train_batch(run.data, step, rows_per_source or cfg.batch_per_source, cfg.block_size, cfg.seed)
+    return [rank_rows(t, n_groups, run.rank, run.world_size).to(run.device) for t in rows]
 
 
 def validation_rows(run, step, n_rows):

@@ -40,7 +40,8 @@ from bilevel import LOGITS_RULES, cosine_lr, logits_step_size, make_logits_optim
 from checkpoint import (check_data_unchanged, data_fingerprint, load_checkpoint, own_out_dir, read_meta,
                         save_checkpoint)
 from config import RESUMABLE_CHANGES, micro_steps, parse_config
-from data import TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer, rank_rows
+from data import (TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer,
+                  proportional_rows, rank_rows)
 from fsdp import copy_shards, fill, init_distributed, mean_over_ranks, rank0_decides, rank_bytes, shard, warm_up
 from lisa import logits_step_scale, set_lisa_blocks
 from hf import export_pretrained, pretrained_tensors, read_config
@@ -137,8 +138,10 @@ def build_run(cfg, processes):
               data_fingerprint=fingerprint)
     for model in models if sharded else []:  # on a validation row: no method sees a source it must not
         warm_up(model, validation_rows(run, 0, world_size)[0])
-    if cfg.method == 'fixed':
-        run.fixed_weights = (torch.ones(1) if cfg.weights == 'val_only' else fixed_weights(cfg.weights, data.sources)).to(device)
+    if cfg.method == 'fixed' and cfg.weights != 'val_only':
+        run.fixed_weights = fixed_weights(cfg.weights, data.sources).to(device)
+        run.rows_per_source = proportional_rows(run.fixed_weights.tolist(), len(data.sources) * cfg.batch_per_source) \
+            if cfg.sampling == 'proportional' else None
     if cfg.method == 'rholoss':
         run.reference_model = load_reference(cfg.reference, model_config, cfg.data).to(device=device, dtype=dtype)
     run.eval_sets = {split: [(x.to(device), y.to(device)) for x, y in evaluation_batches(

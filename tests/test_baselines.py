@@ -1,9 +1,13 @@
+import json
+import math
+
 import pytest
 import torch
 
 import steps
 import train
 from baselines import irdro_row_weights, rholoss_select
+from data import proportional_rows, train_batch as data_train_batch
 from config import METHODS
 from test_train import assert_same_state, final_state, run
 
@@ -76,3 +80,49 @@ def test_rholoss_trains_on_selected_examples_with_a_reference_model(tmp_path):
 
 def test_every_method_the_config_accepts_has_a_step():
     assert tuple(train.METHOD_STEPS) == METHODS
+
+
+def test_proportional_rows_round_by_the_largest_remainder():
+    assert proportional_rows([0.9716, 0.0284, 0.0], 48) == [47, 1, 0]  # 46.64, 1.36, 0: one row left, to 0.64
+    assert proportional_rows([1 / 3] * 3, 48) == [16, 16, 16]          # the stratified batch
+    assert proportional_rows([0.5, 0.25, 0.25], 6) == [3, 2, 1]        # a tie goes to the earlier source
+    assert proportional_rows([0.2] * 5, 12) == [3, 3, 2, 2, 2]
+    for weights in ([0.7, 0.3, 0.0], [0.01, 0.01, 0.98], [0.6, 0.39, 0.01]):
+        counts = proportional_rows(weights, 48)
+        assert sum(counts) == 48 and all(abs(c - w * 48) < 1 for c, w in zip(counts, weights))
+
+
+def write_weights(path, sources, weights):
+    with open(path, 'w') as f:
+        json.dump({'sources': sources, 'weights': weights}, f)
+    return f'--weights={path}'
+
+
+def test_proportional_batches_draw_each_source_by_its_weight_and_equal_weights_are_the_stratified_run(tmp_path, monkeypatch):
+    uniform = run(tmp_path / 'stratified', '--method=fixed', '--max_steps=8')
+    same = run(tmp_path / 'proportional', '--method=fixed', '--max_steps=8', '--sampling=proportional')
+    assert same['val_loss'] == pytest.approx(uniform['val_loss'], rel=1e-12)
+    assert_same_state(final_state(tmp_path / 'proportional'), final_state(tmp_path / 'stratified'), atol=1e-12)
+    # all weight on clean but one row's worth: 11 clean rows and 1 noisy a step, the irrelevant source none
+    drawn = []
+    monkeypatch.setattr(steps, 'train_batch', lambda data, step, rows, *args: drawn.append(rows) or
+                        data_train_batch(data, step, rows, *args))
+    weights = write_weights(tmp_path / 'w.json', ['clean', 'noisy', 'irrelevant'], [0.9, 0.1, 0.0])
+    summary = run(tmp_path / 'skewed', '--method=fixed', weights, '--max_steps=4', '--sampling=proportional')
+    assert drawn == [[11, 1, 0]] * 4
+    assert summary['weights'] == pytest.approx([11 / 12, 1 / 12, 0.0])  # the share of rows each source received
+    assert all(math.isfinite(loss) for loss in summary['per_source_loss'].values())
+
+
+def test_a_proportional_stage_two_resumes_exactly(tmp_path):
+    weights = write_weights(tmp_path / 'w.json', ['clean', 'noisy', 'irrelevant'], [0.6, 0.3, 0.1])
+    args = ['--method=fixed', weights, '--sampling=proportional', '--max_steps=12']
+    run(tmp_path / 'whole', *args)
+    run(tmp_path / 'parts', *args, '--stop_at=6')
+    run(tmp_path / 'parts', *args, '--resume=True')
+    assert_same_state(final_state(tmp_path / 'parts'), final_state(tmp_path / 'whole'), atol=1e-10)
+
+
+def test_proportional_sampling_is_for_stage_two_only(tmp_path):
+    with pytest.raises(ValueError, match="--sampling=proportional draws a stage-two batch by fixed weights"):
+        run(tmp_path, '--sampling=proportional')

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import compare
+from data import proportional_rows
 
 
 def test_grid_covers_the_simplex():
@@ -80,3 +81,25 @@ def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
                           text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(message)
+
+
+def test_baselines_run_every_method_per_task_and_seed_and_stage_two_both_ways(tmp_path):
+    compare.TRAIN_ARGS[:] = ['--max_steps=4', '--n_layer=1', '--n_embd=16', '--n_head=2', '--eval_batches=1',
+                             '--batch_per_source=4', '--val_batch=8', '--block_size=16', '--dtype=float64']
+    try:
+        rows = compare.baselines(compare.CompareConfig(what='baselines', tasks='mixture', seeds=2, out_dir=str(tmp_path)))
+    finally:
+        compare.TRAIN_ARGS[:] = []
+    methods = ['uniform', 'scalebio, loss-weighted', 'scalebio, sampled', 'val_only', 'irdro', 'rholoss',
+               'best weights, sampled']
+    assert [(r['seed'], r['method']) for r in rows] == [(s, m) for s in (0, 1) for m in methods]
+    for r in rows:
+        if r['method'] == 'scalebio, loss-weighted':
+            assert list(r['weights'].values()) == pytest.approx(r['learned_weights'])
+        if r['method'] == 'scalebio, sampled':  # each source's share of the 12 rows: the learned weights, rounded
+            counts = proportional_rows(r['learned_weights'], 12)
+            assert list(r['weights'].values()) == pytest.approx([c / 12 for c in counts])
+    assert [r['weights'] for r in rows if r['method'] == 'best weights, sampled'][0] == pytest.approx(
+        {'add': 8 / 12, 'sub': 4 / 12, 'letters': 0})  # 0.7·12 = 8.4, 0.3·12 = 3.6: the remainder to sub
+    with open(tmp_path / 'baselines' / 'results.json') as f:
+        assert json.load(f) == rows

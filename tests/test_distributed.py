@@ -177,9 +177,13 @@ def test_compiled_blocks_do_not_recompile_at_every_lisa_switch(tmp_path):
 
 
 def test_the_baselines_on_two_processes_match_one(tmp_path):
-    """IR-DRO normalises its weights over the global batch, RHO-LOSS selects from the global candidates."""
+    """IR-DRO normalises its weights over the global batch, RHO-LOSS selects from the global candidates, a
+    proportional stage two gives each rank an equal share of rows drawn unequally from the sources."""
     train.main(TINY + ['--method=fixed', '--weights=val_only', '--max_steps=10', f'--out_dir={tmp_path}/ref'])
-    for method in (['--method=irdro'], ['--method=rholoss', f'--reference={tmp_path}/ref']):
+    with open(tmp_path / 'weights.json', 'w') as f:  # 7, 4 and 1 rows of 12: ranks cut across sources
+        json.dump({'sources': ['clean', 'noisy', 'irrelevant'], 'weights': [0.6, 0.3, 0.1]}, f)
+    for method in (['--method=irdro'], ['--method=rholoss', f'--reference={tmp_path}/ref'],
+                   ['--method=fixed', f'--weights={tmp_path}/weights.json', '--sampling=proportional']):
         one = train.main(TINY + method + [f'--out_dir={tmp_path}/1', '--overwrite=True'])
         torchrun(2, *TINY, *method, f'--out_dir={tmp_path}/2', '--overwrite=True')
         assert_same_run(summary(tmp_path / '2'), one)
