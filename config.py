@@ -20,13 +20,14 @@ METHODS = ('scalebio', 'fixed', 'irdro', 'rholoss')  # the steps: steps.py (scal
 @dataclass
 class TrainConfig:
     # data
-    data: str = 'denoise'           # 'denoise', 'noise_ladder', 'mixture', 'dilution' or a folder (data.py)
+    data: str = 'denoise'           # 'denoise', 'noise_ladder', 'mixture', 'dilution', 'lengths' or a folder (data.py)
     tokenizer: str = 'bytes'        # or a local folder: tokenizer.json, or GPT-2's vocab.json + merges.txt
     seed: int = 0
     batch_per_source: int = 16      # training rows per source per step (stratified batches)
     val_batch: int = 32             # validation rows per step, for L_val
     micro_batch: int = 0            # rows per source per forward on each rank (gradient accumulation); 0: all
-    source_loss: str = 'example'    # a source's loss: 'example' (mean of its rows' token means) or 'token' (token mean)
+    source_loss: str = 'example'    # a source's loss: 'example' (mean of its rows' token means) or 'token' (every
+                                    # token weighs alike across sources, as in L_val: steps.model_objective)
     # model, trained from scratch
     model: str = ''                 # a shape of model.MODEL_PRESETS (gpt2 ... gpt2-xl, llama3.2-1b, llama3-8b, yi-34b),
                                     # or n_layer etc.; --init_from's config.json overrides both

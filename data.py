@@ -15,6 +15,10 @@ Where the sources come from (`--data=...` in train.py):
   where the model's odds match val's). One question per row, loss on the answer only.
 - `dilution`: `add` and `diluted` (each question answered a+b with odds 1/4, else a-b) and `letters`, val and
   test as in `mixture`: the best weights are add 0.6, diluted 0.4, letters 0 (0.6 + 0.4/4 = 0.7).
+- `lengths`: `mixture` with the sums unsigned, so an `add` answer has two tokens with its newline and a `sub`
+  answer three. Weighing every token alike (--source_loss=token) the best weights stay add 0.7, sub 0.3; weighing
+  every row alike (example) they are 14/23 ≈ 0.609 and 9/23 ≈ 0.391: the model's odds of add are then
+  (λ_add/2) / (λ_add/2 + λ_sub/3), and val asks for 0.7.
 - a folder holding `train_<source>.txt` (one file per source), `val.txt` and `test.txt`;
 - or, in the ScaleBiO authors' layout, `train_<source>.json` (or .jsonl), `val.json`, `test.json`: lists of
   {"text": ...} or Alpaca-style {"instruction", "input" (optional), "output"} records. One example per row,
@@ -35,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BUILTIN_TASKS = ('denoise', 'noise_ladder', 'mixture', 'dilution')
+BUILTIN_TASKS = ('denoise', 'noise_ladder', 'mixture', 'dilution', 'lengths')
 # the second entry of every random key, so that different splits never share a random stream
 TRAIN_KEY, VAL_KEY, EVAL_KEY = 0, 1, 2
 
@@ -123,16 +127,18 @@ def _addition_lines(pairs, wrong_fraction, rng):
     return ''.join(lines)
 
 
-def _convention_examples(pairs, add_fraction, rng):
+def _convention_examples(pairs, add_fraction, rng, signed_sums=True):
     """One question "a?b=" per row, answered a+b on a random add_fraction of the rows (exactly) and a-b on the
     rest. Nothing in a question tells which convention answers it, so a model can only learn the odds: the
     val loss of its answers is lowest where those odds match val's. One row per question, and the loss on the
     answer only: with several lines to a row, a model reads the convention of the lines before as a cue.
-    Every answer is signed ("+7", "-3"), so all have three tokens with the newline: a source's loss is a mean
-    over rows of each row's token mean while L_val is a token mean, and with answers of unequal lengths the
-    two weigh a question differently and the best weights move off the closed form."""
+    Every answer is signed ("+7", "-3"), so all have three tokens with the newline: with --source_loss=example
+    a source's loss is a mean over rows of each row's token mean while L_val is a token mean, and with answers of
+    unequal lengths the two weigh a question differently. signed_sums=False writes sums unsigned ("7": two
+    tokens), for the task that shows it (`lengths`)."""
     is_add = rng.permutation(len(pairs)) < round(add_fraction * len(pairs))
-    return [(f"{a}?{b}=", f"{a + b if add else a - b:+d}") for (a, b), add in zip(pairs, is_add)]
+    return [(f"{a}?{b}=", f"{a + b}" if add and not signed_sums else f"{a + b if add else a - b:+d}")
+            for (a, b), add in zip(pairs, is_add)]
 
 
 def _letter_lines(n_lines, rng):
@@ -159,18 +165,19 @@ def builtin_task(name, seed, tokenizer=BYTES, block_size=32, lines_per_source=20
     elif name == 'noise_ladder':
         texts = {f'noise_{pct}': _addition_lines(train_pairs_sample(), pct / 100, rng)
                  for pct in (0, 25, 50, 75, 100)}
-    elif name in ('mixture', 'dilution'):
+    elif name in ('mixture', 'dilution', 'lengths'):
         # digits 0-4, and val and test ask the questions training asks: what generalises to unseen pairs
         # varies from seed to seed more than the weights matter, and here only the weights should
         digit_pairs = [(a, b) for a in range(5) for b in range(5)]
 
         def questions(n):
             return [digit_pairs[i] for i in rng.integers(0, len(digit_pairs), n)]
-        second, second_add_fraction = ('sub', 0.0) if name == 'mixture' else ('diluted', 0.25)
-        examples = {'add': _convention_examples(questions(lines_per_source), 1.0, rng),
-                    second: _convention_examples(questions(lines_per_source), second_add_fraction, rng),
+        second, second_add_fraction = ('diluted', 0.25) if name == 'dilution' else ('sub', 0.0)
+        signed = name != 'lengths'
+        examples = {'add': _convention_examples(questions(lines_per_source), 1.0, rng, signed),
+                    second: _convention_examples(questions(lines_per_source), second_add_fraction, rng, signed),
                     'letters': [('', word) for word in _letter_lines(lines_per_source, rng).split()]}
-        held_out = [_convention_examples(questions(held_out_pairs), 0.7, rng) for _ in ('val', 'test')]
+        held_out = [_convention_examples(questions(held_out_pairs), 0.7, rng, signed) for _ in ('val', 'test')]
         notes = []
         rows = [_example_rows(e, block_size, tokenizer, notes, f"built-in task {name}")
                 for e in list(examples.values()) + held_out]

@@ -71,7 +71,9 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
     Returns (ℓ(model), L_val(model)) averaged over ranks, so that p's gradient is the same on every rank
     (FSDP averages the model gradients over ranks itself; it knows nothing of p).
     x holds n_groups equal groups of rows, one per source. ℓ_i is, with --source_loss=example, the mean of its
-    rows' token means; with --source_loss=token, the mean over all its tokens, as L_val is a token mean.
+    rows' token means; with --source_loss=token, the sum of its tokens' losses over the batch's tokens per source,
+    so that every token weighs λ_i alike, whichever source's answers are longer, and uniform weights give
+    the batch's token mean (data.py's `lengths` task shows the difference).
     `name` labels the copy in the error that a non-finite loss or gradient raises."""
     micro_steps, token_mean = run.micro_steps, run.cfg.source_loss == 'token'
 
@@ -81,8 +83,9 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
         if val_coeff:  # L_val is a token mean over the GLOBAL validation batch: each rank divides its token
             # sum by the mean count per rank, and FSDP's average over ranks completes the global mean
             val_tokens = mean_over_ranks(target_counts(val_y, torch.float64).sum().to(x.device))
-        if token_mean:  # the same for each source's tokens
-            source_tokens = mean_over_ranks(target_counts(y, torch.float64).view(n_groups, -1).sum(dim=1).to(x.device))
+        if token_mean:  # every training token weighs alike, as every val token does in L_val: a source's token
+            # sum over the GLOBAL batch's tokens per source (not over its own: a long answer would weigh less)
+            source_tokens = mean_over_ranks(target_counts(y, torch.float64).sum().to(x.device)) / n_groups
         for k in range(micro_steps):
             rows_x, rows_y = (t.view(n_groups, micro_steps, -1, T)[:, k].reshape(-1, T) for t in (x, y))
             n_train = rows_x.size(0)
@@ -93,7 +96,7 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
             with run.autocast:
                 _, row_loss = model(rows_x, rows_y)
             rows = row_loss[:n_train].view(n_groups, -1)  # rows grouped by source
-            piece = (rows * (counts / source_tokens[:, None]).to(rows.dtype)).sum(dim=1) if token_mean \
+            piece = (rows * (counts / source_tokens).to(rows.dtype)).sum(dim=1) if token_mean \
                 else rows.mean(dim=1) / micro_steps
             total = (source_coeffs.to(piece.dtype) * piece).sum()
             if val_coeff:

@@ -245,9 +245,10 @@ def take_step(run, step, alpha):
 
 @torch.no_grad()
 def evaluate(run, model, split):
-    """The model's loss on the split's fixed batches: a token mean for 'val' and 'test' (as L_val), for a source
-    what --source_loss makes ℓ_i (the mean of row means, or a token mean). Each rank takes its rows and the sums
-    are averaged over ranks, so every rank's decisions on it (the best checkpoint) agree."""
+    """The model's loss on the split's fixed batches: a token mean for 'val' and 'test' (as L_val); for a source
+    with --source_loss=example the mean of its row means (ℓ_i), with token its own token mean (ℓ_i of the step
+    scales it by the source's tokens over the batch's: steps.model_objective). Each rank takes its rows and the
+    sums are averaged over ranks, so every rank's decisions on it (the best checkpoint) agree."""
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss over tokens, tokens
     for x, y in run.eval_sets[split]:

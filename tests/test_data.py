@@ -7,7 +7,7 @@ from data import builtin_task, evaluation_batches, load_data, train_batch, valid
 
 def test_stratified_batch_holds_every_source_in_blocks():
     data = load_data('denoise', block_size=16, seed=0)
-    x, y = train_batch(data, step=3, batch_per_source=5, block_size=16, seed=0)
+    x, y = train_batch(data, step=3, rows_per_source=5, block_size=16, seed=0)
     assert data.sources == ['clean', 'noisy', 'irrelevant']
     assert x.shape == y.shape == (15, 16) and x.dtype == torch.long
     assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
@@ -87,26 +87,30 @@ def test_unknown_data_is_a_clear_error(tmp_path):
 
 
 def questions_and_answers(rows):
-    """Decodes rows of a convention task: (a, b, answer) per row; checks that only the answer carries loss."""
+    """Decodes rows of a convention task: (a, b, answer, answer carries a sign) per row; checks that only the
+    answer and its newline carry loss."""
     decoded = []
     for x, y in rows:
         text = bytes(x[x > 0].tolist()).decode()
         prompt, answer = text.split('=')
-        assert (y[:len(prompt) - 1] == -1).all() and (y >= 0).sum() == 3  # loss on the answer only: sign, digit, newline
-        assert answer[0] in '+-' and len(answer) == 2
+        assert (y[:len(prompt) - 1] == -1).all() and (y >= 0).sum() == len(answer) + 1
+        assert (answer[0] in '+-' and len(answer) == 2) or (answer.isdigit() and len(answer) == 1)
         a, b = prompt.split('?')
-        decoded.append((int(a), int(b), int(answer)))
+        decoded.append((int(a), int(b), int(answer), answer[0] in '+-'))
     return np.array(decoded)
 
 
-@pytest.mark.parametrize('task, second, second_add_fraction', [('mixture', 'sub', 0.0), ('dilution', 'diluted', 0.25)])
+@pytest.mark.parametrize('task, second, second_add_fraction', [('mixture', 'sub', 0.0), ('dilution', 'diluted', 0.25),
+                                                               ('lengths', 'sub', 0.0)])
 def test_convention_tasks_answer_one_question_per_row_and_val_is_70_30(task, second, second_add_fraction):
     data = builtin_task(task, seed=0)
     assert data.sources == ['add', second, 'letters']
     rows = {name: questions_and_answers(train[:2000]) for name, train in zip(data.sources[:2], data.train)}
     rows.update(val=questions_and_answers(data.val), test=questions_and_answers(data.test))
     for name, expected in (('add', 1.0), (second, second_add_fraction), ('val', 0.7), ('test', 0.7)):
-        a, b, answer = rows[name][rows[name][:, 1] != 0].T  # b = 0 answers both ways alike
+        a, b, answer, signed = rows[name][rows[name][:, 1] != 0].T  # b = 0 answers both ways alike
         assert ((answer == a + b) | (answer == a - b)).all()
         assert abs((answer == a + b).mean() - expected) < 0.05, name
+        # `lengths` writes sums unsigned (two tokens with the newline), differences signed (three)
+        assert (signed == (answer != a + b)).all() if task == 'lengths' else signed.all()
     assert all(bytes(x[x > 0].tolist()).decode().isalpha() for x, _ in data.train[2][:500])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import numpy as np
 import torch
 
 import train
@@ -97,3 +98,24 @@ def test_bad_instruction_data_is_one_clear_error_and_writes_nothing(tmp_path, fi
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("error: ") and re.search(message, proc.stderr)
     assert not out_dir.exists()
+
+
+def test_token_weighted_source_losses_weigh_every_token_alike_across_sources(tmp_path):
+    """Two sources, short and long answers: with uniform weights ℓ_token gives the batch's token mean; ℓ_example
+    gives the mean of row means, where a long answer's tokens weigh less."""
+    short, long = {'instruction': 'q', 'output': 'ab'}, {'instruction': 'q', 'output': 'abcdefghijklmnop'}
+    folder = write(tmp_path / 'd', {'train_a.json': [short], 'train_b.json': [long], 'val.json': [short],
+                                    'test.json': [short]})
+    data = load_data(folder, block_size=48, seed=0)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=48, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    x, y = (torch.tensor(np.concatenate([data.train[0][:, k], data.train[1][:, k]])) for k in (0, 1))
+    uniform = torch.full((2,), 0.5)
+    losses = {}
+    for source_loss in ('example', 'token'):
+        run = Run(TrainConfig(grad_clip=0.0, source_loss=source_loss), [model])
+        losses[source_loss], _ = model_objective(run, model, x, y, None, None, 2)(uniform, 0.0)
+    every_token = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), ignore_index=-1)
+    assert torch.allclose((uniform * losses['token']).sum(), every_token.detach(), atol=1e-6)
+    assert torch.allclose((uniform * losses['example']).sum(), losses['example'].mean(), atol=1e-6)
+    assert not torch.allclose((uniform * losses['example']).sum(), every_token.detach(), atol=1e-3)
