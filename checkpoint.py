@@ -1,8 +1,8 @@
 """
 What a run keeps on disk, and how it proves itself.
 
-- The out_dir belongs to one run: rank 0 holds out_dir/run.lock (its pid and host) while the run lives, and a
-  fresh run refuses a folder that holds another run's files unless told --overwrite=True.
+- The out_dir belongs to one run: rank 0 holds a lock on out_dir/run.lock (its pid and host) while the run
+  lives, and a fresh run refuses a folder that holds another run's files unless told --overwrite=True.
 - Checkpoints: a folder written by torch.distributed.checkpoint (each rank writes its own shards, nothing is
   gathered into one rank's memory) plus meta.json; saved at one world size, loadable at any other. The same
   format serves out_dir/ckpt (everything needed to resume) and out_dir/best (the best upper model).
@@ -11,6 +11,7 @@ What a run keeps on disk, and how it proves itself.
   a load checks both, so a damaged shard or changed data is one clear error, not a different result.
 """
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -33,8 +34,8 @@ from model import GPTConfig, empty_model
 warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
 
 # what a run writes into its out_dir, and whether each is a folder
-RUN_FILES = {'ckpt': True, 'ckpt.old': True, 'ckpt.tmp': True, 'best': True, 'best.tmp': True, 'hf': True,
-             'log.jsonl': False, 'summary.json': False, 'mixture.json': False}
+RUN_FILES = {'ckpt': True, 'ckpt.old': True, 'ckpt.tmp': True, 'best': True, 'best.old': True, 'best.tmp': True,
+             'hf': True, 'log.jsonl': False, 'summary.json': False, 'mixture.json': False}
 LOCK = 'run.lock'
 
 
@@ -43,28 +44,39 @@ LOCK = 'run.lock'
 
 @contextlib.contextmanager
 def own_out_dir(out_dir, resume, overwrite):
-    """Holds out_dir for this run: rank 0 checks that it can be written (by writing the lock), that no live
-    run holds it, and that a fresh run does not write over another's files; every rank gets the same answer.
-    On the way out the lock goes, and so does an out_dir this run created and left empty (bad input)."""
-    created = rank0_decides(lambda: _claim(out_dir, resume, overwrite))
+    """Holds out_dir for this run. Rank 0 takes out_dir/run.lock with flock, which the kernel releases when the
+    process ends, so a killed run leaves no stale lock; taking it is also the test that the folder can be
+    written. A fresh run in a folder with another run's files is refused unless --overwrite=True; yields those
+    files, for the run to delete once its inputs are known to be good (remove_files). On the way out, the folders
+    this run created and left empty (bad input) go again."""
+    if resume and overwrite:
+        raise ValueError("--resume=True continues the run in out_dir, --overwrite=True deletes it: choose one")
+    created, previous = rank0_decides(lambda: _claim(out_dir, resume, overwrite))
     try:
-        yield
+        yield previous
     finally:
         if is_main_process():
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(out_dir, LOCK))
-            if created:
+            lock = _HELD_LOCKS.pop(out_dir)
+            os.remove(lock.name)
+            lock.close()
+            for folder in created:  # the deepest first
                 with contextlib.suppress(OSError):
-                    os.rmdir(out_dir)  # only if empty
+                    os.rmdir(folder)  # only if empty
+
+
+_HELD_LOCKS = {}  # out_dir -> the open, flocked run.lock of this process's run
 
 
 def _claim(out_dir, resume, overwrite):
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out_dir={out_dir} is a file, not a folder")
-    created = not os.path.exists(out_dir)
+    created, folder = [], os.path.abspath(out_dir)
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        _take_lock(out_dir)
+        lock = _take_lock(out_dir)
     except OSError as e:  # read-only, or under a file, or on a full disk: writing the lock is the test
         raise ValueError(f"--out_dir={out_dir} cannot be written ({e.strerror})") from None
     used = [name for name in RUN_FILES if os.path.lexists(os.path.join(out_dir, name))]
@@ -77,62 +89,67 @@ def _claim(out_dir, resume, overwrite):
         problem = (f"--out_dir={out_dir} holds another run ({', '.join(used)}): continue it with --resume=True, "
                    f"or start afresh with --overwrite=True (deletes those) or another --out_dir")
     if problem:
-        os.remove(os.path.join(out_dir, LOCK))
+        os.remove(lock.name)
+        lock.close()
         raise ValueError(problem)
-    if overwrite and not resume:
-        for name in used:
-            path = os.path.join(out_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    return created
+    _HELD_LOCKS[out_dir] = lock
+    return created, used if overwrite else []
 
 
 def _take_lock(out_dir):
-    """out_dir/run.lock, created exclusively; a lock whose process is gone from this host is stale and replaced."""
+    """out_dir/run.lock, open and flocked, holding this process's pid and host for the message of a refused run."""
     path = os.path.join(out_dir, LOCK)
-    for attempt in range(2):
+    while True:
+        lock = open(path, 'a+')
         try:
-            with open(path, 'x') as f:
-                f.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            return
-        except FileExistsError:
-            with open(path) as f:
-                pid, host, *since = f.read().split() + ['?', '?']
-            if attempt == 0 and host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                os.remove(path)  # its run was killed: the lock is stale
-                continue
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pid, host, *since = lock.read().split() + ['?'] * 4
+            lock.close()
             raise ValueError(f"--out_dir={out_dir} is in use by another run (process {pid} on {host}, since "
-                             f"{' '.join(since[:2])}); wait for it or use another --out_dir (if that run is gone, "
-                             f"delete {path})") from None
+                             f"{' '.join(since[:2])}): wait for it, or use another --out_dir") from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+            break
+        lock.close()  # the run that held it removed it as we locked it: take the new one
+    lock.truncate(0)
+    lock.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    return lock
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+def remove_files(out_dir, names):
+    """Deletes these files and folders of out_dir (the previous run's, for --overwrite=True), on rank 0."""
+    if is_main_process():
+        for name in names:
+            path = os.path.join(out_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    barrier()
 
 
 # ----------------------------------------------------------------------------------------------
 # checksums
 
-_DIGESTS = {}  # (path, size, mtime) -> SHA-256: a large corpus is read once per process, not at every save
-
-
 def sha256(path):
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        with open(path, 'rb') as f:
-            _DIGESTS[key] = hashlib.file_digest(f, 'sha256').hexdigest()
-    return _DIGESTS[key]
+    with open(path, 'rb') as f:
+        return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+# (path, size, mtime, inode) -> SHA-256 of a data file: a large corpus is read once per process (compare.py runs
+# many). Not for checkpoint files, which are rewritten at the same path and size, perhaps within an mtime tick
+_DATA_DIGESTS = {}
 
 
 def data_fingerprint(files):
-    """{name: [bytes, SHA-256]} of the files a run reads its data and tokenizer from."""
-    return {name: [os.path.getsize(path), sha256(path)] for name, path in files.items()}
+    """{name: [bytes, SHA-256]} of the files a run reads its data, tokenizer and reference model from."""
+    fingerprint = {}
+    for name, path in files.items():
+        stat = os.stat(path)
+        key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        if key not in _DATA_DIGESTS:
+            _DATA_DIGESTS[key] = sha256(path)
+        fingerprint[name] = [stat.st_size, _DATA_DIGESTS[key]]
+    return fingerprint
 
 
 def check_data_unchanged(recorded, now):
@@ -200,34 +217,52 @@ def save_checkpoint(path, models, optimizers, tensors, meta, keep_previous=False
 
 
 def checkpoint_folder(path):
-    for candidate in (path, path + '.old'):
-        if os.path.isfile(os.path.join(candidate, 'meta.json')):
-            return candidate
-    if os.path.exists(path) and not os.path.isdir(path):
+    """path, or path.old where path is missing: a kill between the two renames of save_checkpoint."""
+    if os.path.lexists(path) and not os.path.isdir(path):
         raise ValueError(f"{path} should be a checkpoint folder, and it is a file")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, 'meta.json')):
+            raise ValueError(f"the checkpoint {path} is incomplete: it has no meta.json{_previous(path)}")
+        return path
+    if os.path.isfile(os.path.join(path + '.old', 'meta.json')):
+        return path + '.old'
     raise FileNotFoundError(f"--resume=True but there is no checkpoint {path}")
 
 
 def read_meta(path):
+    """meta.json of the checkpoint at path (checkpoint_folder), with 'folder' added; an unreadable one, or one
+    without the step and the checksums of its files, is an error naming it."""
     folder = checkpoint_folder(path)
+    problem = _meta_problem(folder)
+    if problem:
+        raise ValueError(f"{folder}/meta.json is unreadable ({problem}){_previous(folder)}")
+    with open(os.path.join(folder, 'meta.json')) as f:
+        return {**json.load(f), 'folder': folder}
+
+
+def _meta_problem(folder):
     try:
         with open(os.path.join(folder, 'meta.json')) as f:
             meta = json.load(f)
-        return {**meta, 'folder': folder, 'files': dict(meta['files'])}
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{folder}/meta.json is unreadable ({e}){_previous(folder)}") from None
+    except (OSError, ValueError) as e:
+        return str(e)
+    if not isinstance(meta, dict) or not isinstance(meta.get('step'), int):
+        return "no step"
+    if not isinstance(meta.get('files'), dict) or '.metadata' not in meta['files']:
+        return "no checksums of its files"
+    return None
 
 
 def _previous(folder):
-    """Where to turn when folder is damaged: the previous checkpoint, if a good one is there."""
+    """Where to turn when folder is damaged: the previous checkpoint, if it is there and its files are intact."""
     old = folder + '.old'
-    if folder.endswith('.old') or not os.path.isfile(os.path.join(old, 'meta.json')):
+    if folder.endswith('.old') or not os.path.isdir(old) or _meta_problem(old):
         return ''
-    with contextlib.suppress(ValueError, KeyError, OSError):
-        with open(os.path.join(old, 'meta.json')) as f:
-            step = json.load(f)['step']
-        return f"; the previous checkpoint {old} (step {step}) is there: move it to {folder} to resume from it"
-    return ''
+    with open(os.path.join(old, 'meta.json')) as f:
+        meta = json.load(f)
+    if _verify(old, meta['files']):
+        return ''
+    return f"; the previous checkpoint {old} (step {meta['step']}) is intact: move it to {folder} to resume from it"
 
 
 def load_checkpoint(meta, models, optimizers, tensors):

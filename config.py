@@ -103,6 +103,7 @@ RULES = [  # (fields, the rule, what the error says)
       'logits_weight_decay', 'grad_clip', 'warmup_steps', 'seed'), lambda v: v >= 0,
      "must be 0 or positive"),  # 0 has a meaning for each: off, all, or none
     (('dropout',), lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    (('dist_timeout',), lambda v: v <= 10_000, "must be at most 10000 (minutes)"),
 ]
 PATHS = ('data', 'tokenizer', 'weights', 'reference', 'out_dir', 'init_from')  # '~' is expanded in each
 

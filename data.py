@@ -241,14 +241,16 @@ def _read_records(path):
             for number, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
-                        records.append(json.loads(line))
+                        records.append((f"line {number}", json.loads(line)))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}: line {number}: malformed JSON ({e.msg})") from None
         else:
             records = json.loads(text)
+            records = [(f"record {number}", r) for number, r in enumerate(records, 1)] if isinstance(records, list) \
+                else None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from None
-    if not isinstance(records, list) or not records:
+    if not records:
         raise ValueError(f"{path} holds no examples (expected a JSON list of records, or JSON Lines)")
     return records
 
@@ -288,21 +290,22 @@ def _example_rows(examples, block_size, tokenizer, notes, where):
 def _examples(path, block_size, notes, tokenizer):
     """Each record of a JSON file as one row: {"text"}, or {"instruction", "input" (optional), "output"}, all
     strings (a null or a list would otherwise train as the text 'None' or "['a', 'b']")."""
-    examples = []
-    for number, record in enumerate(_read_records(path), 1):
-        fields = ('text',) if isinstance(record, dict) and 'text' in record else ('instruction', 'output')
+    examples, blank = [], True
+    for where, record in _read_records(path):
         if not isinstance(record, dict) or not any(k in record for k in ('text', 'output')):
-            raise ValueError(f'{path}: record {number} has neither "text" nor "output"')
-        for key in fields + (('input',) if 'input' in record else ()):
+            raise ValueError(f'{path}: {where} has neither "text" nor "output"')
+        required = ('text',) if 'text' in record else ('instruction', 'output')
+        for key in dict.fromkeys(required + tuple(k for k in ('text', 'instruction', 'input', 'output') if k in record)):
             if not isinstance(record.get(key), str):
-                raise ValueError(f'{path}: record {number}: "{key}" must be a string, got '
+                raise ValueError(f'{path}: {where}: "{key}" must be a string, got '
                                  f'{json.dumps(record.get(key)) if key in record else "nothing"}')
+        blank = blank and not ''.join(record[k] for k in required + ('input',) if k in record).strip()
         if 'text' in record:
             examples.append(('', record['text']))
         else:
             section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
             examples.append((PROMPT.format(instruction=record['instruction'], input_section=section), record['output']))
-    if not any(''.join(example).strip() for example in examples):
+    if blank:
         raise ValueError(f"{path}: every record is blank")
     return _example_rows(examples, block_size, tokenizer, notes, path)
 

@@ -17,7 +17,7 @@ echo "bench exit $?" >> "$OUT/gpu.txt"
 for layers in 2 0; do
     timeout 150 $PY -m torch.distributed.run --standalone --nproc_per_node 1 train.py --model=gpt2 \
         --block_size=256 --batch_per_source=16 --val_batch=32 --max_steps=100 --eval_interval=100 \
-        --eval_batches=2 --ckpt_interval=1000 --lisa_layers=$layers --out_dir=/tmp/gpu_train_lisa$layers \
+        --eval_batches=2 --ckpt_interval=1000 --lisa_layers=$layers --out_dir=/tmp/gpu_train_lisa$layers --overwrite=True \
         > "$OUT/train_lisa$layers.log" 2>&1
     echo "train lisa_layers=$layers exit $?" >> "$OUT/gpu.txt"
     cp /tmp/gpu_train_lisa$layers/summary.json "$OUT/summary_lisa$layers.json" 2>/dev/null
@@ -27,7 +27,7 @@ done
 for offload in False True; do
     timeout 150 $PY -m torch.distributed.run --standalone --nproc_per_node 1 train.py --n_layer=4 --max_steps=20 \
         --lisa_layers=2 --lisa_interval=5 --dtype=float64 --amp=False --eval_interval=20 --cpu_offload=$offload \
-        --out_dir=/tmp/gpu_offload_$offload > "$OUT/offload_$offload.log" 2>&1
+        --out_dir=/tmp/gpu_offload_$offload --overwrite=True > "$OUT/offload_$offload.log" 2>&1
     echo "train cpu_offload=$offload exit $?" >> "$OUT/gpu.txt"
 done
 $PY -c "

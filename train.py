@@ -38,7 +38,7 @@ from tqdm import tqdm
 from baselines import fixed_step, irdro_step, load_reference, rholoss_step
 from bilevel import LOGITS_RULES, cosine_lr, logits_step_size, make_logits_optimizer, penalty_schedule
 from checkpoint import (check_data_unchanged, data_fingerprint, load_checkpoint, own_out_dir, read_meta,
-                        save_checkpoint)
+                        remove_files, save_checkpoint)
 from config import RESUMABLE_CHANGES, micro_steps, parse_config
 from data import (TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer,
                   proportional_rows, rank_rows)
@@ -59,19 +59,21 @@ def main(argv):
     # the process group under torchrun, and the out_dir, which belongs to this run until it ends
     processes = init_distributed(cfg.device, cfg.dist_timeout)
     try:
-        with own_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite):
-            return train(cfg, processes)
+        with own_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite) as previous_run:
+            return train(cfg, processes, previous_run)
     except RuntimeError as e:
         raise peer_error(e, cfg.dist_timeout) from None
 
 
-def train(cfg, processes):
+def train(cfg, processes, previous_run):
     # the data, both model copies, their optimizers and p, on every rank
     run = build_run(cfg, processes)
+    # --overwrite=True: the previous run's files go, now that this run's inputs are known to be good
+    remove_files(cfg.out_dir, previous_run)
     # continue from the last checkpoint, or start afresh
-    start_step = resume_from_checkpoint(run) if cfg.resume else 0
-    trim_log(run, start_step)
     end_step = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
+    start_step = resume_from_checkpoint(run, end_step) if cfg.resume else 0
+    trim_log(run, start_step)
     record = None
     progress = tqdm(range(start_step, end_step), initial=start_step, total=end_step, dynamic_ncols=True,
                     disable=run.rank != 0)
@@ -96,7 +98,7 @@ def train(cfg, processes):
             if done % cfg.ckpt_interval == 0 or done == end_step:
                 save(run, done)
     progress.close()
-    if record is None:  # resumed at the final step: what log.jsonl holds of it
+    if record is None:  # resumed at the final step, killed before its summary: what log.jsonl holds of it
         record = rank0_decides(lambda: logged_record(cfg.out_dir, end_step))
     # summary.json, and with --export the trained model and the mixture for use elsewhere
     return finish(run, record, start_step, end_step)
@@ -124,7 +126,10 @@ def build_run(cfg, processes):
     # what the run trains on, down to the bytes: every checkpoint records it, and a resume checks it
     tokenizer_files = {f'tokenizer/{name}': os.path.join(cfg.tokenizer, name) for name in TOKENIZER_FILES
                        if cfg.tokenizer != 'bytes' and os.path.isfile(os.path.join(cfg.tokenizer, name))}
-    fingerprint = data_fingerprint({**data.files, **tokenizer_files}) if rank == 0 else None
+    reference = os.path.join(cfg.reference, 'best') if cfg.method == 'rholoss' and cfg.reference else ''
+    reference_files = {f'reference/{name}': os.path.join(reference, name) for name in sorted(os.listdir(reference))} \
+        if os.path.isdir(reference) else {}
+    fingerprint = data_fingerprint({**data.files, **tokenizer_files, **reference_files}) if rank == 0 else None
     models, model_config = build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size)
     # p: λ = softmax(p) starts uniform
     source_logits = torch.zeros(len(data.sources), device=device, dtype=dtype, requires_grad=True)
@@ -333,11 +338,19 @@ def save(run, step):
                     keep_previous=True)
 
 
-def resume_from_checkpoint(run):
+def resume_from_checkpoint(run, end_step):
     """Loads out_dir/ckpt in place; returns its step. The config must be the checkpoint's, but for
-    RESUMABLE_CHANGES."""
+    RESUMABLE_CHANGES, and so must the data, byte for byte."""
     cfg, path = run.cfg, os.path.join(run.cfg.out_dir, 'ckpt')
     meta = read_meta(path)
+    missing = {'config', 'best_val_loss', 'lower_val_rises', 'cuda_rng', 'data_files'} - set(meta)
+    unknown = set(meta.get('config', {})) - {f.name for f in dataclasses.fields(cfg)}
+    if missing or unknown:
+        raise ValueError(f"{meta['folder']}/meta.json was not written by this version of train.py (it lacks "
+                         f"{sorted(missing)}, has the unknown config fields {sorted(unknown)})")
+    if meta['step'] > end_step:
+        raise ValueError(f"the checkpoint is at step {meta['step']}, past the step this run is to stop at ({end_step}): "
+                         f"raise --stop_at, or set it to 0")
     changed = [k for k, v in meta['config'].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
     if changed:
         raise ValueError("--resume=True with a different config: " + ', '.join(
@@ -427,17 +440,29 @@ def tokens_per_step(cfg, n_sources):
 
 def finish(run, record, start_step, end_step):
     cfg, sources = run.cfg, run.data.sources
+    summary_file = os.path.join(cfg.out_dir, 'summary.json')
+    if start_step == end_step and os.path.isfile(summary_file):  # resumed a finished run: nothing to do
+        with open(summary_file) as f:
+            summary = json.load(f)
+        if run.rank == 0:
+            print(f"nothing to do: the run is complete ({summary_file})")
+        if cfg.export and not os.path.isfile(os.path.join(cfg.out_dir, 'mixture.json')):  # written last
+            export(run, summary['weights'])
+        return summary
+    ran = end_step > start_step  # time and memory are measured over the steps this process ran
     summary = {'sources': sources, 'weights': list(record['weights'].values()), 'steps': end_step,
                'val_loss': record['val_loss'], 'best_val_loss': run.best_val_loss, 'test_loss': record['test_loss'],
                'per_source_loss': record['per_source_loss'],
-               'tokens_per_second': tokens_per_step(cfg, len(sources)) * (end_step - start_step) / max(run.train_time, 1e-9),
-               'world_size': run.world_size, 'per_rank_bytes': rank_bytes(run.models, run.optimizers, run.grad_bytes),
+               'tokens_per_second': tokens_per_step(cfg, len(sources)) * (end_step - start_step) / run.train_time
+               if ran else None,
+               'world_size': run.world_size,
+               'per_rank_bytes': rank_bytes(run.models, run.optimizers, run.grad_bytes) if ran else None,
                'config': dataclasses.asdict(cfg), 'model_config': dataclasses.asdict(run.model_config)}
-    summary['per_rank_state_bytes'] = sum(summary['per_rank_bytes'].values())
-    if run.device.startswith('cuda'):
+    summary['per_rank_state_bytes'] = sum(summary['per_rank_bytes'].values()) if ran else None
+    if run.device.startswith('cuda') and ran:
         summary['peak_memory_bytes'] = torch.cuda.max_memory_allocated()
     if run.rank == 0:
-        with open(os.path.join(cfg.out_dir, 'summary.json'), 'w') as f:
+        with open(summary_file, 'w') as f:
             json.dump(summary, f, indent=2)
         print(f"\n{'source':<16}{'weight':>10}{'loss (model)':>18}")
         for s, w in record['weights'].items():
@@ -473,10 +498,13 @@ def peer_error(error, timeout):
     names = [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)
              if frame.f_code.co_filename.endswith('distributed_c10d.py')]
     during = f"the collective {names[-1]}" if names else "a collective"
+    if not torch.distributed.is_initialized():
+        return error
     if 'Timed out' in str(error):
         return TimeoutError(f"{during} waited more than --dist_timeout={timeout} minutes for another process: "
                             f"one is hung, or far slower than this one")
-    if 'Connection closed by peer' in str(error):
+    if any(sign in str(error) for sign in ('Connection closed by peer', 'Connection reset by peer', 'Read error',
+                                           'Broken pipe')):
         return ConnectionError(f"another process ended during {during}")
     return error
 

@@ -126,12 +126,11 @@ def test_an_error_ends_every_rank_with_its_message(tmp_path, args, message):
     assert not (tmp_path / 'out').exists()
 
 
-def test_a_hung_peer_ends_every_live_rank_within_the_timeout_naming_the_collective(tmp_path):
-    """Rank 1 stopped (SIGSTOP) in the middle of training: rank 0 waits --dist_timeout (6 s here), then exits
-    with one line; torchrun then kills the stopped rank."""
+def launch_and_find_workers(tmp_path, *args):
+    """torchrun with 2 processes, once training has logged: (the launcher, {rank: pid})."""
     launcher = subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                                 'train.py', *TINY, '--max_steps=100000', '--dist_timeout=0.1',
-                                 f'--out_dir={tmp_path}'], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                                 'train.py', *TINY, '--max_steps=100000', f'--out_dir={tmp_path}', *args], cwd=ROOT,
+                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (tmp_path / 'log.jsonl').exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -139,13 +138,30 @@ def test_a_hung_peer_ends_every_live_rank_within_the_timeout_naming_the_collecti
     for child in open(f'/proc/{launcher.pid}/task/{launcher.pid}/children').read().split():
         environ = open(f'/proc/{child}/environ', 'rb').read().split(b'\0')
         workers[next(int(v[5:]) for v in environ if v.startswith(b'RANK='))] = int(child)
+    return launcher, workers
+
+
+def test_a_killed_rank_ends_the_other_with_one_line(tmp_path):
+    launcher, workers = launch_and_find_workers(tmp_path)
+    os.kill(workers[1], signal.SIGKILL)
+    _, stderr = launcher.communicate(timeout=120)
+    errors = [line for line in stderr.splitlines() if 'error:' in line]
+    assert launcher.returncode != 0 and 'train.py", line' not in stderr  # no traceback from a rank (torchrun's own is its)
+    assert len(errors) == 1 and re.fullmatch(r"\[rank 0\] error: another process ended during the collective \w+",
+                                             errors[0]), stderr[-2000:]
+
+
+def test_a_hung_peer_ends_every_live_rank_within_the_timeout_naming_the_collective(tmp_path):
+    """Rank 1 stopped (SIGSTOP) in the middle of training: rank 0 waits --dist_timeout (6 s here), then exits
+    with one line; torchrun then kills the stopped rank."""
+    launcher, workers = launch_and_find_workers(tmp_path, '--dist_timeout=0.1')
     os.kill(workers[1], signal.SIGSTOP)
     stopped = time.time()
     while os.path.exists(f'/proc/{workers[0]}') and open(f'/proc/{workers[0]}/stat').read().split()[2] != 'Z':
         time.sleep(0.2)
     assert time.time() - stopped < 6 + 10  # rank 0 is gone (a zombie until torchrun reaps it)
     _, stderr = launcher.communicate(timeout=120)
-    assert launcher.returncode != 0 and not os.path.exists(f'/proc/{workers[1]}')
+    assert launcher.returncode != 0 and not os.path.exists(f'/proc/{workers[1]}') and 'train.py", line' not in stderr
     errors = [line for line in stderr.splitlines() if 'error:' in line]
     assert len(errors) == 1 and re.fullmatch(r"\[rank 0\] error: the collective \w+ waited more than "
                                              r"--dist_timeout=0.1 minutes for another process: one is hung, or far "

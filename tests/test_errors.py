@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +70,7 @@ RECORDS = json.dumps([{'instruction': f'{a}+{a}', 'output': str(2 * a)} for a in
     (['--stop_at=-5'], "--stop_at must be 0 or positive, got -5"),
     (['--lisa_layers=-3'], "--lisa_layers must be 0 or positive, got -3"),
     (['--dist_timeout=0'], "--dist_timeout must be positive, got 0.0"),
+    (['--dist_timeout=1e300'], r"--dist_timeout must be at most 10000 \(minutes\), got 1e\+300"),
     (['--dropout=1'], r"--dropout must be in \[0, 1\), got 1.0"),
     (['--device=tpu'], "--device must be auto, cpu, cuda or cuda:<index>, got 'tpu'"),
     (['--device=cuda:x'], "--device must be auto, cpu, cuda or cuda:<index>, got 'cuda:x'"),
@@ -112,6 +114,12 @@ def test_a_bad_value_is_one_line_naming_the_field_and_writes_nothing(tmp_path, c
      r"train_a.json: every record is blank"),
     ({'train_a.json': b'[{"text": "\xff\xfe"}]', 'val.json': RECORDS, 'test.json': RECORDS},
      r"train_a.json is not UTF-8 text"),
+    ({'train_a.json': '[{"instruction": " ", "input": "", "output": ""}]', 'val.json': RECORDS, 'test.json': RECORDS},
+     r"train_a.json: every record is blank"),
+    ({'train_a.json': '[{"text": "abc", "output": 5}]', 'val.json': RECORDS, 'test.json': RECORDS},
+     r'train_a.json: record 1: "output" must be a string, got 5'),
+    ({'train_a.jsonl': '{"text": "abc"}\n\n{"text": 7}\n', 'val.json': RECORDS, 'test.json': RECORDS},
+     r'train_a.jsonl: line 3: "text" must be a string, got 7'),
 ])
 def test_bad_data_is_one_line_naming_the_file_and_writes_nothing(tmp_path, capsys, files, message):
     folder = write(tmp_path / 'data', files)
@@ -154,8 +162,8 @@ def test_two_runs_at_once_in_one_out_dir_the_second_is_refused_and_the_first_goe
     second = subprocess.run([sys.executable, 'train.py', *TINY, f'--out_dir={out}', '--overwrite=True'], cwd=ROOT,
                             capture_output=True, text=True)
     assert second.returncode == 1 and 'Traceback' not in second.stderr
-    assert re.fullmatch(rf"error: --out_dir={out} is in use by another run \(process {first.pid} on .*\); wait "
-                        rf"for it or use another --out_dir \(if that run is gone, delete {out}/run.lock\)\n", second.stderr)
+    assert re.fullmatch(rf"error: --out_dir={out} is in use by another run \(process {first.pid} on .*\): wait "
+                        rf"for it, or use another --out_dir\n", second.stderr)
     time.sleep(2)  # the first run goes on logging, alone
     first.terminate()
     assert first.wait(timeout=120) == 128 + 15, first.stderr.read()
@@ -165,15 +173,21 @@ def test_two_runs_at_once_in_one_out_dir_the_second_is_refused_and_the_first_goe
     assert not (out / 'run.lock').exists()
 
 
-def test_a_lock_left_by_a_killed_run_is_stale_and_one_held_elsewhere_is_respected(tmp_path, capsys):
-    gone = subprocess.Popen([sys.executable, '-c', 'pass'])
-    gone.wait()  # its pid names no process now
-    write(tmp_path / 'stale', {'run.lock': f"{gone.pid} {checkpoint.socket.gethostname()} 2026-01-01 00:00:00\n"})
-    assert train.cli([*TINY, f'--out_dir={tmp_path}/stale', '--max_steps=5']) == 0
+def test_a_lock_file_nobody_holds_is_taken_and_one_held_is_respected(tmp_path, capsys):
+    """The lock is an flock: a killed run's file stays, its lock does not (test_train.py kills one for real)."""
+    write(tmp_path / 'left', {'run.lock': "1234 another-host 2026-01-01 00:00:00\n"})
+    assert train.cli([*TINY, f'--out_dir={tmp_path}/left', '--max_steps=5']) == 0
     capsys.readouterr()
     write(tmp_path / 'held', {'run.lock': "1234 another-host 2026-01-01 00:00:00\n"})
-    assert re.search(r"is in use by another run \(process 1234 on another-host, since 2026-01-01 00:00:00\)",
-                     fails(capsys, tmp_path / 'held'))
+    holder = subprocess.Popen([sys.executable, '-c', f"import fcntl, sys, time; f = open('{tmp_path}/held/run.lock'); "
+                               f"fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == 'held\n'
+    try:
+        assert re.search(r"is in use by another run \(process 1234 on another-host, since 2026-01-01 00:00:00\)",
+                         fails(capsys, tmp_path / 'held'))
+    finally:
+        holder.kill()
     assert os.listdir(tmp_path / 'held') == ['run.lock']
 
 
@@ -229,6 +243,11 @@ def damage(path, how):
     elif how == 'garble':
         with open(path, 'w') as f:
             f.write('{"step": 1')
+    elif how == 'no checksums':
+        with open(path) as f:
+            meta = json.load(f)
+        with open(path, 'w') as f:
+            json.dump({**meta, 'files': {}}, f)
 
 
 @pytest.mark.parametrize("name, how, message", [
@@ -237,6 +256,8 @@ def damage(path, how):
     ('.metadata', 'empty', r"the checkpoint is damaged: .*/ckpt/.metadata does not match its checksum"),
     ('__0_0.distcp', 'remove', r"the checkpoint is damaged: .*/ckpt/__0_0.distcp is missing"),
     ('meta.json', 'garble', r".*/ckpt/meta.json is unreadable \(.*\)"),
+    ('meta.json', 'no checksums', r".*/ckpt/meta.json is unreadable \(no checksums of its files\)"),
+    ('meta.json', 'remove', r"the checkpoint .*/ckpt is incomplete: it has no meta.json"),
 ])
 def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_previous_one(stopped_run, tmp_path, capsys,
                                                                              name, how, message):
@@ -245,7 +266,7 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_previous_one(st
     damage(out / 'ckpt' / name, how)
     before = listing(out)
     line = fails(capsys, out, '--max_steps=20', '--resume=True')
-    assert re.search(message + rf"; the previous checkpoint {out}/ckpt.old \(step 5\) is there: move it to "
+    assert re.search(message + rf"; the previous checkpoint {out}/ckpt.old \(step 5\) is intact: move it to "
                      rf"{out}/ckpt to resume from it", line), line
     assert listing(out) == before
     # as it says: the previous checkpoint resumes
@@ -325,3 +346,67 @@ def test_a_nan_at_the_first_step_says_no_checkpoint_exists(tmp_path, capsys, mon
     line = fails(capsys, tmp_path / 'out')
     assert re.search(r"non-finite loss or gradient at step 0: .*; stopped without saving, no checkpoint was "
                      r"written yet", line)
+
+
+def test_with_the_previous_checkpoint_damaged_too_the_error_offers_none(stopped_run, tmp_path, capsys):
+    shutil.copytree(stopped_run, tmp_path / 'out')
+    for folder in ('ckpt', 'ckpt.old'):
+        damage(tmp_path / 'out' / folder / '__0_0.distcp', 'flip')
+    line = fails(capsys, tmp_path / 'out', '--max_steps=20', '--resume=True')
+    assert line.endswith("ckpt/__0_0.distcp does not match its checksum")
+
+
+def test_a_checkpoint_of_another_version_or_past_the_stop_is_refused(stopped_run, tmp_path, capsys):
+    out = tmp_path / 'out'
+    shutil.copytree(stopped_run, out)
+    assert re.search(r"the checkpoint is at step 10, past the step this run is to stop at \(5\)",
+                     fails(capsys, out, '--max_steps=20', '--resume=True', '--stop_at=5'))
+    with open(out / 'ckpt' / 'meta.json') as f:
+        meta = json.load(f)
+    with open(out / 'ckpt' / 'meta.json', 'w') as f:
+        json.dump({**meta, 'config': {**meta['config'], 'gone_field': 1}}, f)
+    assert re.search(r"meta.json was not written by this version of train.py \(it lacks \[\], has the unknown "
+                     r"config fields \['gone_field'\]\)", fails(capsys, out, '--max_steps=20', '--resume=True'))
+
+
+def test_overwrite_deletes_the_previous_run_only_once_the_inputs_are_good(stopped_run, tmp_path, capsys):
+    out = tmp_path / 'out'
+    shutil.copytree(stopped_run, out)
+    before = listing(out)
+    assert re.search(r"data '/nonexistent' is neither", fails(capsys, out, '--overwrite=True', '--data=/nonexistent'))
+    assert re.search(r"--resume=True continues the run in out_dir, --overwrite=True deletes it: choose one",
+                     fails(capsys, out, '--overwrite=True', '--resume=True'))
+    assert listing(out) == before
+
+
+def test_a_failed_run_leaves_no_folder_it_created(tmp_path, capsys):
+    fails(capsys, tmp_path / 'a' / 'b' / 'c', '--data=/nonexistent')
+    assert os.listdir(tmp_path) == []
+
+
+def test_resuming_a_finished_run_leaves_it_and_a_killed_export_is_finished(tmp_path, capsys):
+    out = tmp_path / 'out'
+    assert train.cli([*TINY, f'--out_dir={out}', '--export=True']) == 0
+    with open(out / 'summary.json') as f:
+        finished = f.read()
+    assert train.cli([*TINY, f'--out_dir={out}', '--export=True', '--resume=True']) == 0
+    assert "nothing to do: the run is complete" in capsys.readouterr().out
+    with open(out / 'summary.json') as f:
+        assert f.read() == finished  # not overwritten with this process's (empty) measurements
+    shutil.rmtree(out / 'hf')
+    os.remove(out / 'mixture.json')  # killed during the export
+    assert train.cli([*TINY, f'--out_dir={out}', '--export=True', '--resume=True']) == 0
+    assert (out / 'mixture.json').exists() and (out / 'hf' / 'config.json').exists()
+
+
+def test_a_file_size_limit_during_a_checkpoint_is_one_line(tmp_path):
+    """A real write error inside torch.distributed.checkpoint (EFBIG under a file-size limit, as a full disk)."""
+    def limit_file_size():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    proc = subprocess.run([sys.executable, 'train.py', *TINY, f'--out_dir={tmp_path}/out', '--save_best=False'],
+                          cwd=ROOT, capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert re.fullmatch(r"error: could not write the checkpoint .*/out/ckpt.tmp \(File too large\); .*/out/ckpt, if "
+                        r"there is one, is intact", proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]

@@ -10,6 +10,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import train
+from checkpoint import read_meta
 from hf import export_pretrained, from_pretrained
 from model import GPT, GPTConfig, make_model
 from plan import state_plan
@@ -76,6 +77,24 @@ def test_a_signal_mid_run_leaves_a_checkpoint_the_run_resumes_from(tmp_path, sig
     assert stopped_at >= 5
     # resumed, it ends where an uninterrupted run with the same schedule ends
     args = ['--max_steps=100000', f'--stop_at={stopped_at + 4}']
+    run(out, *args, '--resume=True')
+    run(tmp_path / 'whole', *args)
+    assert_same_state(final_state(out), final_state(tmp_path / 'whole'), atol=1e-10)
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    """SIGKILL: no handler runs, the lock dies with the process, and the last checkpoint (perhaps only ckpt.old, if
+    the kill fell between its renames) resumes to the uninterrupted run's state."""
+    out = tmp_path / 'killed'
+    proc = subprocess.Popen([sys.executable, 'train.py', *TINY, f'--out_dir={out}', '--max_steps=100000',
+                             '--ckpt_interval=5'], cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / 'ckpt.old').exists() and time.time() < deadline:  # two checkpoints written
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    step = read_meta(str(out / 'ckpt'))['step']
+    args = ['--max_steps=100000', f'--stop_at={step + 4}', '--ckpt_interval=5']
     run(out, *args, '--resume=True')
     run(tmp_path / 'whole', *args)
     assert_same_state(final_state(out), final_state(tmp_path / 'whole'), atol=1e-10)
