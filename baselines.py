@@ -93,8 +93,9 @@ def rholoss_backward(model, reference_model, x, y, n_sources, n_select, autocast
 def fixed_step(run, step, alpha):
     """Stage two: one model descends the lower level's objective L_train(θ, λ) with the weights fixed, on the
     stratified batch with each source's loss weighted (--sampling=stratified), or on a batch drawn in proportion
-    to the weights, every row alike (proportional: in expectation the same objective, without rows of near-zero
-    weight). --weights=val_only: the mean loss of as many rows of the validation split (no training source)."""
+    to the weights, every row alike (proportional: the same objective with the weights rounded to multiples of
+    1/rows, and no rows of near-zero weight). --weights=val_only: the mean loss of as many rows of the validation
+    split (no training source)."""
     cfg, n_sources, dtype = run.cfg, len(run.data.sources), run.received_sum.dtype
     coeffs = torch.ones(1, device=run.device, dtype=dtype)  # one group of rows: the batch's mean loss
     if cfg.weights == 'val_only':

@@ -113,8 +113,10 @@ def baselines(cfg):
                    'val_only': run(f'{folder}/val_only', *data, '--method=fixed', '--weights=val_only'),
                    'irdro': run(f'{folder}/irdro', *data, '--method=irdro')}
         results['rholoss'] = run(f'{folder}/rholoss', *data, '--method=rholoss', f'--reference={folder}/val_only')
-        best = weights_file(folder, load_data(task, TrainConfig.block_size, seed).sources, BEST_WEIGHTS[task])
-        results['best weights, sampled'] = stage_two(f'{folder}/best', best, *data, '--sampling=proportional')
+        if task in BEST_WEIGHTS:
+            sources = load_data(task, parse_config(TRAIN_ARGS).block_size, seed).sources
+            best = weights_file(folder, sources, BEST_WEIGHTS[task])
+            results['best weights, sampled'] = stage_two(f'{folder}/best', best, *data, '--sampling=proportional')
         for method, summary in results.items():
             learning = learned['wall_seconds'] if method.startswith('scalebio') else 0  # stage one's cost too
             rows.append({'task': task, 'seed': seed, 'method': method, 'test_loss': summary['test_loss'],

@@ -386,9 +386,10 @@ def train_batch(data, step, rows_per_source, block_size, seed):
 
 
 def proportional_rows(weights, n_rows):
-    """Rows per source out of n_rows, in proportion to the weights (stage two as the paper runs it): each source
-    gets ⌊λ_i·n⌋, and the rows left over go to the largest remainders (Hamilton's method), ties to the earlier
-    source. Equal weights give every source n / S rows, the stratified batch."""
+    """Rows per source out of n_rows, in proportion to the weights λ (on the simplex; stage two as the paper runs
+    it): each source gets ⌊λ_i·n⌋, and the rows left over go to the largest remainders (Hamilton's method), ties
+    to the earlier source. Equal weights give every source n / S rows, the stratified batch. The counts are the
+    same at every step, so each source's share is λ_i rounded to a multiple of 1/n, never more than 1/n off."""
     exact = [float(w) * n_rows for w in weights]
     counts = [math.floor(x + 1e-9) for x in exact]  # 1e-9: 1/3·48 may be 15.999999999999998
     by_remainder = sorted(range(len(counts)), key=lambda i: (-(exact[i] - counts[i]), i))
@@ -431,4 +432,9 @@ def fixed_weights(spec, sources):
         raise ValueError(f"--weights={spec} is not a summary.json (give 'uniform' or a scalebio run's summary.json)")
     if summary.get('sources') != sources:
         raise ValueError(f"--weights: {spec} has sources {summary.get('sources')}, the data has {sources}")
-    return torch.tensor(summary['weights'], dtype=torch.float64)
+    weights = summary['weights']
+    if not (isinstance(weights, list) and len(weights) == len(sources)
+            and all(isinstance(w, (int, float)) and 0 <= w < math.inf for w in weights)
+            and abs(sum(weights) - 1) < 1e-3):
+        raise ValueError(f"--weights: {spec} has weights {weights}: one per source, each 0 or more, summing to 1")
+    return torch.tensor(weights, dtype=torch.float64) / sum(weights)  # exactly 1, as λ on the simplex

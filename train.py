@@ -129,7 +129,9 @@ def build_run(cfg, processes):
     reference = os.path.join(cfg.reference, 'best') if cfg.method == 'rholoss' and cfg.reference else ''
     reference_files = {f'reference/{name}': os.path.join(reference, name) for name in sorted(os.listdir(reference))} \
         if os.path.isdir(reference) else {}
-    fingerprint = data_fingerprint({**data.files, **tokenizer_files, **reference_files}) if rank == 0 else None
+    weights_file = {'weights.json': cfg.weights} if cfg.method == 'fixed' and os.path.isfile(cfg.weights) else {}
+    fingerprint = data_fingerprint({**data.files, **tokenizer_files, **reference_files, **weights_file}) \
+        if rank == 0 else None
     models, model_config = build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size)
     # p: λ = softmax(p) starts uniform
     source_logits = torch.zeros(len(data.sources), device=device, dtype=dtype, requires_grad=True)
@@ -343,8 +345,10 @@ def resume_from_checkpoint(run, end_step):
     RESUMABLE_CHANGES, and so must the data, byte for byte."""
     cfg, path = run.cfg, os.path.join(run.cfg.out_dir, 'ckpt')
     meta = read_meta(path)
+    fields = {f.name for f in dataclasses.fields(cfg)}
     missing = {'config', 'best_val_loss', 'lower_val_rises', 'cuda_rng', 'data_files'} - set(meta)
-    unknown = set(meta.get('config', {})) - {f.name for f in dataclasses.fields(cfg)}
+    missing |= fields - set(meta.get('config', fields))
+    unknown = set(meta.get('config', {})) - fields
     if missing or unknown:
         raise ValueError(f"{meta['folder']}/meta.json was not written by this version of train.py (it lacks "
                          f"{sorted(missing)}, has the unknown config fields {sorted(unknown)})")

@@ -1,5 +1,4 @@
 import json
-import math
 
 import pytest
 import torch
@@ -103,15 +102,16 @@ def test_proportional_batches_draw_each_source_by_its_weight_and_equal_weights_a
     same = run(tmp_path / 'proportional', '--method=fixed', '--max_steps=8', '--sampling=proportional')
     assert same['val_loss'] == pytest.approx(uniform['val_loss'], rel=1e-12)
     assert_same_state(final_state(tmp_path / 'proportional'), final_state(tmp_path / 'stratified'), atol=1e-12)
-    # all weight on clean but one row's worth: 11 clean rows and 1 noisy a step, the irrelevant source none
-    drawn = []
-    monkeypatch.setattr(steps, 'train_batch', lambda data, step, rows, *args: drawn.append(rows) or
-                        data_train_batch(data, step, rows, *args))
-    weights = write_weights(tmp_path / 'w.json', ['clean', 'noisy', 'irrelevant'], [0.9, 0.1, 0.0])
-    summary = run(tmp_path / 'skewed', '--method=fixed', weights, '--max_steps=4', '--sampling=proportional')
-    assert drawn == [[11, 1, 0]] * 4
-    assert summary['weights'] == pytest.approx([11 / 12, 1 / 12, 0.0])  # the share of rows each source received
-    assert all(math.isfinite(loss) for loss in summary['per_source_loss'].values())
+    # half the weight on clean additions, half on the random letters: 6 rows of each a step, additions first
+    batches = []
+    monkeypatch.setattr(steps, 'train_batch', lambda *args: batches.append(data_train_batch(*args)) or batches[-1])
+    weights = write_weights(tmp_path / 'w.json', ['clean', 'noisy', 'irrelevant'], [0.5, 0.0, 0.5])
+    summary = run(tmp_path / 'halves', '--method=fixed', weights, '--max_steps=4', '--sampling=proportional')
+    assert len(batches) == 4 and summary['weights'] == pytest.approx([0.5, 0.0, 0.5])
+    for x, _ in batches:
+        rows = [bytes(row.tolist()).decode() for row in x]
+        assert len(rows) == 12 and all(any(c.isdigit() for c in r) for r in rows[:6])
+        assert all(set(r) <= set('abcdefghijklmnopqrstuvwxyz\n') for r in rows[6:])
 
 
 def test_a_proportional_stage_two_resumes_exactly(tmp_path):
@@ -126,3 +126,10 @@ def test_a_proportional_stage_two_resumes_exactly(tmp_path):
 def test_proportional_sampling_is_for_stage_two_only(tmp_path):
     with pytest.raises(ValueError, match="--sampling=proportional draws a stage-two batch by fixed weights"):
         run(tmp_path, '--sampling=proportional')
+
+
+@pytest.mark.parametrize('weights', [[0.2, 0.2, 0.2], [70, 30, 0], [1.2, -0.2, 0.0], [0.5, 0.5], [0.5, None, 0.5]])
+def test_weights_that_are_not_on_the_simplex_are_refused(tmp_path, weights):
+    spec = write_weights(tmp_path / 'w.json', ['clean', 'noisy', 'irrelevant'], weights)
+    with pytest.raises(ValueError, match=r"has weights .*: one per source, each 0 or more, summing to 1"):
+        run(tmp_path / 'out', '--method=fixed', spec, '--max_steps=2')
