@@ -1,6 +1,6 @@
 """
-Baselines: what a user would pick instead of ScaleBiO, on the same stratified batches and the same model, and
-stage two of the paper's protocol. Each is one model trained by an online rule, in a step with the signature
+Baselines: what a user would pick instead of ScaleBiO, on the same batches and the same model, and stage two
+of the paper's protocol. Each is one model trained by an online rule, in a step with the signature
 of ScaleBiO's (steps.py): `step(run, step, alpha) -> dict`. None learns weights over sources, so each reports
 the share of each step's training signal that each source received, averaged over the run.
 

@@ -23,7 +23,7 @@ class TrainConfig:
     data: str = 'denoise'           # 'denoise', 'noise_ladder', 'mixture', 'dilution', 'lengths' or a folder (data.py)
     tokenizer: str = 'bytes'        # or a local folder: tokenizer.json, or GPT-2's vocab.json + merges.txt
     seed: int = 0
-    batch_per_source: int = 16      # training rows per source per step (stratified batches)
+    batch_per_source: int = 16      # training rows per source per step (stratified; stage two: S times as many in all)
     val_batch: int = 32             # validation rows per step, for L_val
     micro_batch: int = 0            # rows per source per forward on each rank (gradient accumulation); 0: all
     source_loss: str = 'example'    # a source's loss: 'example' (mean of its rows' token means) or 'token' (every
@@ -40,8 +40,8 @@ class TrainConfig:
     # method
     method: str = 'scalebio'        # 'scalebio' learns weights; 'fixed' uses given ones; baselines.py: 'irdro', 'rholoss'
     weights: str = 'uniform'        # fixed: 'uniform', 'val_only' (the val split alone) or a scalebio summary.json
-    sampling: str = 'stratified'    # fixed: 'stratified' (batch_per_source rows of each source, losses weighted) or
-                                    # 'proportional' (rows per source in proportion to the weights, data.proportional_rows)
+    sampling: str = 'proportional'  # fixed: rows per source in proportion to the weights (data.proportional_rows), or
+                                    # 'stratified': batch_per_source rows of each source, their losses weighted
     dro_temperature: float = 1.0    # irdro: τ in w ∝ exp(loss/τ) (the IR-DRO authors' default)
     reference: str = ''             # rholoss: the out_dir of a run whose best model gives irreducible losses
     rho_candidates: int = 4         # rholoss: each step selects a training batch out of this many times as many
@@ -144,9 +144,6 @@ def parse_config(argv):
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head} (each head gets "
                          f"n_embd / n_head dimensions)")
-    if cfg.sampling == 'proportional' and (cfg.method != 'fixed' or cfg.weights == 'val_only'):
-        raise ValueError("--sampling=proportional draws a stage-two batch by fixed weights: it needs --method=fixed "
-                         "with --weights=uniform or a summary.json")
     if cfg.method in ('irdro', 'rholoss') and cfg.micro_batch:
         raise ValueError(f"--micro_batch is not implemented for --method={cfg.method}")
     check_device(cfg.device)

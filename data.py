@@ -25,9 +25,10 @@ Where the sources come from (`--data=...` in train.py):
   padded to block_size; an instruction record is rendered with PROMPT below and only its response tokens
   carry loss (targets -1 elsewhere), like the authors' --response_loss_only.
 
-Batches are STRATIFIED: every training batch holds `batch_per_source` rows from EACH source, so every
-source's mean loss exists at every step. (The authors' code counts sources per micro-batch, so a rare
-source is often absent and silently gets zero weight.) The rows of step t are a pure function of
+ScaleBiO's batches are STRATIFIED: every training batch holds `batch_per_source` rows from EACH source, so
+every source's mean loss exists at every step. (The authors' code counts sources per micro-batch, so a rare
+source is often absent and silently gets zero weight.) Stage two draws as many rows in all, each source's in
+proportion to its weight (proportional_rows). The rows of step t are a pure function of
 (seed, split, t), not of a generator's running state: a resumed run, or a run split over any number of
 processes, sees exactly the same global batch at every step.
 """

@@ -98,7 +98,7 @@ def write_weights(path, sources, weights):
 
 
 def test_proportional_batches_draw_each_source_by_its_weight_and_equal_weights_are_the_stratified_run(tmp_path, monkeypatch):
-    uniform = run(tmp_path / 'stratified', '--method=fixed', '--max_steps=8')
+    uniform = run(tmp_path / 'stratified', '--method=fixed', '--max_steps=8', '--sampling=stratified')
     same = run(tmp_path / 'proportional', '--method=fixed', '--max_steps=8', '--sampling=proportional')
     assert same['val_loss'] == pytest.approx(uniform['val_loss'], rel=1e-12)
     assert_same_state(final_state(tmp_path / 'proportional'), final_state(tmp_path / 'stratified'), atol=1e-12)
@@ -121,11 +121,6 @@ def test_a_proportional_stage_two_resumes_exactly(tmp_path):
     run(tmp_path / 'parts', *args, '--stop_at=6')
     run(tmp_path / 'parts', *args, '--resume=True')
     assert_same_state(final_state(tmp_path / 'parts'), final_state(tmp_path / 'whole'), atol=1e-10)
-
-
-def test_proportional_sampling_is_for_stage_two_only(tmp_path):
-    with pytest.raises(ValueError, match="--sampling=proportional draws a stage-two batch by fixed weights"):
-        run(tmp_path, '--sampling=proportional')
 
 
 @pytest.mark.parametrize('weights', [[0.2, 0.2, 0.2], [70, 30, 0], [1.2, -0.2, 0.0], [0.5, 0.5], [0.5, None, 0.5]])

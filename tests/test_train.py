@@ -11,6 +11,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import train
 from checkpoint import read_meta
+from data import proportional_rows
 from hf import export_pretrained, from_pretrained
 from model import GPT, GPTConfig, make_model
 from plan import state_plan
@@ -120,8 +121,11 @@ def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp
 
 def test_fixed_weights_stage_two_reads_a_summary_and_trains_with_those_weights(tmp_path):
     learned = run(tmp_path / 'learn', '--max_steps=4')
-    fixed = run(tmp_path / 'fixed', '--max_steps=4', '--method=fixed', f'--weights={tmp_path}/learn/summary.json')
-    assert fixed['weights'] == pytest.approx(learned['weights'])
+    fixed = run(tmp_path / 'fixed', '--max_steps=4', '--method=fixed', f'--weights={tmp_path}/learn/summary.json',
+                '--sampling=stratified')
+    assert fixed['weights'] == pytest.approx(learned['weights'])  # the loss weights
+    sampled = run(tmp_path / 'sampled', '--max_steps=4', '--method=fixed', f'--weights={tmp_path}/learn/summary.json')
+    assert sampled['weights'] == pytest.approx([n / 12 for n in proportional_rows(learned['weights'], 12)])  # row shares
     # all weight on 'irrelevant' (random letters) against uniform: better on letters, worse on additions
     with open(tmp_path / 'letters.json', 'w') as f:
         json.dump({'sources': ['clean', 'noisy', 'irrelevant'], 'weights': [0.0, 0.0, 1.0]}, f)
