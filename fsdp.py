@@ -7,6 +7,7 @@ With plain `python train.py` there is no process group and each function does th
 """
 import datetime
 import os
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,23 @@ def init_distributed(device, timeout_minutes=10.0):
     torch.cuda.set_device(device)
     dist.init_process_group('nccl', device_id=device, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), str(device), True
+
+
+def peer_error(error, timeout):
+    """gloo's error when another process stopped answering ("Timed out waiting 600000ms for recv operation") or
+    ended ("Connection closed by peer"), as an error that names the collective; any other error as it is."""
+    names = [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)
+             if frame.f_code.co_filename.endswith('distributed_c10d.py')]
+    during = f"the collective {names[-1]}" if names else "a collective"
+    if not dist.is_initialized():
+        return error
+    if 'Timed out' in str(error):
+        return TimeoutError(f"{during} waited more than --dist_timeout={timeout} minutes for another process: "
+                            f"one is hung, or far slower than this one")
+    if any(sign in str(error) for sign in ('Connection closed by peer', 'Connection reset by peer', 'Read error',
+                                           'Broken pipe')):
+        return ConnectionError(f"another process ended during {during}")
+    return error
 
 
 def shard(model, bf16, cpu_offload=False):

@@ -30,7 +30,6 @@ import shutil
 import signal
 import sys
 import time
-import traceback
 
 import torch
 from tqdm import tqdm
@@ -42,7 +41,8 @@ from checkpoint import (check_data_unchanged, data_fingerprint, load_checkpoint,
 from config import RESUMABLE_CHANGES, micro_steps, parse_config
 from data import (TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer,
                   proportional_rows, rank_rows)
-from fsdp import copy_shards, fill, init_distributed, mean_over_ranks, rank0_decides, rank_bytes, shard, warm_up
+from fsdp import (copy_shards, fill, init_distributed, mean_over_ranks, peer_error, rank0_decides, rank_bytes,
+                  shard, warm_up)
 from lisa import logits_step_scale, set_lisa_blocks
 from hf import export_pretrained, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
@@ -494,23 +494,6 @@ def export(run, weights):
     with open(os.path.join(cfg.out_dir, 'mixture.json'), 'w') as f:
         json.dump({'sources': run.data.sources, 'weights': weights, 'how': "for N examples, draw "
                    "int(N * weight) from each source (the authors' second stage)"}, f, indent=2)
-
-
-def peer_error(error, timeout):
-    """gloo's error when another process stopped answering ("Timed out waiting 600000ms for recv operation") or
-    ended ("Connection closed by peer"), as an error that names the collective; any other error as it is."""
-    names = [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)
-             if frame.f_code.co_filename.endswith('distributed_c10d.py')]
-    during = f"the collective {names[-1]}" if names else "a collective"
-    if not torch.distributed.is_initialized():
-        return error
-    if 'Timed out' in str(error):
-        return TimeoutError(f"{during} waited more than --dist_timeout={timeout} minutes for another process: "
-                            f"one is hung, or far slower than this one")
-    if any(sign in str(error) for sign in ('Connection closed by peer', 'Connection reset by peer', 'Read error',
-                                           'Broken pipe')):
-        return ConnectionError(f"another process ended during {during}")
-    return error
 
 
 def cli(argv):
