@@ -25,7 +25,7 @@ from bilevel import check_finite, step_and_clear
 from checkpoint import load_best_model
 from data import rank_rows, train_batch
 from fsdp import gather_over_ranks
-from steps import clip_gradient, model_objective, step_rows, validation_rows
+from steps import clip_gradient, device_rows, model_objective, step_rows, validation_rows
 
 
 def irdro_row_weights(row_losses, temperature):
@@ -113,7 +113,7 @@ def fixed_step(run, step, alpha):
 
 def irdro_step(run, step, alpha):
     """IR-DRO on the step's stratified batch: each row weighted by irdro_row_weights over the global batch."""
-    x, y = step_rows(run, step)
+    x, y = device_rows(run, *step_rows(run, step))
     received, losses = irdro_backward(run.models[0], x, y, len(run.data.sources), run.cfg.dro_temperature,
                                       run.autocast)
     return clip_and_step(run, step, received, losses)

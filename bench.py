@@ -5,6 +5,7 @@ What a ScaleBiO step costs, against plain fine-tuning and against the floor the 
     python bench.py --model=gpt2          # the GPT-2 124M shape (50257-token vocabulary)
     python bench.py --device=cuda --compile=True --model=gpt2
     python bench.py --plan=True --model=llama3-8b --world_size=8 --gpu_gb=48   # memory per GPU, nothing allocated
+    python bench.py --workload=instruction --block_size=512 --micro_batch=1     # padded rows, cropped or not
 
 Three variants, timed interleaved in one run (warm-up first, then the median of `repeats` steps each):
   sft       one model, AdamW, one forward/backward on the training batch
@@ -16,6 +17,9 @@ forward and backward where fine-tuning runs B_train, so scalebio/sft cannot beat
 Memory, counted from the tensors allocated: parameters + Adam moments after the step, gradients at their
 peak (just before the step), again after a LISA switch; peak memory per variant (CUDA: max allocated; CPU:
 the peak RSS of a fresh process that runs only that variant, since RSS never goes down within a process).
+--workload=instruction: rows of instruction-data length (log-normal, mean 115 tokens, 95th percentile 300,
+capped at block_size; Alpaca-style records), right-padded to block_size, and a fourth variant, ScaleBiO with
+--crop_padding=False. Useful tokens are the rows' own, not padding.
 The last line printed is one JSON object with the ratios.
 """
 import json
@@ -53,6 +57,8 @@ class BenchConfig:
     central_difference: bool = True  # train.py's default
     grad_clip: float = 1.0     # train.py's default, for every variant
     source_loss: str = 'example'  # train.py's default: a source's loss is the mean of its rows' token means
+    workload: str = 'random'   # 'random': every position of every row is a target; 'instruction': padded rows
+    micro_batch: int = 0       # rows per source per forward (train.py's --micro_batch); 0: all at once
     warmup: int = 3
     repeats: int = 10
     device: str = 'auto'
@@ -70,8 +76,18 @@ def model_config(cfg):
     return GPTConfig(**{'block_size': cfg.block_size, 'vocab_size': 50257 if cfg.model else 256, **shape})
 
 
-def build(cfg, device, lisa_layers):
-    """The models, optimizers and one step function of a variant, as train.py builds them."""
+def row_lengths(cfg, rows, gen):
+    """Tokens per row: block_size for the random workload; for the instruction workload log-normal with mean
+    exp(μ + σ²/2) = 115 and 95th percentile exp(μ + 1.645σ) = 300, capped at block_size."""
+    if cfg.workload == 'random':
+        return torch.full((rows,), cfg.block_size)
+    lengths = torch.empty(rows).log_normal_(4.458, 0.757, generator=gen).round().long()
+    return lengths.clamp(2, cfg.block_size)
+
+
+def build(cfg, device, lisa_layers, crop_padding=True):
+    """The models, optimizers and one step function of a variant, as train.py builds them. The step returns the
+    useful tokens (not padding) it pushed through forward and backward."""
     torch.manual_seed(0)
     model_cfg = model_config(cfg)
     vocab = model_cfg.vocab_size
@@ -81,27 +97,34 @@ def build(cfg, device, lisa_layers):
             for block in m.blocks:
                 block.compile()
     train_cfg = TrainConfig(penalty_alpha=cfg.penalty_alpha, central_difference=cfg.central_difference,
-                            grad_clip=cfg.grad_clip, source_loss=cfg.source_loss)
+                            grad_clip=cfg.grad_clip, source_loss=cfg.source_loss, compile=cfg.compile,
+                            crop_padding=crop_padding)
     logits = torch.zeros(cfg.n_sources, device=device, requires_grad=True)
     run = Run(train_cfg, models, optimizers=[make_optimizer(m, 1e-4, 0.01) for m in models], source_logits=logits,
               logits_optimizer=make_logits_optimizer(logits, train_cfg.logits_update), device=device,
               autocast=torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.enable_grad(),
-              fixed_weights=torch.full((cfg.n_sources,), 1.0 / cfg.n_sources, device=device))
+              fixed_weights=torch.full((cfg.n_sources,), 1.0 / cfg.n_sources, device=device),
+              micro_steps=cfg.batch_per_source // cfg.micro_batch if cfg.micro_batch else 1)
     gen = torch.Generator().manual_seed(0)
 
     def batch(rows):
-        tokens = torch.randint(0, vocab, (rows, cfg.block_size + 1), generator=gen).to(device)
-        return tokens[:, :-1], tokens[:, 1:]
+        """Host rows, as train.py's (steps.model_objective crops and moves them), and their useful tokens."""
+        tokens = torch.randint(0, vocab, (rows, cfg.block_size + 1), generator=gen)
+        lengths = row_lengths(cfg, rows, gen)
+        padding = torch.arange(cfg.block_size) >= lengths[:, None]
+        return tokens[:, :-1].masked_fill(padding, 0), tokens[:, 1:].masked_fill(padding, -1), int(lengths.sum())
 
     def step(i):
-        x, y = batch(cfg.n_sources * cfg.batch_per_source)
+        x, y, useful = batch(cfg.n_sources * cfg.batch_per_source)
         if lisa_layers is None:  # plain fine-tuning: the lower level's objective with uniform weights
             model_objective(run, models[0], x, y, None, None, cfg.n_sources)(run.fixed_weights, 0.0)
             step_and_clear(run.optimizers[0])
-            return
+            return useful
         set_lisa_blocks([(m.blocks, opt) for m, opt in zip(run.models, run.optimizers)], lisa_layers, 0,
                         i // cfg.lisa_interval)
-        scalebio_gpt_step(run, x, y, *batch(cfg.val_batch), cfg.penalty_alpha)
+        val_x, val_y, val_useful = batch(cfg.val_batch)
+        scalebio_gpt_step(run, x, y, val_x, val_y, cfg.penalty_alpha)
+        return 2 * useful + val_useful * (2 if cfg.central_difference else 1)
 
     def state():
         """(parameters + moments, gradients at their peak), bytes, both copies."""
@@ -142,7 +165,10 @@ def main(argv):
     cfg = override(BenchConfig(), argv)
     shape = model_config(cfg)
     device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    lisa_for = {'sft': None, 'scalebio': 0, 'lisa': cfg.lisa_layers}  # None: one model, no LISA; 0: LISA off
+    # variant: (LISA's active blocks, --crop_padding); None: one model, no LISA; 0: two copies, LISA off
+    variants = {'sft': (None, True), 'scalebio': (0, True), 'lisa': (cfg.lisa_layers, True)}
+    if cfg.workload == 'instruction':
+        variants['uncropped'] = (0, False)
     if cfg.plan:  # float32 parameters, as train.py keeps them
         plan = state_plan(shape, cfg.world_size, cfg.lisa_layers)
         print_plan(plan, cfg.gpu_gb * 2**30)
@@ -150,25 +176,25 @@ def main(argv):
         return plan
 
     if cfg.only:  # a fresh process for one variant's peak memory, run past a LISA switch
-        _, step, _ = build(cfg, device, lisa_for[cfg.only])
+        _, step, _ = build(cfg, device, *variants[cfg.only])
         for i in range(cfg.lisa_interval + 2):
             step(i)
         print(json.dumps({'peak_rss_bytes': peak_rss_bytes(), 'peak_cuda_bytes':
                           torch.cuda.max_memory_allocated() if device.startswith('cuda') else None}))
         return
 
-    built = {name: build(cfg, device, lisa) for name, lisa in lisa_for.items()}
+    built = {name: build(cfg, device, *variant) for name, variant in variants.items()}
     n_params = built['sft'][0][0].num_params()
     for name, (_, step, _) in built.items():
         for i in range(cfg.warmup):
             step(i)
     first_state = {name: s() for name, (_, _, s) in built.items()}  # before any LISA switch if warmup < interval
-    times = {name: [] for name in built}
+    times, useful = {name: [] for name in built}, {name: [] for name in built}
     for r in range(cfg.repeats):  # interleaved, so that a slow moment of the machine hits every variant
         for name, (_, step, _) in built.items():
             sync(device)
             t0 = time.perf_counter()
-            step(cfg.warmup + r)
+            useful[name].append(step(cfg.warmup + r))
             sync(device)
             times[name].append(time.perf_counter() - t0)
     state = {name: s() for name, (_, _, s) in built.items()}  # after the switches of the timed steps
@@ -176,18 +202,19 @@ def main(argv):
 
     rows_train = cfg.n_sources * cfg.batch_per_source
     val_rows = cfg.val_batch * (2 if cfg.central_difference else 1)
-    tokens = {'sft': rows_train * cfg.block_size, 'scalebio': (2 * rows_train + val_rows) * cfg.block_size}
-    tokens['lisa'] = tokens['scalebio']
+    floor_ratio = (2 * rows_train + val_rows) / rows_train
     median = {name: float(np.median(t)) for name, t in times.items()}
+    tokens_per_second = {name: float(np.median(np.array(useful[name]) / np.array(times[name]))) for name in built}
     # FLOPs per token: 2 per parameter forward, 2 for input gradients, 2 for weight gradients (skipped by
     # LISA's frozen blocks), plus attention, 12·n_layer·n_embd·block_size (as nanoGPT's estimate_mfu)
     block = sum(p.numel() for p in built['sft'][0][0].blocks[0].parameters())
     attention = 12 * shape.n_layer * shape.n_embd * cfg.block_size
     flops_per_token = {'sft': 6 * n_params + attention, 'scalebio': 6 * n_params + attention,
-                       'lisa': 6 * n_params - 2 * (shape.n_layer - cfg.lisa_layers) * block + attention}
+                       'lisa': 6 * n_params - 2 * (shape.n_layer - cfg.lisa_layers) * block + attention,
+                       'uncropped': 6 * n_params + attention}
     peak = matmul_peak_flops(device) if device.startswith('cuda') else None
     active_fraction = (n_params - (shape.n_layer - cfg.lisa_layers) * block) / n_params
-    result = {'device': device, 'n_params': n_params, 'floor_ratio': tokens['scalebio'] / tokens['sft'],
+    result = {'device': device, 'workload': cfg.workload, 'n_params': n_params, 'floor_ratio': floor_ratio,
               'scalebio_over_sft': median['scalebio'] / median['sft'], 'lisa_over_sft': median['lisa'] / median['sft'],
               'lisa_over_scalebio': median['lisa'] / median['scalebio'],
               'state_bytes': {name: sum(s) for name, s in state.items()},
@@ -200,9 +227,11 @@ def main(argv):
               'predicted_lisa_state_over_sft_state': 2 * (1 + 3 * active_fraction) / 4,
               'seconds_per_step': median,
               'spread': {name: float(np.percentile(t, 75) - np.percentile(t, 25)) for name, t in times.items()},
-              'tokens_per_second': {name: tokens[name] / median[name] for name in median}}
-    if peak:
-        result['mfu'] = {name: flops_per_token[name] * tokens[name] / median[name] / peak for name in median}
+              'tokens_per_second': tokens_per_second}  # useful tokens (not padding) per second, median over steps
+    if 'uncropped' in built:
+        result['cropped_over_uncropped'] = tokens_per_second['scalebio'] / tokens_per_second['uncropped']
+    if peak:  # useful FLOPs: a padded position's are spent, not counted
+        result['mfu'] = {name: flops_per_token[name] * tokens_per_second[name] / peak for name in built}
         result['matmul_peak_flops'] = peak
     if cfg.peak_rss:  # peak memory per variant: a fresh process each (CUDA: max allocated; CPU: peak RSS)
         peaks = {name: json.loads(subprocess.run([sys.executable, __file__, *argv, f'--only={name}'],

@@ -16,7 +16,7 @@ from bilevel import LOGITS_RULES, check_finite, scalebio_step, step_and_clear
 from config import TrainConfig
 from data import rank_rows, train_batch, validation_batch
 from fsdp import full, local_bytes, mean_over_ranks
-from model import target_counts
+from model import crop_to_targets, target_counts
 
 
 @dataclass
@@ -51,17 +51,26 @@ class Run:
 def step_rows(run, step, rows_per_source=None):
     """This rank's rows of the step's global training batch (data.train_batch), the same global batch for any
     number of processes: batch_per_source rows from each source, each rank taking its share of every source's;
-    or rows_per_source[i] from source i, each rank taking an equal share of the whole batch."""
+    or rows_per_source[i] from source i, each rank taking an equal share of the whole batch. On the host:
+    model_objective crops each forward's rows there and moves them to the device."""
     cfg, n_groups = run.cfg, 1 if rows_per_source else len(run.data.sources)
     rows = train_batch(run.data, step, rows_per_source or cfg.batch_per_source, cfg.block_size, cfg.seed)
-    return [rank_rows(t, n_groups, run.rank, run.world_size).to(run.device) for t in rows]
+    return [rank_rows(t, n_groups, run.rank, run.world_size) for t in rows]
 
 
 def validation_rows(run, step, n_rows):
-    """This rank's rows of the step's validation batch of n_rows rows (data.validation_batch)."""
+    """This rank's rows of the step's validation batch of n_rows rows (data.validation_batch), on the host."""
     cfg = run.cfg
     rows = validation_batch(run.data, step, n_rows, cfg.block_size, cfg.seed)
-    return [rank_rows(t, 1, run.rank, run.world_size).to(run.device) for t in rows]
+    return [rank_rows(t, 1, run.rank, run.world_size) for t in rows]
+
+
+def device_rows(run, x, y):
+    """Host rows x, y for one forward, cropped to the longest row's last target (--crop_padding, model.crop_to_targets)
+    and moved to the run's device."""
+    if run.cfg.crop_padding:  # compiled blocks: lengths in multiples of 64, so at most block_size / 64 graphs
+        x, y = crop_to_targets(x, y, 64 if run.cfg.compile else 1)
+    return x.to(run.device), y.to(run.device)
 
 
 def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
@@ -70,29 +79,31 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
     the losses and the gradient norm checked and the gradient clipped (clip_gradient).
     Returns (ℓ(model), L_val(model)) averaged over ranks, so that p's gradient is the same on every rank
     (FSDP averages the model gradients over ranks itself; it knows nothing of p).
-    x holds n_groups equal groups of rows, one per source. ℓ_i is, with --source_loss=example, the mean of its
+    x holds n_groups equal groups of rows, one per source, on the host; each forward's rows are cropped to their
+    longest (model.crop_to_targets, --crop_padding) before they move to the device. ℓ_i is, with --source_loss=example, the mean of its
     rows' token means; with --source_loss=token, the sum of its tokens' losses over the batch's tokens per source,
     so that every token weighs λ_i alike, whichever source's answers are longer, and uniform weights give
     the batch's token mean (data.py's `lengths` task shows the difference).
     `name` labels the copy in the error that a non-finite loss or gradient raises."""
-    micro_steps, token_mean = run.micro_steps, run.cfg.source_loss == 'token'
+    micro_steps, token_mean, device = run.micro_steps, run.cfg.source_loss == 'token', run.device
 
     def objective(source_coeffs, val_coeff):
         T = x.size(-1)
         source_losses = val_loss = 0.0
         if val_coeff:  # L_val is a token mean over the GLOBAL validation batch: each rank divides its token
             # sum by the mean count per rank, and FSDP's average over ranks completes the global mean
-            val_tokens = mean_over_ranks(target_counts(val_y, torch.float64).sum().to(x.device))
+            val_tokens = mean_over_ranks(target_counts(val_y, torch.float64).sum().to(device))
         if token_mean:  # every training token weighs alike, as every val token does in L_val: a source's token
             # sum over the GLOBAL batch's tokens per source (not over its own: a long answer would weigh less)
-            source_tokens = mean_over_ranks(target_counts(y, torch.float64).sum().to(x.device)) / n_groups
+            source_tokens = mean_over_ranks(target_counts(y, torch.float64).sum().to(device)) / n_groups
         for k in range(micro_steps):
             rows_x, rows_y = (t.view(n_groups, micro_steps, -1, T)[:, k].reshape(-1, T) for t in (x, y))
             n_train = rows_x.size(0)
-            counts = target_counts(rows_y, torch.float64).view(n_groups, -1) if token_mean else None
+            counts = target_counts(rows_y, torch.float64).view(n_groups, -1).to(device) if token_mean else None
             if val_coeff:  # one forward for training and validation rows
                 rows_x = torch.cat([rows_x, val_x.view(micro_steps, -1, T)[k]])
                 rows_y = torch.cat([rows_y, val_y.view(micro_steps, -1, T)[k]])
+            rows_x, rows_y = device_rows(run, rows_x, rows_y)
             with run.autocast:
                 _, row_loss = model(rows_x, rows_y)
             rows = row_loss[:n_train].view(n_groups, -1)  # rows grouped by source

@@ -47,7 +47,7 @@ from lisa import logits_step_scale, set_lisa_blocks
 from hf import export_pretrained, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
 from plan import check_plan, print_plan, state_plan
-from steps import Run, scalebio_train_step, validation_rows
+from steps import Run, device_rows, scalebio_train_step, validation_rows
 
 
 # --method: the step the loop calls, each step(run, step, alpha) -> {'weights', 'loss'}
@@ -144,15 +144,15 @@ def build_run(cfg, processes):
               received_sum=torch.zeros(len(data.sources), device=device, dtype=dtype), model_config=model_config,
               data_fingerprint=fingerprint)
     for model in models if sharded else []:  # on a validation row: no method sees a source it must not
-        warm_up(model, validation_rows(run, 0, world_size)[0])
+        warm_up(model, validation_rows(run, 0, world_size)[0].to(device))
     if cfg.method == 'fixed' and cfg.weights != 'val_only':
         run.fixed_weights = fixed_weights(cfg.weights, data.sources).to(device)
         run.rows_per_source = proportional_rows(run.fixed_weights.tolist(), len(data.sources) * cfg.batch_per_source) \
             if cfg.sampling == 'proportional' else None
     if cfg.method == 'rholoss':
         run.reference_model = load_reference(cfg.reference, model_config, cfg.data).to(device=device, dtype=dtype)
-    run.eval_sets = {split: [(x.to(device), y.to(device)) for x, y in evaluation_batches(
-        data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed)] for split in ['val', 'test'] + data.sources}
+    run.eval_sets = {split: evaluation_batches(  # on the host, cropped and moved per batch as training rows are
+        data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed) for split in ['val', 'test'] + data.sources}
     if cfg.method == 'scalebio' and cfg.central_difference:  # the guard's reference (guard_lower_copy)
         run.lower_val_start = evaluate(run, models[0], 'val')
     return run
@@ -259,7 +259,7 @@ def evaluate(run, model, split):
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss over tokens, tokens
     for x, y in run.eval_sets[split]:
-        x, y = rank_rows(x, 1, run.rank, run.world_size), rank_rows(y, 1, run.rank, run.world_size)
+        x, y = device_rows(run, rank_rows(x, 1, run.rank, run.world_size), rank_rows(y, 1, run.rank, run.world_size))
         with run.autocast:
             _, row_loss = model(x, y)
         by_row = split in run.data.sources and run.cfg.source_loss == 'example'  # a source's loss as ℓ_i in the step

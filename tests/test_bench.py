@@ -28,3 +28,14 @@ def test_bench_smallest_configuration_reports_ratios_and_exact_state_bytes():
     before, after = result['lisa_state_bytes_before_and_after_switches']
     assert before == after
     assert result['floor_ratio'] == (2 * 3 * 2 + 2 * 4) / (3 * 2)  # the central difference: val rows in both copies
+
+
+def test_bench_instruction_workload_times_padded_rows_cropped_and_not():
+    shape = ['--n_layer=2', '--n_head=2', '--n_embd=16', '--block_size=64']
+    proc = subprocess.run([sys.executable, 'bench.py', *shape, '--workload=instruction', '--batch_per_source=2',
+                           '--val_batch=4', '--micro_batch=1', '--lisa_layers=1', '--warmup=1', '--repeats=2',
+                           '--peak_rss=False'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result['workload'] == 'instruction' and result['cropped_over_uncropped'] > 0
+    assert result['state_bytes']['uncropped'] == result['state_bytes']['scalebio']  # the same step, on fewer positions

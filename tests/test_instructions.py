@@ -119,3 +119,30 @@ def test_token_weighted_source_losses_weigh_every_token_alike_across_sources(tmp
     assert torch.allclose((uniform * losses['token']).sum(), every_token.detach(), atol=1e-6)
     assert torch.allclose((uniform * losses['example']).sum(), losses['example'].mean(), atol=1e-6)
     assert not torch.allclose((uniform * losses['example']).sum(), every_token.detach(), atol=1e-3)
+
+
+def test_rows_cropped_to_the_longest_answer_learn_what_full_rows_learn_on_one_and_two_processes(tmp_path):
+    """Each forward's rows are cut after their last target (--crop_padding): the same run in float64 with and without
+    it, and under torchrun with 2 processes, each rank cropping its own rows to its own longest."""
+    rng = random.Random(0)
+    folder = write(tmp_path / 'd', {'train_correct.json': additions(40, True, rng),
+                                    'train_wrong.json': additions(40, False, rng),
+                                    'val.json': additions(20, True, rng), 'test.json': additions(20, True, rng)})
+    args = [f'--data={folder}', '--block_size=64', '--n_layer=2', '--n_head=2', '--n_embd=16', '--max_steps=12',
+            '--eval_interval=6', '--eval_batches=1', '--batch_per_source=4', '--val_batch=8', '--micro_batch=1',
+            '--lisa_layers=1', '--lisa_interval=3', '--warmup_steps=2', '--logits_lr=1.0', '--dtype=float64',
+            '--device=cpu']
+    runs = {crop: train.main(args + [f'--crop_padding={crop}', f'--out_dir={tmp_path}/{crop}']) for crop in (True, False)}
+    assert abs(runs[True]['weights'][0] - 0.5) > 1e-3  # the weights moved
+    for key in ('weights', 'per_source_loss'):
+        a, b = runs[True][key], runs[False][key]
+        assert np.allclose(list(a.values()) if isinstance(a, dict) else a,
+                           list(b.values()) if isinstance(b, dict) else b, atol=1e-10, rtol=0), key
+    assert abs(runs[True]['val_loss'] - runs[False]['val_loss']) < 1e-10
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'train.py', *args, f'--out_dir={tmp_path}/two'], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / 'two' / 'summary.json') as f:
+        two = json.load(f)
+    assert np.allclose(two['weights'], runs[True]['weights'], atol=1e-10, rtol=0)

@@ -119,3 +119,33 @@ def test_each_memory_lever_keeps_less_for_the_backward_and_gives_the_same_gradie
     assert saved[1] < 0.6 * saved[0]
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize('family', ['gpt2', 'llama'])
+def test_rows_cropped_after_the_last_target_keep_every_row_loss_and_gradient(family):
+    """Right-padded rows of different lengths: the cropped forward gives the same per-row losses and gradients
+    (float64), and the crop length is the longest row's, rounded up to the multiple."""
+    from model import crop_to_targets
+    torch.manual_seed(0)
+    shape = dict(family='llama', n_kv_head=1, mlp_hidden=32, bias=False) if family == 'llama' else {}
+    model = make_model(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16, **shape)).double()
+    x = torch.randint(0, 50, (4, 32))
+    y = torch.randint(0, 50, (4, 32))
+    for row, length in enumerate([5, 11, 3, 9]):
+        y[row, :2] = -1          # a prompt carries no loss
+        y[row, length:] = -1     # nor does padding
+        x[row, length + 1:] = 0  # the pad token
+    assert crop_to_targets(x, y)[0].shape == (4, 11)
+    assert crop_to_targets(x, y, multiple=8)[0].shape == (4, 16)
+    assert crop_to_targets(x, y, multiple=64)[0].shape == (4, 32)  # never past the rows' own length
+    assert crop_to_targets(x, torch.full_like(y, -1))[0].shape == (4, 1)
+    losses, grads = [], []
+    for rows in ((x, y), crop_to_targets(x, y)):
+        row_loss = model(*rows)[1]
+        row_loss.sum().backward()
+        losses.append(row_loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    assert torch.allclose(losses[0], losses[1], atol=1e-10, rtol=0) and (losses[0] > 0).all()
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
