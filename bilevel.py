@@ -54,10 +54,12 @@ def logits_gradient(weights, upper_losses, lower_losses, penalty_alpha, mirror=F
 
 
 def check_finite(**values):
-    """Raises FloatingPointError naming every loss that is NaN or inf (call before any update is applied)."""
-    bad = {name: v for name, v in values.items() if v is not None and not torch.isfinite(v).all()}
-    if bad:
-        raise FloatingPointError(', '.join(f"{name} = {v.tolist()}" for name, v in bad.items()))
+    """Raises FloatingPointError naming every value that is NaN or inf (call before any update is applied).
+    One device-to-host read for all of them: on a GPU each read waits for every kernel queued before it."""
+    values = {name: v.detach().reshape(-1) for name, v in values.items() if v is not None}
+    if values and not torch.isfinite(torch.cat([v.double() for v in values.values()])).all():
+        raise FloatingPointError(', '.join(f"{name} = {v.tolist()}" for name, v in values.items()
+                                           if not torch.isfinite(v).all()))
 
 
 def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective,
@@ -74,23 +76,26 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
     lower_objective, upper_objective(source_coeffs, val_coeff): run forward and backward of
         Σ_i source_coeffs[i]·ℓ_i(model) + val_coeff·L_val(model)
         for one model copy on the step's shared batch, leaving the gradient in the model, and return the
-        detached per-source losses ℓ(model), shape (S,), and L_val(model) (None when val_coeff == 0).
+        detached per-source losses ℓ(model), shape (S,), L_val(model) (None when val_coeff == 0), and a dict
+        of any further values that must be finite before an update (a gradient norm), checked with the losses.
     step_lower, step_upper, step_logits(): apply the optimizer to the gradient left behind and clear
         it (gradient clipping, learning rates and LISA are the caller's business).
     mirror: p's gradient in λ rather than in p (logits_gradient), for mirror descent on the simplex.
     lower_first: u steps (and drops its gradient) before w's forward, so one copy's gradient exists at a time;
         the same numbers (w's objective never reads u), but a non-finite loss of w is found after u has stepped.
-    Returns the losses the step saw. Raises FloatingPointError, before any update, if a loss is not finite
-    (with lower_first, before any update of w and p).
+    Returns the losses the step saw. Raises FloatingPointError, before any update, if a loss or a further
+    value is not finite (with lower_first, before any update of w and p): all checked in one host read.
     """
     weights = torch.softmax(source_logits.detach(), dim=0)
     lower_val_coeff = -1.0 if central_difference else 0.0
-    lower_losses, _ = lower_objective(penalty_alpha * weights, lower_val_coeff)  # ∇_u α·L_train(u, λ) [− L_val(u)]
+    # ∇_u α·L_train(u, λ) [− L_val(u)]
+    lower_losses, lower_val_loss, lower_checks = lower_objective(penalty_alpha * weights, lower_val_coeff)
     if lower_first:
-        check_finite(lower_losses=lower_losses)
+        check_finite(lower_losses=lower_losses, lower_val_loss=lower_val_loss, **lower_checks)
         step_lower()
-    upper_losses, val_loss = upper_objective(penalty_alpha * weights, 1.0)     # ∇_w L_val(w) + α·L_train(w, λ)
-    check_finite(lower_losses=lower_losses, upper_losses=upper_losses, val_loss=val_loss)
+    upper_losses, val_loss, upper_checks = upper_objective(penalty_alpha * weights, 1.0)  # ∇_w L_val(w) + α·L_train(w, λ)
+    check_finite(lower_losses=lower_losses, lower_val_loss=lower_val_loss, **lower_checks,
+                 upper_losses=upper_losses, val_loss=val_loss, **upper_checks)
     logits_grad = logits_gradient(weights, upper_losses, lower_losses,
                                   penalty_alpha / 2 if central_difference else penalty_alpha, mirror)
     source_logits.grad = logits_grad.to(source_logits.dtype)

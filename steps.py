@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bilevel import LOGITS_RULES, check_finite, scalebio_step, step_and_clear
+from bilevel import LOGITS_RULES, scalebio_step, step_and_clear
 from config import TrainConfig
 from data import rank_rows, train_batch, validation_batch
 from fsdp import full, local_bytes, mean_over_ranks
@@ -76,15 +76,16 @@ def device_rows(run, x, y):
 def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
     """The objective callable of bilevel.scalebio_step for one model on this rank's rows of the step's batch:
     backward of Σ_i coeff_i·ℓ_i(model) + val_coeff·L_val(model), in run.micro_steps accumulated pieces; then
-    the losses and the gradient norm checked and the gradient clipped (clip_gradient).
-    Returns (ℓ(model), L_val(model)) averaged over ranks, so that p's gradient is the same on every rank
-    (FSDP averages the model gradients over ranks itself; it knows nothing of p).
+    the gradient clipped (clip_gradient).
+    Returns ℓ(model) and L_val(model) averaged over ranks, so that p's gradient is the same on every rank
+    (FSDP averages the model gradients over ranks itself; it knows nothing of p), and {'<name>_gradient_norm':
+    norm}: the caller checks all three for NaN before any update (bilevel.check_finite, one host read).
     x holds n_groups equal groups of rows, one per source, on the host; each forward's rows are cropped to their
-    longest (model.crop_to_targets, --crop_padding) before they move to the device. ℓ_i is, with --source_loss=example, the mean of its
-    rows' token means; with --source_loss=token, the sum of its tokens' losses over the batch's tokens per source,
-    so that every token weighs λ_i alike, whichever source's answers are longer, and uniform weights give
-    the batch's token mean (data.py's `lengths` task shows the difference).
-    `name` labels the copy in the error that a non-finite loss or gradient raises."""
+    longest (model.crop_to_targets, --crop_padding) before they move to the device.
+    ℓ_i is, with --source_loss=example, the mean of its rows' token means; with --source_loss=token, the sum of
+    its tokens' losses over the batch's tokens per source, so that every token weighs λ_i alike, whichever
+    source's answers are longer, and uniform weights give the batch's token mean (data.py's `lengths` task
+    shows the difference). `name` labels the copy in the error that a non-finite loss or gradient raises."""
     micro_steps, token_mean, device = run.micro_steps, run.cfg.source_loss == 'token', run.device
 
     def objective(source_coeffs, val_coeff):
@@ -118,21 +119,19 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
             total.backward()
             source_losses = source_losses + piece.detach()
         source_losses, val_loss = mean_over_ranks(source_losses), mean_over_ranks(val_loss) if val_coeff else None
-        check_finite(**{f'{name}_losses': source_losses, f'{name}_val_loss': val_loss})
-        clip_gradient(run, model, name)
-        return source_losses, val_loss
+        return source_losses, val_loss, {f'{name}_gradient_norm': clip_gradient(run, model)}
     return objective
 
 
-def clip_gradient(run, model, name='model'):
-    """Clips the model's gradient norm to grad_clip (0: only measures it) and raises FloatingPointError if it is
-    not finite: a finite loss can still give a NaN gradient. It runs as each objective ends, so both copies'
-    gradients are checked before either copy steps."""
+def clip_gradient(run, model):
+    """Clips the model's gradient norm to grad_clip (0: only measures it) and returns the norm, for the caller to
+    check with the losses (a finite loss can still give a NaN gradient: clipping by a NaN norm makes every
+    gradient NaN). No host read here: the checks of a step are read back once (bilevel.check_finite)."""
     grads = [p for p in model.parameters() if p.grad is not None]
     alive = local_bytes(p.grad for m in run.models for p in m.parameters() if p.grad is not None)
     run.grad_bytes = max(run.grad_bytes, alive)  # a copy's backward has just ended: gradients at a peak
     norm = torch.nn.utils.clip_grad_norm_(grads, run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf)
-    check_finite(**{f'{name}_gradient_norm': full(norm)})
+    return full(norm)
 
 
 def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):

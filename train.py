@@ -88,9 +88,10 @@ def train(cfg, processes, previous_run):
             # one step of the method: ScaleBiO's (steps.py) or a baseline's (baselines.py)
             result = take_step(run, step, alpha)
             done = step + 1
-            if done % 10 == 0:
-                progress.set_postfix_str(f"loss={result['loss'].item():.3f} " + ' '.join(
-                    f"{s}={w:.3f}" for s, w in zip(run.data.sources, result['weights'].tolist())))
+            if done % 10 == 0:  # one host read, every 10 steps: on a GPU each read waits for the queued work
+                loss, *weights = torch.cat([result['loss'].view(1), result['weights'].to(result['loss'])]).tolist()
+                progress.set_postfix_str(f"loss={loss:.3f} " + ' '.join(
+                    f"{s}={w:.3f}" for s, w in zip(run.data.sources, weights)))
             # held-out losses to log.jsonl, the best upper model to best/
             if done % cfg.eval_interval == 0 or done == end_step:
                 record = evaluate_and_log(run, done, result['weights'], alpha, lr, progress)
@@ -419,8 +420,10 @@ def signals_stop_at_next_step():
 
 
 def stop_if_signalled(run, step, stop_signals, progress):
-    stop = torch.tensor(float(bool(stop_signals)), device=run.device)  # a collective: every rank stops here
-    if mean_over_ranks(stop) > 0 and step > 0:
+    stop = bool(stop_signals)
+    if run.world_size > 1:  # a collective and a host read: every rank stops at the same step
+        stop = mean_over_ranks(torch.tensor(float(stop), device=run.device)) > 0
+    if stop and step > 0:
         save(run, step)
         progress.close()
         signum = stop_signals[0] if stop_signals else signal.SIGTERM

@@ -1,4 +1,5 @@
 import copy
+import sys
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def quadratic_objective(theta, centres, target, noise=None):
         losses = 0.5 * ((theta - shifted) ** 2).sum(dim=1)
         val = 0.5 * ((theta - target) ** 2).sum()
         ((source_coeffs * losses).sum() + val_coeff * val).backward()
-        return losses.detach(), val.detach() if val_coeff else None
+        return losses.detach(), val.detach() if val_coeff else None, {}
     return objective
 
 
@@ -77,8 +78,8 @@ def test_step_on_a_gpt_sets_the_autograd_gradient_of_the_penalty(micro_steps):
     alpha = 10.0
     run = Run(TrainConfig(grad_clip=0.0), [lower_model, upper_model], micro_steps=micro_steps)  # 0: no clipping
     result = scalebio_step(source_logits, alpha,
-                           model_objective(run, lower_model, x, y, None, None, 3),
-                           model_objective(run, upper_model, x, y, vx, vy, 3),
+                           model_objective(run, lower_model, x, y, None, None, 3, 'lower'),
+                           model_objective(run, upper_model, x, y, vx, vy, 3, 'upper'),
                            no_update, no_update, no_update)
     p = source_logits.detach().clone().requires_grad_(True)
     weights = torch.softmax(p, 0)
@@ -200,3 +201,29 @@ def test_a_nan_gradient_of_the_upper_copy_stops_the_step_before_the_lower_copy_m
     for name, value in lower_model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert not run.optimizers[0].state and torch.equal(source_logits, torch.zeros(3))
+
+
+def test_a_scalebio_step_reads_the_device_once_for_all_its_checks(monkeypatch):
+    """Every loss and both gradient norms are checked for NaN in one host read (on a GPU each read waits for the
+    queued kernels); a NaN still stops the step before any update (the tests above). Counted: reads made by our
+    code. Rows already on the host are read freely (the crop), so the step here runs without it; torch's AdamW
+    reads its step counters, which it keeps on the host for that reason."""
+    torch.manual_seed(0)
+    lower_model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
+    upper_model = copy.deepcopy(lower_model)
+    source_logits = torch.zeros(3, requires_grad=True)
+    run = Run(TrainConfig(crop_padding=False), [lower_model, upper_model],
+              [make_optimizer(m, 1e-2, 0.0) for m in (lower_model, upper_model)],
+              source_logits, make_logits_optimizer(source_logits, 'mirror'))
+    x, y = torch.randint(0, 20, (6, 8)), torch.randint(0, 20, (6, 8))
+    reads = []
+    for method in ('__bool__', 'item', 'tolist', '__float__', '__int__', '__index__'):
+        original = getattr(torch.Tensor, method)
+        def counted(self, *args, _original=original, _method=method):
+            if not sys._getframe(1).f_code.co_filename.startswith(torch.__path__[0]):
+                reads.append(_method)
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    scalebio_gpt_step(run, x, y, x[:2], y[:2], 10.0)
+    monkeypatch.undo()
+    assert reads == ['__bool__'] and run.optimizers[0].state  # one read, and the copies stepped

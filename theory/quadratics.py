@@ -59,7 +59,7 @@ def objective(prob, blocks, noise=None):
         losses = 0.5 * torch.einsum('ij,ijk,ik->i', diff, prob['curvatures'], diff)
         val = 0.5 * ((theta - prob['target']) ** 2).sum()
         ((source_coeffs * losses).sum() + val_coeff * val).backward()
-        return losses.detach(), val.detach() if val_coeff else None
+        return losses.detach(), val.detach() if val_coeff else None, {}
     return run
 
 
