@@ -18,8 +18,9 @@ Memory, counted from the tensors allocated: parameters + Adam moments after the 
 peak (just before the step), again after a LISA switch; peak memory per variant (CUDA: max allocated; CPU:
 the peak RSS of a fresh process that runs only that variant, since RSS never goes down within a process).
 --workload=instruction: rows of instruction-data length (log-normal, mean 115 tokens, 95th percentile 300,
-capped at block_size; Alpaca-style records), right-padded to block_size, and a fourth variant, ScaleBiO with
---crop_padding=False. Useful tokens are the rows' own, not padding.
+capped at block_size; Alpaca-style records), the first half of each row a prompt without targets, right-padded
+to block_size; two more variants, ScaleBiO with --crop_padding=False (every forward block_size long) and with
+--logits_at_targets=False (the head at every position). Useful tokens are the rows' own, not padding.
 The last line printed is one JSON object with the ratios.
 """
 import json
@@ -85,13 +86,15 @@ def row_lengths(cfg, rows, gen):
     return lengths.clamp(2, cfg.block_size)
 
 
-def build(cfg, device, lisa_layers, crop_padding=True):
+def build(cfg, device, lisa_layers, crop_padding=True, logits_at_targets=True):
     """The models, optimizers and one step function of a variant, as train.py builds them. The step returns the
     useful tokens (not padding) it pushed through forward and backward."""
     torch.manual_seed(0)
     model_cfg = model_config(cfg)
     vocab = model_cfg.vocab_size
     models = [make_model(model_cfg).to(device) for _ in range(1 if lisa_layers is None else 2)]
+    for m in models:
+        m.logits_at_targets = logits_at_targets
     if cfg.compile:
         for m in models:
             for block in m.blocks:
@@ -111,8 +114,11 @@ def build(cfg, device, lisa_layers, crop_padding=True):
         """Host rows, as train.py's (steps.model_objective crops and moves them), and their useful tokens."""
         tokens = torch.randint(0, vocab, (rows, cfg.block_size + 1), generator=gen)
         lengths = row_lengths(cfg, rows, gen)
-        padding = torch.arange(cfg.block_size) >= lengths[:, None]
-        return tokens[:, :-1].masked_fill(padding, 0), tokens[:, 1:].masked_fill(padding, -1), int(lengths.sum())
+        positions = torch.arange(cfg.block_size)
+        padding = positions >= lengths[:, None]
+        prompt = positions < lengths[:, None] // 2 if cfg.workload == 'instruction' else torch.zeros_like(padding)
+        return (tokens[:, :-1].masked_fill(padding, 0), tokens[:, 1:].masked_fill(padding | prompt, -1),
+                int(lengths.sum()))
 
     def step(i):
         x, y, useful = batch(cfg.n_sources * cfg.batch_per_source)
@@ -165,10 +171,10 @@ def main(argv):
     cfg = override(BenchConfig(), argv)
     shape = model_config(cfg)
     device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    # variant: (LISA's active blocks, --crop_padding); None: one model, no LISA; 0: two copies, LISA off
-    variants = {'sft': (None, True), 'scalebio': (0, True), 'lisa': (cfg.lisa_layers, True)}
+    # variant: (LISA's active blocks, --crop_padding, --logits_at_targets); None: one model, no LISA; 0: LISA off
+    variants = {'sft': (None, True, True), 'scalebio': (0, True, True), 'lisa': (cfg.lisa_layers, True, True)}
     if cfg.workload == 'instruction':
-        variants['uncropped'] = (0, False)
+        variants.update(uncropped=(0, False, True), all_logits=(0, True, False))
     if cfg.plan:  # float32 parameters, as train.py keeps them
         plan = state_plan(shape, cfg.world_size, cfg.lisa_layers)
         print_plan(plan, cfg.gpu_gb * 2**30)
@@ -211,7 +217,7 @@ def main(argv):
     attention = 12 * shape.n_layer * shape.n_embd * cfg.block_size
     flops_per_token = {'sft': 6 * n_params + attention, 'scalebio': 6 * n_params + attention,
                        'lisa': 6 * n_params - 2 * (shape.n_layer - cfg.lisa_layers) * block + attention,
-                       'uncropped': 6 * n_params + attention}
+                       'uncropped': 6 * n_params + attention, 'all_logits': 6 * n_params + attention}
     peak = matmul_peak_flops(device) if device.startswith('cuda') else None
     active_fraction = (n_params - (shape.n_layer - cfg.lisa_layers) * block) / n_params
     result = {'device': device, 'workload': cfg.workload, 'n_params': n_params, 'floor_ratio': floor_ratio,
@@ -230,6 +236,7 @@ def main(argv):
               'tokens_per_second': tokens_per_second}  # useful tokens (not padding) per second, median over steps
     if 'uncropped' in built:
         result['cropped_over_uncropped'] = tokens_per_second['scalebio'] / tokens_per_second['uncropped']
+        result['logits_at_targets_over_all'] = tokens_per_second['scalebio'] / tokens_per_second['all_logits']
     if peak:  # useful FLOPs: a padded position's are spent, not counted
         result['mfu'] = {name: flops_per_token[name] * tokens_per_second[name] / peak for name in built}
         result['matmul_peak_flops'] = peak

@@ -37,5 +37,6 @@ def test_bench_instruction_workload_times_padded_rows_cropped_and_not():
                            '--peak_rss=False'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result['workload'] == 'instruction' and result['cropped_over_uncropped'] > 0
+    assert result['workload'] == 'instruction'
+    assert result['cropped_over_uncropped'] > 0 and result['logits_at_targets_over_all'] > 0
     assert result['state_bytes']['uncropped'] == result['state_bytes']['scalebio']  # the same step, on fewer positions
