@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one run (about 6 minutes on one H100), results under
+# Every GPU check in one run (each command under its own timeout, 19 minutes at most), results under
 # ${OUT:-gpu-results}: the GPT-2 124M shape in bf16, torch.compile'd, through bench.py (time, memory, MFU
 # against the measured bf16 matmul peak), and train.py under torchrun (FSDP2, bf16 mixed precision, the
 # LISA warm-up) for 100 steps with LISA on and off (tokens/s, torch.cuda.max_memory_allocated).
@@ -14,6 +14,11 @@ PY=${PYTHON:-python3}
 timeout 240 $PY bench.py --device=cuda --model=gpt2 --compile=True --block_size=512 --batch_per_source=8 \
     --val_batch=32 --repeats=10 --peak_rss=False > "$OUT/bench_gpt2.txt" 2>&1
 echo "bench exit $?" >> "$OUT/gpu.txt"
+# instruction-shaped rows: useful tokens/s with the crop, without it, and with the head at every position
+# (lengths are multiples of 64 under --compile, so the warm-up steps compile most of the few shapes)
+timeout 300 $PY bench.py --device=cuda --model=gpt2 --compile=True --workload=instruction --block_size=512 \
+    --micro_batch=1 --warmup=8 --repeats=10 --peak_rss=False > "$OUT/bench_gpt2_instruction.txt" 2>&1
+echo "bench instruction exit $?" >> "$OUT/gpu.txt"
 for layers in 2 0; do
     timeout 150 $PY -m torch.distributed.run --standalone --nproc_per_node 1 train.py --model=gpt2 \
         --block_size=256 --batch_per_source=16 --val_batch=32 --max_steps=100 --eval_interval=100 \
