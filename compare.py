@@ -7,6 +7,7 @@ best weights found by brute force. Each number is a train.py run (in this proces
     python compare.py --what=updates --data=mixture --seeds=5  # p's candidate updates against the oracle's best point
     python compare.py --what=lisa --seeds=3           # ScaleBiO's weights with LISA (each draw) and without it
     python compare.py --what=lisa --pretrained=True   # the same, every run starting from a base model
+    python compare.py --what=ablations --seeds=2      # one factor at a time around train.py's defaults
 
 Stage two is the paper's protocol: a fresh model trained with fixed weights for the same steps and seed
 (ScaleBiO: its learned weights; uniform; val_only). IR-DRO and RHO-LOSS are online rules: their own run
@@ -34,17 +35,16 @@ from lisa import LISA_DRAWS
 
 @dataclass
 class CompareConfig:
-    what: str = 'baselines'         # 'baselines', 'oracle', 'updates' or 'lisa'
+    what: str = 'baselines'         # 'baselines', 'oracle', 'updates', or a study of variants: 'lisa', 'ablations'
     data: str = 'mixture'           # oracle and updates: the task
-    tasks: str = 'denoise,noise_ladder,mixture,dilution'  # baselines: the tasks
+    tasks: str = ''                 # baselines and the studies: the tasks ('': each one's own, BASELINE_TASKS, STUDIES)
     seeds: int = 2                  # baselines, oracle, and updates for train.py's default p update: seeds 0..seeds-1
     candidate_seeds: int = 2        # updates: seeds for every other candidate
     grid_step: float = 0.1          # oracle: spacing of the grid on the simplex
     updates: str = ','.join(LOGITS_RULES)  # updates: the candidates to run
-    lisa_tasks: str = 'mixture,dilution,denoise'  # lisa: the tasks
-    lisa_variants: str = 'off,shared,independent'  # lisa: keys of LISA_VARIANTS
-    first_seed: int = 0             # lisa: seeds first_seed ... first_seed + seeds - 1 (to split runs among processes)
-    stage_two: bool = True          # lisa: also stage two, the same config without LISA, for each learned weights
+    variants: str = ''              # lisa, ablations: the study's variants to run ('': its default list)
+    first_seed: int = 0             # studies: seeds first_seed ... first_seed + seeds - 1 (to split runs among processes)
+    stage_two: bool = True          # studies: also stage two, one config for every variant, only the weights differing
     pretrained: bool = False        # lisa: every run starts from a base model (uniform weights, LISA off), as the
                                     # paper's runs start from a pretrained LLM; base_steps steps, and every run too
     base_steps: int = 1000
@@ -53,6 +53,7 @@ class CompareConfig:
 
 
 TRAIN_ARGS = []  # CompareConfig.train_args, split
+BASELINE_TASKS = 'denoise,noise_ladder,mixture,dilution'
 # per task: the sources the oracle's grid spans (the others get weight 0)
 USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
 # compare.py --what=lisa: 8 layers; LISA off, or on with 2 of 8 blocks every 20 steps and either draw
@@ -63,6 +64,19 @@ LISA_VARIANTS = {'off': ['--lisa_layers=0'], **{draw: [f'--lisa_draw={draw}'] fo
                  'interval 5': ['--lisa_interval=5'], 'interval 50': ['--lisa_interval=50'],
                  'forward difference': ['--central_difference=False'],
                  'p step scaled': ['--lisa_scale_logits_step=True']}
+# compare.py --what=ablations: one factor at a time around train.py's defaults (α 10, central difference,
+# gradient clipping at 1.0, weight decay 0.01), against the authors' choices
+ABLATION_VARIANTS = {'default': [], **{f'alpha {a}': [f'--penalty_alpha={a}'] for a in (3, 30, 100)},
+                     'forward difference': ['--central_difference=False'], 'no clipping': ['--grad_clip=0'],
+                     'weight decay 5e-4': ['--weight_decay=5e-4']}
+# a study runs each variant on each task and seed, and measures it against the closed form and against the
+# reference variant on the same seed; stage two runs the shape plus stage_two_args for every variant
+STUDIES = {
+    'lisa': dict(shape=LISA_SHAPE, variants=LISA_VARIANTS, default='off,shared,independent', reference='off',
+                 tasks='mixture,dilution,denoise', stage_two_args=['--lisa_layers=0']),
+    'ablations': dict(shape=[], variants=ABLATION_VARIANTS, default=','.join(ABLATION_VARIANTS), reference='default',
+                      tasks='mixture,dilution', stage_two_args=[]),
+}
 # the best weights in closed form (data.py)
 CLOSED_FORM = {'mixture': [0.7, 0.3, 0.0], 'dilution': [0.6, 0.4, 0.0]}
 # what stage two would get at the best weights: the closed form, or all on the clean source where val is clean
@@ -102,7 +116,7 @@ def stage_two(out_dir, weights_file, *args):
 def baselines(cfg):
     """Per task and seed: uniform, ScaleBiO's stage two (loss-weighted and sampled), val_only, IR-DRO, RHO-LOSS."""
     rows = []
-    for task, seed in itertools.product(cfg.tasks.split(','), range(cfg.seeds)):
+    for task, seed in itertools.product((cfg.tasks or BASELINE_TASKS).split(','), range(cfg.seeds)):
         folder = os.path.join(cfg.out_dir, 'baselines', task, f'seed{seed}')
         data = [f'--data={task}', f'--seed={seed}']
         uniform = run(f'{folder}/uniform', *data, '--method=fixed')
@@ -232,46 +246,49 @@ def compare_logits_rules(cfg):
     return rows
 
 
-def lisa(cfg):
-    """ScaleBiO's learned weights with LISA off and on (LISA_VARIANTS), seed by seed, with their distance to
-    the closed form and to the same seed's LISA-off weights, and (stage_two) the test loss of stage two: one
-    config without LISA for every variant, only the weights differing."""
-    rows = []
+def study(cfg):
+    """A study of STUDIES[cfg.what]: ScaleBiO's learned weights for each variant, seed by seed, with their
+    distance to the closed form and to the same seed's reference variant (LISA off; train.py's defaults), and
+    (stage_two) the test loss of stage two: one config for every variant, only the weights differing."""
+    spec, rows = STUDIES[cfg.what], []
+    shape, reference = spec['shape'], spec['reference']
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):  # seeds outermost: every task for a seed first
-        for task in cfg.lisa_tasks.split(','):
-            folder = os.path.join(cfg.out_dir, 'lisa', task)
+        for task in (cfg.tasks or spec['tasks']).split(','):
+            folder = os.path.join(cfg.out_dir, cfg.what, task)
             start = []
             if cfg.pretrained:  # one base model per task, whatever the seed: the 'pretrained LLM' of every run
-                folder = os.path.join(cfg.out_dir, 'lisa-pretrained', task)
+                folder = os.path.join(cfg.out_dir, f'{cfg.what}-pretrained', task)
                 steps = f'--max_steps={cfg.base_steps}'
-                run(f'{folder}/base', f'--data={task}', '--method=fixed', *LISA_SHAPE, '--lisa_layers=0', steps,
+                run(f'{folder}/base', f'--data={task}', '--method=fixed', *shape, '--lisa_layers=0', steps,
                     '--export=True')
                 start = [f'--init_from={folder}/base/hf', steps]
-            run_dirs = {name: f"{folder}/{name.replace(' ', '_')}/seed{seed}" for name in cfg.lisa_variants.split(',')}
-            learned = {name: run(run_dir, f'--data={task}', f'--seed={seed}', *LISA_SHAPE, *start, *LISA_VARIANTS[name])
+            run_dirs = {name: f"{folder}/{name.replace(' ', '_')}/seed{seed}"
+                        for name in (cfg.variants or spec['default']).split(',')}
+            learned = {name: run(run_dir, f'--data={task}', f'--seed={seed}', *shape, *start, *spec['variants'][name])
                        for name, run_dir in run_dirs.items()}
             for name, summary in learned.items():
                 weights = np.array(summary['weights'])
-                row = {'task': task, 'seed': seed, 'lisa': name, 'weights': weights.tolist(),
-                       'to_off': float(np.abs(weights - learned['off']['weights']).max()) if 'off' in learned else None,
+                row = {'task': task, 'seed': seed, 'variant': name, 'weights': weights.tolist(),
+                       'to_reference': float(np.abs(weights - learned[reference]['weights']).max())
+                       if reference in learned else None,
                        'to_closed_form': float(np.abs(weights - CLOSED_FORM[task]).max()) if task in CLOSED_FORM else None,
                        'wall_seconds': summary['wall_seconds']}
                 if cfg.stage_two:
                     row['stage_two_test_loss'] = stage_two(f'{run_dirs[name]}-stage2', f'{run_dirs[name]}/summary.json',
-                                                           f'--data={task}', f'--seed={seed}', *LISA_SHAPE,
-                                                           *start, '--lisa_layers=0')['test_loss']
+                                                           f'--data={task}', f'--seed={seed}', *shape,
+                                                           *start, *spec['stage_two_args'])['test_loss']
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    results = os.path.join(cfg.out_dir, 'lisa-pretrained' if cfg.pretrained else 'lisa',
-                           f'lisa_seeds{cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}.json')
+    results = os.path.join(cfg.out_dir, f'{cfg.what}-pretrained' if cfg.pretrained else cfg.what,
+                           f'{cfg.what}_seeds{cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}.json')
     with open(results, 'w') as f:
-        json.dump({'shape': LISA_SHAPE, 'rows': rows}, f, indent=2)
-    print("\n| task | seed | LISA | weights | max |λ − closed form| | max |λ − LISA off| | stage-two test loss | "
+        json.dump({'shape': shape, 'reference': reference, 'rows': rows}, f, indent=2)
+    print(f"\n| task | seed | variant | weights | max |λ − closed form| | max |λ − {reference}| | stage-two test loss | "
           "wall time |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         number = lambda x, f: '' if x is None else format(x, f)
-        print(f"| {r['task']} | {r['seed']} | {r['lisa']} | {' / '.join(f'{w:.3f}' for w in r['weights'])} | "
-              f"{number(r['to_closed_form'], '.3f')} | {number(r['to_off'], '.3f')} | "
+        print(f"| {r['task']} | {r['seed']} | {r['variant']} | {' / '.join(f'{w:.3f}' for w in r['weights'])} | "
+              f"{number(r['to_closed_form'], '.3f')} | {number(r['to_reference'], '.3f')} | "
               f"{number(r.get('stage_two_test_loss'), '.4f')} | {r['wall_seconds']:.0f} s |")
     return rows
 
@@ -279,14 +296,15 @@ def lisa(cfg):
 def main(argv):
     cfg = override(CompareConfig(), argv)
     TRAIN_ARGS[:] = cfg.train_args.split()
-    if cfg.what not in ('baselines', 'oracle', 'updates', 'lisa'):
-        raise ValueError(f"--what must be baselines, oracle, updates or lisa, got '{cfg.what}'")
-    unknown = set(cfg.lisa_variants.split(',')) - set(LISA_VARIANTS)
-    if cfg.what == 'lisa' and unknown:
-        raise ValueError(f"--lisa_variants: unknown {', '.join(sorted(unknown))}; known: {', '.join(LISA_VARIANTS)}")
+    if cfg.what not in ('baselines', 'oracle', 'updates', *STUDIES):
+        raise ValueError(f"--what must be baselines, oracle, updates, lisa or ablations, got '{cfg.what}'")
+    known = STUDIES[cfg.what]['variants'] if cfg.what in STUDIES else {}
+    unknown = set(cfg.variants.split(',')) - set(known) if cfg.variants else set()
+    if unknown:
+        raise ValueError(f"--variants: unknown {', '.join(sorted(unknown))}; known: {', '.join(known)}")
     if cfg.what in ('oracle', 'updates') and cfg.data not in USEFUL_SOURCES:
         raise ValueError(f"--data={cfg.data}: the oracle's grid is defined for {', '.join(USEFUL_SOURCES)}")
-    return {'baselines': baselines, 'oracle': oracle, 'updates': compare_logits_rules, 'lisa': lisa}[cfg.what](cfg)
+    return {'baselines': baselines, 'oracle': oracle, 'updates': compare_logits_rules}.get(cfg.what, study)(cfg)
 
 
 if __name__ == '__main__':

@@ -56,22 +56,35 @@ def test_oracle_finds_the_best_grid_point_and_updates_measure_the_distance_to_it
 
 def test_lisa_rows_measure_each_variant_against_the_closed_form_and_lisa_off(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, 'run', fake_run)
-    rows = compare.lisa(compare.CompareConfig(what='lisa', lisa_tasks='mixture,denoise', lisa_variants='off,independent',
-                                              seeds=2, first_seed=1, out_dir=str(tmp_path)))
-    assert [(r['seed'], r['task'], r['lisa']) for r in rows][:4] == [
+    rows = compare.study(compare.CompareConfig(what='lisa', tasks='mixture,denoise', variants='off,independent',
+                                               seeds=2, first_seed=1, out_dir=str(tmp_path)))
+    assert [(r['seed'], r['task'], r['variant']) for r in rows][:4] == [
         (1, 'mixture', 'off'), (1, 'mixture', 'independent'), (1, 'denoise', 'off'), (1, 'denoise', 'independent')]
     assert len(rows) == 8 and {r['seed'] for r in rows} == {1, 2}
     off, independent = rows[0], rows[1]
-    assert off['to_off'] == 0 and off['to_closed_form'] == pytest.approx(0.01)  # learned 0.69 / 0.31 / 0
-    assert independent['to_off'] == pytest.approx(0.19) and independent['to_closed_form'] == pytest.approx(0.2)
+    assert off['to_reference'] == 0 and off['to_closed_form'] == pytest.approx(0.01)  # learned 0.69 / 0.31 / 0
+    assert independent['to_reference'] == pytest.approx(0.19) and independent['to_closed_form'] == pytest.approx(0.2)
     assert rows[2]['to_closed_form'] is None  # denoise has no closed form
     # stage two of each variant's weights: the landscape's loss at add 0.5, seed 1
     assert independent['stage_two_test_loss'] == pytest.approx(1.5 + 0.2 ** 2 + 1e-3 + 0.01)
 
 
+def test_ablations_change_one_factor_and_run_every_stage_two_with_the_default_config(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, 'run', lambda out_dir, *args: calls.append(args) or fake_run(out_dir, *args))
+    rows = compare.study(compare.CompareConfig(what='ablations', seeds=1, out_dir=str(tmp_path)))
+    assert [(r['task'], r['variant']) for r in rows][:7] == [('mixture', name) for name in compare.ABLATION_VARIANTS]
+    assert len(rows) == 14 and all(r['to_reference'] == 0 for r in rows)  # fake_run learns alike for every factor
+    learning = [args for args in calls if '--method=fixed' not in args]
+    assert ('--data=mixture', '--seed=0', '--grad_clip=0') in learning
+    assert all(not any(a.startswith(('--grad_clip', '--weight_decay', '--penalty_alpha', '--central')) for a in args)
+               for args in calls if '--method=fixed' in args)  # stage two: only the weights differ
+
+
 @pytest.mark.parametrize("args, message", [
-    (['--what=grid'], "error: --what must be baselines, oracle, updates or lisa, got 'grid'"),
-    (['--what=lisa', '--lisa_variants=off,both'], "error: --lisa_variants: unknown both; known: off, shared,"),
+    (['--what=grid'], "error: --what must be baselines, oracle, updates, lisa or ablations, got 'grid'"),
+    (['--what=lisa', '--variants=off,both'], "error: --variants: unknown both; known: off, shared,"),
+    (['--what=ablations', '--variants=default,alpha 7'], "error: --variants: unknown alpha 7; known: default, alpha 3,"),
     (['--what=oracle', '--data=denoise'], "error: --data=denoise: the oracle's grid is defined for mixture, dilution"),
     (['--what=updates', '--data=mixture'], "error: no oracle at "),
     (['--seeds=two'], "error: --seeds expects int, got 'two'"),
