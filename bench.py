@@ -38,7 +38,7 @@ from config import TrainConfig, override
 from fsdp import local_bytes, optimizer_state_bytes
 from lisa import set_lisa_blocks
 from model import MODEL_PRESETS, GPTConfig, make_model, make_optimizer
-from plan import print_plan, state_plan
+from plan import print_lever_table, state_plan
 from steps import Run, model_objective, scalebio_gpt_step
 
 
@@ -67,8 +67,10 @@ class BenchConfig:
     peak_rss: bool = True      # peak memory of one fresh process per variant (RSS; CUDA: max allocated)
     only: str = ''             # internal: run one variant and print its peak RSS
     plan: bool = False         # only print the memory plan of the ScaleBiO + LISA step per GPU (plan.py)
-    world_size: int = 1        # plan: processes (GPUs) the copies are sharded over
+    world_size: int = 1        # plan: processes (GPUs) the copies are sharded over (torchrun: FSDP2, bf16 compute)
     gpu_gb: float = 80.0       # plan: memory of one GPU, GiB
+    rows: int = 1              # plan: rows per forward on each rank (block_size tokens each)
+    target_fraction: float = 1.0  # plan: the share of positions with a target (instruction data: the response's)
 
 
 def model_config(cfg):
@@ -175,11 +177,14 @@ def main(argv):
     variants = {'sft': (None, True, True), 'scalebio': (0, True, True), 'lisa': (cfg.lisa_layers, True, True)}
     if cfg.workload == 'instruction':
         variants.update(uncropped=(0, False, True), all_logits=(0, True, False))
-    if cfg.plan:  # float32 parameters, as train.py keeps them
-        plan = state_plan(shape, cfg.world_size, cfg.lisa_layers)
-        print_plan(plan, cfg.gpu_gb * 2**30)
-        print(json.dumps({'per_rank_bytes': plan, 'world_size': cfg.world_size, 'lisa_layers': cfg.lisa_layers}))
-        return plan
+    if cfg.plan:  # float32 parameters, as train.py keeps them; bf16 compute under torchrun's FSDP2
+        state = state_plan(shape, cfg.world_size, cfg.lisa_layers)
+        tokens = cfg.rows * cfg.block_size
+        levers = print_lever_table(shape, cfg.gpu_gb * 2**30, world_size=cfg.world_size, lisa_layers=cfg.lisa_layers,
+                                   tokens=tokens, targets=int(cfg.target_fraction * tokens))
+        print(json.dumps({'per_rank_bytes': state, 'world_size': cfg.world_size, 'lisa_layers': cfg.lisa_layers,
+                          'tokens_per_forward': tokens, 'levers': levers}))
+        return {'state': state, 'levers': levers}
 
     if cfg.only:  # a fresh process for one variant's peak memory, run past a LISA switch
         _, step, _ = build(cfg, device, *variants[cfg.only])

@@ -1,11 +1,12 @@
 """
 How much memory one GPU needs for a ScaleBiO + LISA step, before anything is allocated: the bytes each rank
-holds for both model copies, computed from the shapes of a model built on the meta device.
+holds for both model copies, computed from the shapes of a model built on the meta device, and what one
+copy's forward and backward add on top.
 
-    python bench.py --plan=True --model=llama3-8b --lisa_layers=2 --world_size=1 --gpu_gb=141
-    python bench.py --plan=True --model=yi-34b --lisa_layers=2 --world_size=8 --gpu_gb=48
+    python bench.py --plan=True --model=llama3-8b --lisa_layers=2 --world_size=1 --gpu_gb=141 --block_size=1024
+    python bench.py --plan=True --model=yi-34b --lisa_layers=2 --world_size=8 --gpu_gb=48 --block_size=1024
 
-What it counts exactly, as train.py allocates it (summary.json's per_rank_bytes is the check):
+Counted exactly, as train.py allocates it (summary.json's per_rank_bytes is the check, tests/test_distributed.py):
   parameters       both copies, this rank's FSDP2 shards
   gradients        both copies' gradients are alive at once (u's survive w's backward: bilevel.scalebio_step
                    checks every loss and gradient before either copy steps; --lower_first: one copy's), for the
@@ -15,10 +16,25 @@ What it counts exactly, as train.py allocates it (summary.json's per_rank_bytes 
 Trainable: everything with LISA off; with LISA, all but n_layer − lisa_layers blocks (every block of a model has
 the same shape, so the draw does not matter). FSDP2 gives rank 0 the first ceil(rows / world_size) rows of every
 tensor (torch.chunk on dim 0): the largest share, the one planned.
-TODO: activations, logits and FSDP2's gathered blocks are not planned yet; train.py refuses a run only when the
-counted state alone exceeds the GPU.
+
+Estimated, for one copy's forward and backward at a time (the copies run one after the other):
+  activations      what autograd saves, per token and block (block_bytes_per_token: fitted to the saved tensors of
+                   CPU runs in float32 and bfloat16, the compute dtype of FSDP2's bf16 mixed precision;
+                   tests/test_plan.py holds them to 15%); with --checkpoint_blocks each block keeps its input and
+                   the backward recomputes one block at a time
+  logits           at each position with a target (--logits_at_targets; every position without it): the
+                   float32 log-softmax the cross-entropy saves, and at the head's backward its gradient in
+                   float32 and in the compute dtype
+  buffers          FSDP2: the root unit (embeddings, final norm, head) stays gathered from its forward to the end
+                   of the backward, with its unsharded gradient, and two blocks are gathered at a time (one
+                   prefetched); one process without FSDP2 on CUDA: autocast's bf16 copy of every weight, kept
+                   for the backward
+Not planned: the allocator's fragmentation and the CUDA context (about 0.5-1 GB). TODO: check the estimates
+against torch.cuda.max_memory_allocated on a GPU (gpu_checks.sh), which no session has had yet.
 """
+import itertools
 import math
+import sys
 
 import torch
 
@@ -44,21 +60,99 @@ def state_plan(config, world_size=1, lisa_layers=0, element_size=4, copies=2, lo
             'optimizer_state': copies * 2 * trainable}
 
 
+def block_bytes_per_token(config, element_size, trainable):
+    """Bytes autograd saves per token in one block's forward, compute dtype of `element_size` bytes. Fitted to
+    the saved tensors of CPU runs (flash attention, which keeps q, k, v, its output and a float32 logsumexp per
+    head): a frozen block keeps less, as its weights need no gradient, but the embeddings below it train, so its
+    backward still runs. Llama's RMSNorm keeps its input in float32 (model.py computes it in float32)."""
+    d, heads = config.n_embd, config.n_head
+    if config.family == 'gpt2':  # MLP 4·d wide
+        return (16 if trainable else 10) * d * element_size + 4 * heads + 4 * element_size
+    kv = 2 * (config.n_kv_head or heads) * (config.head_dim or d // heads)
+    ffn = config.mlp_hidden
+    compute = (6 * d + 4 * ffn + kv) if trainable else (2 * d + 3 * ffn + kv)
+    return compute * element_size + 8 * d + 4 * heads + 8
+
+
+def activation_plan(config, tokens, targets, trainable_blocks, element_size, checkpoint_blocks=False):
+    """{'activations', 'logits'}: bytes one copy's forward and backward add, for `tokens` positions per forward,
+    `targets` of them with a target (all of them with --logits_at_targets=False), `trainable_blocks` of n_layer
+    trainable. With checkpointing every block keeps only its input, and one block is recomputed at a time."""
+    d, frozen = config.n_embd, config.n_layer - trainable_blocks
+    outside = 2 * d * element_size + (4 * d if config.family != 'gpt2' else 0)  # embeddings, final norm, head input
+    if checkpoint_blocks:
+        blocks = config.n_layer * d * element_size + block_bytes_per_token(config, element_size, trainable_blocks > 0)
+    else:
+        blocks = trainable_blocks * block_bytes_per_token(config, element_size, True) \
+            + frozen * block_bytes_per_token(config, element_size, False)
+    return {'activations': tokens * (blocks + outside),
+            'logits': targets * config.vocab_size * (4 + 4 + element_size)}
+
+
+def buffer_plan(config, element_size, sharded):
+    """Bytes of the gathered parameters and unsharded gradients FSDP2 holds (sharded), or of autocast's bf16
+    weight copies (one process with bf16 compute, no FSDP2), for one copy at a time; none in float32 alone."""
+    with torch.device('meta'):
+        model = make_model(config)
+    every = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    root = every - config.n_layer * block
+    if not sharded:
+        return {'buffers': every * element_size if element_size < 4 else 0}
+    gradients = root * (element_size + 4 if element_size < 4 else 4)  # computed in the compute dtype, reduced in float32
+    return {'buffers': (root + 2 * block) * element_size + gradients}
+
+
+def memory_plan(config, world_size=1, lisa_layers=0, element_size=4, copies=2, tokens=1024, targets=1024,
+                compute_size=2, sharded=True, checkpoint_blocks=False, logits_at_targets=True, lower_first=False,
+                cpu_offload=False):
+    """Every term of the plan for one combination of the levers, bytes on one GPU of rank 0."""
+    state = state_plan(config, world_size, lisa_layers, element_size, copies, lower_first)
+    if cpu_offload:  # shards, gradients and moments in host memory
+        state = {name: 0 for name in state}
+    trainable = lisa_layers if 0 < lisa_layers < config.n_layer else config.n_layer
+    return {**state, **activation_plan(config, tokens, targets if logits_at_targets else tokens, trainable,
+                                       compute_size, checkpoint_blocks), **buffer_plan(config, compute_size, sharded)}
+
+
+LEVERS = ('checkpoint_blocks', 'logits_at_targets', 'lower_first', 'cpu_offload')
+
+
 def print_plan(plan, gpu_bytes):
-    """The plan as a table, and whether the counted state fits `gpu_bytes`."""
+    """One plan as a table, and whether it fits `gpu_bytes`."""
     total = sum(plan.values())
-    for name, value in [*plan.items(), ('total counted', total)]:
+    for name, value in [*plan.items(), ('total', total)]:
         print(f"{name:<20}{value / 2**30:>10.2f} GiB")
-    print(f"{'fits' if total <= gpu_bytes else 'does NOT fit'} in {gpu_bytes / 2**30:.0f} GiB "
-          f"(before activations, logits and FSDP buffers, which are not planned yet)")
+    print(f"{'fits' if total <= gpu_bytes else 'does NOT fit'} in {gpu_bytes / 2**30:.0f} GiB")
     return total <= gpu_bytes
 
 
+def print_lever_table(config, gpu_bytes, **kw):
+    """The plan for every combination of LEVERS (GiB per GPU), and the combinations that fit. Returns the rows."""
+    rows = []
+    print(' '.join(f'{name:>17}' for name in LEVERS) + ' | params  grads  optim   acts logits buffers |  total fits')
+    for levers in itertools.product((False, True), repeat=len(LEVERS)):
+        plan = memory_plan(config, **kw, **dict(zip(LEVERS, levers)))
+        total = sum(plan.values())
+        rows.append({**dict(zip(LEVERS, levers)), **plan, 'total': total, 'fits': total <= gpu_bytes})
+        print(' '.join(f'{str(on):>17}' for on in levers) + ' | ' + ' '.join(f'{v / 2**30:6.1f}' for v in plan.values())
+              + f' | {total / 2**30:6.1f} {"yes" if total <= gpu_bytes else "no"}')
+    return rows
+
+
+STATE = ('parameters', 'gradients', 'optimizer_state')
+
+
 def check_plan(plan, gpu_bytes, where):
-    """train.py on CUDA, before allocating: raises ValueError when the counted state alone exceeds the GPU."""
-    total = sum(plan.values())
-    if total > gpu_bytes:
+    """train.py on CUDA, before allocating: raises ValueError when the counted state alone exceeds the GPU; the
+    estimated terms only warn (they are estimates). Returns the state's bytes."""
+    state = sum(plan[name] for name in STATE)
+    if state > gpu_bytes:
         raise ValueError(f"{where}: both copies' parameters, gradients and optimizer state alone need "
-                         f"{total / 2**30:.1f} GiB per GPU, more than its {gpu_bytes / 2**30:.1f} GiB: more processes, "
-                         f"fewer --lisa_layers or a smaller model (--check_memory=False runs it anyway)")
-    return total
+                         f"{state / 2**30:.1f} GiB per GPU, more than its {gpu_bytes / 2**30:.1f} GiB: more processes, "
+                         f"fewer --lisa_layers, --cpu_offload=True or a smaller model (--check_memory=False runs it anyway)")
+    if sum(plan.values()) > gpu_bytes:
+        print(f"warning: {where}: the plan needs {sum(plan.values()) / 2**30:.1f} GiB per GPU with activations, logits "
+              f"and buffers, more than its {gpu_bytes / 2**30:.1f} GiB: --checkpoint_blocks=True, --lower_first=True or "
+              f"fewer rows per forward (--micro_batch) may be needed", file=sys.stderr)
+    return state

@@ -1,9 +1,12 @@
 """plan.py's counted bytes are checked against real runs in tests/test_distributed.py (1, 2 and 4 processes)."""
+import re
+
 import pytest
+import torch
 
 import bench
-from model import MODEL_PRESETS, GPTConfig
-from plan import check_plan, state_plan
+from model import MODEL_PRESETS, GPTConfig, make_model
+from plan import LEVERS, activation_plan, block_bytes_per_token, check_plan, memory_plan, state_plan
 
 
 def test_a_run_whose_state_alone_exceeds_the_gpu_is_refused_in_one_line():
@@ -13,12 +16,76 @@ def test_a_run_whose_state_alone_exceeds_the_gpu_is_refused_in_one_line():
         check_plan(plan, 80 * 2**30, 'cuda:0')
 
 
+def test_a_plan_over_the_gpu_only_in_its_estimated_terms_warns_and_runs(capsys):
+    from config import TrainConfig
+    cfg = TrainConfig()  # train.py's levers, as build_models passes them
+    plan = memory_plan(GPTConfig(**MODEL_PRESETS['llama3-8b']), 1, 2, tokens=1024, targets=1024,
+                       **{lever: getattr(cfg, lever) for lever in LEVERS})
+    state = sum(plan[name] for name in ('parameters', 'gradients', 'optimizer_state'))
+    assert check_plan(plan, 100 * 2**30, 'cuda:0') == state < 100 * 2**30 < sum(plan.values())
+    assert re.search(r"warning: cuda:0: the plan needs 1\d\d\.\d GiB per GPU .* --checkpoint_blocks=True",
+                     capsys.readouterr().err)
+
+
 def test_bench_plan_shards_over_gpus_and_lisa_shrinks_gradients_and_moments_only():
-    one = bench.main(['--plan=True', '--model=yi-34b', '--lisa_layers=2', '--world_size=1'])
-    eight = bench.main(['--plan=True', '--model=yi-34b', '--lisa_layers=2', '--world_size=8'])
-    full = bench.main(['--plan=True', '--model=yi-34b', '--lisa_layers=0', '--world_size=8'])
+    one, eight, full = (bench.main(['--plan=True', '--model=yi-34b', f'--lisa_layers={layers}', f'--world_size={n}'])['state']
+                        for layers, n in [(2, 1), (2, 8), (0, 8)])
     for name in one:
         assert eight[name] == pytest.approx(one[name] / 8, rel=1e-3)
     assert full['parameters'] == eight['parameters']
     assert full['gradients'] > 10 * eight['gradients']
     assert full['optimizer_state'] == 2 * full['gradients']
+
+
+def saved_bytes(model, x, y):
+    """Bytes of the tensors autograd saves in the forward, each storage once, the parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, y)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize('family', ['gpt2', 'llama'])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('trainable, target_fraction, checkpoint_blocks',
+                         [(4, 1.0, False), (1, 0.5, False), (2, 0.25, True)])
+def test_planned_activations_are_within_15_percent_of_what_autograd_saves(family, dtype, trainable, target_fraction,
+                                                                          checkpoint_blocks):
+    """Shapes other than the ones the per-block formula was fitted to (other widths, MLP and key/value ratios)."""
+    shape = dict(family='llama', n_kv_head=2, mlp_hidden=344, bias=False, tie_embeddings=False) \
+        if family == 'llama' else {}
+    config = GPTConfig(block_size=96, vocab_size=512, n_layer=4, n_head=6, n_embd=96, **shape)
+    torch.manual_seed(0)
+    model = make_model(config).to(dtype)
+    model.checkpoint_blocks = checkpoint_blocks
+    for i, block in enumerate(model.blocks):
+        block.requires_grad_(i < trainable)
+    x = torch.randint(0, 512, (3, 96))
+    y = x.clone()
+    y[:, :int(96 * (1 - target_fraction))] = -1  # a prompt
+    tokens, targets = x.numel(), int((y != -1).sum())
+    planned = activation_plan(config, tokens, targets, trainable, dtype.itemsize, checkpoint_blocks)
+    forward = planned['activations'] + targets * config.vocab_size * 4  # the saved log-softmax; its gradient comes later
+    if checkpoint_blocks:  # the block recomputed in the backward is not saved by the forward
+        forward -= tokens * block_bytes_per_token(config, dtype.itemsize, True)
+    measured = saved_bytes(model, x, y)
+    assert abs(forward / measured - 1) < 0.15, (forward, measured)
+
+
+def test_the_lever_table_plans_each_combination_and_each_lever_saves_what_it_should():
+    result = bench.main(['--plan=True', '--model=llama3-8b', '--lisa_layers=2', '--world_size=1', '--gpu_gb=141',
+                         '--block_size=1024', '--target_fraction=0.5'])
+    rows = result['levers']
+    assert len(rows) == 16
+    plain = next(r for r in rows if not any(r[lever] for lever in LEVERS))
+    assert {k: plain[k] for k in result['state']} == result['state']  # the exact terms, as the state plan counts them
+    for lever, term in [('checkpoint_blocks', 'activations'), ('logits_at_targets', 'logits'),
+                        ('lower_first', 'gradients'), ('cpu_offload', 'optimizer_state')]:
+        alone = next(r for r in rows if r[lever] and not any(r[o] for o in LEVERS if o != lever))
+        assert alone[term] < plain[term] and alone['total'] < plain['total'], lever
