@@ -38,7 +38,7 @@ from config import TrainConfig, override
 from fsdp import local_bytes, optimizer_state_bytes
 from lisa import set_lisa_blocks
 from model import MODEL_PRESETS, GPTConfig, make_model, make_optimizer
-from plan import print_lever_table, state_plan
+from plan import deepest_fitting, print_lever_table, state_plan
 from steps import Run, model_objective, scalebio_gpt_step
 
 
@@ -182,9 +182,15 @@ def main(argv):
         tokens = cfg.rows * cfg.block_size
         levers = print_lever_table(shape, cfg.gpu_gb * 2**30, world_size=cfg.world_size, lisa_layers=cfg.lisa_layers,
                                    tokens=tokens, targets=int(cfg.target_fraction * tokens))
+        deepest = deepest_fitting(shape, cfg.gpu_gb * 2**30, world_size=cfg.world_size, lisa_layers=cfg.lisa_layers,
+                                  tokens=tokens, targets=int(cfg.target_fraction * tokens), checkpoint_blocks=True,
+                                  lower_first=True)
+        if deepest:
+            print(f"the deepest model of this width that fits, with checkpointing and --lower_first: {deepest[0]} "
+                  f"blocks, {deepest[1] / 1e9:.2f}B parameters per copy")
         print(json.dumps({'per_rank_bytes': state, 'world_size': cfg.world_size, 'lisa_layers': cfg.lisa_layers,
-                          'tokens_per_forward': tokens, 'levers': levers}))
-        return {'state': state, 'levers': levers}
+                          'tokens_per_forward': tokens, 'levers': levers, 'deepest_fitting': deepest}))
+        return {'state': state, 'levers': levers, 'deepest_fitting': deepest}
 
     if cfg.only:  # a fresh process for one variant's peak memory, run past a LISA switch
         _, step, _ = build(cfg, device, *variants[cfg.only])

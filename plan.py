@@ -32,6 +32,7 @@ Estimated, for one copy's forward and backward at a time (the copies run one aft
 Not planned: the allocator's fragmentation and the CUDA context (about 0.5-1 GB). TODO: check the estimates
 against torch.cuda.max_memory_allocated on a GPU (gpu_checks.sh), which no session has had yet.
 """
+import dataclasses
 import itertools
 import math
 import sys
@@ -138,6 +139,21 @@ def print_lever_table(config, gpu_bytes, **kw):
         print(' '.join(f'{str(on):>17}' for on in levers) + ' | ' + ' '.join(f'{v / 2**30:6.1f}' for v in plan.values())
               + f' | {total / 2**30:6.1f} {"yes" if total <= gpu_bytes else "no"}')
     return rows
+
+
+def deepest_fitting(config, gpu_bytes, **kw):
+    """The most blocks of this shape whose plan (memory_plan with **kw) fits gpu_bytes, and its parameters per copy:
+    the largest model of this width a GPU can train. None if not even one block fits."""
+    deepest = None
+    for n_layer in range(1, 1000):
+        deeper = dataclasses.replace(config, n_layer=n_layer)
+        if sum(memory_plan(deeper, **kw).values()) > gpu_bytes:
+            break
+        deepest = deeper
+    if deepest is None:
+        return None
+    with torch.device('meta'):
+        return deepest.n_layer, make_model(deepest).num_params()
 
 
 STATE = ('parameters', 'gradients', 'optimizer_state')

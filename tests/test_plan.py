@@ -89,3 +89,15 @@ def test_the_lever_table_plans_each_combination_and_each_lever_saves_what_it_sho
                         ('lower_first', 'gradients'), ('cpu_offload', 'optimizer_state')]:
         alone = next(r for r in rows if r[lever] and not any(r[o] for o in LEVERS if o != lever))
         assert alone[term] < plain[term] and alone['total'] < plain['total'], lever
+
+
+def test_the_deepest_fitting_model_is_the_last_depth_whose_plan_fits():
+    import dataclasses
+    from plan import deepest_fitting
+    config, gpu_bytes = GPTConfig(**MODEL_PRESETS['llama3-8b']), 139 * 2**30
+    kw = dict(world_size=1, lisa_layers=2, tokens=1024, targets=1024, checkpoint_blocks=True, lower_first=True)
+    n_layer, n_params = deepest_fitting(config, gpu_bytes, **kw)
+    assert n_layer >= config.n_layer  # LLaMA-3-8B itself fits one 139 GiB GPU
+    for depth, fits in [(n_layer, True), (n_layer + 1, False)]:
+        assert (sum(memory_plan(dataclasses.replace(config, n_layer=depth), **kw).values()) <= gpu_bytes) == fits
+    assert deepest_fitting(config, 2**30, **kw) is None
