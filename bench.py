@@ -49,6 +49,7 @@ class BenchConfig:
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 128
+    vocab_size: int = 0        # 0: the --model preset's (GPT-2's 50257), or the 256 bytes of the toy shape
     n_sources: int = 3
     batch_per_source: int = 8
     val_batch: int = 32        # train.py's default
@@ -76,7 +77,8 @@ class BenchConfig:
 def model_config(cfg):
     """A --model preset (GPT-2's shapes with its 50257-token vocabulary) or the toy shape (bytes, 256)."""
     shape = MODEL_PRESETS[cfg.model] if cfg.model else dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
-    return GPTConfig(**{'block_size': cfg.block_size, 'vocab_size': 50257 if cfg.model else 256, **shape})
+    vocab_size = cfg.vocab_size or shape.get('vocab_size', 50257 if cfg.model else 256)
+    return GPTConfig(**{'block_size': cfg.block_size, **shape, 'vocab_size': vocab_size})
 
 
 def row_lengths(cfg, rows, gen):

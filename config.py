@@ -63,6 +63,7 @@ class TrainConfig:
     lisa_interval: int = 20         # steps between LISA switches
     lisa_draw: str = 'shared'       # 'shared': u and w train the same blocks; 'independent': the authors' (lisa.py)
     lisa_scale_logits_step: bool = False  # LISA: p's step × √(n_layer / lisa_layers) (lisa.logits_step_scale)
+    lisa_merge_frozen: bool = False  # LISA: a block that freezes takes the mean of u's and w's values (lisa.py)
     # bookkeeping
     out_dir: str = 'out'             # one run's folder: a second run there needs --resume=True or --overwrite=True
     overwrite: bool = False         # a fresh run in a used out_dir: its run's files are deleted first

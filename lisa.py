@@ -19,6 +19,7 @@ pass (it is idempotent between switches):
     set_lisa_blocks([(u.blocks, u_optimizer), (w.blocks, w_optimizer)], n_active, seed, step // interval)
 """
 import numpy as np
+import torch
 
 
 def draw_active_blocks(n_layer, n_active, seed, switch_index, copy_index=0):
@@ -53,7 +54,7 @@ def set_active_blocks(blocks, optimizer, active):
 LISA_DRAWS = ('shared', 'independent')
 
 
-def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared'):
+def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared', merge_frozen=False):
     """LISA for ScaleBiO's model copies, `copies` = [(blocks, optimizer), ...] (u, then w).
 
     draw='shared': every copy trains the same blocks. p's gradient is α·J·(ℓ(w) − ℓ(u)), and w − u must be
@@ -62,7 +63,19 @@ def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared'):
     and cancels in ℓ(w) − ℓ(u), as the shared batch makes the noise cancel (bilevel.py) -- but only if they
     move the same coordinates. draw='independent' (the authors' code) lets u train blocks A while w trains
     blocks B: w − u then carries O(1) differences that α multiplies (theory/, docs/lisa.md).
+
+    merge_frozen (shared draw): a block that freezes at this switch takes the mean of the copies' values in both,
+    so that ℓ(w) − ℓ(u) reads only the blocks trained since the last switch, not differences left in frozen
+    blocks while the blocks around them moved on (--lisa_merge_frozen, docs/lisa.md).
     """
+    if merge_frozen and draw == 'shared' and len(copies) == 2:
+        active = draw_active_blocks(len(copies[0][0]), n_active, seed, switch_index)
+        for i, (block_u, block_w) in enumerate(zip(copies[0][0], copies[1][0])):
+            if i not in active and any(p.requires_grad for p in block_u.parameters()):  # trained until now
+                with torch.no_grad():
+                    for p_u, p_w in zip(block_u.parameters(), block_w.parameters()):
+                        p_u.add_(p_w).mul_(0.5)
+                        p_w.copy_(p_u)
     for copy_index, (blocks, optimizer) in enumerate(copies):
         set_active_blocks(blocks, optimizer, draw_active_blocks(len(blocks), n_active, seed, switch_index,
                                                                 copy_index if draw == 'independent' else 0))

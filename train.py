@@ -241,7 +241,7 @@ def draw_lisa_blocks(run, step):
     """The blocks each model copy trains during this LISA interval; u and w share them by default (lisa.py)."""
     cfg = run.cfg
     set_lisa_blocks([(model.blocks, opt) for model, opt in zip(run.models, run.optimizers)], cfg.lisa_layers,
-                    cfg.seed, step // cfg.lisa_interval, cfg.lisa_draw)
+                    cfg.seed, step // cfg.lisa_interval, cfg.lisa_draw, cfg.lisa_merge_frozen)
 
 
 def take_step(run, step, alpha):

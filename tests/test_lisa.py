@@ -113,3 +113,32 @@ def test_lisa_scale_logits_step_multiplies_the_step_of_p_by_the_root_of_n_layer_
         log_weights.append(logs - logs.mean())
     assert log_weights[0].abs().max() > 1e-6  # p moved
     assert torch.allclose(log_weights[1], 2 * log_weights[0], rtol=1e-6, atol=0)
+
+
+def test_merge_frozen_gives_a_freezing_block_the_copies_mean_and_leaves_the_rest():
+    torch.manual_seed(0)
+    models = [GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=N_LAYER, n_head=2, n_embd=16)) for _ in range(2)]
+    copies = [(m.transformer.h, make_optimizer(m, lr=1e-2, weight_decay=0.1)) for m in models]
+    set_lisa_blocks(copies, N_ACTIVE, 7, 0, 'shared', merge_frozen=True)
+    first = draw_active_blocks(N_LAYER, N_ACTIVE, 7, 0)
+    with torch.no_grad():  # the copies move apart in every block, as training would move the active ones
+        for p in models[1].parameters():
+            p.add_(torch.randn_like(p))
+    before = [[p.clone() for p in m.parameters()] for m in models]
+    set_lisa_blocks(copies, N_ACTIVE, 7, 0, 'shared', merge_frozen=True)  # the same interval: nothing merges
+    assert all(torch.equal(a, b) for m, old in zip(models, before) for a, b in zip(m.parameters(), old))
+    switch = next(k for k in range(1, 100) if set(draw_active_blocks(N_LAYER, N_ACTIVE, 7, k)) != set(first))
+    second = draw_active_blocks(N_LAYER, N_ACTIVE, 7, switch)  # some block freezes at this switch
+    set_lisa_blocks(copies, N_ACTIVE, 7, switch, 'shared', merge_frozen=True)
+    for i, (block_u, block_w) in enumerate(zip(*(m.transformer.h for m in models))):
+        names = [n for n, _ in block_u.named_parameters()]
+        old_u = dict(zip(names, [before[0][j] for j, (n, p) in enumerate(models[0].named_parameters())
+                                 if n.startswith(f'transformer.h.{i}.')]))
+        old_w = dict(zip(names, [before[1][j] for j, (n, p) in enumerate(models[1].named_parameters())
+                                 if n.startswith(f'transformer.h.{i}.')]))
+        for name, p_u in block_u.named_parameters():
+            p_w = dict(block_w.named_parameters())[name]
+            if i in first and i not in second:  # froze now: both hold the mean
+                assert torch.allclose(p_u, (old_u[name] + old_w[name]) / 2) and torch.equal(p_u, p_w)
+            else:  # still active, or frozen before this switch: untouched
+                assert torch.equal(p_u, old_u[name]) and torch.equal(p_w, old_w[name])
