@@ -64,7 +64,7 @@ LISA_VARIANTS = {'off': ['--lisa_layers=0'], **{draw: [f'--lisa_draw={draw}'] fo
                  'interval 5': ['--lisa_interval=5'], 'interval 50': ['--lisa_interval=50'],
                  'forward difference': ['--central_difference=False'],
                  'p step scaled': ['--lisa_scale_logits_step=True'], 'merged': ['--lisa_merge_frozen=True'],
-                 'merged, p step scaled': ['--lisa_merge_frozen=True', '--lisa_scale_logits_step=True']}
+                 'merged + p step scaled': ['--lisa_merge_frozen=True', '--lisa_scale_logits_step=True']}
 # compare.py --what=ablations: one factor at a time around train.py's defaults (α 10, central difference,
 # gradient clipping at 1.0, weight decay 0.01), against the authors' choices
 ABLATION_VARIANTS = {'default': [], **{f'alpha {a}': [f'--penalty_alpha={a}'] for a in (3, 30, 100)},
