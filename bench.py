@@ -58,7 +58,7 @@ class BenchConfig:
     penalty_alpha: float = 10.0
     central_difference: bool = True  # train.py's default
     grad_clip: float = 1.0     # train.py's default, for every variant
-    source_loss: str = 'example'  # train.py's default: a source's loss is the mean of its rows' token means
+    source_loss: str = 'token'  # train.py's default: every token weighs alike across sources
     workload: str = 'random'   # 'random': every position of every row is a target; 'instruction': padded rows
     micro_batch: int = 0       # rows per source per forward (train.py's --micro_batch); 0: all at once
     warmup: int = 3

@@ -26,8 +26,8 @@ class TrainConfig:
     batch_per_source: int = 16      # training rows per source per step (stratified; stage two: S times as many in all)
     val_batch: int = 32             # validation rows per step, for L_val
     micro_batch: int = 0            # rows per source per forward on each rank (gradient accumulation); 0: all
-    source_loss: str = 'example'    # a source's loss: 'example' (mean of its rows' token means) or 'token' (every
-                                    # token weighs alike across sources, as in L_val: steps.model_objective)
+    source_loss: str = 'token'      # a source's loss: 'token' (every token weighs alike across sources, as in L_val:
+                                    # steps.model_objective) or 'example' (the mean of its rows' token means)
     # model, trained from scratch
     model: str = ''                 # a shape of model.MODEL_PRESETS (gpt2 ... gpt2-xl, llama3.2-1b, llama3-8b, yi-34b),
                                     # or n_layer etc.; --init_from's config.json overrides both

@@ -103,10 +103,11 @@ def test_micro_batches_accumulate_to_the_same_run(tmp_path):
 
 
 def test_token_weighted_source_losses_match_across_micro_batches_and_processes(tmp_path):
-    """--source_loss=token on `mixture`, whose answers differ in length: each source's token count is global."""
+    """--source_loss=token on `mixture`, whose letters' rows hold 2 to 7 targets: each source's token count is global."""
     args = TINY + ['--data=mixture', '--source_loss=token', '--max_steps=10']
     whole = train.main(args + [f'--out_dir={tmp_path}/whole'])
-    by_example = train.main(TINY + ['--data=mixture', '--max_steps=10', f'--out_dir={tmp_path}/example'])
+    by_example = train.main(TINY + ['--data=mixture', '--max_steps=10', '--source_loss=example',
+                                    f'--out_dir={tmp_path}/example'])
     assert max(abs(a - b) for a, b in zip(whole['weights'], by_example['weights'])) > 1e-6  # a different loss
     pieces = train.main(args + [f'--out_dir={tmp_path}/pieces', '--micro_batch=2'])
     assert pieces['weights'] == pytest.approx(whole['weights'], abs=1e-10)

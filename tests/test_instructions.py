@@ -54,7 +54,7 @@ def test_per_source_losses_are_means_of_per_example_means_or_of_tokens(tmp_path)
     model = GPT(GPTConfig(block_size=48, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     x = torch.tensor(data.train[0][:, 0])
     y = torch.tensor(data.train[0][:, 1])
-    run = Run(TrainConfig(grad_clip=0.0), [model])
+    run = Run(TrainConfig(grad_clip=0.0, source_loss='example'), [model])
     source_loss, _, _ = model_objective(run, model, x, y, None, None, 1)(torch.ones(1), 0.0)
     per_example = [torch.nn.functional.cross_entropy(model(x[i:i + 1])[0][0], y[i], ignore_index=-1) for i in range(2)]
     assert torch.allclose(source_loss, torch.stack(per_example).mean().detach(), atol=1e-6)
