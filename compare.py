@@ -59,12 +59,14 @@ USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
 # compare.py --what=lisa: 8 layers; LISA off, or on with 2 of 8 blocks every 20 steps and either draw
 # (lisa.LISA_DRAWS), or with one of those settings changed for the train.py default draw
 LISA_SHAPE = ['--n_layer=8', '--lisa_layers=2', '--lisa_interval=20']
-LISA_VARIANTS = {'off': ['--lisa_layers=0'], **{draw: [f'--lisa_draw={draw}'] for draw in LISA_DRAWS},
+UNMERGED = ['--lisa_merge_frozen=False', '--lisa_logits_step=plain']  # the copies as they are at each switch
+LISA_VARIANTS = {'off': ['--lisa_layers=0'], 'default': [],  # train.py's rule: merged, p's step × n_layer / lisa_layers
+                 **{draw: [f'--lisa_draw={draw}', *UNMERGED] for draw in LISA_DRAWS},
                  '1 block': ['--lisa_layers=1'], '4 blocks': ['--lisa_layers=4'],
                  'interval 5': ['--lisa_interval=5'], 'interval 50': ['--lisa_interval=50'],
-                 'forward difference': ['--central_difference=False'],
-                 'p step scaled': ['--lisa_scale_logits_step=True'], 'merged': ['--lisa_merge_frozen=True'],
-                 'merged + p step scaled': ['--lisa_merge_frozen=True', '--lisa_scale_logits_step=True']}
+                 'forward difference': ['--central_difference=False', *UNMERGED],
+                 'p step scaled': ['--lisa_merge_frozen=False', '--lisa_logits_step=sqrt'],
+                 'merged': ['--lisa_logits_step=plain'], 'merged + p step scaled': ['--lisa_logits_step=sqrt']}
 # compare.py --what=ablations: one factor at a time around train.py's defaults (α 10, central difference,
 # gradient clipping at 1.0, weight decay 0.01), against the authors' choices
 ABLATION_VARIANTS = {'default': [], **{f'alpha {a}': [f'--penalty_alpha={a}'] for a in (3, 30, 100)},
@@ -73,7 +75,7 @@ ABLATION_VARIANTS = {'default': [], **{f'alpha {a}': [f'--penalty_alpha={a}'] fo
 # a study runs each variant on each task and seed, and measures it against the closed form and against the
 # reference variant on the same seed; stage two runs the shape plus stage_two_args for every variant
 STUDIES = {
-    'lisa': dict(shape=LISA_SHAPE, variants=LISA_VARIANTS, default='off,shared,independent', reference='off',
+    'lisa': dict(shape=LISA_SHAPE, variants=LISA_VARIANTS, default='off,default', reference='off',
                  tasks='mixture,dilution,denoise', stage_two_args=['--lisa_layers=0']),
     'ablations': dict(shape=[], variants=ABLATION_VARIANTS, default=','.join(ABLATION_VARIANTS), reference='default',
                       tasks='mixture,dilution', stage_two_args=[]),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from bilevel import LOGITS_RULES
-from lisa import LISA_DRAWS
+from lisa import LISA_DRAWS, LOGITS_STEP_RULES
 from model import MODEL_PRESETS
 
 METHODS = ('scalebio', 'fixed', 'irdro', 'rholoss')  # the steps: steps.py (scalebio), baselines.py (the rest)
@@ -62,8 +62,8 @@ class TrainConfig:
     lisa_layers: int = 0            # blocks unfrozen at a time; 0 or >= n_layer: full fine-tuning (lisa.py)
     lisa_interval: int = 20         # steps between LISA switches
     lisa_draw: str = 'shared'       # 'shared': u and w train the same blocks; 'independent': the authors' (lisa.py)
-    lisa_scale_logits_step: bool = False  # LISA: p's step × √(n_layer / lisa_layers) (lisa.logits_step_scale)
-    lisa_merge_frozen: bool = False  # LISA: a block that freezes takes the mean of u's and w's values (lisa.py)
+    lisa_merge_frozen: bool = True  # LISA: a block that freezes takes the mean of u's and w's values (lisa.py)
+    lisa_logits_step: str = 'fraction'  # LISA: p's step × n_layer / lisa_layers; 'sqrt': × its root; 'plain': × 1
     # bookkeeping
     out_dir: str = 'out'             # one run's folder: a second run there needs --resume=True or --overwrite=True
     overwrite: bool = False         # a fresh run in a used out_dir: its run's files are deleted first
@@ -95,7 +95,8 @@ RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'overwrite', 'eval_interval
 # every value is checked against these rules before anything runs (parse_config); micro_steps checks what
 # depends on the number of processes, and train.py that the out_dir can be written and is not in use
 CHOICES = {'method': METHODS, 'dtype': ('float32', 'float64'), 'logits_update': tuple(LOGITS_RULES),
-           'model': ('', *MODEL_PRESETS), 'lisa_draw': LISA_DRAWS, 'source_loss': ('example', 'token'),
+           'model': ('', *MODEL_PRESETS), 'lisa_draw': LISA_DRAWS,
+           'lisa_logits_step': tuple(LOGITS_STEP_RULES), 'source_loss': ('example', 'token'),
            'sampling': ('stratified', 'proportional')}
 RULES = [  # (fields, the rule, what the error says)
     (('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',

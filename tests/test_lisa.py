@@ -99,20 +99,21 @@ def test_copies_train_the_same_blocks_with_a_shared_draw_and_their_own_with_inde
     assert differ >= 5
 
 
-def test_lisa_scale_logits_step_multiplies_the_step_of_p_by_the_root_of_n_layer_over_n_active(tmp_path):
+def test_lisa_logits_step_multiplies_the_step_of_p_by_the_inverse_active_fraction_or_its_root(tmp_path):
     """Step 0 leaves p at 0 (both copies are still equal), so step 1 sees the same copies and the same gradient of
-    p in either run: with mirror descent, log λ after it is −step·gradient (up to a constant), √(4/1) = 2 times
-    larger when scaled."""
+    p in every run: with mirror descent, log λ after it is −step·gradient (up to a constant), 4/1 = 4 times
+    larger with 'fraction' (the default) and √4 = 2 times with 'sqrt' than with 'plain'."""
     import train
     args = ['--n_layer=4', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_per_source=4', '--val_batch=8',
             '--eval_batches=1', '--lisa_layers=1', '--max_steps=2', '--dtype=float64', '--device=cpu']
-    log_weights = []
-    for scaled in (False, True):
-        summary = train.main(args + [f'--out_dir={tmp_path}/{scaled}', f'--lisa_scale_logits_step={scaled}'])
+    log_weights = {}
+    for rule in ('plain', 'sqrt', 'fraction'):
+        summary = train.main(args + [f'--out_dir={tmp_path}/{rule}', f'--lisa_logits_step={rule}'])
         logs = torch.tensor(summary['weights'], dtype=torch.float64).log()
-        log_weights.append(logs - logs.mean())
-    assert log_weights[0].abs().max() > 1e-6  # p moved
-    assert torch.allclose(log_weights[1], 2 * log_weights[0], rtol=1e-6, atol=0)
+        log_weights[rule] = logs - logs.mean()
+    assert log_weights['plain'].abs().max() > 1e-6  # p moved
+    assert torch.allclose(log_weights['sqrt'], 2 * log_weights['plain'], rtol=1e-6, atol=0)
+    assert torch.allclose(log_weights['fraction'], 4 * log_weights['plain'], rtol=1e-6, atol=0)
 
 
 def test_merge_frozen_gives_a_freezing_block_the_copies_mean_and_leaves_the_rest():

@@ -224,13 +224,13 @@ def run_single_loop(prob, alpha, step_sizes, steps, target, tolerance=1e-12, cen
 
 def run_logits_update(prob, alpha, update, lr, steps, central=False, warmup_steps=30, lisa_blocks=1,
                       lisa_layers=0, lisa_interval=20, lisa_draw='shared', sigma=0.0, start=None, move_logits=True,
-                      lisa_scale_logits_step=False):
+                      lisa_logits_step='fraction', lisa_merge_frozen=True):
     """The single loop with p updated exactly as train.py does it (--logits_update=update: bilevel's optimizer,
     geometry and step size, lr 0 being the rule's own; the warmup + cosine schedule), u and w by plain
     gradient steps of one size.
     LISA as train.py runs it: θ is `lisa_blocks` blocks of coordinates, and lisa.py gives each copy its
-    `lisa_layers` trainable blocks (the draw `lisa_draw`, switched every `lisa_interval` steps), and p's step
-    is scaled as train.py scales it (lisa.logits_step_scale).
+    `lisa_layers` trainable blocks (the draw `lisa_draw`, switched every `lisa_interval` steps, the blocks that
+    freeze merged if `lisa_merge_frozen`), and p's step is scaled as train.py scales it (lisa.logits_step_scale).
     sigma > 0: noisy per-source losses, one draw per step shared by both copies (train.py's shared batch).
     start: (u, w, p) to start from (default zeros); move_logits=False holds p there.
     Returns the final weights softmax(p) and p's gradient at every step."""
@@ -244,11 +244,12 @@ def run_logits_update(prob, alpha, update, lr, steps, central=False, warmup_step
     model_optimizers = [torch.optim.SGD([b[0] for b in blocks], lr=size)
                         for blocks, size in zip(copies, model_step_sizes(prob, alpha, 0.9))]
     gradients = []
-    lisa_scale = logits_step_scale(lisa_blocks, lisa_layers, lisa_scale_logits_step)
+    lisa_scale = logits_step_scale(lisa_blocks, lisa_layers, lisa_logits_step)
     for t in range(steps):
         for group in optimizer.param_groups:
             group['lr'] = logits_step_size(update, lr, cosine_lr(t, steps, warmup_steps)) * lisa_scale if move_logits else 0.0
-        set_lisa_blocks(list(zip(copies, model_optimizers)), lisa_layers, 0, t // lisa_interval, lisa_draw)
+        set_lisa_blocks(list(zip(copies, model_optimizers)), lisa_layers, 0, t // lisa_interval, lisa_draw,
+                        lisa_merge_frozen)
         noise = sigma * torch.randn(*prob['centres'].shape, generator=gen) if sigma else None
         result = scalebio_step(p, alpha, *[objective(prob, [b[0] for b in blocks], noise) for blocks in copies],
                                *[lambda opt=opt: step_and_clear(opt) for opt in model_optimizers],
