@@ -282,8 +282,9 @@ def study(cfg):
                                                            *start, *spec['stage_two_args'])['test_loss']
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    tasks = (cfg.tasks or spec['tasks']).replace(',', '-')  # one file per tasks and seeds, as processes split them
     results = os.path.join(cfg.out_dir, f'{cfg.what}-pretrained' if cfg.pretrained else cfg.what,
-                           f'{cfg.what}_seeds{cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}.json')
+                           f'{cfg.what}_{tasks}_seeds{cfg.first_seed}-{cfg.first_seed + cfg.seeds - 1}.json')
     with open(results, 'w') as f:
         json.dump({'shape': shape, 'reference': reference, 'rows': rows}, f, indent=2)
     print(f"\n| task | seed | variant | weights | max |λ − closed form| | max |λ − {reference}| | stage-two test loss | "

@@ -75,6 +75,10 @@ def test_ablations_change_one_factor_and_run_every_stage_two_with_the_default_co
     rows = compare.study(compare.CompareConfig(what='ablations', seeds=1, out_dir=str(tmp_path)))
     assert [(r['task'], r['variant']) for r in rows][:7] == [('mixture', name) for name in compare.ABLATION_VARIANTS]
     assert len(rows) == 14 and all(r['to_reference'] == 0 for r in rows)  # fake_run learns alike for every factor
+    compare.study(compare.CompareConfig(what='ablations', seeds=1, tasks='dilution', out_dir=str(tmp_path)))
+    for tasks in ('mixture-dilution', 'dilution'):  # processes that split the tasks keep their own results
+        with open(tmp_path / 'ablations' / f'ablations_{tasks}_seeds0-0.json') as f:
+            assert {r['task'] for r in json.load(f)['rows']} == set(tasks.split('-'))
     learning = [args for args in calls if '--method=fixed' not in args]
     assert ('--data=mixture', '--seed=0', '--grad_clip=0') in learning
     assert all(not any(a.startswith(('--grad_clip', '--weight_decay', '--penalty_alpha', '--central')) for a in args)
