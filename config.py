@@ -80,7 +80,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile each block (meant for CUDA)
     checkpoint_blocks: bool = False  # activation checkpointing per block: less memory, one more forward (model.py)
     logits_at_targets: bool = True  # the head and cross-entropy only at positions with a target (model.py)
-    crop_padding: bool = True       # each forward's rows cut to the longest one's last target (model.crop_to_targets)
+    crop_padding: bool = True       # each forward's rows cut to the longest one's last target (steps.crop_to_targets)
     lower_first: bool = False       # u steps before w's forward: one copy's gradients at a time (bilevel.py)
     cpu_offload: bool = False       # FSDP2 keeps parameters, gradients and AdamW state in host memory (CUDA, torchrun)
     check_memory: bool = True       # CUDA: refuse a run whose counted state alone exceeds the GPU (plan.py)

@@ -430,18 +430,6 @@ def initial_weights(config):
             yield name, torch.empty(param.shape).normal_(mean=0.0, std=model._residual_std(name))
 
 
-def crop_to_targets(x, y, multiple=1):
-    """Rows x, y (B, T) cut after the last position at which any row has a target (not -1), the length rounded
-    up to `multiple` (at most T). Every row's loss is unchanged: attention is causal, so no kept position sees a
-    cut one, and a cut position has no target. Right-padded instruction rows then cost the batch's longest row,
-    not block_size (the ScaleBiO and LMFlow trainers pad each micro-batch to its longest row for the same
-    reason). Meant for rows still on the host, where finding the length costs no device sync."""
-    has_target = (y != -1).any(dim=0).nonzero()
-    length = int(has_target[-1]) + 1 if len(has_target) else 1
-    length = min(x.size(1), -(-length // multiple) * multiple)
-    return x[:, :length], y[:, :length]
-
-
 def target_counts(targets, dtype):
     """Targets per row that count (not -1), so that row means can be turned back into token sums."""
     return (targets != -1).sum(dim=1).clamp(min=1).to(dtype)

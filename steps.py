@@ -16,7 +16,7 @@ from bilevel import LOGITS_RULES, scalebio_step, step_and_clear
 from config import TrainConfig
 from data import rank_rows, train_batch, validation_batch
 from fsdp import full, local_bytes, mean_over_ranks
-from model import crop_to_targets, target_counts
+from model import target_counts
 
 
 @dataclass
@@ -65,8 +65,20 @@ def validation_rows(run, step, n_rows):
     return [rank_rows(t, 1, run.rank, run.world_size) for t in rows]
 
 
+def crop_to_targets(x, y, multiple=1):
+    """Rows x, y (B, T) cut after the last position at which any row has a target (not -1), the length rounded
+    up to `multiple` (at most T). Every row's loss is unchanged: attention is causal, so no kept position sees a
+    cut one, and a cut position has no target. Right-padded instruction rows then cost the batch's longest row,
+    not block_size (the ScaleBiO and LMFlow trainers pad each micro-batch to its longest row for the same
+    reason). Meant for rows still on the host, where finding the length costs no device sync."""
+    has_target = (y != -1).any(dim=0).nonzero()
+    length = int(has_target[-1]) + 1 if len(has_target) else 1
+    length = min(x.size(1), -(-length // multiple) * multiple)
+    return x[:, :length], y[:, :length]
+
+
 def device_rows(run, x, y):
-    """Host rows x, y for one forward, cropped to the longest row's last target (--crop_padding, model.crop_to_targets)
+    """Host rows x, y for one forward, cropped to the longest row's last target (--crop_padding, crop_to_targets)
     and moved to the run's device."""
     if run.cfg.crop_padding:  # compiled blocks: lengths in multiples of 64, so at most block_size / 64 graphs
         x, y = crop_to_targets(x, y, 64 if run.cfg.compile else 1)
@@ -81,7 +93,7 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
     (FSDP averages the model gradients over ranks itself; it knows nothing of p), and {'<name>_gradient_norm':
     norm}: the caller checks all three for NaN before any update (bilevel.check_finite, one host read).
     x holds n_groups equal groups of rows, one per source, on the host; each forward's rows are cropped to their
-    longest (model.crop_to_targets, --crop_padding) before they move to the device.
+    longest (crop_to_targets, --crop_padding) before they move to the device.
     ℓ_i is, with --source_loss=example, the mean of its rows' token means; with --source_loss=token, the sum of
     its tokens' losses over the batch's tokens per source, so that every token weighs λ_i alike, whichever
     source's answers are longer, and uniform weights give the batch's token mean (data.py's `lengths` task

@@ -125,7 +125,7 @@ def test_each_memory_lever_keeps_less_for_the_backward_and_gives_the_same_gradie
 def test_rows_cropped_after_the_last_target_keep_every_row_loss_and_gradient(family):
     """Right-padded rows of different lengths: the cropped forward gives the same per-row losses and gradients
     (float64), and the crop length is the longest row's, rounded up to the multiple."""
-    from model import crop_to_targets
+    from steps import crop_to_targets
     torch.manual_seed(0)
     shape = dict(family='llama', n_kv_head=1, mlp_hidden=32, bias=False) if family == 'llama' else {}
     model = make_model(GPTConfig(block_size=32, vocab_size=50, n_layer=2, n_head=2, n_embd=16, **shape)).double()
