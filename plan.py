@@ -39,6 +39,7 @@ import sys
 
 import torch
 
+from config import micro_steps
 from model import make_model
 
 
@@ -172,3 +173,18 @@ def check_plan(plan, gpu_bytes, where):
               f"and buffers, more than its {gpu_bytes / 2**30:.1f} GiB: --checkpoint_blocks=True, --lower_first=True or "
               f"fewer rows per forward (--micro_batch) may be needed", file=sys.stderr)
     return state
+
+
+def check_run_memory(cfg, model_config, n_sources, world_size, copies, element_size, bf16, sharded, device, rank):
+    """train.py on CUDA: the plan for the run's own rows and levers, printed by rank 0, then check_plan
+    (unless --check_memory=False). Every position is planned to have a target: an upper bound on the logits."""
+    rows = (cfg.batch_per_source * n_sources + cfg.val_batch) // world_size // micro_steps(cfg, world_size)
+    plan = memory_plan(model_config, world_size, cfg.lisa_layers, element_size, copies,
+                       tokens=rows * cfg.block_size, targets=rows * cfg.block_size,
+                       compute_size=2 if bf16 else element_size, sharded=sharded,
+                       **{lever: getattr(cfg, lever) for lever in LEVERS})
+    gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+    if rank == 0:
+        print_plan(plan, gpu_bytes)
+    if cfg.check_memory:
+        check_plan(plan, gpu_bytes, f"--device={device}")

@@ -46,7 +46,7 @@ from fsdp import (copy_shards, fill, init_distributed, mean_over_ranks, peer_err
 from lisa import logits_step_scale, set_lisa_blocks
 from hf import export_pretrained, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
-from plan import LEVERS, check_plan, memory_plan, print_plan
+from plan import check_run_memory
 from steps import Run, device_rows, scalebio_train_step, validation_rows
 
 
@@ -192,18 +192,9 @@ def build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size):
         models = [make_model(model_config).to(dtype) for _ in range(2 if cfg.method == 'scalebio' else 1)]
     if rank == 0:
         print(f"number of parameters: {models[0].num_params() / 1e6:.2f}M per copy; {world_size} process(es)")
-    if device.startswith('cuda'):  # what each GPU will hold for the copies, before it holds anything (plan.py)
-        micro = micro_steps(cfg, world_size)
-        rows = (cfg.batch_per_source * len(data.sources) + cfg.val_batch) // world_size // micro  # per forward
-        plan = memory_plan(model_config, world_size, cfg.lisa_layers, dtype.itemsize, len(models),
-                           tokens=rows * cfg.block_size, targets=rows * cfg.block_size,
-                           compute_size=2 if bf16 else dtype.itemsize, sharded=sharded,
-                           **{lever: getattr(cfg, lever) for lever in LEVERS})
-        gpu_bytes = torch.cuda.get_device_properties(device).total_memory
-        if rank == 0:
-            print_plan(plan, gpu_bytes)
-        if cfg.check_memory:
-            check_plan(plan, gpu_bytes, f"--device={device}")
+    if device.startswith('cuda'):  # what each GPU will hold for the copies, before it holds anything
+        check_run_memory(cfg, model_config, len(data.sources), world_size, len(models), dtype.itemsize, bf16, sharded,
+                         device, rank)
     for model in models:
         model.checkpoint_blocks, model.logits_at_targets = cfg.checkpoint_blocks, cfg.logits_at_targets
         if cfg.compile:  # per block: LISA flips requires_grad, so each block has at most two compiled graphs
