@@ -171,6 +171,41 @@ def matmul_peak_flops(device, n=8192):
     return 10 * 2 * n ** 3 / (time.perf_counter() - t0)
 
 
+def time_variants(cfg, device, built):
+    """Warm-up steps, then `repeats` steps of every variant, interleaved so that a slow moment of the machine hits
+    every variant. Returns the state before the timed steps, and each variant's step times and useful tokens."""
+    for name, (_, step, _) in built.items():
+        for i in range(cfg.warmup):
+            step(i)
+    first_state = {name: s() for name, (_, _, s) in built.items()}  # before any LISA switch if warmup < interval
+    times, useful = {name: [] for name in built}, {name: [] for name in built}
+    for r in range(cfg.repeats):
+        for name, (_, step, _) in built.items():
+            sync(device)
+            t0 = time.perf_counter()
+            useful[name].append(step(cfg.warmup + r))
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return first_state, times, useful
+
+
+def memory_plan_main(cfg, shape):
+    """--plan=True: plan.py's table for every lever combination and the deepest model of this width that fits.
+    Float32 parameters, as train.py keeps them; bf16 compute, as under torchrun's FSDP2."""
+    state = state_plan(shape, cfg.world_size, cfg.lisa_layers)
+    tokens = cfg.rows * cfg.block_size
+    rows = dict(world_size=cfg.world_size, lisa_layers=cfg.lisa_layers, tokens=tokens,
+                targets=int(cfg.target_fraction * tokens))
+    levers = print_lever_table(shape, cfg.gpu_gb * 2**30, **rows)
+    deepest = deepest_fitting(shape, cfg.gpu_gb * 2**30, **rows, checkpoint_blocks=True, lower_first=True)
+    if deepest:
+        print(f"the deepest model of this width that fits, with checkpointing and --lower_first: {deepest[0]} "
+              f"blocks, {deepest[1] / 1e9:.2f}B parameters per copy")
+    print(json.dumps({'per_rank_bytes': state, 'world_size': cfg.world_size, 'lisa_layers': cfg.lisa_layers,
+                      'tokens_per_forward': tokens, 'levers': levers, 'deepest_fitting': deepest}))
+    return {'state': state, 'levers': levers, 'deepest_fitting': deepest}
+
+
 def main(argv):
     cfg = override(BenchConfig(), argv)
     shape = model_config(cfg)
@@ -179,20 +214,8 @@ def main(argv):
     variants = {'sft': (None, True, True), 'scalebio': (0, True, True), 'lisa': (cfg.lisa_layers, True, True)}
     if cfg.workload == 'instruction':
         variants.update(uncropped=(0, False, True), all_logits=(0, True, False))
-    if cfg.plan:  # float32 parameters, as train.py keeps them; bf16 compute under torchrun's FSDP2
-        state = state_plan(shape, cfg.world_size, cfg.lisa_layers)
-        tokens = cfg.rows * cfg.block_size
-        levers = print_lever_table(shape, cfg.gpu_gb * 2**30, world_size=cfg.world_size, lisa_layers=cfg.lisa_layers,
-                                   tokens=tokens, targets=int(cfg.target_fraction * tokens))
-        deepest = deepest_fitting(shape, cfg.gpu_gb * 2**30, world_size=cfg.world_size, lisa_layers=cfg.lisa_layers,
-                                  tokens=tokens, targets=int(cfg.target_fraction * tokens), checkpoint_blocks=True,
-                                  lower_first=True)
-        if deepest:
-            print(f"the deepest model of this width that fits, with checkpointing and --lower_first: {deepest[0]} "
-                  f"blocks, {deepest[1] / 1e9:.2f}B parameters per copy")
-        print(json.dumps({'per_rank_bytes': state, 'world_size': cfg.world_size, 'lisa_layers': cfg.lisa_layers,
-                          'tokens_per_forward': tokens, 'levers': levers, 'deepest_fitting': deepest}))
-        return {'state': state, 'levers': levers, 'deepest_fitting': deepest}
+    if cfg.plan:
+        return memory_plan_main(cfg, shape)
 
     if cfg.only:  # a fresh process for one variant's peak memory, run past a LISA switch
         _, step, _ = build(cfg, device, *variants[cfg.only])
@@ -204,18 +227,7 @@ def main(argv):
 
     built = {name: build(cfg, device, *variant) for name, variant in variants.items()}
     n_params = built['sft'][0][0].num_params()
-    for name, (_, step, _) in built.items():
-        for i in range(cfg.warmup):
-            step(i)
-    first_state = {name: s() for name, (_, _, s) in built.items()}  # before any LISA switch if warmup < interval
-    times, useful = {name: [] for name in built}, {name: [] for name in built}
-    for r in range(cfg.repeats):  # interleaved, so that a slow moment of the machine hits every variant
-        for name, (_, step, _) in built.items():
-            sync(device)
-            t0 = time.perf_counter()
-            useful[name].append(step(cfg.warmup + r))
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+    first_state, times, useful = time_variants(cfg, device, built)
     state = {name: s() for name, (_, _, s) in built.items()}  # after the switches of the timed steps
     switches = (cfg.warmup + cfg.repeats - 1) // cfg.lisa_interval
 
