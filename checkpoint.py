@@ -9,6 +9,8 @@ What a run keeps on disk, and how it proves itself.
   torch.distributed.checkpoint also works without a process group, so one process writes the same format.
 - meta.json records the SHA-256 of every file of the checkpoint and of every data file the run trained on;
   a load checks both, so a damaged shard or changed data is one clear error, not a different result.
+- An interrupted run loses nothing: SIGINT or SIGTERM lets the step finish and a checkpoint be written
+  (signals_stop_at_next_step), and a resumed run's log.jsonl is cut back to what its checkpoint has seen.
 """
 import contextlib
 import fcntl
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import time
 import warnings
@@ -305,3 +308,49 @@ def load_best_model(run_dir):
     dcp.load(state, checkpoint_id=folder, no_dist=True)
     model.load_state_dict(state['models'][0])
     return model.eval(), meta
+
+
+def trim_log(out_dir, start_step):
+    """A resumed run's log.jsonl keeps only what its checkpoint has seen (a killed run logs more, perhaps half
+    a line)."""
+    path = os.path.join(out_dir, 'log.jsonl')
+    if os.path.exists(path):
+        kept = [record for record in read_log(path) if record['step'] <= start_step]
+        with open(path, 'w') as f:
+            f.writelines(json.dumps(record) + '\n' for record in kept)
+
+
+def read_log(path):
+    """The records of a log.jsonl, but a line that a kill cut short."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
+
+
+def logged_record(out_dir, step):
+    records = [r for r in read_log(os.path.join(out_dir, 'log.jsonl')) if r['step'] == step]
+    if not records:
+        raise ValueError(f"the checkpoint is at the final step {step}, and {out_dir}/log.jsonl has no record of it "
+                         f"to write summary.json from")
+    return records[-1]
+
+
+@contextlib.contextmanager
+def signals_stop_at_next_step():
+    """SIGINT / SIGTERM: the loop finishes the current step, saves a checkpoint and exits. A second signal
+    acts at once."""
+    stop_signals, old_handlers = [], {}
+
+    def request_stop(signum, frame):
+        stop_signals.append(signum)
+        signal.signal(signum, old_handlers[signum])
+    for s in (signal.SIGINT, signal.SIGTERM):
+        old_handlers[s] = signal.signal(s, request_stop)
+    try:
+        yield stop_signals
+    finally:
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)

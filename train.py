@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from baselines import fixed_step, irdro_step, load_reference, rholoss_step
 from bilevel import LOGITS_RULES, cosine_lr, logits_step_size, make_logits_optimizer, penalty_schedule
-from checkpoint import (check_data_unchanged, data_fingerprint, load_checkpoint, own_out_dir, read_meta,
-                        remove_files, save_checkpoint)
+from checkpoint import (check_data_unchanged, data_fingerprint, load_checkpoint, logged_record, own_out_dir,
+                        read_meta, remove_files, save_checkpoint, signals_stop_at_next_step, trim_log)
 from config import RESUMABLE_CHANGES, micro_steps, parse_config
 from data import (TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer,
                   proportional_rows, rank_rows)
@@ -73,7 +73,8 @@ def train(cfg, processes, previous_run):
     # continue from the last checkpoint, or start afresh
     end_step = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
     start_step = resume_from_checkpoint(run, end_step) if cfg.resume else 0
-    trim_log(run, start_step)
+    if run.rank == 0 and cfg.resume:
+        trim_log(cfg.out_dir, start_step)
     record = None
     progress = tqdm(range(start_step, end_step), initial=start_step, total=end_step, dynamic_ncols=True,
                     disable=run.rank != 0)
@@ -369,51 +370,6 @@ def resume_from_checkpoint(run, end_step):
     if run.rank == 0:
         print(f"resuming from {meta['folder']} at step {meta['step']}")
     return meta['step']
-
-
-def trim_log(run, start_step):
-    """log.jsonl keeps only what the checkpoint has seen (a killed run logs more, perhaps half a line)."""
-    path = os.path.join(run.cfg.out_dir, 'log.jsonl')
-    if run.rank == 0 and run.cfg.resume and os.path.exists(path):
-        kept = [record for record in read_log(path) if record['step'] <= start_step]
-        with open(path, 'w') as f:
-            f.writelines(json.dumps(record) + '\n' for record in kept)
-
-
-def read_log(path):
-    """The records of a log.jsonl, but a line that a kill cut short."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-    return records
-
-
-def logged_record(out_dir, step):
-    records = [r for r in read_log(os.path.join(out_dir, 'log.jsonl')) if r['step'] == step]
-    if not records:
-        raise ValueError(f"the checkpoint is at the final step {step}, and {out_dir}/log.jsonl has no record of it "
-                         f"to write summary.json from")
-    return records[-1]
-
-
-@contextlib.contextmanager
-def signals_stop_at_next_step():
-    """SIGINT / SIGTERM: the loop finishes the current step, saves a checkpoint and exits. A second signal
-    acts at once."""
-    stop_signals, old_handlers = [], {}
-
-    def request_stop(signum, frame):
-        stop_signals.append(signum)
-        signal.signal(signum, old_handlers[signum])
-    for s in (signal.SIGINT, signal.SIGTERM):
-        old_handlers[s] = signal.signal(s, request_stop)
-    try:
-        yield stop_signals
-    finally:
-        for s, handler in old_handlers.items():
-            signal.signal(s, handler)
 
 
 def stop_if_signalled(run, step, stop_signals, progress):
