@@ -94,5 +94,8 @@ def logits_step_scale(n_layer, n_active, rule='fraction'):
     in the n_active blocks trained since the switch, about n_active / n_layer of the whole, and so is p's
     gradient: 'fraction' gives p the step it would take without LISA. On `denoise` (2 of 8 blocks, seed 0)
     merged blocks with p's step × 1, × 2 and × 4 learned clean 0.717, 0.791 and 0.980; LISA off 0.974
-    (docs/lisa.md). 'sqrt' (× 2 here) is the factor measured for unmerged copies from a pretrained start."""
+    (docs/lisa.md). 'sqrt' (× 2 here) is the factor measured for unmerged copies from a pretrained start.
+    TODO: the share of the response an interval rebuilds depends on how far the copies get in it; from a
+    pretrained start × 4 made p swing between vertices on `mixture` seed 1 (docs/lisa.md). A factor measured
+    during the run, not fixed, is the open question."""
     return (n_layer / n_active) ** LOGITS_STEP_RULES[rule] if 0 < n_active < n_layer else 1.0
