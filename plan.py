@@ -1,6 +1,6 @@
 """
 How much memory one GPU needs for a ScaleBiO + LISA step, before anything is allocated: the bytes each rank
-holds for both model copies, computed from the shapes of a model built on the meta device, and what one
+holds for both model copies, computed from the shapes of a one-block model built on the meta device, and what one
 copy's forward and backward add on top.
 
     python bench.py --plan=True --model=llama3-8b --lisa_layers=2 --world_size=1 --gpu_gb=141 --block_size=1024
@@ -49,13 +49,21 @@ def rank0_bytes(shape, world_size, element_size):
     return min(rows, shape[0]) * math.prod(shape[1:]) * element_size
 
 
+def root_and_block(config, size=lambda shape: math.prod(shape)):
+    """size(shape) summed over the parameters outside the blocks (embeddings, final norm, head) and over one
+    block's. A model of one block on the meta device gives the shapes: every block has the same, so a model's
+    total is root + n_layer · block, at any depth without building it."""
+    with torch.device('meta'):
+        model = make_model(dataclasses.replace(config, n_layer=1))
+    block = sum(size(p.shape) for p in model.blocks[0].parameters())
+    return sum(size(p.shape) for p in model.parameters()) - block, block
+
+
 def state_plan(config, world_size=1, lisa_layers=0, element_size=4, copies=2, lower_first=False):
     """Bytes rank 0 holds for `copies` model copies of `config`: {'parameters', 'gradients', 'optimizer_state'}.
     lower_first (--lower_first): u steps and drops its gradient before w's backward, one copy's at a time."""
-    with torch.device('meta'):
-        model = make_model(config)
-    every = sum(rank0_bytes(p.shape, world_size, element_size) for p in model.parameters())
-    block = sum(rank0_bytes(p.shape, world_size, element_size) for p in model.blocks[0].parameters())
+    root, block = root_and_block(config, lambda shape: rank0_bytes(shape, world_size, element_size))
+    every = root + config.n_layer * block
     frozen = config.n_layer - lisa_layers if 0 < lisa_layers < config.n_layer else 0
     trainable = every - frozen * block
     return {'parameters': copies * every, 'gradients': (1 if lower_first else copies) * trainable,
@@ -94,13 +102,9 @@ def activation_plan(config, tokens, targets, trainable_blocks, element_size, che
 def buffer_plan(config, element_size, sharded):
     """Bytes of the gathered parameters and unsharded gradients FSDP2 holds (sharded), or of autocast's bf16
     weight copies (one process with bf16 compute, no FSDP2), for one copy at a time; none in float32 alone."""
-    with torch.device('meta'):
-        model = make_model(config)
-    every = sum(p.numel() for p in model.parameters())
-    block = sum(p.numel() for p in model.blocks[0].parameters())
-    root = every - config.n_layer * block
+    root, block = root_and_block(config)
     if not sharded:
-        return {'buffers': every * element_size if element_size < 4 else 0}
+        return {'buffers': (root + config.n_layer * block) * element_size if element_size < 4 else 0}
     gradients = root * (element_size + 4 if element_size < 4 else 4)  # computed in the compute dtype, reduced in float32
     return {'buffers': (root + 2 * block) * element_size + gradients}
 
@@ -153,8 +157,8 @@ def deepest_fitting(config, gpu_bytes, **kw):
         deepest = deeper
     if deepest is None:
         return None
-    with torch.device('meta'):
-        return deepest.n_layer, make_model(deepest).num_params()
+    root, block = root_and_block(deepest)
+    return deepest.n_layer, root + deepest.n_layer * block
 
 
 STATE = ('parameters', 'gradients', 'optimizer_state')
