@@ -4,7 +4,7 @@ Exact inner solutions (the penalty's bias, forward and central), the single loop
 noisy losses and LISA's block-coordinate steps.
 
     python -m theory            # every check: a table, theory/results.json; exit status 1 if one misses
-    python -m theory --quick    # the same here (all checks take seconds); tests/ calls it
+    python -m theory --quick    # the same checks on fewer problems and noisy runs (run_checks); tests/ calls it
 
 Problem Q2 (theory/README.md): S sources, ℓ_i(θ) = ½‖θ − c_i‖²_{A_i}, L_train(θ, s) = Σ_i s_i·ℓ_i(θ),
 s = softmax(p), L_val(θ) = ½‖θ − θ_val‖². Closed forms, with M(s) = Σ_i s_i·A_i:
@@ -36,8 +36,11 @@ def slope(x, y):
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
-def run_checks(seeds=range(5)):
-    """Every check as a table row, and the curves behind the plots."""
+def run_checks(instances=5, noisy_runs=8, growth_steps=2000):
+    """Every check as a table row, and the curves behind the plots: `instances` problems per check,
+    `noisy_runs` runs for the expectation over noise,
+    `growth_steps` p steps while α grows."""
+    seeds = range(instances)
     alphas = np.logspace(1, 3, 7)
     rows, curves = [], {'alpha': alphas.tolist()}
 
@@ -103,11 +106,11 @@ def run_checks(seeds=range(5)):
     check('non-realizable: F(s_alpha) - F* vs alpha, slope', -2.0, float(np.mean(gap_slopes)), 0.1)
     check('central difference: hypergradient error vs alpha, slope', -2.0, float(np.mean(central_bias)), 0.1)
     check('central difference: |s_alpha - s*| vs alpha, slope', -2.0, float(np.mean(central_dist)), 0.1)
-    curves['single_loop_error'] = single_loop_checks(check)
-    logits_update_checks(check)
-    growing_penalty_checks(check)
-    stochastic_checks(check)
-    lisa_checks(check)
+    curves['single_loop_error'] = single_loop_checks(check, instances)
+    logits_update_checks(check, instances)
+    growing_penalty_checks(check, growth_steps)
+    stochastic_checks(check, noisy_runs)
+    lisa_checks(check, instances)
     return rows, curves
 
 
@@ -131,13 +134,13 @@ def interior_instances(alpha, count=5, margin=0.15):
     return found
 
 
-def single_loop_checks(check):
+def single_loop_checks(check, count):
     """bilevel.scalebio_step iterated with plain gradient steps at fixed α: linear convergence at the rate
     ρ(J) of the iteration's Jacobian, the p step size beyond which it fails, and the weights it returns.
     Returns one error curve for the plot."""
     instances = [('realizable', 10.0, make_problem(0, case='realizable')),
                  ('scalar', 10.0, make_problem(0, case='scalar'))]
-    nonrealizable = interior_instances(10.0)
+    nonrealizable = interior_instances(10.0, count)
     instances += [('nonrealizable', 10.0, prob) for prob in nonrealizable] + [('nonrealizable', 100.0, nonrealizable[0])]
     rate_ratios, to_penalty_solution, too_fast, versus_gd, exact, bias_ratio, curve = [], [], [], [], [], [], None
     for case, alpha, prob in instances:
@@ -188,13 +191,13 @@ def single_loop_checks(check):
     return curve
 
 
-def logits_update_checks(check):
+def logits_update_checks(check, count):
     """p updated exactly as train.py updates it by default (TrainConfig's logits_update, logits_lr,
     central_difference and max_steps; bilevel.LOGITS_RULES), u and w by plain gradient steps: the loop must
     end at the penalty's stationary weights s_α."""
     cfg = TrainConfig()
     lr = logits_step_size(cfg.logits_update, cfg.logits_lr, 1.0)
-    instances = interior_instances(10.0)
+    instances = interior_instances(10.0, count)
     targets = [torch.softmax(fixed_point(prob, 10.0, cfg.central_difference)[2], 0) for prob in instances]
     worst = max((run_logits_update(prob, 10.0, cfg.logits_update, lr, cfg.max_steps, cfg.central_difference)[0] - s)
                 .abs().max().item() for prob, s in zip(instances, targets))
@@ -202,7 +205,7 @@ def logits_update_checks(check):
           f"max |s - s_alpha|, {len(instances)} runs", 0.0, worst, 1e-6)
 
 
-def lisa_checks(check, n_blocks=4, n_active=2):
+def lisa_checks(check, count, n_blocks=4, n_active=2):
     """LISA on the copies (lisa.set_lisa_blocks, as train.py calls it): θ in n_blocks blocks of coordinates,
     each copy trains n_active of them, switched every lisa_interval steps. Unmerged copies that move the same
     blocks keep the fixed point (a block-coordinate step stops only where every block's gradient is zero) and
@@ -212,7 +215,7 @@ def lisa_checks(check, n_blocks=4, n_active=2):
     differences, which these quadratics (whose copies reach their equilibrium) do not have."""
     cfg = TrainConfig()
     lr = logits_step_size(cfg.logits_update, cfg.logits_lr, 1.0)
-    instances = interior_instances(10.0)
+    instances = interior_instances(10.0, count)
     targets = [torch.softmax(fixed_point(prob, 10.0, cfg.central_difference)[2], 0) for prob in instances]
 
     def distances(**rule):
@@ -242,7 +245,7 @@ def lisa_checks(check, n_blocks=4, n_active=2):
               slope([10.0, 100.0, 1000.0], variances), 0.2)
 
 
-def growing_penalty_checks(check):
+def growing_penalty_checks(check, steps):
     """α growing during the run, the model step sizes scaled by 1/α: the weights follow s_α toward s*."""
     prob = make_problem(11)
     s_star = optimum(prob, 'nonrealizable')
@@ -251,7 +254,7 @@ def growing_penalty_checks(check):
     # for a loop that TRACKS its moving fixed point (u, w, p lag ≪ the bias): then s_t ≈ s_{α_t}, so
     # ‖s_t − s*‖ follows the bias at α_t. Both are checked: the tracking ratio, and the slope in t against
     # a × the bias's own slope in α over the same range of α (≈ −1 only asymptotically: −0.9 here)
-    a, steps = 0.5, 2000
+    a = 0.5
     state, times, dist, gap = fixed_point(prob, 10.0), [], [], []
     for t in range(steps):
         alpha = 10.0 * (1 + t) ** a
@@ -284,7 +287,7 @@ def growing_penalty_checks(check):
           float(np.polyfit(np.arange(2, 8), np.log(errors[2:]), 1)[0]), 0.1)
 
 
-def stochastic_checks(check, sigma=0.3):
+def stochastic_checks(check, runs, sigma=0.3):
     """Stochastic per-source losses ℓ_i(θ; ξ) = ½‖θ − c_i − ξ_i‖²_{A_i}, ξ ~ N(0, σ²): one draw per step,
     shared by u and w as train.py shares its batch."""
     prob, alpha = make_problem(11), 10.0
@@ -305,7 +308,7 @@ def stochastic_checks(check, sigma=0.3):
     check('noisy losses, a batch per copy: var(p-gradient) vs alpha, slope', 2.0, variance_slopes[False], 0.2)
     # steps ∝ 1/t at fixed α (from the fixed point, so only the noise moves it): E‖s_t − s_α‖² ∝ 1/t,
     # while ‖s_t − s*‖² levels off at the penalty's squared bias ‖s_α − s*‖² = O(1/α²)
-    sizes, steps, runs, t0 = (*model_step_sizes(prob, alpha, 0.9), 0.3), 4000, 8, 100
+    sizes, steps, t0 = (*model_step_sizes(prob, alpha, 0.9), 0.3), 4000, 100
     marks = np.unique(np.geomspace(steps / 8, steps, 8).astype(int))
     to_alpha, to_star = np.zeros(len(marks)), np.zeros(len(marks))
     for _ in range(runs):
@@ -349,7 +352,7 @@ def main(argv):
     unknown = [a for a in argv if a != '--quick']
     if unknown:
         sys.exit(f"error: unknown argument(s) {' '.join(unknown)}; usage: python -m theory [--quick]")
-    rows, curves = run_checks()
+    rows, curves = run_checks(*((3, 4, 600) if argv else (5, 8, 2000)))
     print(f"{'check':<72}{'predicted':>10}{'measured':>12}{'tolerance':>11}  pass")
     for r in rows:
         print(f"{r['check']:<72}{r['predicted']:>10.3g}{r['measured']:>12.3g}{r['tolerance']:>11.1g}  "
