@@ -95,7 +95,8 @@ def logits_step_scale(n_layer, n_active, rule='fraction'):
     gradient: 'fraction' gives p the step it would take without LISA. On `denoise` (2 of 8 blocks, seed 0)
     merged blocks with p's step × 1, × 2 and × 4 learned clean 0.717, 0.791 and 0.980; LISA off 0.974
     (docs/lisa.md). 'sqrt' (× 2 here) is the factor measured for unmerged copies from a pretrained start.
-    TODO: the share of the response an interval rebuilds depends on how far the copies get in it; from a
-    pretrained start × 4 made p swing between vertices on `mixture` seed 1 (docs/lisa.md). A factor measured
-    during the run, not fixed, is the open question."""
+    TODO: no fixed factor fits every task. From a pretrained start × 4 matches LISA off on `denoise` and
+    `dilution` but made p swing between vertices on `mixture` seed 1; × 2 matches on `mixture` and leaves
+    clean at 0.90 on `denoise` (docs/lisa.md). The factor depends on the direction p moves in; one measured
+    during the run is the open question."""
     return (n_layer / n_active) ** LOGITS_STEP_RULES[rule] if 0 < n_active < n_layer else 1.0
