@@ -148,8 +148,10 @@ def test_a_killed_rank_ends_the_other_with_one_line(tmp_path):
     _, stderr = launcher.communicate(timeout=120)
     errors = [line for line in stderr.splitlines() if 'error:' in line]
     assert launcher.returncode != 0 and 'train.py", line' not in stderr  # no traceback from a rank (torchrun's own is its)
-    assert len(errors) == 1 and re.fullmatch(r"\[rank 0\] error: another process ended during the collective \w+",
-                                             errors[0]), stderr[-2000:]
+    # the collective is named where torch.distributed's call is on the stack; a wait inside FSDP2's own
+    # collectives may have none (fsdp.peer_error), and which one rank 0 is in when rank 1 dies is chance
+    assert len(errors) == 1 and re.fullmatch(r"\[rank 0\] error: another process ended during "
+                                             r"(the collective \w+|a collective)", errors[0]), stderr[-2000:]
 
 
 def test_a_hung_peer_ends_every_live_rank_within_the_timeout_naming_the_collective(tmp_path):
