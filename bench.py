@@ -105,7 +105,7 @@ def build(cfg, device, lisa_layers, crop_padding=True, logits_at_targets=True):
                 block.compile()
     train_cfg = TrainConfig(penalty_alpha=cfg.penalty_alpha, central_difference=cfg.central_difference,
                             grad_clip=cfg.grad_clip, source_loss=cfg.source_loss, compile=cfg.compile,
-                            crop_padding=crop_padding)
+                            crop_padding=crop_padding, logits_update='mirror')  # p's update costs nothing either way
     logits = torch.zeros(cfg.n_sources, device=device, requires_grad=True)
     run = Run(train_cfg, models, optimizers=[make_optimizer(m, 1e-4, 0.01) for m in models], source_logits=logits,
               logits_optimizer=make_logits_optimizer(logits, train_cfg.logits_update), device=device,

@@ -60,13 +60,16 @@ USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
 # (lisa.LISA_DRAWS), or with one of those settings changed for the train.py default draw
 LISA_SHAPE = ['--n_layer=8', '--lisa_layers=2', '--lisa_interval=20']
 UNMERGED = ['--lisa_merge_frozen=False', '--lisa_logits_step=plain']  # the copies as they are at each switch
-LISA_VARIANTS = {'off': ['--lisa_layers=0'], 'default': [],  # train.py's rule: merged, p's step × n_layer / lisa_layers
-                 **{draw: [f'--lisa_draw={draw}', *UNMERGED] for draw in LISA_DRAWS},
-                 '1 block': ['--lisa_layers=1'], '4 blocks': ['--lisa_layers=4'],
-                 'interval 5': ['--lisa_interval=5'], 'interval 50': ['--lisa_interval=50'],
-                 'forward difference': ['--central_difference=False', *UNMERGED],
-                 'p step scaled': ['--lisa_merge_frozen=False', '--lisa_logits_step=sqrt'],
-                 'merged': ['--lisa_logits_step=plain'], 'merged + p step scaled': ['--lisa_logits_step=sqrt']}
+MIRROR = ['--logits_update=mirror']  # p by mirror descent, its step × n_layer / lisa_layers unless said otherwise
+LISA_VARIANTS = {'off': ['--lisa_layers=0'], 'default': [],  # train.py's rule: merged, p by Adam
+                 'mirror': MIRROR,
+                 **{draw: [f'--lisa_draw={draw}', *MIRROR, *UNMERGED] for draw in LISA_DRAWS},
+                 '1 block': [*MIRROR, '--lisa_layers=1'], '4 blocks': [*MIRROR, '--lisa_layers=4'],
+                 'interval 5': [*MIRROR, '--lisa_interval=5'], 'interval 50': [*MIRROR, '--lisa_interval=50'],
+                 'forward difference': ['--central_difference=False', *MIRROR, *UNMERGED],
+                 'p step scaled': ['--lisa_merge_frozen=False', *MIRROR, '--lisa_logits_step=sqrt'],
+                 'merged': [*MIRROR, '--lisa_logits_step=plain'],
+                 'merged + p step scaled': [*MIRROR, '--lisa_logits_step=sqrt']}
 # compare.py --what=ablations: one factor at a time around train.py's defaults (α 10, central difference,
 # gradient clipping at 1.0, weight decay 0.01), against the authors' choices
 ABLATION_VARIANTS = {'default': [], **{f'alpha {a}': [f'--penalty_alpha={a}'] for a in (3, 30, 100)},
@@ -226,7 +229,7 @@ def compare_logits_rules(cfg):
     for update in cfg.updates.split(','):
         label = ' '.join([update, *TRAIN_ARGS])  # e.g. "adam_cosine --central_difference=False"
         learned, tested = [], []
-        for seed in range(cfg.seeds if update == TrainConfig.logits_update else cfg.candidate_seeds):
+        for seed in range(cfg.seeds if update == parse_config([]).logits_update else cfg.candidate_seeds):
             run_dir = f"{folder}/{label.replace(' --', '+').replace('=', '_')}/seed{seed}"
             summary = run(run_dir, f'--data={cfg.data}', f'--seed={seed}', f'--logits_update={update}')
             learned.append(summary['weights'])

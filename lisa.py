@@ -21,6 +21,8 @@ pass (it is idempotent between switches):
 import numpy as np
 import torch
 
+import bilevel
+
 
 def draw_active_blocks(n_layer, n_active, seed, switch_index, copy_index=0):
     """The blocks that train during LISA interval `switch_index`, sorted.
@@ -67,8 +69,8 @@ def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared', merge_f
     merge_frozen (shared draw, the default): a block that freezes at this switch takes the mean of the copies'
     values in both, so that ℓ(w) − ℓ(u) reads only the blocks trained since the last switch, not differences
     left in frozen blocks while the blocks around them moved on: stale differences that, on `denoise`, put 0.10
-    on the random letters (docs/lisa.md). p's gradient is then weaker by the active fraction, which
-    logits_step_scale gives back.
+    on the random letters (docs/lisa.md). p's gradient is then weaker (logits_step_scale says what makes up
+    for it).
     """
     if merge_frozen and draw == 'shared' and len(copies) == 2:
         active = draw_active_blocks(len(copies[0][0]), n_active, seed, switch_index)
@@ -86,17 +88,17 @@ def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared', merge_f
 LOGITS_STEP_RULES = {'fraction': 1.0, 'sqrt': 0.5, 'plain': 0.0}  # --lisa_logits_step: the power of n_layer / n_active
 
 
-def logits_step_scale(n_layer, n_active, rule='fraction'):
-    """The factor on p's step size under LISA: (n_layer / n_active) to the power LOGITS_STEP_RULES[rule].
+def logits_step_scale(n_layer, n_active, rule='fraction', update='mirror'):
+    """The factor on p's step size under LISA: (n_layer / n_active) to the power LOGITS_STEP_RULES[rule] when p's
+    update is a gradient step (mirror descent), 1 when it is Adam (train.py's default with LISA).
 
     p's gradient is α·J·(ℓ(w) − ℓ(u)), and w − u is the copies' response to the validation term. With the
     frozen blocks merged at each switch (set_lisa_blocks' merge_frozen, the default) that response lives only
-    in the n_active blocks trained since the switch, about n_active / n_layer of the whole, and so is p's
-    gradient: 'fraction' gives p the step it would take without LISA. On `denoise` (2 of 8 blocks, seed 0)
-    merged blocks with p's step × 1, × 2 and × 4 learned clean 0.717, 0.791 and 0.980; LISA off 0.974
-    (docs/lisa.md). 'sqrt' (× 2 here) is the factor measured for unmerged copies from a pretrained start.
-    TODO: no fixed factor fits every task. From a pretrained start × 4 matches LISA off on `denoise` and
-    `dilution` but made p swing between vertices on `mixture` seed 1; × 2 matches on `mixture` and leaves
-    clean at 0.90 on `denoise` (docs/lisa.md). The factor depends on the direction p moves in; one measured
-    during the run is the open question."""
-    return (n_layer / n_active) ** LOGITS_STEP_RULES[rule] if 0 < n_active < n_layer else 1.0
+    in the blocks trained since the switch, and p's gradient is weaker: by how much depends on the direction
+    p moves in. From one pretrained start mirror descent matched LISA off with p's step × 4 on `denoise` and
+    `dilution` and × 2 on `mixture`, each factor failing the other tasks (docs/lisa.md): no fixed factor fits.
+    Adam divides each coordinate of the gradient by its own running size, so a gradient weakened by any
+    factor, per source, takes the step it would take without LISA: nothing to give back."""
+    if bilevel.LOGITS_RULES[update]['optimizer'] == 'adam' or not 0 < n_active < n_layer:
+        return 1.0
+    return (n_layer / n_active) ** LOGITS_STEP_RULES[rule]

@@ -223,7 +223,8 @@ def set_schedules(run, step):
     for opt in run.optimizers:
         for group in opt.param_groups:
             group['lr'] = lr
-    lisa_scale = logits_step_scale(len(run.models[0].blocks), cfg.lisa_layers, cfg.lisa_logits_step)
+    lisa_scale = logits_step_scale(len(run.models[0].blocks), cfg.lisa_layers, cfg.lisa_logits_step,
+                                   cfg.logits_update)
     for group in run.logits_optimizer.param_groups:  # not scaled with α: see bilevel.penalty_schedule
         group['lr'] = logits_step_size(cfg.logits_update, cfg.logits_lr, lr_mult) * lisa_scale
     return alpha, lr

@@ -192,7 +192,7 @@ def test_a_nan_gradient_of_the_upper_copy_stops_the_step_before_the_lower_copy_m
     upper_model = copy.deepcopy(lower_model)
     upper_model.lm_head.weight.register_hook(lambda grad: grad * float('nan'))  # finite losses, NaN gradient
     source_logits = torch.zeros(3, requires_grad=True)
-    run = Run(TrainConfig(), [lower_model, upper_model], [make_optimizer(m, 1e-2, 0.0) for m in (lower_model, upper_model)],
+    run = Run(TrainConfig(logits_update='mirror'), [lower_model, upper_model], [make_optimizer(m, 1e-2, 0.0) for m in (lower_model, upper_model)],
               source_logits, make_logits_optimizer(source_logits, 'mirror'))
     before = copy.deepcopy(lower_model.state_dict())
     x, y = torch.randint(0, 20, (6, 8)), torch.randint(0, 20, (6, 8))
@@ -212,7 +212,7 @@ def test_a_scalebio_step_reads_the_device_once_for_all_its_checks(monkeypatch):
     lower_model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
     upper_model = copy.deepcopy(lower_model)
     source_logits = torch.zeros(3, requires_grad=True)
-    run = Run(TrainConfig(crop_padding=False), [lower_model, upper_model],
+    run = Run(TrainConfig(crop_padding=False, logits_update='mirror'), [lower_model, upper_model],
               [make_optimizer(m, 1e-2, 0.0) for m in (lower_model, upper_model)],
               source_logits, make_logits_optimizer(source_logits, 'mirror'))
     x, y = torch.randint(0, 20, (6, 8)), torch.randint(0, 20, (6, 8))

@@ -1,5 +1,6 @@
 import torch
 
+from config import parse_config
 from lisa import draw_active_blocks, set_active_blocks, set_lisa_blocks
 from model import GPT, GPTConfig
 from model import make_optimizer
@@ -99,21 +100,33 @@ def test_copies_train_the_same_blocks_with_a_shared_draw_and_their_own_with_inde
     assert differ >= 5
 
 
-def test_lisa_logits_step_multiplies_the_step_of_p_by_the_inverse_active_fraction_or_its_root(tmp_path):
+def test_with_lisa_p_is_updated_by_adam_unless_the_update_is_named():
+    assert parse_config([]).logits_update == 'mirror'
+    assert parse_config(['--lisa_layers=2']).logits_update == 'adam_cosine'
+    assert parse_config(['--lisa_layers=2', '--logits_update=mirror']).logits_update == 'mirror'
+
+
+def test_lisa_logits_step_multiplies_the_step_of_mirror_descent_by_the_inverse_active_fraction_or_its_root(tmp_path):
     """Step 0 leaves p at 0 (both copies are still equal), so step 1 sees the same copies and the same gradient of
     p in every run: with mirror descent, log λ after it is −step·gradient (up to a constant), 4/1 = 4 times
-    larger with 'fraction' (the default) and √4 = 2 times with 'sqrt' than with 'plain'."""
+    larger with 'fraction' (the default) and √4 = 2 times with 'sqrt' than with 'plain'. Adam's step does not
+    depend on the gradient's size, and LISA leaves it as it is."""
     import train
     args = ['--n_layer=4', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_per_source=4', '--val_batch=8',
             '--eval_batches=1', '--lisa_layers=1', '--max_steps=2', '--dtype=float64', '--device=cpu']
     log_weights = {}
-    for rule in ('plain', 'sqrt', 'fraction'):
-        summary = train.main(args + [f'--out_dir={tmp_path}/{rule}', f'--lisa_logits_step={rule}'])
+    for update, rule in [('mirror', 'plain'), ('mirror', 'sqrt'), ('mirror', 'fraction'),
+                         ('adam_cosine', 'plain'), ('adam_cosine', 'fraction')]:
+        summary = train.main(args + [f'--out_dir={tmp_path}/{update}-{rule}', f'--lisa_logits_step={rule}',
+                                     f'--logits_update={update}'])
         logs = torch.tensor(summary['weights'], dtype=torch.float64).log()
-        log_weights[rule] = logs - logs.mean()
-    assert log_weights['plain'].abs().max() > 1e-6  # p moved
-    assert torch.allclose(log_weights['sqrt'], 2 * log_weights['plain'], rtol=1e-6, atol=0)
-    assert torch.allclose(log_weights['fraction'], 4 * log_weights['plain'], rtol=1e-6, atol=0)
+        log_weights[update, rule] = logs - logs.mean()
+    plain = log_weights['mirror', 'plain']
+    assert plain.abs().max() > 1e-6  # p moved
+    assert torch.allclose(log_weights['mirror', 'sqrt'], 2 * plain, rtol=1e-6, atol=0)
+    assert torch.allclose(log_weights['mirror', 'fraction'], 4 * plain, rtol=1e-6, atol=0)
+    assert log_weights['adam_cosine', 'plain'].abs().max() > 1e-6
+    assert torch.equal(log_weights['adam_cosine', 'fraction'], log_weights['adam_cosine', 'plain'])
 
 
 def test_merge_frozen_gives_a_freezing_block_the_copies_mean_and_leaves_the_rest():

@@ -244,7 +244,7 @@ def run_logits_update(prob, alpha, update, lr, steps, central=False, warmup_step
     model_optimizers = [torch.optim.SGD([b[0] for b in blocks], lr=size)
                         for blocks, size in zip(copies, model_step_sizes(prob, alpha, 0.9))]
     gradients = []
-    lisa_scale = logits_step_scale(lisa_blocks, lisa_layers, lisa_logits_step)
+    lisa_scale = logits_step_scale(lisa_blocks, lisa_layers, lisa_logits_step, update)
     for t in range(steps):
         for group in optimizer.param_groups:
             group['lr'] = logits_step_size(update, lr, cosine_lr(t, steps, warmup_steps)) * lisa_scale if move_logits else 0.0
