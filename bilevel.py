@@ -112,8 +112,8 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
 # cosine schedule of u and w: p's gradient is measured by u and w, and a p that keeps moving once they have
 # stopped runs to a vertex of the simplex (docs/results.md, "p's update").
 LOGITS_RULES = {
-    'mirror': dict(optimizer='sgd', lr=0.1, mirror=True),         # exponentiated gradient (the default)
-    'adam_cosine': dict(optimizer='adam', lr=3e-2, mirror=False),  # the authors'
+    'mirror': dict(optimizer='sgd', lr=0.1, mirror=True),         # exponentiated gradient (the default without LISA)
+    'adam_cosine': dict(optimizer='adam', lr=3e-2, mirror=False),  # the authors' (the default with LISA: lisa.py)
 }
 
 
