@@ -13,6 +13,7 @@ What a run keeps on disk, and how it proves itself.
   (signals_stop_at_next_step), and a resumed run's log.jsonl is cut back to what its checkpoint has seen.
 """
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -23,6 +24,7 @@ import socket
 import time
 import warnings
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -30,6 +32,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from bilevel import LOGITS_RULES
+from config import RESUMABLE_CHANGES
 from fsdp import barrier, is_main_process, merge_over_ranks, rank0_decides
 from model import GPTConfig, empty_model
 
@@ -266,6 +270,39 @@ def _previous(folder):
     if _verify(old, meta['files']):
         return ''
     return f"; the previous checkpoint {old} (step {meta['step']}) is intact: move it to {folder} to resume from it"
+
+
+def replicated_state(run, with_cuda_rng):
+    """p, its optimizer's state (Adam's moments; SGD keeps none), the baselines' received shares and the RNG
+    state: the same on every rank, so the checkpoint keeps one copy."""
+    state = run.logits_optimizer.state[run.source_logits]
+    if not state and LOGITS_RULES[run.cfg.logits_update]['optimizer'] == 'adam':  # before p's first step
+        state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(run.source_logits),
+                     exp_avg_sq=torch.zeros_like(run.source_logits))
+    rng = {'cpu': torch.get_rng_state()}  # every rank is seeded alike, so one copy serves all
+    if with_cuda_rng:
+        rng['cuda'] = torch.cuda.get_rng_state()
+    return {'source_logits': run.source_logits.data, 'logits_optimizer_state': state,
+            'received_sum': run.received_sum, 'rng_state': rng}
+
+
+def check_resumable(meta, cfg, end_step):
+    """Raises ValueError unless the checkpoint of `meta` can resume this run: written by this version of
+    train.py, not past end_step, and with the run's config but for RESUMABLE_CHANGES."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    missing = {'config', 'best_val_loss', 'lower_val_rises', 'cuda_rng', 'data_files'} - set(meta)
+    missing |= fields - set(meta.get('config', fields))
+    unknown = set(meta.get('config', {})) - fields
+    if missing or unknown:
+        raise ValueError(f"{meta['folder']}/meta.json was not written by this version of train.py (it lacks "
+                         f"{sorted(missing)}, has the unknown config fields {sorted(unknown)})")
+    if meta['step'] > end_step:
+        raise ValueError(f"the checkpoint is at step {meta['step']}, past the step this run is to stop at ({end_step}): "
+                         f"raise --stop_at, or set it to 0")
+    changed = [k for k, v in meta['config'].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
+    if changed:
+        raise ValueError("--resume=True with a different config: " + ', '.join(
+            f"{k}={getattr(cfg, k)!r} (checkpoint: {meta['config'][k]!r})" for k in changed))
 
 
 def load_checkpoint(meta, models, optimizers, tensors):

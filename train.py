@@ -35,10 +35,11 @@ import torch
 from tqdm import tqdm
 
 from baselines import fixed_step, irdro_step, load_reference, rholoss_step
-from bilevel import LOGITS_RULES, cosine_lr, logits_step_size, make_logits_optimizer, penalty_schedule
-from checkpoint import (check_data_unchanged, data_fingerprint, load_checkpoint, logged_record, own_out_dir,
-                        read_meta, remove_files, save_checkpoint, signals_stop_at_next_step, trim_log)
-from config import RESUMABLE_CHANGES, micro_steps, parse_config
+from bilevel import cosine_lr, logits_step_size, make_logits_optimizer, penalty_schedule
+from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, logged_record,
+                        own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
+                        signals_stop_at_next_step, trim_log)
+from config import micro_steps, parse_config
 from data import (TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer,
                   proportional_rows, rank_rows)
 from fsdp import (copy_shards, fill, init_distributed, mean_over_ranks, peer_error, rank0_decides, rank_bytes,
@@ -223,8 +224,7 @@ def set_schedules(run, step):
     for opt in run.optimizers:
         for group in opt.param_groups:
             group['lr'] = lr
-    lisa_scale = logits_step_scale(len(run.models[0].blocks), cfg.lisa_layers, cfg.lisa_logits_step,
-                                   cfg.logits_update)
+    lisa_scale = logits_step_scale(len(run.models[0].blocks), cfg.lisa_layers, cfg.lisa_logits_step, cfg.logits_update)
     for group in run.logits_optimizer.param_groups:  # not scaled with α: see bilevel.penalty_schedule
         group['lr'] = logits_step_size(cfg.logits_update, cfg.logits_lr, lr_mult) * lisa_scale
     return alpha, lr
@@ -318,20 +318,6 @@ def guard_lower_copy(run, lower_val, done):
 # ----------------------------------------------------------------------------------------------
 # checkpoints, resume and signals
 
-def replicated_state(run, with_cuda_rng):
-    """p, its optimizer's state (Adam's moments; SGD keeps none), the baselines' received shares and the RNG
-    state: the same on every rank, so the checkpoint keeps one copy."""
-    state = run.logits_optimizer.state[run.source_logits]
-    if not state and LOGITS_RULES[run.cfg.logits_update]['optimizer'] == 'adam':  # before p's first step
-        state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(run.source_logits),
-                     exp_avg_sq=torch.zeros_like(run.source_logits))
-    rng = {'cpu': torch.get_rng_state()}  # every rank is seeded alike, so one copy serves all
-    if with_cuda_rng:
-        rng['cuda'] = torch.cuda.get_rng_state()
-    return {'source_logits': run.source_logits.data, 'logits_optimizer_state': state,
-            'received_sum': run.received_sum, 'rng_state': rng}
-
-
 def save(run, step):
     cuda = run.device.startswith('cuda')
     save_checkpoint(os.path.join(run.cfg.out_dir, 'ckpt'), run.models, run.optimizers, replicated_state(run, cuda),
@@ -343,22 +329,8 @@ def save(run, step):
 def resume_from_checkpoint(run, end_step):
     """Loads out_dir/ckpt in place; returns its step. The config must be the checkpoint's, but for
     RESUMABLE_CHANGES, and so must the data, byte for byte."""
-    cfg, path = run.cfg, os.path.join(run.cfg.out_dir, 'ckpt')
-    meta = read_meta(path)
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    missing = {'config', 'best_val_loss', 'lower_val_rises', 'cuda_rng', 'data_files'} - set(meta)
-    missing |= fields - set(meta.get('config', fields))
-    unknown = set(meta.get('config', {})) - fields
-    if missing or unknown:
-        raise ValueError(f"{meta['folder']}/meta.json was not written by this version of train.py (it lacks "
-                         f"{sorted(missing)}, has the unknown config fields {sorted(unknown)})")
-    if meta['step'] > end_step:
-        raise ValueError(f"the checkpoint is at step {meta['step']}, past the step this run is to stop at ({end_step}): "
-                         f"raise --stop_at, or set it to 0")
-    changed = [k for k, v in meta['config'].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
-    if changed:
-        raise ValueError("--resume=True with a different config: " + ', '.join(
-            f"{k}={getattr(cfg, k)!r} (checkpoint: {meta['config'][k]!r})" for k in changed))
+    meta = read_meta(os.path.join(run.cfg.out_dir, 'ckpt'))
+    check_resumable(meta, run.cfg, end_step)
     rank0_decides(lambda: check_data_unchanged(meta['data_files'], run.data_fingerprint))
     run.best_val_loss = meta['best_val_loss']
     run.lower_val_rises = meta.get('lower_val_rises', 0)
