@@ -95,8 +95,8 @@ def logits_step_scale(n_layer, n_active, rule='fraction', update='mirror'):
     p's gradient is α·J·(ℓ(w) − ℓ(u)), and w − u is the copies' response to the validation term. With the
     frozen blocks merged at each switch (set_lisa_blocks' merge_frozen, the default) that response lives only
     in the blocks trained since the switch, and p's gradient is weaker: by how much depends on the direction
-    p moves in. From one pretrained start mirror descent matched LISA off with p's step × 4 on `denoise` and
-    `dilution` and × 2 on `mixture`, each factor failing the other tasks (docs/lisa.md): no fixed factor fits.
+    p moves in. From one pretrained start mirror descent matched LISA off with p's step × 4 on `denoise`, where
+    × 2 left clean at 0.90, and with × 2 on `mixture`, where × 4 overshot (docs/lisa.md): no fixed factor fits.
     Adam divides each coordinate of the gradient by its own running size, so a gradient weakened by any
     factor, per source, takes the step it would take without LISA: nothing to give back."""
     if bilevel.LOGITS_RULES[update]['optimizer'] == 'adam' or not 0 < n_active < n_layer:

@@ -38,8 +38,7 @@ def slope(x, y):
 
 def run_checks(instances=5, noisy_runs=8, growth_steps=2000):
     """Every check as a table row, and the curves behind the plots: `instances` problems per check,
-    `noisy_runs` runs for the expectation over noise,
-    `growth_steps` p steps while α grows."""
+    `noisy_runs` runs for the expectations over noise, `growth_steps` p steps while α grows."""
     seeds = range(instances)
     alphas = np.logspace(1, 3, 7)
     rows, curves = [], {'alpha': alphas.tolist()}
@@ -353,7 +352,7 @@ def main(argv):
     unknown = [a for a in argv if a != '--quick']
     if unknown:
         sys.exit(f"error: unknown argument(s) {' '.join(unknown)}; usage: python -m theory [--quick]")
-    rows, curves = run_checks(*((3, 4, 600) if argv else (5, 8, 2000)))
+    rows, curves = run_checks(instances=3, noisy_runs=4, growth_steps=600) if argv else run_checks()
     print(f"{'check':<72}{'predicted':>10}{'measured':>12}{'tolerance':>11}  pass")
     for r in rows:
         print(f"{r['check']:<72}{r['predicted']:>10.3g}{r['measured']:>12.3g}{r['tolerance']:>11.1g}  "
