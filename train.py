@@ -42,8 +42,8 @@ from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint,
 from config import micro_steps, parse_config
 from data import (TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer,
                   proportional_rows, rank_rows)
-from fsdp import (copy_shards, fill, init_distributed, mean_over_ranks, peer_error, rank0_decides, rank_bytes,
-                  shard, warm_up)
+from fsdp import (copy_shards, end_distributed, fill, init_distributed, mean_over_ranks, peer_error, rank0_decides,
+                  rank_bytes, shard, warm_up)
 from lisa import logits_step_scale, set_lisa_blocks
 from hf import export_pretrained, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
@@ -442,6 +442,5 @@ if __name__ == '__main__':
     try:
         code = cli(sys.argv[1:])
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        end_distributed()
     sys.exit(code)
