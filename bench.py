@@ -11,10 +11,11 @@ Three variants, timed interleaved in one run (warm-up first, then the median of 
   sft       one model, AdamW, one forward/backward on the training batch
   scalebio  bilevel.scalebio_step: u and w forward/backward on the same training batch and on val_batch
             (train.py's default central difference; --central_difference=False: w only, the authors' form)
-  lisa      the same step with LISA (lisa_layers of n_layer blocks unfrozen, the same ones in both copies)
+  lisa      the same step with LISA (lisa_layers of n_layer blocks unfrozen, the same ones in both copies;
+            p by Adam, train.py's update with LISA)
 The floor: a ScaleBiO step runs 2·(B_train + B_val) tokens (forward difference: 2·B_train + B_val) through
 forward and backward where fine-tuning runs B_train, so scalebio/sft cannot beat that over B_train.
-Memory, counted from the tensors allocated: parameters + Adam moments after the step, gradients at their
+Memory, counted from the tensors allocated: parameters + Adam moments (of u, w and p) after the step, gradients at their
 peak (just before the step), again after a LISA switch; peak memory per variant (CUDA: max allocated; CPU:
 the peak RSS of a fresh process that runs only that variant, since RSS never goes down within a process).
 --workload=instruction: rows of instruction-data length (log-normal, mean 115 tokens, 95th percentile 300,
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from bilevel import make_logits_optimizer, step_and_clear
-from config import TrainConfig, override
+from config import override, parse_config
 from fsdp import local_bytes, optimizer_state_bytes
 from lisa import set_lisa_blocks
 from model import MODEL_PRESETS, GPTConfig, make_model, make_optimizer
@@ -103,9 +104,11 @@ def build(cfg, device, lisa_layers, crop_padding=True, logits_at_targets=True):
         for m in models:
             for block in m.blocks:
                 block.compile()
-    train_cfg = TrainConfig(penalty_alpha=cfg.penalty_alpha, central_difference=cfg.central_difference,
-                            grad_clip=cfg.grad_clip, source_loss=cfg.source_loss, compile=cfg.compile,
-                            crop_padding=crop_padding, logits_update='mirror')  # p's update costs nothing either way
+    # parse_config picks p's update as train.py does: Adam with LISA (its moments count in state())
+    train_cfg = parse_config([f'--{key}={value}' for key, value in dict(
+        penalty_alpha=cfg.penalty_alpha, central_difference=cfg.central_difference, grad_clip=cfg.grad_clip,
+        source_loss=cfg.source_loss, compile=cfg.compile, crop_padding=crop_padding,
+        lisa_layers=lisa_layers or 0).items()])
     logits = torch.zeros(cfg.n_sources, device=device, requires_grad=True)
     run = Run(train_cfg, models, optimizers=[make_optimizer(m, 1e-4, 0.01) for m in models], source_logits=logits,
               logits_optimizer=make_logits_optimizer(logits, train_cfg.logits_update), device=device,
@@ -137,8 +140,9 @@ def build(cfg, device, lisa_layers, crop_padding=True, logits_at_targets=True):
         return 2 * useful + val_useful * (2 if cfg.central_difference else 1)
 
     def state():
-        """(parameters + moments, gradients at their peak), bytes, both copies."""
-        return (sum(local_bytes(m.parameters()) for m in models) + sum(optimizer_state_bytes(o) for o in run.optimizers),
+        """(parameters + moments, gradients at their peak), bytes, both copies and p."""
+        optimizers = [*run.optimizers, run.logits_optimizer]
+        return (sum(local_bytes(m.parameters()) for m in models) + sum(optimizer_state_bytes(o) for o in optimizers),
                 run.grad_bytes)
     return models, step, state
 
@@ -254,8 +258,10 @@ def main(argv):
               'lisa_state_over_sft_state': sum(state['lisa']) / sum(state['sft']),
               'lisa_switches_timed': switches,
               'lisa_state_bytes_before_and_after_switches': [sum(first_state['lisa']), sum(state['lisa'])],
-              # full fine-tuning keeps 4 numbers per parameter; two copies with LISA keep 2·(1 + 3·active)
-              'predicted_lisa_state_over_sft_state': 2 * (1 + 3 * active_fraction) / 4,
+              # full fine-tuning keeps 4 numbers per parameter; two copies with LISA keep 2·(1 + 3·active),
+              # and p's Adam two per source
+              'predicted_lisa_state_over_sft_state': (2 * (1 + 3 * active_fraction) * n_params + 2 * cfg.n_sources)
+              / (4 * n_params),
               'seconds_per_step': median,
               'spread': {name: float(np.percentile(t, 75) - np.percentile(t, 25)) for name, t in times.items()},
               'tokens_per_second': tokens_per_second}  # useful tokens (not padding) per second, median over steps
