@@ -5,7 +5,7 @@ best weights found by brute force. Each number is a train.py run (in this proces
     python compare.py --what=baselines              # docs/results.md: stage-two test loss and weights per method
     python compare.py --what=oracle --data=mixture  # grid over the simplex of the useful sources (2 seeds)
     python compare.py --what=updates --data=mixture --seeds=5  # p's candidate updates against the oracle's best point
-    python compare.py --what=lisa --seeds=3           # ScaleBiO's weights with LISA (each draw) and without it
+    python compare.py --what=lisa --seeds=3           # ScaleBiO's weights with LISA (train.py's rule) and without it
     python compare.py --what=lisa --pretrained=True   # the same, every run starting from a base model
     python compare.py --what=ablations --seeds=2      # one factor at a time around train.py's defaults
 
@@ -56,8 +56,8 @@ TRAIN_ARGS = []  # CompareConfig.train_args, split
 BASELINE_TASKS = 'denoise,noise_ladder,mixture,dilution'
 # per task: the sources the oracle's grid spans (the others get weight 0)
 USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
-# compare.py --what=lisa: 8 layers; LISA off, or on with 2 of 8 blocks every 20 steps and either draw
-# (lisa.LISA_DRAWS), or with one of those settings changed for the train.py default draw
+# compare.py --what=lisa: 8 layers; LISA off, or on with 2 of 8 blocks every 20 steps by train.py's rule, by
+# mirror descent with either draw (lisa.LISA_DRAWS), or with one of those settings changed
 LISA_SHAPE = ['--n_layer=8', '--lisa_layers=2', '--lisa_interval=20']
 UNMERGED = ['--lisa_merge_frozen=False', '--lisa_logits_step=plain']  # the copies as they are at each switch
 MIRROR = ['--logits_update=mirror']  # p by mirror descent, its step × n_layer / lisa_layers unless said otherwise
