@@ -40,10 +40,10 @@ def init_distributed(device, timeout_minutes=10.0):
 
 def end_distributed():
     """Frees the models and destroys the process group while the interpreter is whole. FSDP2 models sit in
-    reference cycles that outlive main() (6 FSDP modules per rank after a run, 0 after gc.collect()); left
-    to interpreter teardown, their collection races gloo's threads. A 2-rank run aborted that way once in CI,
-    after its last step ("terminate called without an active exception"); 30 reruns did not repeat it, so
-    this removes the likely cause rather than a reproduced one."""
+    reference cycles that outlive main() (6 FSDP modules per rank after a run, 0 after gc.collect()). Left to
+    interpreter teardown, their collection can race gloo's threads and abort a finished rank ("terminate
+    called without an active exception"). That abort is rare and was not reproduced on demand: this removes
+    its likely cause, not a proven one."""
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
