@@ -59,7 +59,7 @@ class TrainConfig:
     logits_weight_decay: float = 0.0  # explicit: the authors' code gets torch's 0.01 by accident
     warmup_steps: int = 30
     grad_clip: float = 1.0          # on each model's gradient norm; 0: off
-    lisa_layers: int = 0            # blocks unfrozen at a time; 0 or >= n_layer: full fine-tuning (lisa.py)
+    lisa_layers: int = 0            # blocks unfrozen at a time, fewer than the model's; 0: full fine-tuning (lisa.py)
     lisa_interval: int = 20         # steps between LISA switches
     lisa_draw: str = 'shared'       # 'shared': u and w train the same blocks; 'independent': the authors' (lisa.py)
     lisa_merge_frozen: bool = True  # LISA: a block that freezes takes the mean of u's and w's values (lisa.py)

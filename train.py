@@ -176,6 +176,9 @@ def model_config_for(cfg, data):
     if 0 < config.sliding_window < cfg.block_size:
         raise ValueError(f"{where} attention window ({config.sliding_window}) is shorter than --block_size="
                          f"{cfg.block_size}: sliding-window attention is not implemented; lower --block_size")
+    if cfg.lisa_layers >= config.n_layer:  # every block would train, while p's update is LISA's (parse_config)
+        raise ValueError(f"--lisa_layers={cfg.lisa_layers} must be fewer than the model's {config.n_layer} blocks "
+                         f"(--lisa_layers=0 trains every block)")
     if config.family != 'gpt2' and cfg.dropout:
         raise ValueError(f"--dropout={cfg.dropout}: the Llama family is built without dropout, as its checkpoints are")
     if cfg.export and config.family == 'gpt2' and not config.bias:

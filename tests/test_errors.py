@@ -69,6 +69,8 @@ RECORDS = json.dumps([{'instruction': f'{a}+{a}', 'output': str(2 * a)} for a in
     (['--logits_lr=inf'], "--logits_lr must be 0 or positive, got inf"),
     (['--stop_at=-5'], "--stop_at must be 0 or positive, got -5"),
     (['--lisa_layers=-3'], "--lisa_layers must be 0 or positive, got -3"),
+    (['--lisa_layers=2'], "--lisa_layers=2 must be fewer than the model's 2 blocks"),
+    (['--lisa_layers=12', '--model=gpt2'], "--lisa_layers=12 must be fewer than the model's 12 blocks"),
     (['--dist_timeout=0'], "--dist_timeout must be positive, got 0.0"),
     (['--dist_timeout=1e300'], r"--dist_timeout must be at most 10000 \(minutes\), got 1e\+300"),
     (['--dropout=1'], r"--dropout must be in \[0, 1\), got 1.0"),
