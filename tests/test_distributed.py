@@ -120,10 +120,13 @@ def test_token_weighted_source_losses_match_across_micro_batches_and_processes(t
     pytest.param(['--device=cuda'], "error: --device=cuda, but this machine has no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ])
-def test_an_error_ends_every_rank_with_its_message(tmp_path, args, message):
+def test_an_error_ends_every_rank_and_names_the_problem(tmp_path, args, message):
     proc = torchrun(2, *TINY, *args, f'--out_dir={tmp_path}/out', check=False)
     assert proc.returncode != 0
-    assert f"[rank 0] {message}" in proc.stderr and f"[rank 1] {message}" in proc.stderr
+    # torchrun stops the other workers (SIGTERM) once one exits with an error, so a rank still importing when
+    # another fails ends without reaching the check: each rank prints the message or was stopped
+    printed = [rank for rank in (0, 1) if f"[rank {rank}] {message}" in proc.stderr]
+    assert printed and (len(printed) == 2 or 'SIGTERM' in proc.stderr)
     assert not (tmp_path / 'out').exists()
 
 
