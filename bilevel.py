@@ -108,12 +108,16 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
 
 
 # p's update rules, chosen by --logits_update: the optimizer, its step size unless --logits_lr gives one, and
-# whether the step is taken on the gradient in λ (mirror descent, see logits_gradient). Both follow the warmup +
-# cosine schedule of u and w: p's gradient is measured by u and w, and a p that keeps moving once they have
-# stopped runs to a vertex of the simplex (docs/results.md, "p's update").
+# whether the step is taken on the gradient in λ (mirror descent, see logits_gradient); Adam's betas. All follow
+# the warmup + cosine schedule of u and w: p's gradient is measured by u and w, and a p that keeps moving once
+# they have stopped runs to a vertex of the simplex (docs/results.md, "p's update").
 LOGITS_RULES = {
-    'mirror': dict(optimizer='sgd', lr=0.1, mirror=True),         # exponentiated gradient (the default without LISA)
-    'adam_cosine': dict(optimizer='adam', lr=3e-2, mirror=False),  # the authors' (the default with LISA: lisa.py)
+    'mirror': dict(optimizer='sgd', lr=0.1, mirror=True),  # exponentiated gradient (the default without LISA)
+    'adam_cosine': dict(optimizer='adam', lr=3e-2, mirror=False, betas=(0.9, 0.999)),  # the authors'
+    # Adam whose running size of the gradient forgets in about 100 steps, not 1,000 (the default with LISA:
+    # under LISA p's gradient shrinks several-fold as the copies learn, and a longer memory of its early size
+    # keeps p's late steps small; docs/lisa.md)
+    'adam_recent': dict(optimizer='adam', lr=3e-2, mirror=False, betas=(0.9, 0.99)),
 }
 
 
@@ -125,8 +129,10 @@ def logits_step_size(rule, lr, lr_mult):
 
 def make_logits_optimizer(source_logits, rule, lr=0.0, weight_decay=0.0):
     """p's optimizer for LOGITS_RULES[rule] (lr 0: the rule's own)."""
-    optimizer = {'adam': torch.optim.Adam, 'sgd': torch.optim.SGD}[LOGITS_RULES[rule]['optimizer']]
-    return optimizer([source_logits], lr=logits_step_size(rule, lr, 1.0), weight_decay=weight_decay)
+    if LOGITS_RULES[rule]['optimizer'] == 'adam':
+        return torch.optim.Adam([source_logits], lr=logits_step_size(rule, lr, 1.0), weight_decay=weight_decay,
+                                betas=LOGITS_RULES[rule]['betas'])
+    return torch.optim.SGD([source_logits], lr=logits_step_size(rule, lr, 1.0), weight_decay=weight_decay)
 
 
 def step_and_clear(optimizer):

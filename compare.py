@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 
 import train
-from bilevel import LOGITS_RULES
 from config import TrainConfig, override, parse_config
 from data import load_data
 from lisa import LISA_DRAWS
@@ -41,7 +40,7 @@ class CompareConfig:
     seeds: int = 2                  # baselines, oracle, and updates for train.py's default p update: seeds 0..seeds-1
     candidate_seeds: int = 2        # updates: seeds for every other candidate
     grid_step: float = 0.1          # oracle: spacing of the grid on the simplex
-    updates: str = ','.join(LOGITS_RULES)  # updates: the candidates to run
+    updates: str = 'mirror,adam_cosine'  # updates: the candidates to run (keys of bilevel.LOGITS_RULES)
     variants: str = ''              # lisa, ablations: the study's variants to run ('': its default list)
     first_seed: int = 0             # studies: seeds first_seed ... first_seed + seeds - 1 (to split runs among processes)
     stage_two: bool = True          # studies: also stage two, one config for every variant, only the weights differing
@@ -61,8 +60,8 @@ USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
 LISA_SHAPE = ['--n_layer=8', '--lisa_layers=2', '--lisa_interval=20']
 UNMERGED = ['--lisa_merge_frozen=False', '--lisa_logits_step=plain']  # the copies as they are at each switch
 MIRROR = ['--logits_update=mirror']  # p by mirror descent, its step × n_layer / lisa_layers unless said otherwise
-LISA_VARIANTS = {'off': ['--lisa_layers=0'], 'default': [],  # train.py's rule: merged, p by Adam
-                 'mirror': MIRROR,
+LISA_VARIANTS = {'off': ['--lisa_layers=0'], 'default': [],  # train.py's rule: merged, p by adam_recent
+                 'adam_cosine': ['--logits_update=adam_cosine'], 'mirror': MIRROR,
                  **{draw: [f'--lisa_draw={draw}', *MIRROR, *UNMERGED] for draw in LISA_DRAWS},
                  '1 block': [*MIRROR, '--lisa_layers=1'], '4 blocks': [*MIRROR, '--lisa_layers=4'],
                  'interval 5': [*MIRROR, '--lisa_interval=5'], 'interval 50': [*MIRROR, '--lisa_interval=50'],

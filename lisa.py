@@ -98,7 +98,8 @@ def logits_step_scale(n_layer, n_active, rule='fraction', update='mirror'):
     p moves in. From one pretrained start mirror descent matched LISA off with p's step × 4 on `denoise`, where
     × 2 left clean at 0.90, and with × 2 on `mixture`, where × 4 overshot (docs/lisa.md): no fixed factor fits.
     Adam divides each coordinate of the gradient by its own running size, so a gradient weakened by any
-    factor, per source, takes the step it would take without LISA: nothing to give back."""
+    factor, per source, takes the step it would take without LISA, once that running size has caught up with
+    it (bilevel.LOGITS_RULES['adam_recent']): nothing to give back."""
     if bilevel.LOGITS_RULES[update]['optimizer'] == 'adam' or not 0 < n_active < n_layer:
         return 1.0
     return (n_layer / n_active) ** LOGITS_STEP_RULES[rule]

@@ -1,5 +1,6 @@
 import torch
 
+from bilevel import make_logits_optimizer
 from config import parse_config
 from lisa import draw_active_blocks, set_active_blocks, set_lisa_blocks
 from model import GPT, GPTConfig
@@ -102,8 +103,11 @@ def test_copies_train_the_same_blocks_with_a_shared_draw_and_their_own_with_inde
 
 def test_with_lisa_p_is_updated_by_adam_unless_the_update_is_named():
     assert parse_config([]).logits_update == 'mirror'
-    assert parse_config(['--lisa_layers=2']).logits_update == 'adam_cosine'
+    assert parse_config(['--lisa_layers=2']).logits_update == 'adam_recent'
     assert parse_config(['--lisa_layers=2', '--logits_update=mirror']).logits_update == 'mirror'
+    logits = torch.zeros(3, requires_grad=True)  # LISA's Adam forgets the gradient's early size sooner
+    assert make_logits_optimizer(logits, 'adam_recent').param_groups[0]['betas'] == (0.9, 0.99)
+    assert make_logits_optimizer(logits, 'adam_cosine').param_groups[0]['betas'] == (0.9, 0.999)
 
 
 def test_lisa_logits_step_multiplies_the_step_of_mirror_descent_by_the_inverse_active_fraction_or_its_root(tmp_path):
