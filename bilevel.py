@@ -113,10 +113,10 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
 # they have stopped runs to a vertex of the simplex (docs/results.md, "p's update").
 LOGITS_RULES = {
     'mirror': dict(optimizer='sgd', lr=0.1, mirror=True),  # exponentiated gradient (the default without LISA)
-    'adam_cosine': dict(optimizer='adam', lr=3e-2, mirror=False, betas=(0.9, 0.999)),  # the authors'
-    # Adam whose running size of the gradient forgets in about 100 steps, not 1,000 (the default with LISA:
-    # under LISA p's gradient fades as the merged copies converge, more than tenfold on `denoise`, and a longer
-    # memory of its early size keeps p's late steps small; docs/lisa.md)
+    'adam_cosine': dict(optimizer='adam', lr=3e-2, mirror=False, betas=(0.9, 0.999)),  # the authors' Adam
+    # adam_recent, the default with LISA: Adam whose running size of the gradient forgets in about 100 steps,
+    # not 1,000. Under LISA p's gradient fades as the merged copies converge, more than tenfold on `denoise`,
+    # and a longer memory of its early size keeps p's late steps small (docs/lisa.md)
     'adam_recent': dict(optimizer='adam', lr=3e-2, mirror=False, betas=(0.9, 0.99)),
 }
 
