@@ -259,8 +259,8 @@ def main(argv):
               'lisa_switches_timed': switches,
               'lisa_state_bytes_before_and_after_switches': [sum(first_state['lisa']), sum(state['lisa'])],
               # full fine-tuning keeps 4 numbers per parameter; two copies with LISA keep 2·(1 + 3·active),
-              # and p's Adam two per source
-              'predicted_lisa_state_over_sft_state': (2 * (1 + 3 * active_fraction) * n_params + 2 * cfg.n_sources)
+              # and p's Adam (adam_mini) a first moment per source and one second moment
+              'predicted_lisa_state_over_sft_state': (2 * (1 + 3 * active_fraction) * n_params + cfg.n_sources + 1)
               / (4 * n_params),
               'seconds_per_step': median,
               'spread': {name: float(np.percentile(t, 75) - np.percentile(t, 25)) for name, t in times.items()},

@@ -55,20 +55,21 @@ TRAIN_ARGS = []  # CompareConfig.train_args, split
 BASELINE_TASKS = 'denoise,noise_ladder,mixture,dilution'
 # per task: the sources the oracle's grid spans (the others get weight 0)
 USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
-# compare.py --what=lisa: 8 layers; LISA off, or on with 2 of 8 blocks every 20 steps by train.py's rule, by
-# mirror descent with either draw (lisa.LISA_DRAWS), or with one of those settings changed
-LISA_SHAPE = ['--n_layer=8', '--lisa_layers=2', '--lisa_interval=20']
+# compare.py --what=lisa: 8 layers; LISA off, or on with 2 of 8 blocks by train.py's rule (every 50 steps, merged,
+# p by adam_mini), or by the rules that led to it, every 20 steps as in LMFlow's and the authors' code: p by
+# adam_recent, the authors' Adam or mirror descent, with either draw (lisa.LISA_DRAWS), or one setting changed
+LISA_SHAPE = ['--n_layer=8', '--lisa_layers=2']
 UNMERGED = ['--lisa_merge_frozen=False', '--lisa_logits_step=plain']  # the copies as they are at each switch
 MIRROR = ['--logits_update=mirror']  # p by mirror descent, its step × n_layer / lisa_layers unless said otherwise
-LISA_VARIANTS = {'off': ['--lisa_layers=0'], 'default': [],  # train.py's rule: merged, p by adam_recent
-                 'adam_cosine': ['--logits_update=adam_cosine'], 'mirror': MIRROR,
-                 **{draw: [f'--lisa_draw={draw}', *MIRROR, *UNMERGED] for draw in LISA_DRAWS},
-                 '1 block': [*MIRROR, '--lisa_layers=1'], '4 blocks': [*MIRROR, '--lisa_layers=4'],
-                 'interval 5': [*MIRROR, '--lisa_interval=5'], 'interval 50': [*MIRROR, '--lisa_interval=50'],
-                 'forward difference': ['--central_difference=False', *MIRROR, *UNMERGED],
-                 'p step scaled': ['--lisa_merge_frozen=False', *MIRROR, '--lisa_logits_step=sqrt'],
-                 'merged': [*MIRROR, '--lisa_logits_step=plain'],
-                 'merged + p step scaled': [*MIRROR, '--lisa_logits_step=sqrt']}
+LISA_VARIANTS = {'off': ['--lisa_layers=0'], 'default': [], **{name: ['--lisa_interval=20', *args] for name, args in {
+    'adam_recent': ['--logits_update=adam_recent'], 'adam_cosine': ['--logits_update=adam_cosine'], 'mirror': MIRROR,
+    **{draw: [f'--lisa_draw={draw}', *MIRROR, *UNMERGED] for draw in LISA_DRAWS},
+    '1 block': [*MIRROR, '--lisa_layers=1'], '4 blocks': [*MIRROR, '--lisa_layers=4'],
+    'interval 5': [*MIRROR, '--lisa_interval=5'], 'interval 50': [*MIRROR, '--lisa_interval=50'],
+    'forward difference': ['--central_difference=False', *MIRROR, *UNMERGED],
+    'p step scaled': ['--lisa_merge_frozen=False', *MIRROR, '--lisa_logits_step=sqrt'],
+    'merged': [*MIRROR, '--lisa_logits_step=plain'],
+    'merged + p step scaled': [*MIRROR, '--lisa_logits_step=sqrt']}.items()}}
 # compare.py --what=ablations: one factor at a time around train.py's defaults (α 10, central difference,
 # gradient clipping at 1.0, weight decay 0.01), against the authors' choices
 ABLATION_VARIANTS = {'default': [], **{f'alpha {a}': [f'--penalty_alpha={a}'] for a in (3, 30, 100)},

@@ -53,14 +53,14 @@ class TrainConfig:
     max_steps: int = 1500           # the horizon of the learning-rate schedule
     stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
     lr: float = 1e-3                # AdamW for both model copies
-    logits_update: str = ''         # p's update rule, a key of bilevel.LOGITS_RULES; '': mirror, adam_recent with LISA
+    logits_update: str = ''         # p's update rule, a key of bilevel.LOGITS_RULES; '': mirror, adam_mini with LISA
     logits_lr: float = 0.0          # its step size; 0: the rule's own (bilevel.LOGITS_RULES)
     weight_decay: float = 0.01      # model matrices only
     logits_weight_decay: float = 0.0  # explicit: the authors' code gets torch's 0.01 by accident
     warmup_steps: int = 30
     grad_clip: float = 1.0          # on each model's gradient norm; 0: off
     lisa_layers: int = 0            # blocks unfrozen at a time, fewer than the model's; 0: full fine-tuning (lisa.py)
-    lisa_interval: int = 20         # steps between LISA switches
+    lisa_interval: int = 50         # steps between LISA switches: the copies' response builds between merges (lisa.py)
     lisa_draw: str = 'shared'       # 'shared': u and w train the same blocks; 'independent': the authors' (lisa.py)
     lisa_merge_frozen: bool = True  # LISA: a block that freezes takes the mean of u's and w's values (lisa.py)
     lisa_logits_step: str = 'fraction'  # LISA, mirror: p's step × n_layer / lisa_layers; 'sqrt': × its root; 'plain': × 1
@@ -138,7 +138,7 @@ def parse_config(argv):
     """TrainConfig from command-line arguments, every value checked; it is not changed afterwards."""
     cfg = override(TrainConfig(), argv)
     if not cfg.logits_update:  # with LISA, Adam: its step does not shrink with p's gradient, which LISA weakens (lisa.py)
-        cfg.logits_update = 'adam_recent' if cfg.lisa_layers > 0 else 'mirror'
+        cfg.logits_update = 'adam_mini' if cfg.lisa_layers > 0 else 'mirror'
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"--{key} must be one of {', '.join(allowed).strip(', ')}, got '{getattr(cfg, key)}'")

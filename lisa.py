@@ -70,7 +70,8 @@ def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared', merge_f
     values in both, so that ℓ(w) − ℓ(u) reads only the blocks trained since the last switch, not differences
     left in frozen blocks while the blocks around them moved on: stale differences that, on `denoise`, put 0.10
     on the random letters (docs/lisa.md). p's gradient is then weaker (logits_step_scale says what makes up
-    for it).
+    for it), the more so the shorter the interval: w − u holds at most one interval of response, which is why
+    train.py switches every 50 steps, not every 20 as LMFlow and the authors do (config.py, docs/lisa.md).
     """
     if merge_frozen and draw == 'shared' and len(copies) == 2:
         active = draw_active_blocks(len(copies[0][0]), n_active, seed, switch_index)
@@ -97,9 +98,9 @@ def logits_step_scale(n_layer, n_active, rule='fraction', update='mirror'):
     in the blocks trained since the switch, and p's gradient is weaker: by how much depends on the direction
     p moves in. From one pretrained start mirror descent matched LISA off with p's step × 4 on `denoise`, where
     × 2 left clean at 0.90, and with × 2 on `mixture`, where × 4 overshot (docs/lisa.md): no fixed factor fits.
-    Adam divides each coordinate of the gradient by its own running size, so a gradient weakened by any
-    factor, per source, takes the step it would take without LISA, once that running size has caught up with
-    it (bilevel.LOGITS_RULES['adam_recent']): nothing to give back."""
-    if bilevel.LOGITS_RULES[update]['optimizer'] == 'adam' or not 0 < n_active < n_layer:
+    Adam divides the gradient by its running size, so a gradient weakened by any factor takes the step it
+    would take without LISA, once that running size has caught up with it (bilevel.LOGITS_RULES['adam_mini']):
+    nothing to give back."""
+    if bilevel.LOGITS_RULES[update]['optimizer'] != 'sgd' or not 0 < n_active < n_layer:
         return 1.0
     return (n_layer / n_active) ** LOGITS_STEP_RULES[rule]

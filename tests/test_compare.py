@@ -87,7 +87,7 @@ def test_ablations_change_one_factor_and_run_every_stage_two_with_the_default_co
 
 @pytest.mark.parametrize("args, message", [
     (['--what=grid'], "error: --what must be baselines, oracle, updates, lisa or ablations, got 'grid'"),
-    (["--what=lisa", "--variants=off,both"], "error: --variants: unknown both; known: off, default, adam_cosine, mirror,"),
+    (["--what=lisa", "--variants=off,both"], "error: --variants: unknown both; known: off, default, adam_recent, adam_cosine,"),
     (['--what=ablations', '--variants=default,alpha 7'], "error: --variants: unknown alpha 7; known: default, alpha 3,"),
     (['--what=oracle', '--data=denoise'], "error: --data=denoise: the oracle's grid is defined for mixture, dilution"),
     (['--what=updates', '--data=mixture'], "error: no oracle at "),

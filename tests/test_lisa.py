@@ -1,6 +1,6 @@
 import torch
 
-from bilevel import make_logits_optimizer
+from bilevel import make_logits_optimizer, step_and_clear
 from config import parse_config
 from lisa import draw_active_blocks, set_active_blocks, set_lisa_blocks
 from model import GPT, GPTConfig
@@ -103,11 +103,28 @@ def test_copies_train_the_same_blocks_with_a_shared_draw_and_their_own_with_inde
 
 def test_with_lisa_p_is_updated_by_adam_unless_the_update_is_named():
     assert parse_config([]).logits_update == 'mirror'
-    assert parse_config(['--lisa_layers=2']).logits_update == 'adam_recent'
+    assert parse_config(['--lisa_layers=2']).logits_update == 'adam_mini'
     assert parse_config(['--lisa_layers=2', '--logits_update=mirror']).logits_update == 'mirror'
     logits = torch.zeros(3, requires_grad=True)  # LISA's Adam forgets the gradient's early size sooner
-    assert make_logits_optimizer(logits, 'adam_recent').param_groups[0]['betas'] == (0.9, 0.99)
+    assert make_logits_optimizer(logits, 'adam_mini').param_groups[0]['betas'] == (0.9, 0.99)
     assert make_logits_optimizer(logits, 'adam_cosine').param_groups[0]['betas'] == (0.9, 0.999)
+
+
+def test_adam_mini_steps_each_source_by_its_share_of_one_running_size():
+    """Adam per source steps every logit by the rate, however small its gradient; adam_mini divides by one size
+    for all, so a source whose gradient is 100 times smaller takes a step 100 times smaller, and the larger
+    entries step by the rate × their size / the root mean square."""
+    gradient = torch.tensor([1.0, -1.0, 0.01], dtype=torch.float64)
+    moved = {}
+    for rule in ('adam_recent', 'adam_mini'):
+        logits = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        optimizer = make_logits_optimizer(logits, rule, lr=0.1)
+        for _ in range(5):
+            logits.grad = gradient.clone()
+            step_and_clear(optimizer)
+        moved[rule] = -logits.detach()
+    assert torch.allclose(moved['adam_recent'], 0.5 * gradient.sign(), rtol=1e-6)
+    assert torch.allclose(moved['adam_mini'], 0.5 * gradient / gradient.pow(2).mean().sqrt(), rtol=1e-6)
 
 
 def test_lisa_logits_step_multiplies_the_step_of_mirror_descent_by_the_inverse_active_fraction_or_its_root(tmp_path):

@@ -45,7 +45,7 @@ def assert_same_state(a, b, atol):
             assert torch.allclose(model_a[k], model_b[k], atol=atol, rtol=0), k
 
 
-@pytest.mark.parametrize("logits_update", ['mirror', 'adam_recent'])  # adam_recent: p's Adam moments resume too
+@pytest.mark.parametrize("logits_update", ['mirror', 'adam_mini'])  # adam_mini: p's Adam moments resume too
 def test_resume_equals_the_uninterrupted_run(tmp_path, logits_update):
     update = f'--logits_update={logits_update}'
     whole = run(tmp_path / 'whole', '--max_steps=20', update)

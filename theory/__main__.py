@@ -204,14 +204,16 @@ def logits_update_checks(check, count):
           f"max |s - s_alpha|, {len(instances)} runs", 0.0, worst, 1e-6)
 
 
-def lisa_checks(check, count, n_blocks=4, n_active=2):
+def lisa_checks(check, count, n_blocks=4, n_active=2, draw_interval=20):
     """LISA on the copies (lisa.set_lisa_blocks, as train.py calls it): θ in n_blocks blocks of coordinates,
-    each copy trains n_active of them, switched every lisa_interval steps. Unmerged copies that move the same
-    blocks keep the fixed point (a block-coordinate step stops only where every block's gradient is zero) and
-    their common motion cancels in ℓ(w) − ℓ(u); with independent draws it does not, and α multiplies the
-    difference. train.py's rule merges the blocks that freeze, so p reads only the response of the active
-    blocks (a weaker gradient, which Adam's step does not depend on), averaged over draws: a small bias where blocks are coupled, the price of reading no stale
-    differences, which these quadratics (whose copies reach their equilibrium) do not have."""
+    each copy trains n_active of them, switched every lisa_interval steps (train.py's rule), or, where the
+    draws are compared, every draw_interval steps as in LMFlow's and the authors' code. Unmerged copies that
+    move the same blocks keep the fixed point (a block-coordinate step stops only where every block's gradient
+    is zero) and their common motion cancels in ℓ(w) − ℓ(u); with independent draws it does not, and α
+    multiplies the difference. train.py's rule merges the blocks that freeze, so p reads only the response of
+    the active blocks (a weaker gradient, which Adam's step does not depend on), averaged over draws: a small
+    bias where blocks are coupled, the price of reading no stale differences, which these quadratics (whose
+    copies reach their equilibrium) do not have."""
     cfg, lisa = parse_config([]), parse_config([f'--lisa_layers={n_active}'])  # p's update: mirror; with LISA, Adam
     instances = interior_instances(10.0, count)
     targets = [torch.softmax(fixed_point(prob, 10.0, cfg.central_difference)[2], 0) for prob in instances]
@@ -219,14 +221,14 @@ def lisa_checks(check, count, n_blocks=4, n_active=2):
     def distances(update, **rule):
         lr = logits_step_size(update, cfg.logits_lr, 1.0)
         return [(run_logits_update(prob, 10.0, update, lr, cfg.max_steps, cfg.central_difference,
-                                   lisa_blocks=n_blocks, lisa_layers=n_active, lisa_interval=cfg.lisa_interval,
-                                   **rule)[0] - s).abs().max().item() for prob, s in zip(instances, targets)]
-    default = distances(lisa.logits_update, lisa_draw=lisa.lisa_draw, lisa_merge_frozen=lisa.lisa_merge_frozen,
-                        lisa_logits_step=lisa.lisa_logits_step)
+                                   lisa_blocks=n_blocks, lisa_layers=n_active, **rule)[0] - s).abs().max().item()
+                for prob, s in zip(instances, targets)]
+    default = distances(lisa.logits_update, lisa_interval=lisa.lisa_interval, lisa_draw=lisa.lisa_draw,
+                        lisa_merge_frozen=lisa.lisa_merge_frozen, lisa_logits_step=lisa.lisa_logits_step)
     check(f"LISA {n_active} of {n_blocks} blocks, train.py's rule ({lisa.lisa_draw} draw, merged, p's update "
           f"{lisa.logits_update}): max |s - s_alpha|, {len(instances)} runs, within 0.05", 0.0, max(default), 0.05)
-    unmerged = {draw: distances(cfg.logits_update, lisa_draw=draw, lisa_merge_frozen=False, lisa_logits_step='plain')
-                for draw in LISA_DRAWS}
+    unmerged = {draw: distances(cfg.logits_update, lisa_interval=draw_interval, lisa_draw=draw, lisa_merge_frozen=False,
+                                lisa_logits_step='plain') for draw in LISA_DRAWS}
     check('LISA, shared draw, unmerged, plain p step: max |s - s_alpha|', 0.0, max(unmerged['shared']), 1e-4)
     check(f'LISA, independent draws, unmerged: min |s - s_alpha| of {len(instances)} runs, clamped at 0.1', 0.1,
           min(0.1, min(unmerged['independent'])), 0.0)
@@ -237,7 +239,7 @@ def lisa_checks(check, count, n_blocks=4, n_active=2):
         variances = []
         for alpha in (10.0, 100.0, 1000.0):
             gradients = run_logits_update(prob, alpha, cfg.logits_update, 0.0, 300, cfg.central_difference,
-                                          lisa_blocks=n_blocks, lisa_layers=n_active, lisa_interval=cfg.lisa_interval,
+                                          lisa_blocks=n_blocks, lisa_layers=n_active, lisa_interval=draw_interval,
                                           lisa_draw=draw, lisa_merge_frozen=False, sigma=0.3,
                                           start=fixed_point(prob, alpha, cfg.central_difference), move_logits=False)[1]
             variances.append(gradients.var(dim=0).sum().item())
