@@ -106,7 +106,7 @@ def fixed_step(run, step, alpha):
         received = torch.tensor(run.rows_per_source, device=run.device, dtype=dtype) / sum(run.rows_per_source)
     else:
         (x, y), n_groups, received, coeffs = step_rows(run, step), n_sources, run.fixed_weights, run.fixed_weights
-    losses, _, checks = model_objective(run, run.models[0], x, y, None, None, n_groups)(coeffs, 0.0)
+    losses, _, checks = model_objective(run, run.models[0], x, y, None, None, n_groups, run.cfg.grad_clip)(coeffs, 0.0)
     check_finite(source_losses=losses, **checks)
     step_and_clear(run.optimizers[0])
     return received_so_far(run, step, received, losses)
@@ -131,7 +131,7 @@ def rholoss_step(run, step, alpha):
 
 
 def clip_and_step(run, step, received, losses):
-    check_finite(source_losses=losses, gradient_norm=clip_gradient(run, run.models[0]))
+    check_finite(source_losses=losses, gradient_norm=clip_gradient(run, run.models[0], run.cfg.grad_clip))
     step_and_clear(run.optimizers[0])
     return received_so_far(run, step, received, losses)
 

@@ -10,10 +10,9 @@ What a ScaleBiO step costs, against plain fine-tuning and against the floor the 
 Three variants, timed interleaved in one run (warm-up first, then the median of `repeats` steps each):
   sft       one model, AdamW, one forward/backward on the training batch
   scalebio  bilevel.scalebio_step: u and w forward/backward on the same training batch and on val_batch
-            (train.py's default central difference; --central_difference=False: w only, the authors' form)
-  lisa      the same step with LISA (lisa_layers of n_layer blocks unfrozen, the same ones in both copies;
-            p by Adam, train.py's update with LISA)
-The floor: a ScaleBiO step runs 2·(B_train + B_val) tokens (forward difference: 2·B_train + B_val) through
+            (train.py's default, the authors' forward difference: w only; --central_difference=True: both)
+  lisa      the same step with LISA (lisa_layers of n_layer blocks unfrozen, the same ones in both copies)
+The floor: a ScaleBiO step runs 2·B_train + B_val tokens (central difference: 2·(B_train + B_val)) through
 forward and backward where fine-tuning runs B_train, so scalebio/sft cannot beat that over B_train.
 Memory, counted from the tensors allocated: parameters + Adam moments (of u, w and p) after the step, gradients at their
 peak (just before the step), again after a LISA switch; peak memory per variant (CUDA: max allocated; CPU:
@@ -57,7 +56,7 @@ class BenchConfig:
     lisa_layers: int = 2
     lisa_interval: int = 5     # so the timed steps include switches
     penalty_alpha: float = 10.0
-    central_difference: bool = True  # train.py's default
+    central_difference: bool = False  # train.py's default
     grad_clip: float = 1.0     # train.py's default, for every variant
     source_loss: str = 'token'  # train.py's default: every token weighs alike across sources
     workload: str = 'random'   # 'random': every position of every row is a target; 'instruction': padded rows
@@ -104,7 +103,7 @@ def build(cfg, device, lisa_layers, crop_padding=True, logits_at_targets=True):
         for m in models:
             for block in m.blocks:
                 block.compile()
-    # parse_config picks p's update as train.py does: Adam with LISA (its moments count in state())
+    # p's update is train.py's (its Adam moments count in state())
     train_cfg = parse_config([f'--{key}={value}' for key, value in dict(
         penalty_alpha=cfg.penalty_alpha, central_difference=cfg.central_difference, grad_clip=cfg.grad_clip,
         source_loss=cfg.source_loss, compile=cfg.compile, crop_padding=crop_padding,
@@ -130,7 +129,7 @@ def build(cfg, device, lisa_layers, crop_padding=True, logits_at_targets=True):
     def step(i):
         x, y, useful = batch(cfg.n_sources * cfg.batch_per_source)
         if lisa_layers is None:  # plain fine-tuning: the lower level's objective with uniform weights
-            model_objective(run, models[0], x, y, None, None, cfg.n_sources)(run.fixed_weights, 0.0)
+            model_objective(run, models[0], x, y, None, None, cfg.n_sources, cfg.grad_clip)(run.fixed_weights, 0.0)
             step_and_clear(run.optimizers[0])
             return useful
         set_lisa_blocks([(m.blocks, opt) for m, opt in zip(run.models, run.optimizers)], lisa_layers, 0,
@@ -259,8 +258,8 @@ def main(argv):
               'lisa_switches_timed': switches,
               'lisa_state_bytes_before_and_after_switches': [sum(first_state['lisa']), sum(state['lisa'])],
               # full fine-tuning keeps 4 numbers per parameter; two copies with LISA keep 2·(1 + 3·active),
-              # and p's Adam (adam_mini) a first moment per source and one second moment
-              'predicted_lisa_state_over_sft_state': (2 * (1 + 3 * active_fraction) * n_params + cfg.n_sources + 1)
+              # and p's Adam two moments per source
+              'predicted_lisa_state_over_sft_state': (2 * (1 + 3 * active_fraction) * n_params + 2 * cfg.n_sources)
               / (4 * n_params),
               'seconds_per_step': median,
               'spread': {name: float(np.percentile(t, 75) - np.percentile(t, 25)) for name, t in times.items()},

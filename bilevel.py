@@ -108,69 +108,30 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
 
 
 # p's update rules, chosen by --logits_update: the optimizer, its step size unless --logits_lr gives one, and
-# whether the step is taken on the gradient in λ (mirror descent, see logits_gradient); Adam's betas. All follow
-# the warmup + cosine schedule of u and w: p's gradient is measured by u and w, and a p that keeps moving once
-# they have stopped runs to a vertex of the simplex (docs/results.md, "p's update").
+# whether the step is taken on the gradient in λ (mirror descent, see logits_gradient). Both follow the warmup +
+# cosine schedule of u and w, as in the authors' code: p's gradient is measured by u and w, and a p that keeps
+# moving once they have stopped runs to a vertex of the simplex.
 LOGITS_RULES = {
-    'mirror': dict(optimizer='sgd', lr=0.1, mirror=True),  # exponentiated gradient (the default without LISA)
-    'adam_cosine': dict(optimizer='adam', lr=3e-2, mirror=False, betas=(0.9, 0.999)),  # the authors' Adam
-    # adam_recent: Adam whose running size of the gradient forgets in about 100 steps, not 1,000. Under LISA p's
-    # gradient fades as the merged copies converge, more than tenfold on `denoise`, and a longer memory of its
-    # early size keeps p's late steps small (docs/lisa.md)
-    'adam_recent': dict(optimizer='adam', lr=3e-2, mirror=False, betas=(0.9, 0.99)),
-    # adam_mini, the default with LISA: adam_recent with one running size for all of p (OneSizeAdam), its rate
-    # between 3e-2, where a source falls too slowly from weight 1/3, and 6e-2, where p oscillates (docs/lisa.md)
-    'adam_mini': dict(optimizer='one_size_adam', lr=4.5e-2, mirror=False, betas=(0.9, 0.99)),
+    # the authors' update: torch's AdamW with its default betas (0.9, 0.999), rate 1e-2 (both releases). Their
+    # weight decay on p is torch's default 0.01 by accident (p's optimizer is built before weight decay is set)
+    # and pulls p towards uniform weights; here it is --logits_weight_decay, 0 by default
+    'adam': dict(optimizer='adam', lr=1e-2, mirror=False),
+    # an option of ours: exponentiated gradient on the simplex (logits_gradient's mirror=True); its step shrinks
+    # with p's gradient, which α multiplies, so its rate must shrink as α grows (docs/results.md)
+    'mirror': dict(optimizer='sgd', lr=0.1, mirror=True),
 }
 
 
-class OneSizeAdam(torch.optim.Optimizer):
-    """Adam whose second moment is one number for the whole tensor, the mean of the squared gradient over its
-    entries, as Adam-mini keeps one per block of parameters (Zhang et al. 2024, arXiv 2406.16793).
-
-    p's gradient is α·λ ⊙ (d − λᵀd): the gradient of a source near weight 0 is shrunk by its λ_i. Adam, which
-    divides each entry by its own running size, still steps that source's logit by the full rate, so a small,
-    passing advantage of w over u on it brings it back within a few hundred steps. Divided by one size for
-    all, its step stays as small as its gradient; the step of p as a whole is still Adam's, whatever factor
-    LISA weakens the gradient by (docs/lisa.md)."""
-
-    def __init__(self, params, lr, betas, weight_decay=0.0, eps=1e-12):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, eps=eps))
-        for group in self.param_groups:  # created now, so that a checkpoint taken before the first step has them
-            for param in group['params']:
-                self.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
-                                         exp_avg_sq=torch.zeros((), dtype=param.dtype, device=param.device))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            beta1, beta2 = group['betas']
-            for param in group['params']:
-                if param.grad is None:
-                    continue
-                grad, state = param.grad + group['weight_decay'] * param, self.state[param]
-                state['step'] += 1
-                state['exp_avg'].lerp_(grad, 1 - beta1)
-                state['exp_avg_sq'].lerp_(grad.pow(2).mean(), 1 - beta2)
-                size = (state['exp_avg_sq'] / (1 - beta2 ** state['step'])).sqrt() + group['eps']
-                param.sub_(group['lr'] * state['exp_avg'] / (1 - beta1 ** state['step']) / size)
-
-
-def logits_step_size(rule, lr, lr_mult):
-    """p's step size under LOGITS_RULES[rule] (lr 0: the rule's own), given the multiplier of the warmup +
-    cosine schedule."""
-    return (lr or LOGITS_RULES[rule]['lr']) * lr_mult
-
-
-def make_logits_optimizer(source_logits, rule, lr=0.0, weight_decay=0.0):
-    """p's optimizer for LOGITS_RULES[rule] (lr 0: the rule's own)."""
-    if LOGITS_RULES[rule]['optimizer'] == 'one_size_adam':
-        return OneSizeAdam([source_logits], lr=logits_step_size(rule, lr, 1.0), betas=LOGITS_RULES[rule]['betas'],
-                           weight_decay=weight_decay)
-    if LOGITS_RULES[rule]['optimizer'] == 'adam':
-        return torch.optim.Adam([source_logits], lr=logits_step_size(rule, lr, 1.0), weight_decay=weight_decay,
-                                betas=LOGITS_RULES[rule]['betas'])
-    return torch.optim.SGD([source_logits], lr=logits_step_size(rule, lr, 1.0), weight_decay=weight_decay)
+def make_logits_optimizer(source_logits, rule='adam', lr=0.0, weight_decay=0.0):
+    """p's optimizer for LOGITS_RULES[rule] at the base step size lr (0: the rule's own), kept as its param
+    group's 'initial_lr' (as torch's schedulers keep it): each step's size is initial_lr × cosine_lr(step)."""
+    lr = lr or LOGITS_RULES[rule]['lr']
+    if LOGITS_RULES[rule]['optimizer'] == 'adam':  # decoupled weight decay, as the authors' torch.optim.AdamW
+        optimizer = torch.optim.AdamW([source_logits], lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.SGD([source_logits], lr=lr, weight_decay=weight_decay)
+    optimizer.param_groups[0]['initial_lr'] = lr
+    return optimizer
 
 
 def step_and_clear(optimizer):

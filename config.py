@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from bilevel import LOGITS_RULES
-from lisa import LISA_DRAWS, LOGITS_STEP_RULES
+from lisa import LISA_DRAWS
 from model import MODEL_PRESETS
 
 METHODS = ('scalebio', 'fixed', 'irdro', 'rholoss')  # the steps: steps.py (scalebio), baselines.py (the rest)
@@ -48,22 +48,22 @@ class TrainConfig:
     penalty_alpha: float = 10.0     # α (the authors: 10 for GPT-2, 100 for 8B-34B models)
     alpha_growth: float = 1.0       # τ: α is multiplied by τ every alpha_interval steps (1.0: constant α)
     alpha_interval: int = 0
-    central_difference: bool = True  # u descends α·L_train − L_val: p's gradient has bias O(1/α²) (bilevel.py)
+    central_difference: bool = False  # an option of ours: u descends α·L_train − L_val, p's gradient has bias O(1/α²)
+                                    # instead of the forward difference's O(1/α) (bilevel.py; train.py's guard)
     # optimisation
     max_steps: int = 1500           # the horizon of the learning-rate schedule
     stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
     lr: float = 1e-3                # AdamW for both model copies
-    logits_update: str = ''         # p's update rule, a key of bilevel.LOGITS_RULES; '': mirror, adam_mini with LISA
-    logits_lr: float = 0.0          # its step size; 0: the rule's own (bilevel.LOGITS_RULES)
+    logits_update: str = 'adam'     # p's update, a key of bilevel.LOGITS_RULES: 'adam' (the authors'), 'mirror' (ours)
+    logits_lr: float = 0.0          # its step size; 0: the rule's own (adam: the authors' 1e-2; mirror 0.1)
     weight_decay: float = 0.01      # model matrices only
-    logits_weight_decay: float = 0.0  # explicit: the authors' code gets torch's 0.01 by accident
+    logits_weight_decay: float = 0.0  # on p (the authors' code gets torch's 0.01 by accident: bilevel.LOGITS_RULES)
     warmup_steps: int = 30
-    grad_clip: float = 1.0          # on each model's gradient norm; 0: off
+    grad_clip: float = 1.0          # each model's gradient norm clipped at this (ScaleBiO: × α, as the authors); 0: off
     lisa_layers: int = 0            # blocks unfrozen at a time, fewer than the model's; 0: full fine-tuning (lisa.py)
-    lisa_interval: int = 50         # steps between LISA switches: the copies' response builds between merges (lisa.py)
+    lisa_interval: int = 20         # steps between LISA draws (the authors' and LMFlow's K = 20)
     lisa_draw: str = 'shared'       # 'shared': u and w train the same blocks; 'independent': the authors' (lisa.py)
-    lisa_merge_frozen: bool = True  # LISA: a block that freezes takes the mean of u's and w's values (lisa.py)
-    lisa_logits_step: str = 'fraction'  # LISA, mirror: p's step × n_layer / lisa_layers; 'sqrt': × its root; 'plain': × 1
+    lisa_merge_frozen: bool = False  # an option: a block that freezes takes the mean of u's and w's values (lisa.py)
     # bookkeeping
     out_dir: str = 'out'             # one run's folder: a second run there needs --resume=True or --overwrite=True
     overwrite: bool = False         # a fresh run in a used out_dir: its run's files are deleted first
@@ -95,8 +95,7 @@ RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'overwrite', 'eval_interval
 # every value is checked against these rules before anything runs (parse_config); micro_steps checks what
 # depends on the number of processes, and train.py that the out_dir can be written and is not in use
 CHOICES = {'method': METHODS, 'dtype': ('float32', 'float64'), 'logits_update': tuple(LOGITS_RULES),
-           'model': ('', *MODEL_PRESETS), 'lisa_draw': LISA_DRAWS,
-           'lisa_logits_step': tuple(LOGITS_STEP_RULES), 'source_loss': ('example', 'token'),
+           'model': ('', *MODEL_PRESETS), 'lisa_draw': LISA_DRAWS, 'source_loss': ('example', 'token'),
            'sampling': ('stratified', 'proportional')}
 RULES = [  # (fields, the rule, what the error says)
     (('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
@@ -137,8 +136,6 @@ def override(cfg, argv):
 def parse_config(argv):
     """TrainConfig from command-line arguments, every value checked; it is not changed afterwards."""
     cfg = override(TrainConfig(), argv)
-    if not cfg.logits_update:  # with LISA, Adam: its step does not shrink with p's gradient, which LISA weakens (lisa.py)
-        cfg.logits_update = 'adam_mini' if cfg.lisa_layers > 0 else 'mirror'
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ValueError(f"--{key} must be one of {', '.join(allowed).strip(', ')}, got '{getattr(cfg, key)}'")

@@ -14,14 +14,12 @@ Two details the reference implementations (LMFlow's LISA trainer, the ScaleBiO a
   gradient, through its momentum and weight decay. Clear gradients with zero_grad(set_to_none=True).
 
 ScaleBiO has two model copies, and which blocks each trains is a choice that moves the learned weights:
-set_lisa_blocks (at the end) gives both the same draw by default. Usage, once per step, before the forward
-pass (it is idempotent between switches):
+set_lisa_blocks (at the end) gives both the same draw by default. p's update is the same with LISA as without.
+Usage, once per step, before the forward pass (it is idempotent between switches):
     set_lisa_blocks([(u.blocks, u_optimizer), (w.blocks, w_optimizer)], n_active, seed, step // interval)
 """
 import numpy as np
 import torch
-
-import bilevel
 
 
 def draw_active_blocks(n_layer, n_active, seed, switch_index, copy_index=0):
@@ -56,22 +54,24 @@ def set_active_blocks(blocks, optimizer, active):
 LISA_DRAWS = ('shared', 'independent')
 
 
-def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared', merge_frozen=True):
+def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared', merge_frozen=False):
     """LISA for ScaleBiO's model copies, `copies` = [(blocks, optimizer), ...] (u, then w).
 
-    draw='shared': every copy trains the same blocks. p's gradient is α·J·(ℓ(w) − ℓ(u)), and w − u must be
-    the O(1/α) response to the validation term alone. Both copies take the same kind of step on the same
-    batch, so whatever else moves them (the batch's noise, the common drift of training) moves them alike
-    and cancels in ℓ(w) − ℓ(u), as the shared batch makes the noise cancel (bilevel.py) -- but only if they
-    move the same coordinates. draw='independent' (the authors' code) lets u train blocks A while w trains
-    blocks B: w − u then carries O(1) differences that α multiplies (theory/, docs/lisa.md).
+    draw='shared' (the default, our one deviation from the authors): every copy trains the same blocks. p's
+    gradient is α·J·(ℓ(w) − ℓ(u)), and w − u must be the O(1/α) response to the validation term alone. Both
+    copies take the same kind of step on the same batch, so whatever else moves them (the batch's noise, the
+    common drift of training) moves them alike and cancels in ℓ(w) − ℓ(u), as the shared batch makes the noise
+    cancel (bilevel.py) -- but only if they move the same coordinates. draw='independent' (the authors' code)
+    lets u train blocks A while w trains blocks B: w − u then carries O(1) differences that α multiplies, and
+    on theory/'s quadratics the loop ends far from the penalty's solution s_α (theory/README.md).
+    A frozen block keeps its values in both copies, so a block-coordinate step leaves the fixed point of the
+    penalty where it is.
 
-    merge_frozen (shared draw, the default): a block that freezes at this switch takes the mean of the copies'
-    values in both, so that ℓ(w) − ℓ(u) reads only the blocks trained since the last switch, not differences
-    left in frozen blocks while the blocks around them moved on: stale differences that, on `denoise`, put 0.10
-    on the random letters (docs/lisa.md). p's gradient is then weaker (logits_step_scale says what makes up
-    for it), the more so the shorter the interval: w − u holds at most one interval of response, which is why
-    train.py switches every 50 steps, not every 20 as LMFlow and the authors do (config.py, docs/lisa.md).
+    merge_frozen (an option, shared draw only): a block that freezes at this switch takes the mean of the copies'
+    values in both, so that ℓ(w) − ℓ(u) reads only the blocks trained since the last switch. It moves the fixed
+    point: on theory/'s quadratics the loop then ends away from s_α by a bias that a larger α does not remove
+    (theory/README.md), and it overwrites w's fit to the validation data in every frozen block, in the
+    exported model too.
     """
     if merge_frozen and draw == 'shared' and len(copies) == 2:
         active = draw_active_blocks(len(copies[0][0]), n_active, seed, switch_index)
@@ -84,23 +84,3 @@ def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared', merge_f
     for copy_index, (blocks, optimizer) in enumerate(copies):
         set_active_blocks(blocks, optimizer, draw_active_blocks(len(blocks), n_active, seed, switch_index,
                                                                 copy_index if draw == 'independent' else 0))
-
-
-LOGITS_STEP_RULES = {'fraction': 1.0, 'sqrt': 0.5, 'plain': 0.0}  # --lisa_logits_step: the power of n_layer / n_active
-
-
-def logits_step_scale(n_layer, n_active, rule='fraction', update='mirror'):
-    """The factor on p's step size under LISA: (n_layer / n_active) to the power LOGITS_STEP_RULES[rule] when p's
-    update is a gradient step (mirror descent), 1 when it is Adam (train.py's default with LISA).
-
-    p's gradient is α·J·(ℓ(w) − ℓ(u)), and w − u is the copies' response to the validation term. With the
-    frozen blocks merged at each switch (set_lisa_blocks' merge_frozen, the default) that response lives only
-    in the blocks trained since the switch, and p's gradient is weaker: by how much depends on the direction
-    p moves in. From one pretrained start mirror descent matched LISA off with p's step × 4 on `denoise`, where
-    × 2 left clean at 0.90, and with × 2 on `mixture`, where × 4 overshot (docs/lisa.md): no fixed factor fits.
-    Adam divides the gradient by its running size, so a gradient weakened by any factor takes the step it
-    would take without LISA, once that running size has caught up with it (bilevel.LOGITS_RULES['adam_mini']):
-    nothing to give back."""
-    if bilevel.LOGITS_RULES[update]['optimizer'] != 'sgd' or not 0 < n_active < n_layer:
-        return 1.0
-    return (n_layer / n_active) ** LOGITS_STEP_RULES[rule]

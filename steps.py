@@ -85,10 +85,10 @@ def device_rows(run, x, y):
     return x.to(run.device), y.to(run.device)
 
 
-def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
+def model_objective(run, model, x, y, val_x, val_y, n_groups, max_norm, name='model'):
     """The objective callable of bilevel.scalebio_step for one model on this rank's rows of the step's batch:
     backward of Σ_i coeff_i·ℓ_i(model) + val_coeff·L_val(model), in run.micro_steps accumulated pieces; then
-    the gradient clipped (clip_gradient).
+    the gradient's norm clipped at max_norm (clip_gradient).
     Returns ℓ(model) and L_val(model) averaged over ranks, so that p's gradient is the same on every rank
     (FSDP averages the model gradients over ranks itself; it knows nothing of p), and {'<name>_gradient_norm':
     norm}: the caller checks all three for NaN before any update (bilevel.check_finite, one host read).
@@ -131,18 +131,18 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups, name='model'):
             total.backward()
             source_losses = source_losses + piece.detach()
         source_losses, val_loss = mean_over_ranks(source_losses), mean_over_ranks(val_loss) if val_coeff else None
-        return source_losses, val_loss, {f'{name}_gradient_norm': clip_gradient(run, model)}
+        return source_losses, val_loss, {f'{name}_gradient_norm': clip_gradient(run, model, max_norm)}
     return objective
 
 
-def clip_gradient(run, model):
-    """Clips the model's gradient norm to grad_clip (0: only measures it) and returns the norm, for the caller to
+def clip_gradient(run, model, max_norm):
+    """Clips the model's gradient norm to max_norm (0: only measures it) and returns the norm, for the caller to
     check with the losses (a finite loss can still give a NaN gradient: clipping by a NaN norm makes every
     gradient NaN). No host read here: the checks of a step are read back once (bilevel.check_finite)."""
     grads = [p for p in model.parameters() if p.grad is not None]
     alive = local_bytes(p.grad for m in run.models for p in m.parameters() if p.grad is not None)
     run.grad_bytes = max(run.grad_bytes, alive)  # a copy's backward has just ended: gradients at a peak
-    norm = torch.nn.utils.clip_grad_norm_(grads, run.cfg.grad_clip if run.cfg.grad_clip > 0 else math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else math.inf)
     return full(norm)
 
 
@@ -151,10 +151,14 @@ def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
     (shared by both copies) and of one validation batch. Returns scalebio_step's dict."""
     cfg, (lower_model, upper_model), n_sources = run.cfg, run.models, run.source_logits.numel()
     lower_val = (val_x, val_y) if cfg.central_difference else (None, None)  # v descends α·L_train − L_val
+    # both copies' gradients carry the factor α (α·∇L_train), so they are clipped at grad_clip·α, as the authors
+    # clip at α (their second release, --clip_model): a fixed threshold would clip w's gradient, val part
+    # included, by a factor other than u's, a difference of the same order 1/α as the response p reads
+    max_norm = cfg.grad_clip * alpha
     return scalebio_step(
         run.source_logits, alpha,
-        lower_objective=model_objective(run, lower_model, x, y, *lower_val, n_sources, 'lower'),
-        upper_objective=model_objective(run, upper_model, x, y, val_x, val_y, n_sources, 'upper'),
+        lower_objective=model_objective(run, lower_model, x, y, *lower_val, n_sources, max_norm, 'lower'),
+        upper_objective=model_objective(run, upper_model, x, y, val_x, val_y, n_sources, max_norm, 'upper'),
         step_lower=lambda: step_and_clear(run.optimizers[0]),
         step_upper=lambda: step_and_clear(run.optimizers[1]),
         step_logits=lambda: step_and_clear(run.logits_optimizer),

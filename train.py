@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from baselines import fixed_step, irdro_step, load_reference, rholoss_step
-from bilevel import cosine_lr, logits_step_size, make_logits_optimizer, penalty_schedule
+from bilevel import cosine_lr, make_logits_optimizer, penalty_schedule
 from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, logged_record,
                         own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
                         signals_stop_at_next_step, trim_log)
@@ -44,7 +44,7 @@ from data import (TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data,
                   proportional_rows, rank_rows)
 from fsdp import (copy_shards, end_distributed, fill, init_distributed, mean_over_ranks, peer_error, rank0_decides,
                   rank_bytes, shard, warm_up)
-from lisa import logits_step_scale, set_lisa_blocks
+from lisa import set_lisa_blocks
 from hf import export_pretrained, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
 from plan import check_run_memory
@@ -227,9 +227,8 @@ def set_schedules(run, step):
     for opt in run.optimizers:
         for group in opt.param_groups:
             group['lr'] = lr
-    lisa_scale = logits_step_scale(len(run.models[0].blocks), cfg.lisa_layers, cfg.lisa_logits_step, cfg.logits_update)
     for group in run.logits_optimizer.param_groups:  # not scaled with α: see bilevel.penalty_schedule
-        group['lr'] = logits_step_size(cfg.logits_update, cfg.logits_lr, lr_mult) * lisa_scale
+        group['lr'] = group['initial_lr'] * lr_mult
     return alpha, lr
 
 

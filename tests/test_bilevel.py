@@ -78,8 +78,8 @@ def test_step_on_a_gpt_sets_the_autograd_gradient_of_the_penalty(micro_steps):
     alpha = 10.0
     run = Run(TrainConfig(grad_clip=0.0), [lower_model, upper_model], micro_steps=micro_steps)  # 0: no clipping
     result = scalebio_step(source_logits, alpha,
-                           model_objective(run, lower_model, x, y, None, None, 3, 'lower'),
-                           model_objective(run, upper_model, x, y, vx, vy, 3, 'upper'),
+                           model_objective(run, lower_model, x, y, None, None, 3, 0.0, 'lower'),
+                           model_objective(run, upper_model, x, y, vx, vy, 3, 0.0, 'upper'),
                            no_update, no_update, no_update)
     p = source_logits.detach().clone().requires_grad_(True)
     weights = torch.softmax(p, 0)
@@ -227,3 +227,23 @@ def test_a_scalebio_step_reads_the_device_once_for_all_its_checks(monkeypatch):
     scalebio_gpt_step(run, x, y, x[:2], y[:2], 10.0)
     monkeypatch.undo()
     assert reads == ['__bool__'] and run.optimizers[0].state  # one read, and the copies stepped
+
+
+@pytest.mark.parametrize('alpha', [10.0, 100.0])
+def test_both_copies_are_clipped_at_grad_clip_times_alpha(alpha):
+    """The authors clip u and w at α: each copy's gradient carries the factor α (α·∇L_train), so the norm each
+    optimizer steps on is grad_clip·α once the gradient is larger."""
+    torch.manual_seed(0)
+    lower_model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
+    upper_model = copy.deepcopy(lower_model)
+    source_logits = torch.zeros(3, requires_grad=True)
+    run = Run(TrainConfig(grad_clip=0.01), [lower_model, upper_model],
+              [make_optimizer(m, 1e-2, 0.0) for m in (lower_model, upper_model)],
+              source_logits, make_logits_optimizer(source_logits, 'adam'))
+    norms = []
+    for optimizer in run.optimizers:
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: norms.append(torch.cat(
+            [p.grad.reshape(-1) for g in opt.param_groups for p in g['params'] if p.grad is not None]).norm().item()))
+    x, y = torch.randint(0, 20, (6, 8)), torch.randint(0, 20, (6, 8))
+    scalebio_gpt_step(run, x, y, x[:2], y[:2], alpha)
+    assert norms == pytest.approx([0.01 * alpha] * 2, rel=1e-5)

@@ -55,12 +55,12 @@ def test_per_source_losses_are_means_of_per_example_means_or_of_tokens(tmp_path)
     x = torch.tensor(data.train[0][:, 0])
     y = torch.tensor(data.train[0][:, 1])
     run = Run(TrainConfig(grad_clip=0.0, source_loss='example'), [model])
-    source_loss, _, _ = model_objective(run, model, x, y, None, None, 1)(torch.ones(1), 0.0)
+    source_loss, _, _ = model_objective(run, model, x, y, None, None, 1, 0.0)(torch.ones(1), 0.0)
     per_example = [torch.nn.functional.cross_entropy(model(x[i:i + 1])[0][0], y[i], ignore_index=-1) for i in range(2)]
     assert torch.allclose(source_loss, torch.stack(per_example).mean().detach(), atol=1e-6)
     # --source_loss=token: every token of the source counts alike, as in L_val
     run = Run(TrainConfig(grad_clip=0.0, source_loss='token'), [model])
-    token_loss, _, _ = model_objective(run, model, x, y, None, None, 1)(torch.ones(1), 0.0)
+    token_loss, _, _ = model_objective(run, model, x, y, None, None, 1, 0.0)(torch.ones(1), 0.0)
     every_token = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), ignore_index=-1)
     assert torch.allclose(token_loss, every_token.detach(), atol=1e-6)
     assert not torch.allclose(token_loss, source_loss, atol=1e-3)  # the long answer weighs more
@@ -114,7 +114,7 @@ def test_token_weighted_source_losses_weigh_every_token_alike_across_sources(tmp
     losses = {}
     for source_loss in ('example', 'token'):
         run = Run(TrainConfig(grad_clip=0.0, source_loss=source_loss), [model])
-        losses[source_loss], _, _ = model_objective(run, model, x, y, None, None, 2)(uniform, 0.0)
+        losses[source_loss], _, _ = model_objective(run, model, x, y, None, None, 2, 0.0)(uniform, 0.0)
     every_token = torch.nn.functional.cross_entropy(model(x)[0].flatten(0, 1), y.flatten(), ignore_index=-1)
     assert torch.allclose((uniform * losses['token']).sum(), every_token.detach(), atol=1e-6)
     assert torch.allclose((uniform * losses['example']).sum(), losses['example'].mean(), atol=1e-6)

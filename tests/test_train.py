@@ -45,7 +45,7 @@ def assert_same_state(a, b, atol):
             assert torch.allclose(model_a[k], model_b[k], atol=atol, rtol=0), k
 
 
-@pytest.mark.parametrize("logits_update", ['mirror', 'adam_mini'])  # adam_mini: p's Adam moments resume too
+@pytest.mark.parametrize("logits_update", ['mirror', 'adam'])  # adam: p's Adam moments resume too
 def test_resume_equals_the_uninterrupted_run(tmp_path, logits_update):
     update = f'--logits_update={logits_update}'
     whole = run(tmp_path / 'whole', '--max_steps=20', update)
@@ -165,6 +165,18 @@ def test_the_default_run_is_pinned(tmp_path):
     """The first 60 steps of `python train.py` in float64 (LISA off), to a relative 1e-12: a change that moves
     them on purpose updates these numbers in its own commit and says why."""
     summary = train.main([f'--out_dir={tmp_path}', '--dtype=float64', '--stop_at=60', '--eval_interval=60'])
+    assert summary['weights'] == pytest.approx([0.4284246837288679, 0.42955681597645246, 0.14201850029467952],
+                                               rel=1e-12)
+    assert summary['val_loss'] == pytest.approx(2.5084461580209916, rel=1e-12)
+    assert summary['test_loss'] == pytest.approx(2.5027537627200935, rel=1e-12)
+
+
+def test_the_central_difference_with_mirror_descent_is_pinned(tmp_path):
+    """Our two options together, pinned like the default: the same 60 steps as they ran when they were
+    train.py's default (commit 22ed550, which clipped at 1.0 whatever α: 0.1·α here), so the options keep their
+    behaviour."""
+    summary = train.main([f'--out_dir={tmp_path}', '--dtype=float64', '--stop_at=60', '--eval_interval=60',
+                          '--central_difference=True', '--logits_update=mirror', '--grad_clip=0.1'])
     assert summary['weights'] == pytest.approx([0.48870102580860963, 0.4877393139500004, 0.023559660241389894],
                                                rel=1e-12)
     assert summary['val_loss'] == pytest.approx(2.4837389537082455, rel=1e-12)
@@ -259,14 +271,16 @@ def test_cpu_offload_without_cuda_and_torchrun_is_one_clear_error(tmp_path):
 
 
 def test_the_guard_stops_a_lower_copy_that_climbs_its_validation_loss_before_it_doubles(tmp_path):
-    """A small α lets u, which descends α·L_train − L_val, raise its validation loss at will."""
+    """Under --central_difference=True a small α lets u, which descends α·L_train − L_val, raise its validation
+    loss at will."""
+    central = '--central_difference=True'
     with pytest.raises(ValueError, match=r"the lower copy's validation loss rose from .* --central_difference=False"):
-        run(tmp_path, '--penalty_alpha=0.1', '--lr=1e-2', '--max_steps=200', '--eval_interval=5')
+        run(tmp_path, '--penalty_alpha=0.1', '--lr=1e-2', '--max_steps=200', '--eval_interval=5', central)
     with open(tmp_path / 'log.jsonl') as f:
         lower = [json.loads(line)['lower_val_loss'] for line in f]
-    cfg = train.parse_config(TINY + [f'--out_dir={tmp_path}/again', '--penalty_alpha=0.1'])
+    cfg = train.parse_config(TINY + [f'--out_dir={tmp_path}/again', '--penalty_alpha=0.1', central])
     start = train.build_run(cfg, train.init_distributed(cfg.device)).lower_val_start
     assert lower[-1] > 1.25 * start and lower[-2] > 1.25 * start  # two evaluations in a row
     assert max(lower) < 2 * start  # before the loss doubled
-    summary = run(tmp_path / 'default', '--max_steps=30', '--eval_interval=5')  # silent at the default α
+    summary = run(tmp_path / 'default', '--max_steps=30', '--eval_interval=5', central)  # silent at the default α
     assert summary['steps'] == 30

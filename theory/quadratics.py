@@ -11,8 +11,8 @@ optimizers plain gradient steps (torch.optim.SGD).
 """
 import torch
 
-from bilevel import LOGITS_RULES, cosine_lr, logits_step_size, make_logits_optimizer, scalebio_step, step_and_clear
-from lisa import logits_step_scale, set_lisa_blocks
+from bilevel import LOGITS_RULES, cosine_lr, make_logits_optimizer, scalebio_step, step_and_clear
+from lisa import set_lisa_blocks
 
 
 def make_problem(seed, n_sources=3, dim=4, case='nonrealizable'):
@@ -197,6 +197,35 @@ def spectral_radius(prob, alpha, state, step_sizes, h=1e-6):
     return torch.linalg.eigvals(jacobian).abs().max().item()
 
 
+def update_from_equations(prob, alpha, step_sizes, z):
+    """One iteration (u, w, p) → (u', w', p') written from README.md's three update lines with plain gradient
+    steps, in closed form and without bilevel.py: the Jacobian of this map checks the loop that runs through
+    scalebio_step (single_loop_checks)."""
+    n, (eta_u, eta_w, eta_p) = len(prob['target']), step_sizes
+    u, w, p = z[:n], z[n:2 * n], z[2 * n:]
+    s, A, c = torch.softmax(p, 0), prob['curvatures'], prob['centres']
+
+    def losses(theta):
+        return 0.5 * torch.einsum('ij,ijk,ik->i', theta - c, A, theta - c)
+
+    def train_gradient(theta):  # ∇_θ Σ_i s_i·ℓ_i(θ), the A_i symmetric
+        return torch.einsum('i,ijk,ik->j', s, A, theta - c)
+    d = losses(w) - losses(u)
+    return torch.cat([u - eta_u * alpha * train_gradient(u),
+                      w - eta_w * ((w - prob['target']) + alpha * train_gradient(w)),
+                      p - eta_p * alpha * s * (d - (s * d).sum())])
+
+
+def equations_spectral_radius(prob, alpha, state, step_sizes):
+    """ρ of the Jacobian of update_from_equations at `state` (autograd), on the complement of p + c·1."""
+    n_u, n_p = len(state[0]), len(state[2])
+    basis_p = torch.linalg.qr(torch.eye(n_p) - 1.0 / n_p)[0][:, :n_p - 1]
+    basis = torch.block_diag(torch.eye(2 * n_u), basis_p)
+    jacobian = torch.autograd.functional.jacobian(lambda z: update_from_equations(prob, alpha, step_sizes, z),
+                                                  torch.cat(state))
+    return torch.linalg.eigvals(basis.T @ jacobian @ basis).abs().max().item()
+
+
 def stability_boundary(prob, alpha, state, model_sizes, low=1e-4, high=1e3, iterations=24):
     """The p step size at which ρ of the iteration's Jacobian crosses 1 (bisection in log space): above
     it p moves too fast for u and w to follow and the loop oscillates or diverges."""
@@ -222,19 +251,18 @@ def run_single_loop(prob, alpha, step_sizes, steps, target, tolerance=1e-12, cen
     return state, errors
 
 
-def run_logits_update(prob, alpha, update, lr, steps, central=False, warmup_steps=30, lisa_blocks=1,
-                      lisa_layers=0, lisa_interval=20, lisa_draw='shared', sigma=0.0, start=None, move_logits=True,
-                      lisa_logits_step='fraction', lisa_merge_frozen=True):
+def run_logits_update(prob, alpha, update='adam', lr=0.0, steps=1500, central=False, warmup_steps=30, lisa_blocks=1,
+                      lisa_layers=0, lisa_interval=20, lisa_draw='shared', lisa_merge_frozen=False, sigma=0.0,
+                      start=None, move_logits=True):
     """The single loop with p updated exactly as train.py does it (--logits_update=update: bilevel's optimizer,
     geometry and step size, lr 0 being the rule's own; the warmup + cosine schedule), u and w by plain
     gradient steps of one size.
     LISA as train.py runs it: θ is `lisa_blocks` blocks of coordinates, and lisa.py gives each copy its
     `lisa_layers` trainable blocks (the draw `lisa_draw`, switched every `lisa_interval` steps, the blocks that
-    freeze merged if `lisa_merge_frozen`), and p's step is scaled as train.py scales it (lisa.logits_step_scale).
+    freeze merged if `lisa_merge_frozen`).
     sigma > 0: noisy per-source losses, one draw per step shared by both copies (train.py's shared batch).
     start: (u, w, p) to start from (default zeros); move_logits=False holds p there.
     Returns the final weights softmax(p) and p's gradient at every step."""
-    rule = LOGITS_RULES[update]
     gen = torch.Generator().manual_seed(0)
     u, w, p = start if start is not None else (torch.zeros(len(prob['target'])), torch.zeros(len(prob['target'])),
                                                torch.zeros(len(prob['mixture'])))
@@ -244,16 +272,15 @@ def run_logits_update(prob, alpha, update, lr, steps, central=False, warmup_step
     model_optimizers = [torch.optim.SGD([b[0] for b in blocks], lr=size)
                         for blocks, size in zip(copies, model_step_sizes(prob, alpha, 0.9))]
     gradients = []
-    lisa_scale = logits_step_scale(lisa_blocks, lisa_layers, lisa_logits_step, update)
     for t in range(steps):
-        for group in optimizer.param_groups:
-            group['lr'] = logits_step_size(update, lr, cosine_lr(t, steps, warmup_steps)) * lisa_scale if move_logits else 0.0
+        for group in optimizer.param_groups:  # as train.py's set_schedules
+            group['lr'] = group['initial_lr'] * cosine_lr(t, steps, warmup_steps) if move_logits else 0.0
         set_lisa_blocks(list(zip(copies, model_optimizers)), lisa_layers, 0, t // lisa_interval, lisa_draw,
                         lisa_merge_frozen)
         noise = sigma * torch.randn(*prob['centres'].shape, generator=gen) if sigma else None
         result = scalebio_step(p, alpha, *[objective(prob, [b[0] for b in blocks], noise) for blocks in copies],
                                *[lambda opt=opt: step_and_clear(opt) for opt in model_optimizers],
                                lambda: step_and_clear(optimizer), central_difference=central,
-                               mirror=rule['mirror'])
+                               mirror=LOGITS_RULES[update]['mirror'])
         gradients.append(result['logits_grad'])
     return torch.softmax(p.detach(), 0), torch.stack(gradients)
