@@ -5,6 +5,7 @@ best weights found by brute force. Each number is a train.py run (in this proces
     python compare.py --what=baselines              # docs/results.md: stage-two test loss and weights per method
     python compare.py --what=oracle --data=mixture  # grid over the simplex of the useful sources (2 seeds)
     python compare.py --what=updates --data=mixture --seeds=5  # p's candidate updates against the oracle's best point
+    python compare.py --what=defaults --seeds=3       # train.py's default at α = 10 and 100 on every task, stage two
     python compare.py --what=lisa --seeds=3           # ScaleBiO's weights with LISA (train.py's rule) and without it
     python compare.py --what=lisa --pretrained=True   # the same, every run starting from a base model
     python compare.py --what=ablations --seeds=2      # one factor at a time around train.py's defaults
@@ -40,7 +41,7 @@ class CompareConfig:
     seeds: int = 2                  # baselines, oracle, and updates for train.py's default p update: seeds 0..seeds-1
     candidate_seeds: int = 2        # updates: seeds for every other candidate
     grid_step: float = 0.1          # oracle: spacing of the grid on the simplex
-    updates: str = 'mirror,adam_cosine'  # updates: the candidates to run (keys of bilevel.LOGITS_RULES)
+    updates: str = 'adam,mirror'    # updates: the candidates to run (keys of bilevel.LOGITS_RULES)
     variants: str = ''              # lisa, ablations: the study's variants to run ('': its default list)
     first_seed: int = 0             # studies: seeds first_seed ... first_seed + seeds - 1 (to split runs among processes)
     stage_two: bool = True          # studies: also stage two, one config for every variant, only the weights differing
@@ -55,36 +56,31 @@ TRAIN_ARGS = []  # CompareConfig.train_args, split
 BASELINE_TASKS = 'denoise,noise_ladder,mixture,dilution'
 # per task: the sources the oracle's grid spans (the others get weight 0)
 USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
-# compare.py --what=lisa: 8 layers; LISA off, or on with 2 of 8 blocks by train.py's rule (every 50 steps, merged,
-# p by adam_mini), or by the rules that led to it, every 20 steps as in LMFlow's and the authors' code: p by
-# adam_recent, the authors' Adam or mirror descent, with either draw (lisa.LISA_DRAWS), or one setting changed
+# compare.py --what=lisa: 8 layers; LISA off, or on with 2 of 8 blocks: train.py's rule (a shared draw every 20
+# steps, p's update as without LISA), the authors' recipe (independent draws), or the option that merges frozen blocks
 LISA_SHAPE = ['--n_layer=8', '--lisa_layers=2']
-UNMERGED = ['--lisa_merge_frozen=False', '--lisa_logits_step=plain']  # the copies as they are at each switch
-MIRROR = ['--logits_update=mirror']  # p by mirror descent, its step × n_layer / lisa_layers unless said otherwise
-LISA_VARIANTS = {'off': ['--lisa_layers=0'], 'default': [], **{name: ['--lisa_interval=20', *args] for name, args in {
-    'adam_recent': ['--logits_update=adam_recent'], 'adam_cosine': ['--logits_update=adam_cosine'], 'mirror': MIRROR,
-    **{draw: [f'--lisa_draw={draw}', *MIRROR, *UNMERGED] for draw in LISA_DRAWS},
-    '1 block': [*MIRROR, '--lisa_layers=1'], '4 blocks': [*MIRROR, '--lisa_layers=4'],
-    'interval 5': [*MIRROR, '--lisa_interval=5'], 'interval 50': [*MIRROR, '--lisa_interval=50'],
-    'forward difference': ['--central_difference=False', *MIRROR, *UNMERGED],
-    'p step scaled': ['--lisa_merge_frozen=False', *MIRROR, '--lisa_logits_step=sqrt'],
-    'merged': [*MIRROR, '--lisa_logits_step=plain'],
-    'merged + p step scaled': [*MIRROR, '--lisa_logits_step=sqrt']}.items()}}
-# compare.py --what=ablations: one factor at a time around train.py's defaults (α 10, central difference,
-# gradient clipping at 1.0, weight decay 0.01), against the authors' choices
+LISA_VARIANTS = {'off': ['--lisa_layers=0'], 'default': [], 'authors': ['--lisa_draw=independent'],
+                 'merged': ['--lisa_merge_frozen=True']}
+# compare.py --what=ablations: one factor at a time around train.py's defaults (α 10, gradient clipping at 1.0,
+# weight decay 0.01), against the authors' choices, and the central difference of ours
 ABLATION_VARIANTS = {'default': [], **{f'alpha {a}': [f'--penalty_alpha={a}'] for a in (3, 30, 100)},
-                     'forward difference': ['--central_difference=False'], 'no clipping': ['--grad_clip=0'],
+                     'central difference': ['--central_difference=True'], 'no clipping': ['--grad_clip=0'],
                      'weight decay 5e-4': ['--weight_decay=5e-4']}
+# compare.py --what=defaults: train.py's default at the authors' two penalties, on every built-in task
+DEFAULT_VARIANTS = {'alpha 10': [], 'alpha 100': ['--penalty_alpha=100'],
+                    'alpha 100, lr 3e-4': ['--penalty_alpha=100', '--lr=3e-4']}
 # a study runs each variant on each task and seed, and measures it against the closed form and against the
 # reference variant on the same seed; stage two runs the shape plus stage_two_args for every variant
 STUDIES = {
     'lisa': dict(shape=LISA_SHAPE, variants=LISA_VARIANTS, default='off,default', reference='off',
-                 tasks='mixture,dilution,denoise', stage_two_args=['--lisa_layers=0']),
+                 tasks='mixture,dilution,lengths,denoise,noise_ladder', stage_two_args=['--lisa_layers=0']),
     'ablations': dict(shape=[], variants=ABLATION_VARIANTS, default=','.join(ABLATION_VARIANTS), reference='default',
                       tasks='mixture,dilution', stage_two_args=[]),
+    'defaults': dict(shape=[], variants=DEFAULT_VARIANTS, default='alpha 10,alpha 100', reference='alpha 10',
+                     tasks='mixture,dilution,lengths,denoise,noise_ladder', stage_two_args=[]),
 }
 # the best weights in closed form (data.py)
-CLOSED_FORM = {'mixture': [0.7, 0.3, 0.0], 'dilution': [0.6, 0.4, 0.0]}
+CLOSED_FORM = {'mixture': [0.7, 0.3, 0.0], 'dilution': [0.6, 0.4, 0.0], 'lengths': [0.7, 0.3, 0.0]}  # lengths: by tokens
 # what stage two would get at the best weights: the closed form, or all on the clean source where val is clean
 BEST_WEIGHTS = {**CLOSED_FORM, 'denoise': [1.0, 0.0, 0.0], 'noise_ladder': [1.0, 0.0, 0.0, 0.0, 0.0]}
 
@@ -280,6 +276,9 @@ def study(cfg):
                        'to_closed_form': float(np.abs(weights - CLOSED_FORM[task]).max()) if task in CLOSED_FORM else None,
                        'wall_seconds': summary['wall_seconds']}
                 if cfg.stage_two:
+                    row['uniform_stage_two_test_loss'] = stage_two(f'{folder}/uniform/seed{seed}', 'uniform',
+                                                                   f'--data={task}', f'--seed={seed}', *shape,
+                                                                   *start, *spec['stage_two_args'])['test_loss']
                     row['stage_two_test_loss'] = stage_two(f'{run_dirs[name]}-stage2', f'{run_dirs[name]}/summary.json',
                                                            f'--data={task}', f'--seed={seed}', *shape,
                                                            *start, *spec['stage_two_args'])['test_loss']
@@ -291,12 +290,13 @@ def study(cfg):
     with open(results, 'w') as f:
         json.dump({'shape': shape, 'reference': reference, 'rows': rows}, f, indent=2)
     print(f"\n| task | seed | variant | weights | max |λ − closed form| | max |λ − {reference}| | stage-two test loss | "
-          "wall time |\n|---|---|---|---|---|---|---|---|")
+          "uniform's | wall time |\n|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         number = lambda x, f: '' if x is None else format(x, f)
         print(f"| {r['task']} | {r['seed']} | {r['variant']} | {' / '.join(f'{w:.3f}' for w in r['weights'])} | "
               f"{number(r['to_closed_form'], '.3f')} | {number(r['to_reference'], '.3f')} | "
-              f"{number(r.get('stage_two_test_loss'), '.4f')} | {r['wall_seconds']:.0f} s |")
+              f"{number(r.get('stage_two_test_loss'), '.4f')} | {number(r.get('uniform_stage_two_test_loss'), '.4f')} | "
+              f"{r['wall_seconds']:.0f} s |")
     return rows
 
 
@@ -304,7 +304,7 @@ def main(argv):
     cfg = override(CompareConfig(), argv)
     TRAIN_ARGS[:] = cfg.train_args.split()
     if cfg.what not in ('baselines', 'oracle', 'updates', *STUDIES):
-        raise ValueError(f"--what must be baselines, oracle, updates, lisa or ablations, got '{cfg.what}'")
+        raise ValueError(f"--what must be baselines, oracle, updates, {', '.join(STUDIES)}, got '{cfg.what}'")
     known = STUDIES[cfg.what]['variants'] if cfg.what in STUDIES else {}
     unknown = set(cfg.variants.split(',')) - set(known) if cfg.variants else set()
     if unknown:

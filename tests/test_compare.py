@@ -22,8 +22,11 @@ def fake_run(out_dir, *args):
     options = dict(a.removeprefix('--').split('=', 1) for a in args)
     seed = int(options.get('seed', 0))
     if options.get('method') == 'fixed':
-        with open(options['weights']) as f:
-            weights = json.load(f)['weights']
+        if options['weights'] == 'uniform':
+            weights = [1 / 3] * 3
+        else:
+            with open(options['weights']) as f:
+                weights = json.load(f)['weights']
         loss = 1.5 + (weights[0] - 0.7) ** 2 + 1e-3 * seed
         return {'val_loss': loss, 'test_loss': loss + 0.01, 'weights': weights, 'wall_seconds': 1.0}
     learned = [0.68 + 0.01 * seed, 0.32 - 0.01 * seed, 0.0]
@@ -43,7 +46,7 @@ def test_oracle_finds_the_best_grid_point_and_updates_measure_the_distance_to_it
     assert result['worst']['weights']['add'] == 0.0
     assert result['best_minus_worst'] == pytest.approx(0.49, abs=1e-9)
     assert result['max_seed_spread'] == pytest.approx(1e-3)
-    rows = compare.compare_logits_rules(compare.CompareConfig(what='updates', data='mixture', updates='mirror,adam_cosine',
+    rows = compare.compare_logits_rules(compare.CompareConfig(what='updates', data='mixture', updates='adam,mirror',
                                                  seeds=3, candidate_seeds=2, out_dir=str(tmp_path)))
     assert [len(r['weights']) for r in rows] == [3, 2]  # --seeds for the default, --candidate_seeds for others
     assert rows[0]['seed_spread'] == pytest.approx(0.02)  # the default's seeds learned 0.68, 0.69, 0.70
@@ -56,10 +59,10 @@ def test_oracle_finds_the_best_grid_point_and_updates_measure_the_distance_to_it
 
 def test_lisa_rows_measure_each_variant_against_the_closed_form_and_lisa_off(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, 'run', fake_run)
-    rows = compare.study(compare.CompareConfig(what='lisa', tasks='mixture,denoise', variants='off,independent',
+    rows = compare.study(compare.CompareConfig(what='lisa', tasks='mixture,denoise', variants='off,authors',
                                                seeds=2, first_seed=1, out_dir=str(tmp_path)))
     assert [(r['seed'], r['task'], r['variant']) for r in rows][:4] == [
-        (1, 'mixture', 'off'), (1, 'mixture', 'independent'), (1, 'denoise', 'off'), (1, 'denoise', 'independent')]
+        (1, 'mixture', 'off'), (1, 'mixture', 'authors'), (1, 'denoise', 'off'), (1, 'denoise', 'authors')]
     assert len(rows) == 8 and {r['seed'] for r in rows} == {1, 2}
     off, independent = rows[0], rows[1]
     assert off['to_reference'] == 0 and off['to_closed_form'] == pytest.approx(0.01)  # learned 0.69 / 0.31 / 0
@@ -67,6 +70,8 @@ def test_lisa_rows_measure_each_variant_against_the_closed_form_and_lisa_off(tmp
     assert rows[2]['to_closed_form'] is None  # denoise has no closed form
     # stage two of each variant's weights: the landscape's loss at add 0.5, seed 1
     assert independent['stage_two_test_loss'] == pytest.approx(1.5 + 0.2 ** 2 + 1e-3 + 0.01)
+    # and uniform weights' stage two on the same seed, beside it
+    assert independent['uniform_stage_two_test_loss'] == pytest.approx(1.5 + (1 / 3 - 0.7) ** 2 + 1e-3 + 0.01)
 
 
 def test_ablations_change_one_factor_and_run_every_stage_two_with_the_default_config(tmp_path, monkeypatch):
@@ -86,8 +91,8 @@ def test_ablations_change_one_factor_and_run_every_stage_two_with_the_default_co
 
 
 @pytest.mark.parametrize("args, message", [
-    (['--what=grid'], "error: --what must be baselines, oracle, updates, lisa or ablations, got 'grid'"),
-    (["--what=lisa", "--variants=off,both"], "error: --variants: unknown both; known: off, default, adam_recent, adam_cosine,"),
+    (['--what=grid'], "error: --what must be baselines, oracle, updates, lisa, ablations, defaults, got 'grid'"),
+    (["--what=lisa", "--variants=off,both"], "error: --variants: unknown both; known: off, default, authors, merged"),
     (['--what=ablations', '--variants=default,alpha 7'], "error: --variants: unknown alpha 7; known: default, alpha 3,"),
     (['--what=oracle', '--data=denoise'], "error: --data=denoise: the oracle's grid is defined for mixture, dilution"),
     (['--what=updates', '--data=mixture'], "error: no oracle at "),
