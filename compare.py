@@ -30,7 +30,6 @@ import numpy as np
 import train
 from config import TrainConfig, override, parse_config
 from data import load_data
-from lisa import LISA_DRAWS
 
 
 @dataclass
@@ -61,14 +60,13 @@ USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
 LISA_SHAPE = ['--n_layer=8', '--lisa_layers=2']
 LISA_VARIANTS = {'off': ['--lisa_layers=0'], 'default': [], 'authors': ['--lisa_draw=independent'],
                  'merged': ['--lisa_merge_frozen=True']}
-# compare.py --what=ablations: one factor at a time around train.py's defaults (α 10, gradient clipping at 1.0,
+# compare.py --what=ablations: one factor at a time around train.py's defaults (α 10, each copy clipped at α,
 # weight decay 0.01), against the authors' choices, and the central difference of ours
 ABLATION_VARIANTS = {'default': [], **{f'alpha {a}': [f'--penalty_alpha={a}'] for a in (3, 30, 100)},
                      'central difference': ['--central_difference=True'], 'no clipping': ['--grad_clip=0'],
                      'weight decay 5e-4': ['--weight_decay=5e-4']}
 # compare.py --what=defaults: train.py's default at the authors' two penalties, on every built-in task
-DEFAULT_VARIANTS = {'alpha 10': [], 'alpha 100': ['--penalty_alpha=100'],
-                    'alpha 100, lr 3e-4': ['--penalty_alpha=100', '--lr=3e-4']}
+DEFAULT_VARIANTS = {'alpha 10': [], 'alpha 100': ['--penalty_alpha=100']}
 # a study runs each variant on each task and seed, and measures it against the closed form and against the
 # reference variant on the same seed; stage two runs the shape plus stage_two_args for every variant
 STUDIES = {
@@ -76,7 +74,7 @@ STUDIES = {
                  tasks='mixture,dilution,lengths,denoise,noise_ladder', stage_two_args=['--lisa_layers=0']),
     'ablations': dict(shape=[], variants=ABLATION_VARIANTS, default=','.join(ABLATION_VARIANTS), reference='default',
                       tasks='mixture,dilution', stage_two_args=[]),
-    'defaults': dict(shape=[], variants=DEFAULT_VARIANTS, default='alpha 10,alpha 100', reference='alpha 10',
+    'defaults': dict(shape=[], variants=DEFAULT_VARIANTS, default=','.join(DEFAULT_VARIANTS), reference='alpha 10',
                      tasks='mixture,dilution,lengths,denoise,noise_ladder', stage_two_args=[]),
 }
 # the best weights in closed form (data.py)
@@ -223,7 +221,7 @@ def compare_logits_rules(cfg):
     folder = os.path.join(cfg.out_dir, 'updates', cfg.data)
     rows = []
     for update in cfg.updates.split(','):
-        label = ' '.join([update, *TRAIN_ARGS])  # e.g. "adam_cosine --central_difference=False"
+        label = ' '.join([update, *TRAIN_ARGS])  # e.g. "mirror --central_difference=True"
         learned, tested = [], []
         for seed in range(cfg.seeds if update == parse_config([]).logits_update else cfg.candidate_seeds):
             run_dir = f"{folder}/{label.replace(' --', '+').replace('=', '_')}/seed{seed}"

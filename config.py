@@ -54,11 +54,12 @@ class TrainConfig:
     max_steps: int = 1500           # the horizon of the learning-rate schedule
     stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
     lr: float = 1e-3                # AdamW for both model copies
-    logits_update: str = 'adam'     # p's update, a key of bilevel.LOGITS_RULES: 'adam' (the authors'), 'mirror' (ours)
+    logits_update: str = 'adam'     # p's update, a key of bilevel.LOGITS_RULES: 'adam' (the authors': AdamW, betas
+                                    # 0.9, 0.999), or 'mirror' (ours: exponentiated gradient)
     logits_lr: float = 0.0          # its step size; 0: the rule's own (adam: the authors' 1e-2; mirror 0.1)
     weight_decay: float = 0.01      # model matrices only
-    logits_weight_decay: float = 0.0  # on p (the authors' code gets torch's 0.01 by accident: bilevel.LOGITS_RULES)
-    warmup_steps: int = 30
+    logits_weight_decay: float = 0.0  # on p (bilevel.LOGITS_RULES)
+    warmup_steps: int = 30          # linear warmup of u, w and p (the authors' second release: 3% of the steps)
     grad_clip: float = 1.0          # each model's gradient norm clipped at this (ScaleBiO: × α, as the authors); 0: off
     lisa_layers: int = 0            # blocks unfrozen at a time, fewer than the model's; 0: full fine-tuning (lisa.py)
     lisa_interval: int = 20         # steps between LISA draws (the authors' and LMFlow's K = 20)
@@ -146,6 +147,8 @@ def parse_config(argv):
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head} (each head gets "
                          f"n_embd / n_head dimensions)")
+    if cfg.lisa_merge_frozen and cfg.lisa_draw != 'shared':
+        raise ValueError("--lisa_merge_frozen=True merges the blocks both copies trained: it needs --lisa_draw=shared")
     if cfg.method in ('irdro', 'rholoss') and cfg.micro_batch:
         raise ValueError(f"--micro_batch is not implemented for --method={cfg.method}")
     check_device(cfg.device)

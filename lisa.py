@@ -62,8 +62,8 @@ def set_lisa_blocks(copies, n_active, seed, switch_index, draw='shared', merge_f
     copies take the same kind of step on the same batch, so whatever else moves them (the batch's noise, the
     common drift of training) moves them alike and cancels in ℓ(w) − ℓ(u), as the shared batch makes the noise
     cancel (bilevel.py) -- but only if they move the same coordinates. draw='independent' (the authors' code)
-    lets u train blocks A while w trains blocks B: w − u then carries O(1) differences that α multiplies, and
-    on theory/'s quadratics the loop ends far from the penalty's solution s_α (theory/README.md).
+    lets u train blocks A while w trains blocks B: w − u then carries O(1) differences that α multiplies: on
+    theory/'s quadratics the loop ends 0.11-0.65 from the penalty's solution s_α at α = 100 (theory/README.md).
     A frozen block keeps its values in both copies, so a block-coordinate step leaves the fixed point of the
     penalty where it is.
 

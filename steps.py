@@ -151,9 +151,9 @@ def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
     (shared by both copies) and of one validation batch. Returns scalebio_step's dict."""
     cfg, (lower_model, upper_model), n_sources = run.cfg, run.models, run.source_logits.numel()
     lower_val = (val_x, val_y) if cfg.central_difference else (None, None)  # v descends α·L_train − L_val
-    # both copies' gradients carry the factor α (α·∇L_train), so they are clipped at grad_clip·α, as the authors
-    # clip at α (their second release, --clip_model): a fixed threshold would clip w's gradient, val part
-    # included, by a factor other than u's, a difference of the same order 1/α as the response p reads
+    # both copies' gradients carry the factor α (α·∇L_train), so the threshold scales with it: grad_clip·α, as the
+    # authors clip at α (their second release, --clip_model): it bounds a spike of the loss, where a fixed threshold
+    # would clip more of the ordinary steps the larger α is
     max_norm = cfg.grad_clip * alpha
     return scalebio_step(
         run.source_logits, alpha,

@@ -3,7 +3,7 @@ ScaleBiO data reweighting: learn how much weight each training source deserves (
 nanoGPT-style GPT (model.py), with LISA layer freezing (lisa.py), on multi-source data (data.py).
 
 One process, CPU or one GPU:
-    python train.py                                  # built-in `denoise` task, about 3 minutes on 2 CPU cores
+    python train.py                                  # built-in `denoise` task, about 2 minutes on 2 CPU cores
     python train.py --data=noise_ladder
     python train.py --data=path/to/folder            # train_<source>.txt ..., val.txt, test.txt
 Stage two of the paper's protocol (a fresh model trained with fixed weights; never on the validation split):
@@ -176,7 +176,7 @@ def model_config_for(cfg, data):
     if 0 < config.sliding_window < cfg.block_size:
         raise ValueError(f"{where} attention window ({config.sliding_window}) is shorter than --block_size="
                          f"{cfg.block_size}: sliding-window attention is not implemented; lower --block_size")
-    if cfg.lisa_layers >= config.n_layer:  # every block would train, while p's update is LISA's (parse_config)
+    if cfg.lisa_layers >= config.n_layer:  # every block would train: that is --lisa_layers=0
         raise ValueError(f"--lisa_layers={cfg.lisa_layers} must be fewer than the model's {config.n_layer} blocks "
                          f"(--lisa_layers=0 trains every block)")
     if config.family != 'gpt2' and cfg.dropout:

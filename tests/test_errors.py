@@ -83,6 +83,7 @@ RECORDS = json.dumps([{'instruction': f'{a}+{a}', 'output': str(2 * a)} for a in
     (['--max_steps=ten'], "--max_steps expects int, got 'ten'"),
     (['--block_size=100000'], "built-in split 'val' has"),
     (['--lisa_interval=0'], "--lisa_interval must be positive, got 0"),
+    (['--lisa_merge_frozen=True', '--lisa_draw=independent'], "--lisa_merge_frozen=True merges the blocks both copies trained"),
     (['--lisa_draw=per_copy'], "--lisa_draw must be one of shared, independent, got 'per_copy'"),
     (['--micro_batch=3'], "--micro_batch=3 must divide the 4 rows per source that each process gets"),
 ])

@@ -104,7 +104,8 @@ def test_copies_train_the_same_blocks_with_a_shared_draw_and_their_own_with_inde
 def test_p_is_updated_by_the_authors_adam_with_lisa_as_without_it():
     for args in ([], ['--lisa_layers=2']):
         cfg = parse_config(args)
-        assert (cfg.logits_update, cfg.central_difference, cfg.lisa_merge_frozen) == ('adam', False, False)
+        assert (cfg.logits_update, cfg.central_difference, cfg.lisa_merge_frozen, cfg.lisa_interval) == \
+            ('adam', False, False, 20)
     logits = torch.zeros(3, requires_grad=True)
     group = make_logits_optimizer(logits, 'adam').param_groups[0]  # torch's AdamW defaults, the authors' rate
     assert (group['betas'], group['initial_lr'], group['weight_decay']) == ((0.9, 0.999), 1e-2, 0.0)
@@ -137,3 +138,18 @@ def test_merge_frozen_gives_a_freezing_block_the_copies_mean_and_leaves_the_rest
                 assert torch.allclose(p_u, (old_u[name] + old_w[name]) / 2) and torch.equal(p_u, p_w)
             else:  # still active, or frozen before this switch: untouched
                 assert torch.equal(p_u, old_u[name]) and torch.equal(p_w, old_w[name])
+
+
+def test_by_default_a_block_that_freezes_keeps_each_copys_values():
+    torch.manual_seed(0)
+    models = [GPT(GPTConfig(block_size=8, vocab_size=32, n_layer=N_LAYER, n_head=2, n_embd=16)) for _ in range(2)]
+    copies = [(m.transformer.h, make_optimizer(m, lr=1e-2, weight_decay=0.1)) for m in models]
+    set_lisa_blocks(copies, N_ACTIVE, 7, 0)
+    with torch.no_grad():  # the copies move apart, as training would move them
+        for p in models[1].parameters():
+            p.add_(torch.randn_like(p))
+    before = [[p.clone() for p in m.parameters()] for m in models]
+    switch = next(k for k in range(1, 100) if set(draw_active_blocks(N_LAYER, N_ACTIVE, 7, k))
+                  != set(draw_active_blocks(N_LAYER, N_ACTIVE, 7, 0)))
+    set_lisa_blocks(copies, N_ACTIVE, 7, switch)
+    assert all(torch.equal(a, b) for m, old in zip(models, before) for a, b in zip(m.parameters(), old))

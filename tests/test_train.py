@@ -184,10 +184,12 @@ def test_the_central_difference_with_mirror_descent_is_pinned(tmp_path):
 
 
 def test_scalebio_drops_the_irrelevant_source_early(tmp_path):
-    """The method's direction, cheaply: the first 150 steps of the default run push 'irrelevant' down first."""
+    """The method's direction, cheaply: the first 150 steps of the default run push 'irrelevant' down first. p's
+    Adam moves a logit by at most about its rate, 1e-2, per step, so 150 steps can take a weight from 1/3 to
+    about 0.1 at the most: below half its start is the bar."""
     summary = train.main([f'--out_dir={tmp_path}', '--stop_at=150', '--eval_interval=150'])
     weights = dict(zip(summary['sources'], summary['weights']))
-    assert weights['irrelevant'] < 0.1 and weights['irrelevant'] == min(weights.values())
+    assert weights['irrelevant'] < 1 / 6 and weights['irrelevant'] == min(weights.values())
 
 
 def test_export_writes_a_hugging_face_folder_and_a_mixture_that_init_from_reads(tmp_path):
