@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bilevel import make_logits_optimizer, step_and_clear
+from bilevel import make_source_logits_optimizer, step_and_clear
 from config import override, parse_config
 from fsdp import local_bytes, optimizer_state_bytes
 from lisa import set_lisa_blocks
@@ -110,7 +110,7 @@ def build(cfg, device, lisa_layers, crop_padding=True, logits_at_targets=True):
         lisa_layers=lisa_layers or 0).items()])
     logits = torch.zeros(cfg.n_sources, device=device, requires_grad=True)
     run = Run(train_cfg, models, optimizers=[make_optimizer(m, 1e-4, 0.01) for m in models], source_logits=logits,
-              logits_optimizer=make_logits_optimizer(logits, train_cfg.logits_update), device=device,
+              source_logits_optimizer=make_source_logits_optimizer(logits, train_cfg.source_logits_update), device=device,
               autocast=torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.enable_grad(),
               fixed_weights=torch.full((cfg.n_sources,), 1.0 / cfg.n_sources, device=device),
               micro_steps=cfg.batch_per_source // cfg.micro_batch if cfg.micro_batch else 1)
@@ -140,7 +140,7 @@ def build(cfg, device, lisa_layers, crop_padding=True, logits_at_targets=True):
 
     def state():
         """(parameters + moments, gradients at their peak), bytes, both copies and p."""
-        optimizers = [*run.optimizers, run.logits_optimizer]
+        optimizers = [*run.optimizers, run.source_logits_optimizer]
         return (sum(local_bytes(m.parameters()) for m in models) + sum(optimizer_state_bytes(o) for o in optimizers),
                 run.grad_bytes)
     return models, step, state

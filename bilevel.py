@@ -33,7 +33,7 @@ import math
 import torch
 
 
-def logits_gradient(weights, upper_losses, lower_losses, penalty_alpha, mirror=False):
+def source_logits_gradient(weights, upper_losses, lower_losses, penalty_alpha, mirror=False):
     """∇_p α·(L_train(w, λ) − L_train(u, λ)) with λ = softmax(p), from per-source losses alone.
 
     L_train(w, λ) − L_train(u, λ) = λᵀd with d_i = ℓ_i(w) − ℓ_i(u), and the softmax Jacobian is
@@ -80,7 +80,7 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
         of any further values that must be finite before an update (a gradient norm), checked with the losses.
     step_lower, step_upper, step_logits(): apply the optimizer to the gradient left behind and clear
         it (gradient clipping, learning rates and LISA are the caller's business).
-    mirror: p's gradient in λ rather than in p (logits_gradient), for mirror descent on the simplex.
+    mirror: p's gradient in λ rather than in p (source_logits_gradient), for mirror descent on the simplex.
     lower_first: u steps (and drops its gradient) before w's forward, so one copy's gradient exists at a time;
         the same numbers (w's objective never reads u), but a non-finite loss of w is found after u has stepped.
     Returns the losses the step saw. Raises FloatingPointError, before any update, if a loss or a further
@@ -96,37 +96,37 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
     upper_losses, val_loss, upper_checks = upper_objective(penalty_alpha * weights, 1.0)  # ∇_w L_val(w) + α·L_train(w, λ)
     check_finite(lower_losses=lower_losses, lower_val_loss=lower_val_loss, **lower_checks,
                  upper_losses=upper_losses, val_loss=val_loss, **upper_checks)
-    logits_grad = logits_gradient(weights, upper_losses, lower_losses,
+    source_logits_grad = source_logits_gradient(weights, upper_losses, lower_losses,
                                   penalty_alpha / 2 if central_difference else penalty_alpha, mirror)
-    source_logits.grad = logits_grad.to(source_logits.dtype)
+    source_logits.grad = source_logits_grad.to(source_logits.dtype)
     if not lower_first:
         step_lower()
     step_upper()
     step_logits()
     return dict(weights=weights, lower_losses=lower_losses, upper_losses=upper_losses,
-                val_loss=val_loss, logits_grad=logits_grad)
+                val_loss=val_loss, source_logits_grad=source_logits_grad)
 
 
-# p's update rules, chosen by --logits_update: the optimizer, its step size unless --logits_lr gives one, and
-# whether the step is taken on the gradient in λ (mirror descent, see logits_gradient). Both follow the warmup +
+# p's update rules, chosen by --source_logits_update: the optimizer, its step size unless --source_logits_lr gives one, and
+# whether the step is taken on the gradient in λ (mirror descent, see source_logits_gradient). Both follow the warmup +
 # cosine schedule of u and w, as in the authors' code: p's gradient is measured by u and w, and a p that keeps
 # moving once they have stopped runs to a vertex of the simplex.
-LOGITS_RULES = {
+SOURCE_LOGITS_UPDATES = {
     # the authors' update: torch's AdamW with its default betas (0.9, 0.999), rate 1e-2 (both releases). Their
     # weight decay on p is torch's default 0.01 by accident (p's optimizer is built before weight decay is set)
-    # and pulls p towards uniform weights; here it is --logits_weight_decay, 0 by default
+    # and pulls p towards uniform weights; here it is --source_logits_weight_decay, 0 by default
     'adam': dict(optimizer='adam', lr=1e-2, mirror=False),
-    # an option of ours: exponentiated gradient on the simplex (logits_gradient's mirror=True); its step shrinks
+    # an option of ours: exponentiated gradient on the simplex (source_logits_gradient's mirror=True); its step shrinks
     # with p's gradient, which α multiplies, so its rate must shrink as α grows (docs/results.md)
     'mirror': dict(optimizer='sgd', lr=0.1, mirror=True),
 }
 
 
-def make_logits_optimizer(source_logits, rule='adam', lr=0.0, weight_decay=0.0):
-    """p's optimizer for LOGITS_RULES[rule] at the base step size lr (0: the rule's own), kept as its param
+def make_source_logits_optimizer(source_logits, rule='adam', lr=0.0, weight_decay=0.0):
+    """p's optimizer for SOURCE_LOGITS_UPDATES[rule] at the base step size lr (0: the rule's own), kept as its param
     group's 'initial_lr' (as torch's schedulers keep it): each step's size is initial_lr × cosine_lr(step)."""
-    lr = lr or LOGITS_RULES[rule]['lr']
-    if LOGITS_RULES[rule]['optimizer'] == 'adam':  # decoupled weight decay, as the authors' torch.optim.AdamW
+    lr = lr or SOURCE_LOGITS_UPDATES[rule]['lr']
+    if SOURCE_LOGITS_UPDATES[rule]['optimizer'] == 'adam':  # decoupled weight decay, as the authors' torch.optim.AdamW
         optimizer = torch.optim.AdamW([source_logits], lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     else:
         optimizer = torch.optim.SGD([source_logits], lr=lr, weight_decay=weight_decay)

@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from bilevel import LOGITS_RULES
+from bilevel import SOURCE_LOGITS_UPDATES
 from config import RESUMABLE_CHANGES
 from fsdp import barrier, is_main_process, merge_over_ranks, rank0_decides
 from model import GPTConfig, empty_model
@@ -275,14 +275,14 @@ def _previous(folder):
 def replicated_state(run, with_cuda_rng):
     """p, its optimizer's state (Adam's moments; SGD keeps none), the baselines' received shares and the RNG
     state: the same on every rank, so the checkpoint keeps one copy."""
-    state = run.logits_optimizer.state[run.source_logits]
-    if not state and LOGITS_RULES[run.cfg.logits_update]['optimizer'] == 'adam':  # before p's first step
+    state = run.source_logits_optimizer.state[run.source_logits]
+    if not state and SOURCE_LOGITS_UPDATES[run.cfg.source_logits_update]['optimizer'] == 'adam':  # before p's first step
         state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(run.source_logits),
                      exp_avg_sq=torch.zeros_like(run.source_logits))
     rng = {'cpu': torch.get_rng_state()}  # every rank is seeded alike, so one copy serves all
     if with_cuda_rng:
         rng['cuda'] = torch.cuda.get_rng_state()
-    return {'source_logits': run.source_logits.data, 'logits_optimizer_state': state,
+    return {'source_logits': run.source_logits.data, 'source_logits_optimizer_state': state,
             'received_sum': run.received_sum, 'rng_state': rng}
 
 

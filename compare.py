@@ -40,7 +40,7 @@ class CompareConfig:
     seeds: int = 2                  # baselines, oracle, and updates for train.py's default p update: seeds 0..seeds-1
     candidate_seeds: int = 2        # updates: seeds for every other candidate
     grid_step: float = 0.1          # oracle: spacing of the grid on the simplex
-    updates: str = 'adam,mirror'    # updates: the candidates to run (keys of bilevel.LOGITS_RULES)
+    updates: str = 'adam,mirror'    # updates: the candidates to run (keys of bilevel.SOURCE_LOGITS_UPDATES)
     variants: str = ''              # lisa, ablations: the study's variants to run ('': its default list)
     first_seed: int = 0             # studies: seeds first_seed ... first_seed + seeds - 1 (to split runs among processes)
     stage_two: bool = True          # studies: also stage two, one config for every variant, only the weights differing
@@ -223,9 +223,9 @@ def compare_logits_rules(cfg):
     for update in cfg.updates.split(','):
         label = ' '.join([update, *TRAIN_ARGS])  # e.g. "mirror --central_difference=True"
         learned, tested = [], []
-        for seed in range(cfg.seeds if update == parse_config([]).logits_update else cfg.candidate_seeds):
+        for seed in range(cfg.seeds if update == parse_config([]).source_logits_update else cfg.candidate_seeds):
             run_dir = f"{folder}/{label.replace(' --', '+').replace('=', '_')}/seed{seed}"
-            summary = run(run_dir, f'--data={cfg.data}', f'--seed={seed}', f'--logits_update={update}')
+            summary = run(run_dir, f'--data={cfg.data}', f'--seed={seed}', f'--source_logits_update={update}')
             learned.append(summary['weights'])
             tested.append(stage_two(f'{run_dir}-stage2', f'{run_dir}/summary.json', f'--data={cfg.data}',
                                     f'--seed={seed}')['test_loss'])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bilevel import LOGITS_RULES
+from bilevel import SOURCE_LOGITS_UPDATES
 from lisa import LISA_DRAWS
 from model import MODEL_PRESETS
 
@@ -54,11 +54,11 @@ class TrainConfig:
     max_steps: int = 1500           # the horizon of the learning-rate schedule
     stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
     lr: float = 1e-3                # AdamW for both model copies
-    logits_update: str = 'adam'     # p's update, a key of bilevel.LOGITS_RULES: 'adam' (the authors': AdamW, betas
+    source_logits_update: str = 'adam'     # p's update, a key of bilevel.SOURCE_LOGITS_UPDATES: 'adam' (the authors': AdamW, betas
                                     # 0.9, 0.999), or 'mirror' (ours: exponentiated gradient)
-    logits_lr: float = 0.0          # its step size; 0: the rule's own (adam: the authors' 1e-2; mirror 0.1)
+    source_logits_lr: float = 0.0          # its step size; 0: the rule's own (adam: the authors' 1e-2; mirror 0.1)
     weight_decay: float = 0.01      # model matrices only
-    logits_weight_decay: float = 0.0  # on p (bilevel.LOGITS_RULES)
+    source_logits_weight_decay: float = 0.0  # on p (bilevel.SOURCE_LOGITS_UPDATES)
     warmup_steps: int = 30          # linear warmup of u, w and p (the authors' second release: 3% of the steps)
     grad_clip: float = 1.0          # each model's gradient norm clipped at this (ScaleBiO: × α, as the authors); 0: off
     lisa_layers: int = 0            # blocks unfrozen at a time, fewer than the model's; 0: full fine-tuning (lisa.py)
@@ -95,15 +95,15 @@ RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'overwrite', 'eval_interval
 
 # every value is checked against these rules before anything runs (parse_config); micro_steps checks what
 # depends on the number of processes, and train.py that the out_dir can be written and is not in use
-CHOICES = {'method': METHODS, 'dtype': ('float32', 'float64'), 'logits_update': tuple(LOGITS_RULES),
+CHOICES = {'method': METHODS, 'dtype': ('float32', 'float64'), 'source_logits_update': tuple(SOURCE_LOGITS_UPDATES),
            'model': ('', *MODEL_PRESETS), 'lisa_draw': LISA_DRAWS, 'source_loss': ('example', 'token'),
            'sampling': ('stratified', 'proportional')}
 RULES = [  # (fields, the rule, what the error says)
     (('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
       'eval_batches', 'block_size', 'n_layer', 'n_head', 'n_embd', 'penalty_alpha', 'alpha_growth',
       'rho_candidates', 'dro_temperature', 'dist_timeout'), lambda v: v > 0, "must be positive"),
-    (('micro_batch', 'stop_at', 'lisa_layers', 'alpha_interval', 'lr', 'logits_lr', 'weight_decay',
-      'logits_weight_decay', 'grad_clip', 'warmup_steps', 'seed'), lambda v: v >= 0,
+    (('micro_batch', 'stop_at', 'lisa_layers', 'alpha_interval', 'lr', 'source_logits_lr', 'weight_decay',
+      'source_logits_weight_decay', 'grad_clip', 'warmup_steps', 'seed'), lambda v: v >= 0,
      "must be 0 or positive"),  # 0 has a meaning for each: off, all, or none
     (('dropout',), lambda v: 0 <= v < 1, "must be in [0, 1)"),
     (('dist_timeout',), lambda v: v <= 10_000, "must be at most 10000 (minutes)"),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bilevel import LOGITS_RULES, scalebio_step, step_and_clear
+from bilevel import SOURCE_LOGITS_UPDATES, scalebio_step, step_and_clear
 from config import TrainConfig
 from data import rank_rows, train_batch, validation_batch
 from fsdp import full, local_bytes, mean_over_ranks
@@ -26,7 +26,7 @@ class Run:
     models: list                        # [lower_model u, upper_model w] for ScaleBiO; [model] for a baseline
     optimizers: list = None             # AdamW, one per model copy
     source_logits: torch.Tensor = None  # p, λ = softmax(p); replicated on every rank, not sharded
-    logits_optimizer: torch.optim.Optimizer = None
+    source_logits_optimizer: torch.optim.Optimizer = None
     autocast: contextlib.AbstractContextManager = contextlib.nullcontext()  # bf16 on one GPU; FSDP does its own
     micro_steps: int = 1                # forwards per copy per step (gradient accumulation)
     data: object = None                 # data.SourceData
@@ -161,8 +161,8 @@ def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
         upper_objective=model_objective(run, upper_model, x, y, val_x, val_y, n_sources, max_norm, 'upper'),
         step_lower=lambda: step_and_clear(run.optimizers[0]),
         step_upper=lambda: step_and_clear(run.optimizers[1]),
-        step_logits=lambda: step_and_clear(run.logits_optimizer),
-        central_difference=cfg.central_difference, mirror=LOGITS_RULES[cfg.logits_update]['mirror'],
+        step_logits=lambda: step_and_clear(run.source_logits_optimizer),
+        central_difference=cfg.central_difference, mirror=SOURCE_LOGITS_UPDATES[cfg.source_logits_update]['mirror'],
         lower_first=cfg.lower_first)
 
 

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from baselines import fixed_step, irdro_step, load_reference, rholoss_step
-from bilevel import cosine_lr, make_logits_optimizer, penalty_schedule
+from bilevel import cosine_lr, make_source_logits_optimizer, penalty_schedule
 from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, logged_record,
                         own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
                         signals_stop_at_next_step, trim_log)
@@ -140,8 +140,8 @@ def build_run(cfg, processes):
     source_logits = torch.zeros(len(data.sources), device=device, dtype=dtype, requires_grad=True)
     run = Run(cfg, models, optimizers=[make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models],
               source_logits=source_logits,
-              logits_optimizer=make_logits_optimizer(source_logits, cfg.logits_update, cfg.logits_lr,
-                                                     cfg.logits_weight_decay),
+              source_logits_optimizer=make_source_logits_optimizer(source_logits, cfg.source_logits_update, cfg.source_logits_lr,
+                                                     cfg.source_logits_weight_decay),
               autocast=torch.autocast('cuda', dtype=torch.bfloat16) if bf16 and not sharded else contextlib.nullcontext(),
               micro_steps=micro, data=data, device=device, rank=rank, world_size=world_size,
               received_sum=torch.zeros(len(data.sources), device=device, dtype=dtype), model_config=model_config,
@@ -227,7 +227,7 @@ def set_schedules(run, step):
     for opt in run.optimizers:
         for group in opt.param_groups:
             group['lr'] = lr
-    for group in run.logits_optimizer.param_groups:  # not scaled with α: see bilevel.penalty_schedule
+    for group in run.source_logits_optimizer.param_groups:  # not scaled with α: see bilevel.penalty_schedule
         group['lr'] = group['initial_lr'] * lr_mult
     return alpha, lr
 

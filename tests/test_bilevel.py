@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bilevel import cosine_lr, logits_gradient, make_logits_optimizer, penalty_schedule, scalebio_step
+from bilevel import cosine_lr, source_logits_gradient, make_source_logits_optimizer, penalty_schedule, scalebio_step
 from config import TrainConfig
 from model import GPT, GPTConfig, make_optimizer
 from steps import Run, model_objective, scalebio_gpt_step
@@ -43,7 +43,7 @@ def test_logits_gradient_equals_autograd_and_the_softmax_jacobian():
     (alpha * (weights @ upper - weights @ lower)).backward()
     w = weights.detach()
     jacobian = torch.diag(w) - torch.outer(w, w)
-    ours = logits_gradient(w, upper, lower, alpha)
+    ours = source_logits_gradient(w, upper, lower, alpha)
     assert torch.allclose(ours, p.grad, atol=1e-12)
     assert torch.allclose(ours, alpha * jacobian @ (upper - lower), atol=1e-12)
 
@@ -54,13 +54,13 @@ def test_a_step_on_the_mirror_gradient_is_exponentiated_gradient_on_the_simplex(
     p = torch.tensor([4.0, 0.0, -16.0])  # the last source at weight ~2e-9
     upper, lower, alpha, lr = torch.randn(3, generator=gen), torch.randn(3, generator=gen), 5.0, 0.1
     weights, d = torch.softmax(p, 0), upper - lower
-    step = logits_gradient(weights, upper, lower, alpha, mirror=True)
+    step = source_logits_gradient(weights, upper, lower, alpha, mirror=True)
     exponentiated = weights * torch.exp(-lr * alpha * d)
     assert torch.allclose(torch.softmax(p - lr * step, 0), exponentiated / exponentiated.sum(), atol=1e-15)
     favoured = int(torch.argmin(d))  # the source on which w beats u the most gains weight
     assert torch.softmax(p - lr * step, 0)[favoured] > weights[favoured]
     # the gradient in p carries the factor λ_i: the near-zero source hardly moves, under mirror it does
-    plain = logits_gradient(weights, upper, lower, alpha)
+    plain = source_logits_gradient(weights, upper, lower, alpha)
     assert abs(plain[2]) < 1e-6 < abs(step[2])
 
 
@@ -88,7 +88,7 @@ def test_step_on_a_gpt_sets_the_autograd_gradient_of_the_penalty(micro_steps):
         lower_losses = lower_model(x, y)[1].view(3, 2).mean(1)
     (alpha * (weights @ upper_losses - weights @ lower_losses)).backward()
     assert torch.allclose(source_logits.grad, p.grad, atol=1e-12)
-    assert torch.allclose(result['logits_grad'], p.grad, atol=1e-12)
+    assert torch.allclose(result['source_logits_grad'], p.grad, atol=1e-12)
     # the model gradients: those of α·L_train(u, λ) and of L_val(w) + α·L_train(w, λ), however many micro-steps
     weights = weights.detach()
     for model, val in ((lower_model, None), (upper_model, (vx, vy))):
@@ -124,7 +124,7 @@ def test_quadratic_at_exact_optima_gives_alpha_over_one_plus_alpha_times_hypergr
     w = ((target + alpha * lower_opt) / (1 + alpha)).requires_grad_(True)
     result = scalebio_step(source_logits, alpha, quadratic_objective(u, centres, target),
                            quadratic_objective(w, centres, target), no_update, no_update, no_update)
-    assert torch.allclose(result['logits_grad'], alpha / (1 + alpha) * hypergradient, atol=1e-12)
+    assert torch.allclose(result['source_logits_grad'], alpha / (1 + alpha) * hypergradient, atol=1e-12)
 
 
 @pytest.mark.parametrize("alpha", [10.0, 100.0])
@@ -137,7 +137,7 @@ def test_central_difference_at_exact_optima_gives_alpha2_over_alpha2_minus_one_t
                            quadratic_objective(w, centres, target), no_update, no_update, no_update,
                            central_difference=True)
     # w − v = (b − θ*)·2α/(α² − 1): the error is O(1/α²), against the forward difference's α/(1 + α)
-    assert torch.allclose(result['logits_grad'], alpha ** 2 / (alpha ** 2 - 1) * hypergradient, atol=1e-12)
+    assert torch.allclose(result['source_logits_grad'], alpha ** 2 / (alpha ** 2 - 1) * hypergradient, atol=1e-12)
 
 
 def logits_gradient_variance(alpha, shared, n_samples=400, sigma=0.5):
@@ -154,7 +154,7 @@ def logits_gradient_variance(alpha, shared, n_samples=400, sigma=0.5):
         noise_u = noise_w if shared else sigma * torch.randn(3, 4, generator=gen)
         result = scalebio_step(source_logits, alpha, quadratic_objective(u, centres, target, noise_u),
                                quadratic_objective(w, centres, target, noise_w), no_update, no_update, no_update)
-        grads.append(result['logits_grad'])
+        grads.append(result['source_logits_grad'])
     return torch.stack(grads).var(dim=0).sum().item()
 
 
@@ -192,8 +192,8 @@ def test_a_nan_gradient_of_the_upper_copy_stops_the_step_before_the_lower_copy_m
     upper_model = copy.deepcopy(lower_model)
     upper_model.lm_head.weight.register_hook(lambda grad: grad * float('nan'))  # finite losses, NaN gradient
     source_logits = torch.zeros(3, requires_grad=True)
-    run = Run(TrainConfig(logits_update='mirror'), [lower_model, upper_model], [make_optimizer(m, 1e-2, 0.0) for m in (lower_model, upper_model)],
-              source_logits, make_logits_optimizer(source_logits, 'mirror'))
+    run = Run(TrainConfig(source_logits_update='mirror'), [lower_model, upper_model], [make_optimizer(m, 1e-2, 0.0) for m in (lower_model, upper_model)],
+              source_logits, make_source_logits_optimizer(source_logits, 'mirror'))
     before = copy.deepcopy(lower_model.state_dict())
     x, y = torch.randint(0, 20, (6, 8)), torch.randint(0, 20, (6, 8))
     with pytest.raises(FloatingPointError, match="upper_gradient_norm"):
@@ -212,9 +212,9 @@ def test_a_scalebio_step_reads_the_device_once_for_all_its_checks(monkeypatch):
     lower_model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=8))
     upper_model = copy.deepcopy(lower_model)
     source_logits = torch.zeros(3, requires_grad=True)
-    run = Run(TrainConfig(crop_padding=False, logits_update='mirror'), [lower_model, upper_model],
+    run = Run(TrainConfig(crop_padding=False, source_logits_update='mirror'), [lower_model, upper_model],
               [make_optimizer(m, 1e-2, 0.0) for m in (lower_model, upper_model)],
-              source_logits, make_logits_optimizer(source_logits, 'mirror'))
+              source_logits, make_source_logits_optimizer(source_logits, 'mirror'))
     x, y = torch.randint(0, 20, (6, 8)), torch.randint(0, 20, (6, 8))
     reads = []
     for method in ('__bool__', 'item', 'tolist', '__float__', '__int__', '__index__'):
@@ -239,7 +239,7 @@ def test_both_copies_are_clipped_at_grad_clip_times_alpha(alpha):
     source_logits = torch.zeros(3, requires_grad=True)
     run = Run(TrainConfig(grad_clip=0.01), [lower_model, upper_model],
               [make_optimizer(m, 1e-2, 0.0) for m in (lower_model, upper_model)],
-              source_logits, make_logits_optimizer(source_logits, 'adam'))
+              source_logits, make_source_logits_optimizer(source_logits, 'adam'))
     norms = []
     for optimizer in run.optimizers:
         optimizer.register_step_pre_hook(lambda opt, args, kwargs: norms.append(torch.cat(

@@ -66,7 +66,7 @@ RECORDS = json.dumps([{'instruction': f'{a}+{a}', 'output': str(2 * a)} for a in
     (['--penalty_alpha=-10'], "--penalty_alpha must be positive, got -10.0"),
     (['--lr=-1'], "--lr must be 0 or positive, got -1.0"),
     (['--lr=nan'], "--lr must be 0 or positive, got nan"),
-    (['--logits_lr=inf'], "--logits_lr must be 0 or positive, got inf"),
+    (['--source_logits_lr=inf'], "--source_logits_lr must be 0 or positive, got inf"),
     (['--stop_at=-5'], "--stop_at must be 0 or positive, got -5"),
     (['--lisa_layers=-3'], "--lisa_layers must be 0 or positive, got -3"),
     (['--lisa_layers=2'], "--lisa_layers=2 must be fewer than the model's 2 blocks"),

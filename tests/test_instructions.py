@@ -130,7 +130,7 @@ def test_rows_cropped_to_the_longest_answer_learn_what_full_rows_learn_on_one_an
                                     'val.json': additions(20, True, rng), 'test.json': additions(20, True, rng)})
     args = [f'--data={folder}', '--block_size=64', '--n_layer=2', '--n_head=2', '--n_embd=16', '--max_steps=12',
             '--eval_interval=6', '--eval_batches=1', '--batch_per_source=4', '--val_batch=8', '--micro_batch=1',
-            '--lisa_layers=1', '--lisa_interval=3', '--warmup_steps=2', '--logits_lr=1.0', '--dtype=float64',
+            '--lisa_layers=1', '--lisa_interval=3', '--warmup_steps=2', '--source_logits_lr=1.0', '--dtype=float64',
             '--device=cpu']
     runs = {crop: train.main(args + [f'--crop_padding={crop}', f'--out_dir={tmp_path}/{crop}']) for crop in (True, False)}
     assert abs(runs[True]['weights'][0] - 0.5) > 1e-3  # the weights moved

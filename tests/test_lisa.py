@@ -1,6 +1,6 @@
 import torch
 
-from bilevel import make_logits_optimizer
+from bilevel import make_source_logits_optimizer
 from config import parse_config
 from lisa import draw_active_blocks, set_active_blocks, set_lisa_blocks
 from model import GPT, GPTConfig
@@ -104,10 +104,10 @@ def test_copies_train_the_same_blocks_with_a_shared_draw_and_their_own_with_inde
 def test_p_is_updated_by_the_authors_adam_with_lisa_as_without_it():
     for args in ([], ['--lisa_layers=2']):
         cfg = parse_config(args)
-        assert (cfg.logits_update, cfg.central_difference, cfg.lisa_merge_frozen, cfg.lisa_interval) == \
+        assert (cfg.source_logits_update, cfg.central_difference, cfg.lisa_merge_frozen, cfg.lisa_interval) == \
             ('adam', False, False, 20)
     logits = torch.zeros(3, requires_grad=True)
-    group = make_logits_optimizer(logits, 'adam').param_groups[0]  # torch's AdamW defaults, the authors' rate
+    group = make_source_logits_optimizer(logits, 'adam').param_groups[0]  # torch's AdamW defaults, the authors' rate
     assert (group['betas'], group['initial_lr'], group['weight_decay']) == ((0.9, 0.999), 1e-2, 0.0)
 
 

@@ -45,9 +45,9 @@ def assert_same_state(a, b, atol):
             assert torch.allclose(model_a[k], model_b[k], atol=atol, rtol=0), k
 
 
-@pytest.mark.parametrize("logits_update", ['mirror', 'adam'])  # adam: p's Adam moments resume too
-def test_resume_equals_the_uninterrupted_run(tmp_path, logits_update):
-    update = f'--logits_update={logits_update}'
+@pytest.mark.parametrize("source_logits_update", ['mirror', 'adam'])  # adam: p's Adam moments resume too
+def test_resume_equals_the_uninterrupted_run(tmp_path, source_logits_update):
+    update = f'--source_logits_update={source_logits_update}'
     whole = run(tmp_path / 'whole', '--max_steps=20', update)
     run(tmp_path / 'parts', '--max_steps=20', '--stop_at=10', update)
     assert final_state(tmp_path / 'parts')[2] == 10
@@ -176,7 +176,7 @@ def test_the_central_difference_with_mirror_descent_is_pinned(tmp_path):
     train.py's default (commit 22ed550, which clipped at 1.0 whatever α: 0.1·α here), so the options keep their
     behaviour."""
     summary = train.main([f'--out_dir={tmp_path}', '--dtype=float64', '--stop_at=60', '--eval_interval=60',
-                          '--central_difference=True', '--logits_update=mirror', '--grad_clip=0.1'])
+                          '--central_difference=True', '--source_logits_update=mirror', '--grad_clip=0.1'])
     assert summary['weights'] == pytest.approx([0.48870102580860963, 0.4877393139500004, 0.023559660241389894],
                                                rel=1e-12)
     assert summary['val_loss'] == pytest.approx(2.4837389537082455, rel=1e-12)

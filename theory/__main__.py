@@ -22,10 +22,10 @@ import sys
 import numpy as np
 import torch
 
-from bilevel import LOGITS_RULES, penalty_schedule
+from bilevel import SOURCE_LOGITS_UPDATES, penalty_schedule
 from theory.quadratics import (equations_spectral_radius, fixed_point, logits_hessian, make_problem,
                                model_step_sizes, one_step, penalty_gradient, penalty_value_and_gradient,
-                               run_logits_update, run_single_loop, stability_boundary, stationary_weights,
+                               run_source_logits_update, run_single_loop, stability_boundary, stationary_weights,
                                true_value_and_gradient, trusted_optimum)
 from config import parse_config
 
@@ -110,7 +110,7 @@ def run_checks(instances=5, noisy_runs=8, growth_steps=2000):
     check('central difference: hypergradient error vs alpha, slope', -2.0, float(np.mean(central_bias)), 0.1)
     check('central difference: |s_alpha - s*| vs alpha, slope', -2.0, float(np.mean(central_dist)), 0.1)
     curves['single_loop_error'] = single_loop_checks(check, instances)
-    logits_update_checks(check, instances)
+    source_logits_update_checks(check, instances)
     growing_penalty_checks(check, growth_steps)
     stochastic_checks(check, noisy_runs)
     lisa_checks(check, instances)
@@ -194,17 +194,17 @@ def single_loop_checks(check, count):
     return curve
 
 
-def logits_update_checks(check, count):
-    """p updated exactly as train.py updates it (each rule of bilevel.LOGITS_RULES at its own rate, train.py's
+def source_logits_update_checks(check, count):
+    """p updated exactly as train.py updates it (each rule of bilevel.SOURCE_LOGITS_UPDATES at its own rate, train.py's
     penalty form and max_steps, the warmup + cosine schedule), u and w by plain gradient steps: the loop must end
     at the penalty's stationary weights s_α."""
     cfg = parse_config([])
     instances = interior_instances(10.0, count)
     targets = [torch.softmax(fixed_point(prob, 10.0, cfg.central_difference)[2], 0) for prob in instances]
-    for update in LOGITS_RULES:
-        worst = max((run_logits_update(prob, 10.0, update, 0.0, cfg.max_steps, cfg.central_difference)[0] - s)
+    for update in SOURCE_LOGITS_UPDATES:
+        worst = max((run_source_logits_update(prob, 10.0, update, 0.0, cfg.max_steps, cfg.central_difference)[0] - s)
                     .abs().max().item() for prob, s in zip(instances, targets))
-        check(f"p by {update}{' (the default)' if update == cfg.logits_update else ''}, {cfg.max_steps} steps: "
+        check(f"p by {update}{' (the default)' if update == cfg.source_logits_update else ''}, {cfg.max_steps} steps: "
               f"max |s - s_alpha|, {len(instances)} runs", 0.0, worst, 1e-6)
 
 
@@ -220,7 +220,7 @@ def lisa_checks(check, count, n_blocks=4, n_active=2):
     instances = interior_instances(10.0, count)
 
     def distances(alpha, steps=cfg.max_steps, **change):
-        return [(run_logits_update(prob, alpha, cfg.logits_update, cfg.logits_lr, steps, cfg.central_difference,
+        return [(run_source_logits_update(prob, alpha, cfg.source_logits_update, cfg.source_logits_lr, steps, cfg.central_difference,
                                    **{**rule, **change})[0] - torch.softmax(fixed_point(prob, alpha)[2], 0))
                 .abs().max().item() for prob in instances]
     merged, independent = {}, {}
@@ -247,7 +247,7 @@ def lisa_checks(check, count, n_blocks=4, n_active=2):
     for draw, predicted in (('shared', 0.0), ('independent', 2.0)):
         variances = []
         for alpha in (10.0, 100.0, 1000.0):
-            gradients = run_logits_update(prob, alpha, cfg.logits_update, 0.0, 300, cfg.central_difference,
+            gradients = run_source_logits_update(prob, alpha, cfg.source_logits_update, 0.0, 300, cfg.central_difference,
                                           **{**rule, 'lisa_draw': draw}, sigma=0.3,
                                           start=fixed_point(prob, alpha, cfg.central_difference), move_logits=False)[1]
             variances.append(gradients.var(dim=0).sum().item())

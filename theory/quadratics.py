@@ -11,7 +11,7 @@ optimizers plain gradient steps (torch.optim.SGD).
 """
 import torch
 
-from bilevel import LOGITS_RULES, cosine_lr, make_logits_optimizer, scalebio_step, step_and_clear
+from bilevel import SOURCE_LOGITS_UPDATES, cosine_lr, make_source_logits_optimizer, scalebio_step, step_and_clear
 from lisa import set_lisa_blocks
 
 
@@ -76,7 +76,7 @@ def penalty_gradient(prob, logits, alpha, central=False):
     source_logits = logits.clone().requires_grad_(True)
     result = scalebio_step(source_logits, alpha, objective(prob, [u]), objective(prob, [w]),
                            lambda: None, lambda: None, lambda: None, central_difference=central)
-    return result['logits_grad']
+    return result['source_logits_grad']
 
 
 def weight_gradient(prob, s):
@@ -159,7 +159,7 @@ def one_step(prob, alpha, state, step_sizes, noise=None, lower_noise=None, centr
     updates = [lambda opt=opt: step_and_clear(opt) for opt in optimizers]
     result = scalebio_step(p, alpha, objective(prob, [u], noise if lower_noise is None else lower_noise),
                            objective(prob, [w], noise), *updates, central_difference=central)
-    return u.detach(), w.detach(), p.detach(), result['logits_grad']
+    return u.detach(), w.detach(), p.detach(), result['source_logits_grad']
 
 
 def model_step_sizes(prob, alpha, scale=0.5):
@@ -251,10 +251,10 @@ def run_single_loop(prob, alpha, step_sizes, steps, target, tolerance=1e-12, cen
     return state, errors
 
 
-def run_logits_update(prob, alpha, update='adam', lr=0.0, steps=1500, central=False, warmup_steps=30, lisa_blocks=1,
+def run_source_logits_update(prob, alpha, update='adam', lr=0.0, steps=1500, central=False, warmup_steps=30, lisa_blocks=1,
                       lisa_layers=0, lisa_interval=20, lisa_draw='shared', lisa_merge_frozen=False, sigma=0.0,
                       start=None, move_logits=True):
-    """The single loop with p updated exactly as train.py does it (--logits_update=update: bilevel's optimizer,
+    """The single loop with p updated exactly as train.py does it (--source_logits_update=update: bilevel's optimizer,
     geometry and step size, lr 0 being the rule's own; the warmup + cosine schedule), u and w by plain
     gradient steps of one size.
     LISA as train.py runs it: θ is `lisa_blocks` blocks of coordinates, and lisa.py gives each copy its
@@ -268,7 +268,7 @@ def run_logits_update(prob, alpha, update='adam', lr=0.0, steps=1500, central=Fa
                                                torch.zeros(len(prob['mixture'])))
     copies = [[torch.nn.ParameterList([chunk.clone()]) for chunk in x.chunk(lisa_blocks)] for x in (u, w)]
     p = p.clone().requires_grad_(True)
-    optimizer = make_logits_optimizer(p, update, lr)
+    optimizer = make_source_logits_optimizer(p, update, lr)
     model_optimizers = [torch.optim.SGD([b[0] for b in blocks], lr=size)
                         for blocks, size in zip(copies, model_step_sizes(prob, alpha, 0.9))]
     gradients = []
@@ -281,6 +281,6 @@ def run_logits_update(prob, alpha, update='adam', lr=0.0, steps=1500, central=Fa
         result = scalebio_step(p, alpha, *[objective(prob, [b[0] for b in blocks], noise) for blocks in copies],
                                *[lambda opt=opt: step_and_clear(opt) for opt in model_optimizers],
                                lambda: step_and_clear(optimizer), central_difference=central,
-                               mirror=LOGITS_RULES[update]['mirror'])
-        gradients.append(result['logits_grad'])
+                               mirror=SOURCE_LOGITS_UPDATES[update]['mirror'])
+        gradients.append(result['source_logits_grad'])
     return torch.softmax(p.detach(), 0), torch.stack(gradients)
