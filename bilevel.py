@@ -63,46 +63,39 @@ def check_finite(**values):
 
 
 def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective,
-                  step_lower, step_upper, step_logits, central_difference=False, mirror=False, lower_first=False):
-    """One ScaleBiO iteration (the docstring at the top of this file), in the authors' order.
+                  lower_optimizer, upper_optimizer, source_logits_optimizer, central_difference=False):
+    """One ScaleBiO iteration: the three update lines at the top of this file, all gradients at (u_k, w_k, p_k).
 
-    The penalty's p-gradient is a forward difference in σ = 1/α (Chen et al., arXiv 2509.02937): with
-    ℓ(σ) the per-source losses at argmin_θ σ·L_val + L_train, it is [ℓ(σ) − ℓ(0)]/σ, bias O(1/α).
-    central_difference=True uses [ℓ(σ) − ℓ(−σ)]/(2σ) instead, bias O(1/α²): the lower copy then descends
-    α·L_train − L_val (it becomes v, the point at −σ) and p's gradient is (α/2)·J·(ℓ(w) − ℓ(v)). Same two
-    copies, same cost; it needs α·L_train − L_val to be bounded below (α > L_val's curvature / L_train's),
-    which theory/ checks on quadratics and which need not hold for a language model.
-
-    lower_objective, upper_objective(source_coeffs, val_coeff): run forward and backward of
-        Σ_i source_coeffs[i]·ℓ_i(model) + val_coeff·L_val(model)
-        for one model copy on the step's shared batch, leaving the gradient in the model, and return the
-        detached per-source losses ℓ(model), shape (S,), L_val(model) (None when val_coeff == 0), and a dict
-        of any further values that must be finite before an update (a gradient norm), checked with the losses.
-    step_lower, step_upper, step_logits(): apply the optimizer to the gradient left behind and clear
-        it (gradient clipping, learning rates and LISA are the caller's business).
-    mirror: p's gradient in λ rather than in p (source_logits_gradient), for mirror descent on the simplex.
-    lower_first: u steps (and drops its gradient) before w's forward, so one copy's gradient exists at a time;
-        the same numbers (w's objective never reads u), but a non-finite loss of w is found after u has stepped.
-    Returns the losses the step saw. Raises FloatingPointError, before any update, if a loss or a further
-    value is not finite (with lower_first, before any update of w and p): all checked in one host read.
+    lower_objective, upper_objective(source_coeffs, val_coeff): for one model copy on the step's shared batch,
+        run forward and backward of Σ_i source_coeffs[i]·ℓ_i(model) + val_coeff·L_val(model), leaving the
+        gradient in the model, and return the detached per-source losses ℓ(model), shape (S,), L_val(model)
+        (None when val_coeff == 0), and a dict of further values that must be finite (a gradient norm).
+    lower_optimizer, upper_optimizer, source_logits_optimizer: applied to the gradients left behind, which are
+        then dropped; p's optimizer comes from make_source_logits_optimizer (its param group says whether p's
+        gradient is taken in λ, for mirror descent).
+    central_difference: an option of ours. The p-gradient above is a forward difference in σ = 1/α (Chen et al.,
+        arXiv 2509.02937), [ℓ(σ) − ℓ(0)]/σ with ℓ(σ) the losses at argmin_θ σ·L_val + L_train: bias O(1/α).
+        The central one, [ℓ(σ) − ℓ(−σ)]/(2σ), has bias O(1/α²): u then descends α·L_train − L_val and p's
+        gradient is (α/2)·J·(ℓ(w) − ℓ(u)). It needs α·L_train − L_val bounded below, which theory/ checks on
+        quadratics and which need not hold for a language model (train.py's guard).
+    Returns the losses the step saw. Raises FloatingPointError before any update if a loss or a further value
+    is not finite (one host read for all of them).
     """
     weights = torch.softmax(source_logits.detach(), dim=0)
-    lower_val_coeff = -1.0 if central_difference else 0.0
-    # ∇_u α·L_train(u, λ) [− L_val(u)]
-    lower_losses, lower_val_loss, lower_checks = lower_objective(penalty_alpha * weights, lower_val_coeff)
-    if lower_first:
-        check_finite(lower_losses=lower_losses, lower_val_loss=lower_val_loss, **lower_checks)
-        step_lower()
-    upper_losses, val_loss, upper_checks = upper_objective(penalty_alpha * weights, 1.0)  # ∇_w L_val(w) + α·L_train(w, λ)
+    # ∇_u α·L_train(u, λ)  [central: − L_val(u)]
+    lower_losses, lower_val_loss, lower_checks = lower_objective(penalty_alpha * weights,
+                                                                 -1.0 if central_difference else 0.0)
+    # ∇_w L_val(w) + α·L_train(w, λ)
+    upper_losses, val_loss, upper_checks = upper_objective(penalty_alpha * weights, 1.0)
     check_finite(lower_losses=lower_losses, lower_val_loss=lower_val_loss, **lower_checks,
                  upper_losses=upper_losses, val_loss=val_loss, **upper_checks)
+    # ∇_p α·(L_train(w, λ) − L_train(u, λ))
     source_logits_grad = source_logits_gradient(weights, upper_losses, lower_losses,
-                                  penalty_alpha / 2 if central_difference else penalty_alpha, mirror)
+                                                penalty_alpha / 2 if central_difference else penalty_alpha,
+                                                mirror=source_logits_optimizer.param_groups[0].get('mirror', False))
     source_logits.grad = source_logits_grad.to(source_logits.dtype)
-    if not lower_first:
-        step_lower()
-    step_upper()
-    step_logits()
+    for optimizer in (lower_optimizer, upper_optimizer, source_logits_optimizer):
+        step_and_clear(optimizer)
     return dict(weights=weights, lower_losses=lower_losses, upper_losses=upper_losses,
                 val_loss=val_loss, source_logits_grad=source_logits_grad)
 
@@ -122,15 +115,17 @@ SOURCE_LOGITS_UPDATES = {
 }
 
 
-def make_source_logits_optimizer(source_logits, rule='adam', lr=0.0, weight_decay=0.0):
-    """p's optimizer for SOURCE_LOGITS_UPDATES[rule] at the base step size lr (0: the rule's own), kept as its param
-    group's 'initial_lr' (as torch's schedulers keep it): each step's size is initial_lr × cosine_lr(step)."""
-    lr = lr or SOURCE_LOGITS_UPDATES[rule]['lr']
-    if SOURCE_LOGITS_UPDATES[rule]['optimizer'] == 'adam':  # decoupled weight decay, as the authors' torch.optim.AdamW
+def make_source_logits_optimizer(source_logits, update='adam', lr=0.0, weight_decay=0.0):
+    """p's optimizer for SOURCE_LOGITS_UPDATES[update] at the base step size lr (0: the rule's own). Its param
+    group keeps the base as 'initial_lr' (as torch's schedulers do: each step's size is initial_lr × the
+    schedule, train.py's set_schedules) and 'mirror', which scalebio_step reads."""
+    rule = SOURCE_LOGITS_UPDATES[update]
+    lr = lr or rule['lr']
+    if rule['optimizer'] == 'adam':  # decoupled weight decay, as the authors' torch.optim.AdamW
         optimizer = torch.optim.AdamW([source_logits], lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     else:
         optimizer = torch.optim.SGD([source_logits], lr=lr, weight_decay=weight_decay)
-    optimizer.param_groups[0]['initial_lr'] = lr
+    optimizer.param_groups[0].update(initial_lr=lr, mirror=rule['mirror'])
     return optimizer
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bilevel import SOURCE_LOGITS_UPDATES, scalebio_step, step_and_clear
+from bilevel import check_finite, scalebio_step, step_and_clear
 from config import TrainConfig
 from data import rank_rows, train_batch, validation_batch
 from fsdp import full, local_bytes, mean_over_ranks
@@ -85,19 +85,15 @@ def device_rows(run, x, y):
     return x.to(run.device), y.to(run.device)
 
 
-def model_objective(run, model, x, y, val_x, val_y, n_groups, max_norm, name='model'):
-    """The objective callable of bilevel.scalebio_step for one model on this rank's rows of the step's batch:
-    backward of Σ_i coeff_i·ℓ_i(model) + val_coeff·L_val(model), in run.micro_steps accumulated pieces; then
-    the gradient's norm clipped at max_norm (clip_gradient).
-    Returns ℓ(model) and L_val(model) averaged over ranks, so that p's gradient is the same on every rank
-    (FSDP averages the model gradients over ranks itself; it knows nothing of p), and {'<name>_gradient_norm':
-    norm}: the caller checks all three for NaN before any update (bilevel.check_finite, one host read).
-    x holds n_groups equal groups of rows, one per source, on the host; each forward's rows are cropped to their
-    longest (crop_to_targets, --crop_padding) before they move to the device.
-    ℓ_i is, with --source_loss=example, the mean of its rows' token means; with --source_loss=token, the sum of
-    its tokens' losses over the batch's tokens per source, so that every token weighs λ_i alike, whichever
-    source's answers are longer, and uniform weights give the batch's token mean (data.py's `lengths` task
-    shows the difference). `name` labels the copy in the error that a non-finite loss or gradient raises."""
+def model_objective(run, model, x, y, val_x, val_y, n_groups, max_norm, name='model', update_now=None):
+    """The objective callable of bilevel.scalebio_step for one model on this rank's rows x, y (n_groups equal
+    groups of rows, one per source, on the host) and val_x, val_y: backward of Σ_i coeff_i·ℓ_i + val_coeff·L_val in
+    run.micro_steps pieces, then the gradient clipped at max_norm. Returns ℓ and L_val averaged over ranks (FSDP
+    averages the gradients itself; p's gradient must be the same on every rank) and {'<name>_gradient_norm'}.
+    ℓ_i, with --source_loss=token, is source i's token sum over the global batch's tokens per source, so every
+    token weighs λ_i alike whichever source's answers are longer (data.py's `lengths` task); with 'example', the
+    mean of its rows' token means. update_now: an optimizer applied at once, once the values are checked
+    (--lower_first; bilevel.scalebio_step then finds no gradient left to apply)."""
     micro_steps, token_mean, device = run.micro_steps, run.cfg.source_loss == 'token', run.device
 
     def objective(source_coeffs, val_coeff):
@@ -106,8 +102,7 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups, max_norm, name='mo
         if val_coeff:  # L_val is a token mean over the GLOBAL validation batch: each rank divides its token
             # sum by the mean count per rank, and FSDP's average over ranks completes the global mean
             val_tokens = mean_over_ranks(target_counts(val_y, torch.float64).sum().to(device))
-        if token_mean:  # every training token weighs alike, as every val token does in L_val: a source's token
-            # sum over the GLOBAL batch's tokens per source (not over its own: a long answer would weigh less)
+        if token_mean:  # a source's token sum over the GLOBAL batch's tokens per source (not over its own)
             source_tokens = mean_over_ranks(target_counts(y, torch.float64).sum().to(device)) / n_groups
         for k in range(micro_steps):
             rows_x, rows_y = (t.view(n_groups, micro_steps, -1, T)[:, k].reshape(-1, T) for t in (x, y))
@@ -131,7 +126,11 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups, max_norm, name='mo
             total.backward()
             source_losses = source_losses + piece.detach()
         source_losses, val_loss = mean_over_ranks(source_losses), mean_over_ranks(val_loss) if val_coeff else None
-        return source_losses, val_loss, {f'{name}_gradient_norm': clip_gradient(run, model, max_norm)}
+        checks = {f'{name}_gradient_norm': clip_gradient(run, model, max_norm)}
+        if update_now is not None:
+            check_finite(**{f'{name}_losses': source_losses, f'{name}_val_loss': val_loss}, **checks)
+            step_and_clear(update_now)
+        return source_losses, val_loss, checks
     return objective
 
 
@@ -146,31 +145,29 @@ def clip_gradient(run, model, max_norm):
     return full(norm)
 
 
+def scalebio_train_step(run, step, alpha):
+    """ScaleBiO's step of train.py's loop: this rank's rows of the step's batches, then scalebio_gpt_step.
+    Returns λ = softmax(p) after the update, and L_val(w) for the progress bar."""
+    x, y = step_rows(run, step)
+    val_x, val_y = validation_rows(run, step, run.cfg.val_batch)
+    result = scalebio_gpt_step(run, x, y, val_x, val_y, alpha)
+    return {'weights': torch.softmax(run.source_logits.detach(), 0), 'loss': result['val_loss']}
+
+
 def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
     """bilevel.scalebio_step on the run's two GPT copies and p, with this rank's rows of one training batch
     (shared by both copies) and of one validation batch. Returns scalebio_step's dict."""
     cfg, (lower_model, upper_model), n_sources = run.cfg, run.models, run.source_logits.numel()
-    lower_val = (val_x, val_y) if cfg.central_difference else (None, None)  # v descends α·L_train − L_val
-    # both copies' gradients carry the factor α (α·∇L_train), so the threshold scales with it: grad_clip·α, as the
-    # authors clip at α (their second release, --clip_model): it bounds a spike of the loss, where a fixed threshold
-    # would clip more of the ordinary steps the larger α is
+    lower_optimizer, upper_optimizer = run.optimizers
+    lower_val = (val_x, val_y) if cfg.central_difference else (None, None)  # u descends α·L_train − L_val
+    # both copies' gradients carry the factor α (α·∇L_train), so the threshold scales with it, as the authors clip at
+    # α (their second release, --clip_model): it bounds a spike of the loss, where a fixed threshold would clip more
+    # of the ordinary steps the larger α is
     max_norm = cfg.grad_clip * alpha
-    return scalebio_step(
-        run.source_logits, alpha,
-        lower_objective=model_objective(run, lower_model, x, y, *lower_val, n_sources, max_norm, 'lower'),
-        upper_objective=model_objective(run, upper_model, x, y, val_x, val_y, n_sources, max_norm, 'upper'),
-        step_lower=lambda: step_and_clear(run.optimizers[0]),
-        step_upper=lambda: step_and_clear(run.optimizers[1]),
-        step_logits=lambda: step_and_clear(run.source_logits_optimizer),
-        central_difference=cfg.central_difference, mirror=SOURCE_LOGITS_UPDATES[cfg.source_logits_update]['mirror'],
-        lower_first=cfg.lower_first)
-
-
-def scalebio_train_step(run, step, alpha):
-    """ScaleBiO's step of train.py: the step's batches, then scalebio_gpt_step. Returns the weights λ = softmax(p)
-    after the update, and L_val(w) for the progress bar."""
-    cfg = run.cfg
-    x, y = step_rows(run, step)
-    val_x, val_y = validation_rows(run, step, cfg.val_batch)
-    result = scalebio_gpt_step(run, x, y, val_x, val_y, alpha)
-    return {'weights': torch.softmax(run.source_logits.detach(), 0), 'loss': result['val_loss']}
+    # --lower_first: u steps before w's forward, so one copy's gradients exist at a time. The same numbers (w's
+    # objective never reads u), but a non-finite loss of w is found after u has stepped
+    lower_objective = model_objective(run, lower_model, x, y, *lower_val, n_sources, max_norm, 'lower',
+                                      update_now=lower_optimizer if cfg.lower_first else None)
+    upper_objective = model_objective(run, upper_model, x, y, val_x, val_y, n_sources, max_norm, 'upper')
+    return scalebio_step(run.source_logits, alpha, lower_objective, upper_objective,
+                         lower_optimizer, upper_optimizer, run.source_logits_optimizer, cfg.central_difference)

@@ -19,8 +19,19 @@ def float64():
     torch.set_default_dtype(torch.float32)
 
 
-def no_update():
-    pass
+class Recorder:
+    """An optimizer stand-in for scalebio_step that applies nothing and records its calls."""
+    def __init__(self, name='', calls=None):
+        self.name, self.calls, self.param_groups = name, calls if calls is not None else [], [{}]
+
+    def step(self):
+        self.calls.append(self.name)
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+
+no_update = Recorder()
 
 
 def quadratic_objective(theta, centres, target, noise=None):
@@ -173,8 +184,13 @@ def test_a_nan_loss_raises_before_any_update():
     with pytest.raises(FloatingPointError, match="upper_losses"):
         scalebio_step(torch.zeros(2, requires_grad=True), 10.0, quadratic_objective(theta, centres[[1, 1]], centres[1]),
                       quadratic_objective(theta, centres, centres[1]),
-                      lambda: updates.append('u'), lambda: updates.append('w'), lambda: updates.append('p'))
+                      Recorder('u', updates), Recorder('w', updates), Recorder('p', updates))
     assert updates == []
+    # finite losses: the three updates, in the authors' order
+    scalebio_step(torch.zeros(2, requires_grad=True), 10.0, quadratic_objective(theta, centres[[1, 1]], centres[1]),
+                  quadratic_objective(theta, centres[[1, 1]], centres[1]),
+                  Recorder('u', updates), Recorder('w', updates), Recorder('p', updates))
+    assert updates == ['u', 'w', 'p']
 
 
 def test_penalty_schedule_and_learning_rate_shape():

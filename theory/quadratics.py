@@ -11,7 +11,7 @@ optimizers plain gradient steps (torch.optim.SGD).
 """
 import torch
 
-from bilevel import SOURCE_LOGITS_UPDATES, cosine_lr, make_source_logits_optimizer, scalebio_step, step_and_clear
+from bilevel import cosine_lr, make_source_logits_optimizer, scalebio_step
 from lisa import set_lisa_blocks
 
 
@@ -74,8 +74,9 @@ def penalty_gradient(prob, logits, alpha, central=False):
     """ScaleBiO's p-gradient at the exact inner solutions, from bilevel.scalebio_step with no-op updates."""
     u, w = (t.requires_grad_(True) for t in inner_solutions(prob, torch.softmax(logits, 0), alpha, central))
     source_logits = logits.clone().requires_grad_(True)
-    result = scalebio_step(source_logits, alpha, objective(prob, [u]), objective(prob, [w]),
-                           lambda: None, lambda: None, lambda: None, central_difference=central)
+    no_update = [torch.optim.SGD([x], lr=0.0) for x in (u, w, source_logits)]
+    result = scalebio_step(source_logits, alpha, objective(prob, [u]), objective(prob, [w]), *no_update,
+                           central_difference=central)
     return result['source_logits_grad']
 
 
@@ -156,9 +157,8 @@ def one_step(prob, alpha, state, step_sizes, noise=None, lower_noise=None, centr
     noise: one draw ξ shared by both copies, as train.py shares its batch; lower_noise: u's own draw instead."""
     u, w, p = (t.detach().clone().requires_grad_(True) for t in state)
     optimizers = [torch.optim.SGD([x], lr=lr) for x, lr in zip((u, w, p), step_sizes)]
-    updates = [lambda opt=opt: step_and_clear(opt) for opt in optimizers]
     result = scalebio_step(p, alpha, objective(prob, [u], noise if lower_noise is None else lower_noise),
-                           objective(prob, [w], noise), *updates, central_difference=central)
+                           objective(prob, [w], noise), *optimizers, central_difference=central)
     return u.detach(), w.detach(), p.detach(), result['source_logits_grad']
 
 
@@ -279,8 +279,6 @@ def run_source_logits_update(prob, alpha, update='adam', lr=0.0, steps=1500, cen
                         lisa_merge_frozen)
         noise = sigma * torch.randn(*prob['centres'].shape, generator=gen) if sigma else None
         result = scalebio_step(p, alpha, *[objective(prob, [b[0] for b in blocks], noise) for blocks in copies],
-                               *[lambda opt=opt: step_and_clear(opt) for opt in model_optimizers],
-                               lambda: step_and_clear(optimizer), central_difference=central,
-                               mirror=SOURCE_LOGITS_UPDATES[update]['mirror'])
+                               *model_optimizers, optimizer, central_difference=central)
         gradients.append(result['source_logits_grad'])
     return torch.softmax(p.detach(), 0), torch.stack(gradients)
