@@ -19,16 +19,25 @@ METHODS = ('scalebio', 'fixed', 'irdro', 'rholoss')  # the steps: steps.py (scal
 
 @dataclass
 class TrainConfig:
-    # data
+    # ScaleBiO (bilevel.py): the penalty α, and p, the source logits (λ = softmax(p))
+    penalty_alpha: float = 10.0     # α (the authors: 10 for GPT-2, 100 for 8B-34B models)
+    source_logits_update: str = 'adam'  # p's update, a key of bilevel.SOURCE_LOGITS_UPDATES: 'adam' (the authors':
+                                    # AdamW, betas 0.9, 0.999) or 'mirror' (ours: exponentiated gradient)
+    source_logits_lr: float = 0.0   # p's base step size; 0: the rule's own (adam: the authors' 1e-2; mirror 0.1)
+    source_logits_weight_decay: float = 0.0  # p's weight decay, towards uniform weights
+    central_difference: bool = False  # an option of ours: u descends α·L_train − L_val, p's gradient has bias O(1/α²)
+                                    # instead of the forward difference's O(1/α) (bilevel.py; train.py's guard)
+    alpha_growth: float = 1.0       # τ: α is multiplied by τ every alpha_interval steps (1.0: constant α)
+    alpha_interval: int = 0
+    # data (data.py)
     data: str = 'denoise'           # 'denoise', 'noise_ladder', 'mixture', 'dilution', 'lengths' or a folder (data.py)
     tokenizer: str = 'bytes'        # or a local folder: tokenizer.json, or GPT-2's vocab.json + merges.txt
     seed: int = 0
     batch_per_source: int = 16      # training rows per source per step (stratified; stage two: S times as many in all)
     val_batch: int = 32             # validation rows per step, for L_val
-    micro_batch: int = 0            # rows per source per forward on each rank (gradient accumulation); 0: all
     source_loss: str = 'token'      # a source's loss: 'token' (every token weighs alike across sources, as in L_val:
                                     # steps.model_objective) or 'example' (the mean of its rows' token means)
-    # model, trained from scratch
+    # model (model.py), trained from scratch unless --init_from
     model: str = ''                 # a shape of model.MODEL_PRESETS (gpt2 ... gpt2-xl, llama3.2-1b, llama3-8b, yi-34b),
                                     # or n_layer etc.; --init_from's config.json overrides both
     n_layer: int = 4
@@ -37,7 +46,20 @@ class TrainConfig:
     block_size: int = 32
     dropout: float = 0.0
     bias: bool = True
-    # method
+    init_from: str = ''             # a local Hugging Face folder, GPT-2 or Llama family (hf.py): both copies start from it
+    # optimisation of the model copies u and w, and the schedule all three share
+    max_steps: int = 1500           # the horizon of the learning-rate schedule
+    stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
+    lr: float = 1e-3                # AdamW for both model copies
+    weight_decay: float = 0.01      # model matrices only
+    warmup_steps: int = 30          # linear warmup of u, w and p (the authors' second release: 3% of the steps)
+    grad_clip: float = 1.0          # each model's gradient norm clipped at this (ScaleBiO: × α, as the authors); 0: off
+    # LISA (lisa.py)
+    lisa_layers: int = 0            # blocks unfrozen at a time, fewer than the model's; 0: full fine-tuning (lisa.py)
+    lisa_interval: int = 20         # steps between LISA draws (the authors' and LMFlow's K = 20)
+    lisa_draw: str = 'shared'       # 'shared': u and w train the same blocks; 'independent': the authors' (lisa.py)
+    lisa_merge_frozen: bool = False  # an option: a block that freezes takes the mean of u's and w's values (lisa.py)
+    # other methods on the same batches: stage two ('fixed') and baselines.py
     method: str = 'scalebio'        # 'scalebio' learns weights; 'fixed' uses given ones; baselines.py: 'irdro', 'rholoss'
     weights: str = 'uniform'        # fixed: 'uniform', 'val_only' (the val split alone) or a scalebio summary.json
     sampling: str = 'proportional'  # fixed: rows per source in proportion to the weights (data.proportional_rows), or
@@ -45,48 +67,29 @@ class TrainConfig:
     dro_temperature: float = 1.0    # irdro: τ in w ∝ exp(loss/τ) (the IR-DRO authors' default)
     reference: str = ''             # rholoss: the out_dir of a run whose best model gives irreducible losses
     rho_candidates: int = 4         # rholoss: each step selects a training batch out of this many times as many
-    penalty_alpha: float = 10.0     # α (the authors: 10 for GPT-2, 100 for 8B-34B models)
-    alpha_growth: float = 1.0       # τ: α is multiplied by τ every alpha_interval steps (1.0: constant α)
-    alpha_interval: int = 0
-    central_difference: bool = False  # an option of ours: u descends α·L_train − L_val, p's gradient has bias O(1/α²)
-                                    # instead of the forward difference's O(1/α) (bilevel.py; train.py's guard)
-    # optimisation
-    max_steps: int = 1500           # the horizon of the learning-rate schedule
-    stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps
-    lr: float = 1e-3                # AdamW for both model copies
-    source_logits_update: str = 'adam'     # p's update, a key of bilevel.SOURCE_LOGITS_UPDATES: 'adam' (the authors': AdamW, betas
-                                    # 0.9, 0.999), or 'mirror' (ours: exponentiated gradient)
-    source_logits_lr: float = 0.0          # its step size; 0: the rule's own (adam: the authors' 1e-2; mirror 0.1)
-    weight_decay: float = 0.01      # model matrices only
-    source_logits_weight_decay: float = 0.0  # on p (bilevel.SOURCE_LOGITS_UPDATES)
-    warmup_steps: int = 30          # linear warmup of u, w and p (the authors' second release: 3% of the steps)
-    grad_clip: float = 1.0          # each model's gradient norm clipped at this (ScaleBiO: × α, as the authors); 0: off
-    lisa_layers: int = 0            # blocks unfrozen at a time, fewer than the model's; 0: full fine-tuning (lisa.py)
-    lisa_interval: int = 20         # steps between LISA draws (the authors' and LMFlow's K = 20)
-    lisa_draw: str = 'shared'       # 'shared': u and w train the same blocks; 'independent': the authors' (lisa.py)
-    lisa_merge_frozen: bool = False  # an option: a block that freezes takes the mean of u's and w's values (lisa.py)
-    # bookkeeping
+    # files: out_dir's logs, checkpoints and exports
     out_dir: str = 'out'             # one run's folder: a second run there needs --resume=True or --overwrite=True
     overwrite: bool = False         # a fresh run in a used out_dir: its run's files are deleted first
+    resume: bool = False
     eval_interval: int = 100
     eval_batches: int = 4           # batches of val_batch rows per split for evaluation
     ckpt_interval: int = 500
-    resume: bool = False
     save_best: bool = True          # out_dir/best: the upper model at each new best val loss (sample.py, RHO-LOSS's
                                     # reference read it); False for large models: a whole model written each time
+    export: bool = False            # at the end: out_dir/hf (the trained model, HF format), out_dir/mixture.json
+    # how the same step runs: devices, precision, memory
     device: str = 'auto'            # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...
-    dist_timeout: float = 10.0      # minutes a collective may wait for its peers before every rank stops
     dtype: str = 'float32'          # parameter dtype: float32, or float64 (exactness tests, CPU)
     amp: bool = True                # bf16 compute on CUDA (autocast, or FSDP's mixed precision); no effect on CPU
     compile: bool = False           # torch.compile each block (meant for CUDA)
+    micro_batch: int = 0            # rows per source per forward on each rank (gradient accumulation); 0: all
     checkpoint_blocks: bool = False  # activation checkpointing per block: less memory, one more forward (model.py)
     logits_at_targets: bool = True  # the head and cross-entropy only at positions with a target (model.py)
     crop_padding: bool = True       # each forward's rows cut to the longest one's last target (steps.crop_to_targets)
-    lower_first: bool = False       # u steps before w's forward: one copy's gradients at a time (bilevel.py)
+    lower_first: bool = False       # u steps before w's forward: one copy's gradients at a time (steps.py)
     cpu_offload: bool = False       # FSDP2 keeps parameters, gradients and AdamW state in host memory (CUDA, torchrun)
     check_memory: bool = True       # CUDA: refuse a run whose counted state alone exceeds the GPU (plan.py)
-    init_from: str = ''             # a local Hugging Face folder, GPT-2 or Llama family (hf.py): both copies start from it
-    export: bool = False            # at the end: out_dir/hf (the trained model, HF format), out_dir/mixture.json
+    dist_timeout: float = 10.0      # minutes a collective may wait for its peers before every rank stops
 
 
 # fields that may differ between a run and its resumption (not max_steps: the schedule's horizon)

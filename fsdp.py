@@ -9,6 +9,7 @@ import datetime
 import gc
 import os
 import traceback
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,17 +17,25 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 
 
+class Processes(NamedTuple):
+    """This process's place in the run: its rank of world_size, its device, and whether models are sharded."""
+    rank: int
+    world_size: int
+    device: str
+    sharded: bool
+
+
 def init_distributed(device, timeout_minutes=10.0):
-    """(rank, world_size, device, sharded). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this
+    """Processes(rank, world_size, device, sharded). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this
     is one process and nothing is sharded. nccl on CUDA, gloo on CPU. A collective that waits longer than
     timeout_minutes for its peers raises (gloo) or ends the process (nccl's watchdog), instead of hanging."""
     use_cuda = torch.cuda.is_available() and (device == 'auto' or device.startswith('cuda'))
     if 'RANK' not in os.environ:
-        return 0, 1, device if device != 'auto' else ('cuda' if use_cuda else 'cpu'), False
+        return Processes(0, 1, device if device != 'auto' else ('cuda' if use_cuda else 'cpu'), False)
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if not use_cuda:
         dist.init_process_group('gloo', timeout=timeout)
-        return dist.get_rank(), dist.get_world_size(), 'cpu', True
+        return Processes(dist.get_rank(), dist.get_world_size(), 'cpu', True)
     # under torchrun, one GPU per rank, set before the group exists: with device_id, nccl binds this rank's
     # communicator to its GPU at once instead of guessing it at the first collective
     if int(os.environ['LOCAL_RANK']) >= torch.cuda.device_count():
@@ -35,15 +44,15 @@ def init_distributed(device, timeout_minutes=10.0):
     device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     torch.cuda.set_device(device)
     dist.init_process_group('nccl', device_id=device, timeout=timeout)
-    return dist.get_rank(), dist.get_world_size(), str(device), True
+    return Processes(dist.get_rank(), dist.get_world_size(), str(device), True)
 
 
 def end_distributed():
     """Frees the models and destroys the process group while the interpreter is whole. FSDP2 models sit in
     reference cycles that outlive main() (6 FSDP modules per rank after a run, 0 after gc.collect()). Left to
     interpreter teardown, their collection can race gloo's threads and abort a finished rank ("terminate
-    called without an active exception"). That abort is rare and was not reproduced on demand: this removes
-    its likely cause, not a proven one."""
+    called without an active exception"). The abort is rare; freeing the models first removes its likely cause.
+    TODO: confirm the cause with a reproduction."""
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()

@@ -85,8 +85,9 @@ def train(cfg, processes, previous_run):
             stop_if_signalled(run, step, stop_signals, progress)
             # α and the learning rates of u, w and p for this step
             alpha, lr = set_schedules(run, step)
-            # LISA: the blocks each copy trains during this interval
-            draw_lisa_blocks(run, step)
+            # LISA: the blocks each copy trains during this interval (off by default: every block trains)
+            if cfg.lisa_layers:
+                draw_lisa_blocks(run, step)
             # one step of the method: ScaleBiO's (steps.py) or a baseline's (baselines.py)
             result = take_step(run, step, alpha)
             done = step + 1
@@ -113,8 +114,8 @@ def train(cfg, processes, previous_run):
 def build_run(cfg, processes):
     rank, world_size, device, sharded = processes
     # a source whose weight falls to ~1e-40 gives float32 subnormal products in every backward, which x86 CPUs
-    # compute in microcode: a 4-layer step's backward took 1.14 s instead of 0.084 s. Flushed to zero instead,
-    # they change nothing a float32 sum of normal numbers can hold
+    # compute in microcode, an order of magnitude slower. Flushed to zero instead, they change nothing that a
+    # float32 sum of normal numbers can hold
     torch.set_flush_denormal(True)
     if cfg.cpu_offload and not (sharded and device.startswith('cuda')):
         raise ValueError("--cpu_offload=True moves FSDP2's shards between host and GPU: it needs CUDA and torchrun "
@@ -336,7 +337,8 @@ def resume_from_checkpoint(run, end_step):
     rank0_decides(lambda: check_data_unchanged(meta['data_files'], run.data_fingerprint))
     run.best_val_loss = meta['best_val_loss']
     run.lower_val_rises = meta.get('lower_val_rises', 0)
-    draw_lisa_blocks(run, meta['step'] - 1)  # the blocks that held optimizer state when the checkpoint was written
+    if run.cfg.lisa_layers:  # the blocks that held optimizer state when the checkpoint was written
+        draw_lisa_blocks(run, meta['step'] - 1)
     tensors = replicated_state(run, with_cuda_rng=meta['cuda_rng'])
     load_checkpoint(meta, run.models, run.optimizers, tensors)
     torch.set_rng_state(tensors['rng_state']['cpu'])
