@@ -142,7 +142,7 @@ def sha256(path):
         return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
-# (path, size, mtime, inode) -> SHA-256 of a data file: a large corpus is read once per process (compare.py runs
+# (path, size, mtime, inode) -> SHA-256 of a data file: a large corpus is read once per process (tools/compare.py runs
 # many). Not for checkpoint files, which are rewritten at the same path and size, perhaps within an mtime tick
 _DATA_DIGESTS = {}
 

@@ -1,6 +1,6 @@
 """
 Every setting of a run, and how a command line sets it: each field of TrainConfig below is `--field=value`,
-parsed as the type of its default (nanoGPT's configurator, without exec). sample.py, bench.py and compare.py
+parsed as the type of its default (nanoGPT's configurator, without exec). tools/sample.py, tools/bench.py and tools/compare.py
 parse their own dataclasses with the same `override`.
 """
 import dataclasses
@@ -74,7 +74,7 @@ class TrainConfig:
     eval_interval: int = 100
     eval_batches: int = 4           # batches of val_batch rows per split for evaluation
     ckpt_interval: int = 500
-    save_best: bool = True          # out_dir/best: the upper model at each new best val loss (sample.py, RHO-LOSS's
+    save_best: bool = True          # out_dir/best: the upper model at each new best val loss (tools/sample.py, RHO-LOSS's
                                     # reference read it); False for large models: a whole model written each time
     export: bool = False            # at the end: out_dir/hf (the trained model, HF format), out_dir/mixture.json
     # how the same step runs: devices, precision, memory

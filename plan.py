@@ -3,8 +3,8 @@ How much memory one GPU needs for a ScaleBiO + LISA step, before anything is all
 holds for both model copies, computed from the shapes of a one-block model built on the meta device, and what one
 copy's forward and backward add on top.
 
-    python bench.py --plan=True --model=llama3-8b --lisa_layers=2 --world_size=1 --gpu_gb=141 --block_size=1024
-    python bench.py --plan=True --model=yi-34b --lisa_layers=2 --world_size=8 --gpu_gb=48 --block_size=1024
+    python -m tools.bench --plan=True --model=llama3-8b --lisa_layers=2 --world_size=1 --gpu_gb=141 --block_size=1024
+    python -m tools.bench --plan=True --model=yi-34b --lisa_layers=2 --world_size=8 --gpu_gb=48 --block_size=1024
 
 Counted exactly, as train.py allocates it (summary.json's per_rank_bytes is the check, tests/test_distributed.py):
   parameters       both copies, this rank's FSDP2 shards
@@ -30,7 +30,7 @@ Estimated, for one copy's forward and backward at a time (the copies run one aft
                    prefetched); one process without FSDP2 on CUDA: autocast's bf16 copy of every weight, kept
                    for the backward
 Not planned: the allocator's fragmentation and the CUDA context (about 0.5-1 GB). TODO: check the estimates
-against torch.cuda.max_memory_allocated on a GPU (gpu_checks.sh), which no session has had yet.
+against torch.cuda.max_memory_allocated on a GPU (tools/gpu_checks.sh), which no session has had yet.
 """
 import dataclasses
 import itertools

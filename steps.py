@@ -4,7 +4,7 @@ batch into bilevel.scalebio_step, which knows nothing of GPTs. The baselines' st
 same signature, `step(run, step, alpha) -> dict`, so train.py's loop calls whichever --method names.
 
 A `Run` holds what a step needs: the config, the model copies, their optimizers and p. train.py builds one
-for a training run; bench.py builds one to time the same step.
+for a training run; tools/bench.py builds one to time the same step.
 """
 import contextlib
 import math

@@ -9,7 +9,7 @@ One process, CPU or one GPU:
 Stage two of the paper's protocol (a fresh model trained with fixed weights; never on the validation split):
     python train.py --method=fixed --weights=out/summary.json --out_dir=out-stage2
     python train.py --method=fixed --weights=uniform --out_dir=out-uniform
-Baselines on the same batches (baselines.py; compare.py runs every method on every built-in task):
+Baselines on the same batches (baselines.py; tools/compare.py runs every method on every built-in task):
     python train.py --method=irdro      # or rholoss --reference=<out_dir of a val_only run>, fixed --weights=val_only
 Continue an interrupted run (same arguments):
     python train.py ... --resume=True

@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_smallest_configuration_reports_ratios_and_exact_state_bytes():
     shape = ['--n_layer=4', '--n_head=2', '--n_embd=16', '--block_size=16']
-    proc = subprocess.run([sys.executable, 'bench.py', *shape, '--batch_per_source=2', '--val_batch=4',
+    proc = subprocess.run([sys.executable, '-m', 'tools.bench', *shape, '--batch_per_source=2', '--val_batch=4',
                            '--lisa_layers=1', '--lisa_interval=1', '--warmup=1', '--repeats=3', '--peak_rss=False'],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -32,7 +32,7 @@ def test_bench_smallest_configuration_reports_ratios_and_exact_state_bytes():
 
 def test_bench_instruction_workload_times_padded_rows_cropped_and_not():
     shape = ['--n_layer=2', '--n_head=2', '--n_embd=16', '--block_size=64']
-    proc = subprocess.run([sys.executable, 'bench.py', *shape, '--workload=instruction', '--batch_per_source=2',
+    proc = subprocess.run([sys.executable, '-m', 'tools.bench', *shape, '--workload=instruction', '--batch_per_source=2',
                            '--val_batch=4', '--micro_batch=1', '--lisa_layers=1', '--warmup=1', '--repeats=2',
                            '--peak_rss=False'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-import compare
+from tools import compare
 from data import proportional_rows
 
 
@@ -99,7 +99,7 @@ def test_ablations_change_one_factor_and_run_every_stage_two_with_the_default_co
     (['--seeds=two'], "error: --seeds expects int, got 'two'"),
 ])
 def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, 'compare.py', *args, f'--out_dir={tmp_path}'], capture_output=True,
+    proc = subprocess.run([sys.executable, '-m', 'tools.compare', *args, f'--out_dir={tmp_path}'], capture_output=True,
                           text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(message)

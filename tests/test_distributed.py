@@ -225,7 +225,7 @@ def test_a_llama_from_a_hugging_face_folder_trains_alike_on_one_two_and_four_pro
     args = [a for a in TINY if not a.startswith(('--n_layer', '--n_head', '--n_embd'))] + [f'--init_from={tmp_path}/llama']
     one = train.main(args + [f'--out_dir={tmp_path}/1'])
     assert max(one['weights']) - min(one['weights']) > 1e-3  # 30 ScaleBiO steps, LISA on: the weights moved
-    import sample  # the best upper model completes a prompt
+    from tools import sample  # the best upper model completes a prompt
     assert len(sample.main([f'--out_dir={tmp_path}/1', '--temperature=0', '--num_samples=1', '--max_new_tokens=3'])) == 1
     torchrun(2, *args, f'--out_dir={tmp_path}/2', '--export=True')
     assert_same_run(summary(tmp_path / '2'), one)

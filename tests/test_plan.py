@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-import bench
+from tools import bench
 from model import MODEL_PRESETS, GPTConfig, make_model
 from plan import LEVERS, activation_plan, block_bytes_per_token, check_plan, memory_plan, state_plan
 

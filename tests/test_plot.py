@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-import plot
+from tools import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,9 +31,9 @@ def test_several_runs_side_by_side_go_to_the_file_named(tmp_path):
     for name in ('off', 'lisa'):
         write_log(tmp_path / name, [{'step': s, 'val_loss': 3.0, 'weights': {'a': 0.5, 'b': 0.5}} for s in (1, 2)])
     runs = [str(tmp_path / 'off'), str(tmp_path / 'lisa')]
-    proc = subprocess.run([sys.executable, 'plot.py', *runs], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, '-m', 'tools.plot', *runs], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr.strip() == "error: several runs need --to=PATH for the picture"
-    proc = subprocess.run([sys.executable, 'plot.py', *runs, f'--to={tmp_path}/both.png'], cwd=ROOT,
+    proc = subprocess.run([sys.executable, '-m', 'tools.plot', *runs, f'--to={tmp_path}/both.png'], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0 and (tmp_path / 'both.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
@@ -42,7 +42,7 @@ def test_several_runs_side_by_side_go_to_the_file_named(tmp_path):
 def test_a_missing_or_empty_log_is_one_clear_error(tmp_path, records, message):
     if records is not None:
         write_log(tmp_path / 'run', records)
-    proc = subprocess.run([sys.executable, 'plot.py', str(tmp_path / 'run')], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, '-m', 'tools.plot', str(tmp_path / 'run')], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert re.search(message, proc.stderr)
 

@@ -148,7 +148,7 @@ def test_resume_with_a_different_config_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [  # tests/test_errors.py runs the rest in-process, through train.cli
-    (['--nonsense=1'], "error: unknown config field 'nonsense'; valid fields: data, tokenizer, seed,"),
+    (['--nonsense=1'], "error: unknown config field 'nonsense'; valid fields: penalty_alpha, source_logits_update,"),
     (['--data=/no/such/folder'], "error: data '/no/such/folder' is neither a built-in task"),
     (['--micro_batch=32'], "error: --micro_batch=32 must divide the 16 rows per source that each process gets"),
 ])
@@ -215,7 +215,7 @@ def test_export_writes_a_hugging_face_folder_and_a_mixture_that_init_from_reads(
 
 
 def test_sample_completes_a_prompt_with_the_best_upper_model(tmp_path):
-    import sample
+    from tools import sample
     run(tmp_path, '--max_steps=5')
     greedy = sample.main([f'--out_dir={tmp_path}', '--temperature=0', '--num_samples=2', '--max_new_tokens=5'])
     assert len(greedy) == 2 and greedy[0] == greedy[1] and greedy[0]

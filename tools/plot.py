@@ -3,9 +3,9 @@ A picture of a run: each source's weight against steps, and the validation loss 
 out_dir/log.jsonl (one point every eval_interval steps). For ScaleBiO the weights are λ = softmax(p) and the
 loss is the upper model w's; for a baseline, the share of the training signal each source received so far.
 
-    python plot.py out                 # writes out/weights.png
-    python plot.py out-uniform         # any train.py out_dir
-    python plot.py out out-lisa --to=weights.png   # several runs side by side, one weights panel each
+    python -m tools.plot out                 # writes out/weights.png
+    python -m tools.plot out-uniform         # any train.py out_dir
+    python -m tools.plot out out-lisa --to=weights.png   # several runs side by side, one weights panel each
 
 matplotlib is optional (README's install command installs it); the training code never imports it.
 """

@@ -2,8 +2,8 @@
 Complete prompts with a model trained by train.py (nanoGPT's sample.py): the upper model with the best
 validation loss, from out_dir/best, to see what the reweighted model learned.
 
-    python sample.py --out_dir=out --prompt="12+34="             # the built-in tasks: does it add correctly?
-    python sample.py --out_dir=out --prompt="12+34=" --temperature=0 --num_samples=1     # greedy
+    python -m tools.sample --out_dir=out --prompt="12+34="             # the built-in tasks: does it add correctly?
+    python -m tools.sample --out_dir=out --prompt="12+34=" --temperature=0 --num_samples=1     # greedy
 """
 import sys
 from dataclasses import dataclass

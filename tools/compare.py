@@ -2,13 +2,13 @@
 Does ScaleBiO earn its cost? Every method on the same built-in tasks, and ScaleBiO's weights against the
 best weights found by brute force. Each number is a train.py run (in this process), seed by seed.
 
-    python compare.py --what=baselines              # docs/results.md: stage-two test loss and weights per method
-    python compare.py --what=oracle --data=mixture  # grid over the simplex of the useful sources (2 seeds)
-    python compare.py --what=updates --data=mixture --seeds=5  # p's candidate updates against the oracle's best point
-    python compare.py --what=defaults --seeds=3       # train.py's default at α = 10 and 100 on every task, stage two
-    python compare.py --what=lisa --seeds=3           # ScaleBiO's weights with LISA (train.py's rule) and without it
-    python compare.py --what=lisa --pretrained=True   # the same, every run starting from a base model
-    python compare.py --what=ablations --seeds=2      # one factor at a time around train.py's defaults
+    python -m tools.compare --what=baselines              # docs/results.md: stage-two test loss and weights per method
+    python -m tools.compare --what=oracle --data=mixture  # grid over the simplex of the useful sources (2 seeds)
+    python -m tools.compare --what=updates --data=mixture --seeds=5  # p's candidate updates against the oracle's best point
+    python -m tools.compare --what=defaults --seeds=3       # train.py's default at α = 10 and 100 on every task, stage two
+    python -m tools.compare --what=lisa --seeds=3           # ScaleBiO's weights with LISA (train.py's rule) and without it
+    python -m tools.compare --what=lisa --pretrained=True   # the same, every run starting from a base model
+    python -m tools.compare --what=ablations --seeds=2      # one factor at a time around train.py's defaults
 
 Stage two is the paper's protocol: a fresh model trained with fixed weights for the same steps and seed
 (ScaleBiO: its learned weights; uniform; val_only). IR-DRO and RHO-LOSS are online rules: their own run
@@ -210,7 +210,7 @@ def compare_logits_rules(cfg):
     oracle's best grid point (run `--what=oracle` first), whose stage-two run is repeated on every seed."""
     oracle_file = os.path.join(cfg.out_dir, 'oracle', cfg.data, 'oracle.json')
     if not os.path.isfile(oracle_file):
-        raise FileNotFoundError(f"no oracle at {oracle_file}: run `python compare.py --what=oracle "
+        raise FileNotFoundError(f"no oracle at {oracle_file}: run `python -m tools.compare --what=oracle "
                                 f"--data={cfg.data} --out_dir={cfg.out_dir}` first")
     with open(oracle_file) as f:
         best = json.load(f)['best']

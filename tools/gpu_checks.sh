@@ -3,20 +3,21 @@
 # ${OUT:-gpu-results}: the GPT-2 124M shape in bf16, torch.compile'd, through bench.py (time, memory, MFU
 # against the measured bf16 matmul peak), and train.py under torchrun (FSDP2, bf16 mixed precision, the
 # LISA warm-up) for 100 steps with LISA on and off (tokens/s, torch.cuda.max_memory_allocated).
-#     bash gpu_checks.sh
+#     bash tools/gpu_checks.sh   (from the repository root)
 set -u
+cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 { nvidia-smi --query-gpu=name,memory.total --format=csv; $PY -c "import torch; print('torch', torch.__version__)"; } \
     > "$OUT/gpu.txt" 2>&1
-timeout 240 $PY bench.py --device=cuda --model=gpt2 --compile=True --block_size=512 --batch_per_source=8 \
+timeout 240 $PY -m tools.bench --device=cuda --model=gpt2 --compile=True --block_size=512 --batch_per_source=8 \
     --val_batch=32 --repeats=10 --peak_rss=False > "$OUT/bench_gpt2.txt" 2>&1
 echo "bench exit $?" >> "$OUT/gpu.txt"
 # instruction-shaped rows: useful tokens/s with the crop, without it, and with the head at every position
 # (lengths are multiples of 64 under --compile, so the warm-up steps compile most of the few shapes)
-timeout 300 $PY bench.py --device=cuda --model=gpt2 --compile=True --workload=instruction --block_size=512 \
+timeout 300 $PY -m tools.bench --device=cuda --model=gpt2 --compile=True --workload=instruction --block_size=512 \
     --micro_batch=1 --warmup=8 --repeats=10 --peak_rss=False > "$OUT/bench_gpt2_instruction.txt" 2>&1
 echo "bench instruction exit $?" >> "$OUT/gpu.txt"
 for layers in 2 0; do

@@ -1,11 +1,11 @@
 """
 What a ScaleBiO step costs, against plain fine-tuning and against the floor the algorithm cannot beat.
 
-    python bench.py                       # a toy shape whose steps take 0.1-1 s on 2 CPU cores
-    python bench.py --model=gpt2          # the GPT-2 124M shape (50257-token vocabulary)
-    python bench.py --device=cuda --compile=True --model=gpt2
-    python bench.py --plan=True --model=llama3-8b --world_size=8 --gpu_gb=48   # memory per GPU, nothing allocated
-    python bench.py --workload=instruction --block_size=512 --micro_batch=1     # padded rows, cropped or not
+    python -m tools.bench                       # a toy shape whose steps take 0.1-1 s on 2 CPU cores
+    python -m tools.bench --model=gpt2          # the GPT-2 124M shape (50257-token vocabulary)
+    python -m tools.bench --device=cuda --compile=True --model=gpt2
+    python -m tools.bench --plan=True --model=llama3-8b --world_size=8 --gpu_gb=48   # memory per GPU, nothing allocated
+    python -m tools.bench --workload=instruction --block_size=512 --micro_batch=1     # padded rows, cropped or not
 
 Three variants, timed interleaved in one run (warm-up first, then the median of `repeats` steps each):
   sft       one model, AdamW, one forward/backward on the training batch
@@ -271,7 +271,7 @@ def main(argv):
         result['mfu'] = {name: flops_per_token[name] * tokens_per_second[name] / peak for name in built}
         result['matmul_peak_flops'] = peak
     if cfg.peak_rss:  # peak memory per variant: a fresh process each (CUDA: max allocated; CPU: peak RSS)
-        peaks = {name: json.loads(subprocess.run([sys.executable, __file__, *argv, f'--only={name}'],
+        peaks = {name: json.loads(subprocess.run([sys.executable, '-m', 'tools.bench', *argv, f'--only={name}'],
                                                  capture_output=True, text=True, check=True).stdout.splitlines()[-1])
                  for name in built}
         result['peak_rss_bytes'] = {name: p['peak_rss_bytes'] for name, p in peaks.items()}
