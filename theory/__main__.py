@@ -5,6 +5,7 @@ noisy losses and LISA's block-coordinate steps.
 
     python -m theory            # every check: a table, theory/results.json; exit status 1 if one misses
     python -m theory --quick    # the same checks on fewer problems and noisy runs (run_checks); tests/ calls it
+    python -m theory --plots    # and the lesson's five pictures, theory/figures/*.png (theory/plots.py; matplotlib)
 
 Problem Q2 (theory/README.md): S sources, ℓ_i(θ) = ½‖θ − c_i‖²_{A_i}, L_train(θ, s) = Σ_i s_i·ℓ_i(θ),
 s = softmax(p), L_val(θ) = ½‖θ − θ_val‖². Closed forms, with M(s) = Σ_i s_i·A_i:
@@ -100,6 +101,8 @@ def run_checks(instances=5, noisy_runs=8, growth_steps=2000):
         central_bias.append(slope(alphas, central))
         curves.setdefault('hypergradient_error_forward', bias)
         curves.setdefault('hypergradient_error_central', central)
+        curves.setdefault('weights_error', dist)
+        curves.setdefault('value_gap', gap)
         central_dist.append(slope(alphas, [(stationary_weights(
             lambda p: penalty_value_and_gradient(prob, p, a, central=True), 3)[0] - s_star).norm().item()
             for a in alphas]))
@@ -109,11 +112,11 @@ def run_checks(instances=5, noisy_runs=8, growth_steps=2000):
     check('non-realizable: F(s_alpha) - F* vs alpha, slope', -2.0, float(np.mean(gap_slopes)), 0.1)
     check('central difference: hypergradient error vs alpha, slope', -2.0, float(np.mean(central_bias)), 0.1)
     check('central difference: |s_alpha - s*| vs alpha, slope', -2.0, float(np.mean(central_dist)), 0.1)
-    curves['single_loop_error'] = single_loop_checks(check, instances)
+    curves.update(single_loop_checks(check, instances))
     source_logits_update_checks(check, instances)
     growing_penalty_checks(check, growth_steps)
-    stochastic_checks(check, noisy_runs)
-    lisa_checks(check, instances)
+    curves.update(stochastic_checks(check, noisy_runs))
+    curves.update(lisa_checks(check, instances))
     return rows, curves
 
 
@@ -140,7 +143,7 @@ def interior_instances(alpha, count=5, margin=0.15):
 def single_loop_checks(check, count):
     """bilevel.scalebio_step iterated with plain gradient steps at fixed α: linear convergence at the rate
     ρ(J) of the iteration's Jacobian, the p step size beyond which it fails, and the weights it returns.
-    Returns one error curve for the plot."""
+    Returns the first run's curves for the plots."""
     instances = [('realizable', 10.0, make_problem(0, case='realizable')),
                  ('scalar', 10.0, make_problem(0, case='scalar'))]
     nonrealizable = interior_instances(10.0, count)
@@ -153,7 +156,6 @@ def single_loop_checks(check, count):
         rho = equations_spectral_radius(prob, alpha, target, (*sizes, boundary / 2))
         state, errors = run_single_loop(prob, alpha, (*sizes, boundary / 2), 20000, target)
         errors = np.array(errors)
-        curve = curve or errors.tolist()
         window = np.nonzero((errors < 1e-4) & (errors > 1e-10))[0]
         rate = np.exp(np.polyfit(window, np.log(errors[window]), 1)[0])
         rate_ratios.append((1 - rate) / (1 - rho))
@@ -161,6 +163,7 @@ def single_loop_checks(check, count):
         to_penalty_solution.append((s_loop - s_alpha).abs().max().item())
         _, fast_errors = run_single_loop(prob, alpha, (*sizes, 2 * boundary), 2000, target)
         too_fast.append(fast_errors[-1] > 1e-2)  # it oscillates (a bounded cycle here) or diverges
+        curve = curve or dict(single_loop_error=errors.tolist(), single_loop_rho=rho, single_loop_too_fast=fast_errors)
         # plain gradient descent on L*_α(p) alone would be stable up to 2/λ_max of its Hessian
         hessian = logits_hessian(lambda q: penalty_value_and_gradient(prob, q, alpha)[1], target[2])
         versus_gd.append(boundary / (2 / torch.linalg.eigvalsh(hessian).max().item()))
@@ -213,7 +216,8 @@ def lisa_checks(check, count, n_blocks=4, n_active=2):
     copy trains n_active of them, switched every lisa_interval steps, p updated as without LISA. Copies that move
     the same blocks keep the penalty's fixed point (a block-coordinate step stops only where every block's
     gradient is zero) and their common motion cancels in ℓ(w) − ℓ(u); with independent draws it does not, and α
-    multiplies the difference. Merging the blocks that freeze moves the fixed point, whatever α."""
+    multiplies the difference. Merging the blocks that freeze moves the fixed point, whatever α.
+    Returns the distances and variances for the plots."""
     cfg = parse_config([f'--lisa_layers={n_active}'])
     rule = dict(lisa_blocks=n_blocks, lisa_layers=n_active, lisa_interval=cfg.lisa_interval, lisa_draw=cfg.lisa_draw,
                 lisa_merge_frozen=cfg.lisa_merge_frozen)
@@ -223,13 +227,13 @@ def lisa_checks(check, count, n_blocks=4, n_active=2):
         return [(run_source_logits_update(prob, alpha, cfg.source_logits_update, cfg.source_logits_lr, steps, cfg.central_difference,
                                    **{**rule, **change})[0] - torch.softmax(fixed_point(prob, alpha)[2], 0))
                 .abs().max().item() for prob in instances]
-    merged, independent = {}, {}
+    shared, merged, independent = {}, {}, {}
     for alpha in (10.0, 100.0, 1000.0):
         # twice train.py's horizon: half the coordinates move at a time, so the loop converges more slowly; what is
         # checked is where it converges to (at 1,500 steps one instance of 5 is still 1.6e-3 away at alpha = 10)
+        shared[alpha] = distances(alpha, 2 * cfg.max_steps)
         check(f"LISA {n_active} of {n_blocks}, train.py's rule, {2 * cfg.max_steps} steps: max |s - s_alpha| at "
-              f"alpha = {alpha:g}, {len(instances)} runs", 1e-3, max(distances(alpha, 2 * cfg.max_steps)), 0.0,
-              'at_most')
+              f"alpha = {alpha:g}, {len(instances)} runs", 1e-3, max(shared[alpha]), 0.0, 'at_most')
         merged[alpha] = distances(alpha, lisa_merge_frozen=True)
         check(f"LISA, frozen blocks merged: max |s - s_alpha| at alpha = {alpha:g}", 0.0, max(merged[alpha]), 0.0,
               'report')
@@ -243,7 +247,8 @@ def lisa_checks(check, count, n_blocks=4, n_active=2):
           float(np.mean(independent[1000.0]) / np.mean(independent[10.0])), 0.0, 'at_least')
     # noisy losses from the fixed point, p held: the copies' noisy steps cancel in p's gradient only when
     # they move the same blocks (variance flat in α), as the shared batch makes the losses' noise cancel
-    prob = make_problem(11)
+    prob, curves = make_problem(11), dict(lisa_alpha=[10.0, 100.0, 1000.0], lisa_shared=list(shared.values()),
+                                          lisa_merged=list(merged.values()), lisa_independent=list(independent.values()))
     for draw, predicted in (('shared', 0.0), ('independent', 2.0)):
         variances = []
         for alpha in (10.0, 100.0, 1000.0):
@@ -253,6 +258,8 @@ def lisa_checks(check, count, n_blocks=4, n_active=2):
             variances.append(gradients.var(dim=0).sum().item())
         check(f'LISA, {draw} draws, noisy losses: var(p-gradient) vs alpha, slope', predicted,
               slope([10.0, 100.0, 1000.0], variances), 0.2)
+        curves[f'lisa_noise_{draw}'] = variances
+    return curves
 
 
 def growing_penalty_checks(check, steps):
@@ -299,13 +306,13 @@ def growing_penalty_checks(check, steps):
 
 def stochastic_checks(check, runs, sigma=0.3):
     """Stochastic per-source losses ℓ_i(θ; ξ) = ½‖θ − c_i − ξ_i‖²_{A_i}, ξ ~ N(0, σ²): one draw per step,
-    shared by u and w as train.py shares its batch."""
+    shared by u and w as train.py shares its batch. Returns the variances and mean squares for the plots."""
     prob, alpha = make_problem(11), 10.0
     target = fixed_point(prob, alpha)
     s_alpha, s_star = torch.softmax(target[2], 0), optimum(prob, 'nonrealizable')
     gen = torch.Generator().manual_seed(0)
     # variance of p's gradient at the exact inner optima: flat in α when the draw is shared, ∝ α² if not
-    variance_slopes = {}
+    variance_slopes, curves = {}, {'noise_alpha': [10.0, 100.0, 1000.0]}
     for shared in (True, False):
         variances = []
         for a in (10.0, 100.0, 1000.0):
@@ -314,6 +321,7 @@ def stochastic_checks(check, runs, sigma=0.3):
                               None if shared else sigma * torch.randn(3, 4, generator=gen))[3] for _ in range(300)]
             variances.append(torch.stack(grads).var(dim=0).sum().item())
         variance_slopes[shared] = slope([10.0, 100.0, 1000.0], variances)
+        curves['noise_variance_shared' if shared else 'noise_variance_independent'] = variances
     check('noisy losses, one batch for both copies: var(p-gradient) vs alpha, slope', 0.0, variance_slopes[True], 0.2)
     check('noisy losses, a batch per copy: var(p-gradient) vs alpha, slope', 2.0, variance_slopes[False], 0.2)
     # steps ∝ 1/t at fixed α (from the fixed point, so only the noise moves it): E‖s_t − s_α‖² ∝ 1/t,
@@ -335,34 +343,20 @@ def stochastic_checks(check, runs, sigma=0.3):
     check('noisy losses, steps ~ 1/t: E|s_t - s_alpha|^2 vs t, slope', -1.0, slope(marks, to_alpha), 0.2)
     check('noisy losses: E|s_T - s*|^2 / (|s_alpha - s*|^2 + E|s_T - s_alpha|^2)', 1.0,
           to_star[-1] / (((s_alpha - s_star) ** 2).sum().item() + to_alpha[-1]), 0.3)
-
-
-def plot(curves, path):
-    """Bias against α and the single loop's error against iteration, where matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use('Agg')
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots (results.json has the numbers)")
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.loglog(curves['alpha'], curves['hypergradient_error_forward'], 'o-', label='forward (slope -1)')
-    left.loglog(curves['alpha'], curves['hypergradient_error_central'], 's-', label='central (slope -2)')
-    left.set(xlabel='alpha', ylabel='|p-gradient - hypergradient|', title='penalty bias')
-    left.legend()
-    right.semilogy(curves['single_loop_error'])
-    right.set(xlabel='step', ylabel='|z_t - z_alpha|', title='single loop at fixed alpha')
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"wrote {path}")
+    return dict(curves, noisy_steps=marks.tolist(), noisy_to_alpha=to_alpha.tolist(), noisy_to_star=to_star.tolist(),
+                noisy_bias_squared=((s_alpha - s_star) ** 2).sum().item())
 
 
 def main(argv):
-    unknown = [a for a in argv if a != '--quick']
+    unknown = [a for a in argv if a not in ('--quick', '--plots')]
     if unknown:
-        sys.exit(f"error: unknown argument(s) {' '.join(unknown)}; usage: python -m theory [--quick]")
-    rows, curves = run_checks(instances=3, noisy_runs=4, growth_steps=600) if argv else run_checks()
+        sys.exit(f"error: unknown argument(s) {' '.join(unknown)}; usage: python -m theory [--quick] [--plots]")
+    if '--plots' in argv:  # matplotlib is optional: say so before minutes of checks, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit("error: --plots needs matplotlib, which is not installed (pip install matplotlib)")
+    rows, curves = run_checks(instances=3, noisy_runs=4, growth_steps=600) if '--quick' in argv else run_checks()
     print(f"{'check':<84}{'predicted':>12}{'measured':>12}{'tolerance':>11}  pass")
     for r in rows:
         predicted = {'within': f"{r['predicted']:.3g}", 'at_most': f"<= {r['predicted']:.3g}",
@@ -374,7 +368,9 @@ def main(argv):
     with open(os.path.join(folder, 'results.json'), 'w') as f:
         json.dump({'checks': rows, 'curves': curves}, f, indent=2)
     print(f"wrote {os.path.join(folder, 'results.json')}")
-    plot(curves, os.path.join(folder, 'results.png'))
+    if '--plots' in argv:
+        from theory.plots import draw
+        draw(curves, os.path.join(folder, 'figures'))
     return 0 if all(r['passed'] for r in rows) else 1
 
 
