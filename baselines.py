@@ -23,9 +23,8 @@ import torch.distributed as dist
 
 from bilevel import check_finite, step_and_clear
 from checkpoint import load_best_model
-from data import rank_rows, train_batch
 from fsdp import gather_over_ranks
-from steps import clip_gradient, device_rows, model_objective, step_rows, validation_rows
+from steps import clip_gradient, device_rows, model_objective, rank_rows, step_rows, train_batch, validation_rows
 
 
 def irdro_row_weights(row_losses, temperature):
@@ -44,7 +43,7 @@ def _rank_and_world():
 
 def irdro_backward(model, x, y, n_sources, temperature, autocast):
     """Forward and backward of Σ_j w_j·ℓ_j over the GLOBAL batch (this rank holds its share of every
-    source's rows, as data.rank_rows cuts them), w = irdro_row_weights. Returns the weight each source
+    source's rows, as steps.rank_rows cuts them), w = irdro_row_weights. Returns the weight each source
     received in this step (its rows' w summed) and the per-source mean losses over the global batch."""
     rank, world_size = _rank_and_world()
     with autocast:
@@ -69,7 +68,7 @@ def _row_losses(model, x, y, autocast):
 
 def rholoss_backward(model, reference_model, x, y, n_sources, n_select, autocast):
     """x, y: the step's GLOBAL candidate batch (n_sources equal groups of rows), the same on every rank.
-    Each rank scores its share of the candidates (data.rank_rows), the scores are gathered, so every rank
+    Each rank scores its share of the candidates (steps.rank_rows), the scores are gathered, so every rank
     selects the same n_select examples with the largest reducible loss, and each rank trains on an equal
     share of them (forward and backward of their mean loss). Returns the fraction of the selected examples
     that came from each source, and the mean loss per source of all candidates."""
@@ -131,7 +130,7 @@ def rholoss_step(run, step, alpha):
 
 
 def clip_and_step(run, step, received, losses):
-    check_finite(source_losses=losses, gradient_norm=clip_gradient(run, run.models[0], run.cfg.grad_clip))
+    check_finite(source_losses=losses, gradient_norm=clip_gradient(run.models[0], run.cfg.grad_clip))
     step_and_clear(run.optimizers[0])
     return received_so_far(run, step, received, losses)
 

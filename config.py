@@ -62,7 +62,7 @@ class TrainConfig:
     # other methods on the same batches: stage two ('fixed') and baselines.py
     method: str = 'scalebio'        # 'scalebio' learns weights; 'fixed' uses given ones; baselines.py: 'irdro', 'rholoss'
     weights: str = 'uniform'        # fixed: 'uniform', 'val_only' (the val split alone) or a scalebio summary.json
-    sampling: str = 'proportional'  # fixed: rows per source in proportion to the weights (data.proportional_rows), or
+    sampling: str = 'proportional'  # fixed: rows per source in proportion to the weights (steps.proportional_rows), or
                                     # 'stratified': batch_per_source rows of each source, their losses weighted
     dro_temperature: float = 1.0    # irdro: τ in w ∝ exp(loss/τ) (the IR-DRO authors' default)
     reference: str = ''             # rholoss: the out_dir of a run whose best model gives irreducible losses

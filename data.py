@@ -25,12 +25,7 @@ Where the sources come from (`--data=...` in train.py):
   padded to block_size; an instruction record is rendered with PROMPT below and only its response tokens
   carry loss (targets -1 elsewhere), like the authors' --response_loss_only.
 
-ScaleBiO's batches are STRATIFIED: every training batch holds `batch_per_source` rows from EACH source, so
-every source's mean loss exists at every step. (The authors' code counts sources per micro-batch, so a rare
-source is often absent and silently gets zero weight.) Stage two draws as many rows in all, each source's in
-proportion to its weight (proportional_rows). The rows of step t are a pure function of
-(seed, split, t), not of a generator's running state: a resumed run, or a run split over any number of
-processes, sees exactly the same global batch at every step.
+The batches drawn from them, step by step, are steps.py's.
 """
 import json
 import math
@@ -41,8 +36,6 @@ import numpy as np
 import torch
 
 BUILTIN_TASKS = ('denoise', 'noise_ladder', 'mixture', 'dilution', 'lengths')
-# the second entry of every random key, so that different splits never share a random stream
-TRAIN_KEY, VAL_KEY, EVAL_KEY = 0, 1, 2
 
 
 @dataclass
@@ -361,61 +354,6 @@ def load_data(data, block_size, seed, tokenizer=BYTES):
         return source_data
     names, kind = data_files(data)
     return (text_folder if kind == 'text' else json_folder)(data, names, block_size, tokenizer)
-
-
-# ----------------------------------------------------------------------------------------------
-# batches
-
-def _rows(tokens, n_rows, block_size, rng):
-    """n_rows random rows -> inputs x and next-token targets y, (n_rows, T): windows of block_size+1
-    tokens of a stream, or whole examples."""
-    if tokens.ndim == 3:
-        examples = torch.from_numpy(tokens[rng.integers(0, len(tokens), n_rows)])
-        return examples[:, 0], examples[:, 1]
-    starts = rng.integers(0, len(tokens) - block_size, n_rows)
-    windows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
-    return windows[:, :-1], windows[:, 1:]
-
-
-def train_batch(data, step, rows_per_source, block_size, seed):
-    """The global training batch of `step`, source after source: rows_per_source[i] rows from source i, or, for
-    an int B, B rows from each (the stratified batch: rows [i*B, (i+1)*B) come from source i)."""
-    rng = np.random.default_rng([seed, TRAIN_KEY, step])
-    counts = [rows_per_source] * len(data.train) if isinstance(rows_per_source, int) else rows_per_source
-    xs, ys = zip(*(_rows(tokens, n, block_size, rng) for tokens, n in zip(data.train, counts)))
-    return torch.cat(xs), torch.cat(ys)
-
-
-def proportional_rows(weights, n_rows):
-    """Rows per source out of n_rows, in proportion to the weights λ (on the simplex; stage two as the paper runs
-    it): each source gets ⌊λ_i·n⌋, and the rows left over go to the largest remainders (Hamilton's method), ties
-    to the earlier source. Equal weights give every source n / S rows, the stratified batch. The counts are the
-    same at every step, so each source's share is λ_i rounded to a multiple of 1/n, never more than 1/n off."""
-    exact = [float(w) * n_rows for w in weights]
-    counts = [math.floor(x + 1e-9) for x in exact]  # 1e-9: 1/3·48 may be 15.999999999999998
-    by_remainder = sorted(range(len(counts)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in by_remainder[:n_rows - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def validation_batch(data, step, n_rows, block_size, seed):
-    """The validation batch of `step`, for the upper-level objective L_val."""
-    return _rows(data.val, n_rows, block_size, np.random.default_rng([seed, VAL_KEY, step]))
-
-
-def evaluation_batches(data, split, n_batches, n_rows, block_size, seed):
-    """A fixed list of batches for evaluation: split is 'val', 'test' or a source's name."""
-    tokens = {'val': data.val, 'test': data.test, **dict(zip(data.sources, data.train))}[split]
-    split_index = (['val', 'test'] + data.sources).index(split)
-    return [_rows(tokens, n_rows, block_size, np.random.default_rng([seed, EVAL_KEY, split_index, k]))
-            for k in range(n_batches)]
-
-
-def rank_rows(batch, n_groups, rank, world_size):
-    """This process's slice of a global batch made of n_groups equal groups of rows (the sources): the same
-    share of every group, so per-source means averaged over processes are means over the global batch."""
-    return batch.view(n_groups, world_size, -1, batch.size(-1))[:, rank].reshape(-1, batch.size(-1))
 
 
 def fixed_weights(spec, sources):

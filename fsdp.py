@@ -170,14 +170,6 @@ def merge_over_ranks(pieces):
     return {k: v for piece in gathered for k, v in piece.items()}
 
 
-def mean_over_ranks(tensor):
-    """The mean of a tensor over ranks, in place (gloo has no AVG reduction, hence SUM then divide)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
 def gather_over_ranks(tensor):
     """Every rank's tensor, stacked in rank order: shape (world_size, *tensor.shape)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -202,8 +194,18 @@ def optimizer_state_bytes(optimizer):
     return local_bytes(t for state in optimizer.state.values() for name, t in state.items() if name != 'step')
 
 
+def record_gradient_peak(run):
+    """Keeps run.grad_bytes at the most gradient bytes this rank holds at once, all copies together: read just before
+    each model optimizer's step, when the gradients of a step are complete (both copies', or one with --lower_first)."""
+    def before_step(optimizer, args, kwargs):
+        alive = local_bytes(p.grad for m in run.models for p in m.parameters() if p.grad is not None)
+        run.grad_bytes = max(run.grad_bytes, alive)
+    for optimizer in run.optimizers:
+        optimizer.register_step_pre_hook(before_step)
+
+
 def rank_bytes(models, optimizers, grad_bytes):
     """What this rank holds for the models (local shards): parameters, gradients at their peak (recorded by
-    steps.clip_gradient once each backward is done), Adam moments."""
+    record_gradient_peak), Adam moments."""
     return {'parameters': sum(local_bytes(m.parameters()) for m in models), 'gradients': grad_bytes,
             'optimizer_state': sum(optimizer_state_bytes(o) for o in optimizers)}

@@ -1,27 +1,42 @@
 """
-One training step of ScaleBiO on two GPT copies: the wiring that turns the models, their optimizers and a
-batch into bilevel.scalebio_step, which knows nothing of GPTs. The baselines' steps (baselines.py) have the
-same signature, `step(run, step, alpha) -> dict`, so train.py's loop calls whichever --method names.
+One ScaleBiO step on two GPT copies, and the rows it sees. scalebio_train_step (train.py's loop calls it) takes
+this rank's rows of the step's batches; scalebio_gpt_step wires the copies, their optimizers and p into
+bilevel.scalebio_step, which knows nothing of GPTs; model_objective is the callback it runs for each copy. The
+baselines' steps (baselines.py) have the same signature, `step(run, step, alpha) -> dict`, so train.py's loop
+calls whichever --method names.
+
+ScaleBiO's batches are STRATIFIED: every training batch holds `batch_per_source` rows from EACH source, so
+every source's mean loss exists at every step. (The authors' code counts sources per micro-batch, so a rare
+source is often absent and silently gets zero weight.) Stage two draws as many rows in all, each source's in
+proportion to its weight (proportional_rows). The rows of step t are a pure function of
+(seed, split, t), not of a generator's running state: a resumed run, or a run split over any number of
+processes, sees exactly the same global batch at every step.
 
 A `Run` holds what a step needs: the config, the model copies, their optimizers and p. train.py builds one
 for a training run; tools/bench.py builds one to time the same step.
 """
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from bilevel import check_finite, scalebio_step, step_and_clear
 from config import TrainConfig
-from data import rank_rows, train_batch, validation_batch
-from fsdp import full, local_bytes, mean_over_ranks
 from model import target_counts
+
+# the second entry of every random key, so that different splits never share a random stream
+TRAIN_KEY, VAL_KEY, EVAL_KEY = 0, 1, 2
 
 
 @dataclass
+
+
 class Run:
-    """What a step reads and updates; the fields after grad_bytes are train.py's own bookkeeping."""
+    """What a step reads and updates; the fields after received_sum are train.py's own bookkeeping."""
     cfg: TrainConfig
     models: list                        # [lower_model u, upper_model w] for ScaleBiO; [model] for a baseline
     optimizers: list = None             # AdamW, one per model copy
@@ -37,8 +52,8 @@ class Run:
     rows_per_source: list = None        # fixed, --sampling=proportional: each step's rows from each source
     reference_model: torch.nn.Module = None  # rholoss: the model whose losses are irreducible
     received_sum: torch.Tensor = None   # baselines: the share of each step each source received, summed
-    grad_bytes: int = 0                 # the most gradient bytes alive at once, all copies together
     # train.py's bookkeeping
+    grad_bytes: int = 0                 # the most gradient bytes alive at once, all copies (fsdp.record_gradient_peak)
     model_config: object = None         # model.GPTConfig of both copies
     eval_sets: dict = None              # split -> fixed evaluation batches
     data_fingerprint: dict = None       # rank 0: the data's files, sizes and SHA-256s (checkpoint.data_fingerprint)
@@ -48,41 +63,36 @@ class Run:
     train_time: float = 0.0             # seconds spent in steps (not evaluation or checkpoints)
 
 
-def step_rows(run, step, rows_per_source=None):
-    """This rank's rows of the step's global training batch (data.train_batch), the same global batch for any
-    number of processes: batch_per_source rows from each source, each rank taking its share of every source's;
-    or rows_per_source[i] from source i, each rank taking an equal share of the whole batch. On the host:
-    model_objective crops each forward's rows there and moves them to the device."""
-    cfg, n_groups = run.cfg, 1 if rows_per_source else len(run.data.sources)
-    rows = train_batch(run.data, step, rows_per_source or cfg.batch_per_source, cfg.block_size, cfg.seed)
-    return [rank_rows(t, n_groups, run.rank, run.world_size) for t in rows]
+# ----------------------------------------------------------------------------------------------
+# the step
 
 
-def validation_rows(run, step, n_rows):
-    """This rank's rows of the step's validation batch of n_rows rows (data.validation_batch), on the host."""
-    cfg = run.cfg
-    rows = validation_batch(run.data, step, n_rows, cfg.block_size, cfg.seed)
-    return [rank_rows(t, 1, run.rank, run.world_size) for t in rows]
+def scalebio_train_step(run, step, alpha):
+    """ScaleBiO's step of train.py's loop: this rank's rows of the step's batches, then scalebio_gpt_step.
+    Returns λ = softmax(p) after the update, and L_val(w) for the progress bar."""
+    x, y = step_rows(run, step)
+    val_x, val_y = validation_rows(run, step, run.cfg.val_batch)
+    result = scalebio_gpt_step(run, x, y, val_x, val_y, alpha)
+    return {'weights': torch.softmax(run.source_logits.detach(), 0), 'loss': result['val_loss']}
 
 
-def crop_to_targets(x, y, multiple=1):
-    """Rows x, y (B, T) cut after the last position at which any row has a target (not -1), the length rounded
-    up to `multiple` (at most T). Every row's loss is unchanged: attention is causal, so no kept position sees a
-    cut one, and a cut position has no target. Right-padded instruction rows then cost the batch's longest row,
-    not block_size (the ScaleBiO and LMFlow trainers pad each micro-batch to its longest row for the same
-    reason). Meant for rows still on the host, where finding the length costs no device sync."""
-    has_target = (y != -1).any(dim=0).nonzero()
-    length = int(has_target[-1]) + 1 if len(has_target) else 1
-    length = min(x.size(1), -(-length // multiple) * multiple)
-    return x[:, :length], y[:, :length]
-
-
-def device_rows(run, x, y):
-    """Host rows x, y for one forward, cropped to the longest row's last target (--crop_padding, crop_to_targets)
-    and moved to the run's device."""
-    if run.cfg.crop_padding:  # compiled blocks: lengths in multiples of 64, so at most block_size / 64 graphs
-        x, y = crop_to_targets(x, y, 64 if run.cfg.compile else 1)
-    return x.to(run.device), y.to(run.device)
+def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
+    """bilevel.scalebio_step on the run's two GPT copies and p, with this rank's rows of one training batch
+    (shared by both copies) and of one validation batch. Returns scalebio_step's dict."""
+    cfg, (lower_model, upper_model), n_sources = run.cfg, run.models, run.source_logits.numel()
+    lower_optimizer, upper_optimizer = run.optimizers
+    lower_val = (val_x, val_y) if cfg.central_difference else (None, None)  # u descends α·L_train − L_val
+    # both copies' gradients carry the factor α (α·∇L_train), so the threshold scales with it, as the authors clip at
+    # α (their second release, --clip_model): it bounds a spike of the loss, where a fixed threshold would clip more
+    # of the ordinary steps the larger α is
+    max_norm = cfg.grad_clip * alpha
+    # --lower_first: u steps before w's forward, so one copy's gradients exist at a time. The same numbers (w's
+    # objective never reads u), but a non-finite loss of w is found after u has stepped
+    lower_objective = model_objective(run, lower_model, x, y, *lower_val, n_sources, max_norm, 'lower',
+                                      update_now=lower_optimizer if cfg.lower_first else None)
+    upper_objective = model_objective(run, upper_model, x, y, val_x, val_y, n_sources, max_norm, 'upper')
+    return scalebio_step(run.source_logits, alpha, lower_objective, upper_objective,
+                         lower_optimizer, upper_optimizer, run.source_logits_optimizer, cfg.central_difference)
 
 
 def model_objective(run, model, x, y, val_x, val_y, n_groups, max_norm, name='model', update_now=None):
@@ -126,7 +136,7 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups, max_norm, name='mo
             total.backward()
             source_losses = source_losses + piece.detach()
         source_losses, val_loss = mean_over_ranks(source_losses), mean_over_ranks(val_loss) if val_coeff else None
-        checks = {f'{name}_gradient_norm': clip_gradient(run, model, max_norm)}
+        checks = {f'{name}_gradient_norm': clip_gradient(model, max_norm)}
         if update_now is not None:
             check_finite(**{f'{name}_losses': source_losses, f'{name}_val_loss': val_loss}, **checks)
             step_and_clear(update_now)
@@ -134,40 +144,112 @@ def model_objective(run, model, x, y, val_x, val_y, n_groups, max_norm, name='mo
     return objective
 
 
-def clip_gradient(run, model, max_norm):
+def clip_gradient(model, max_norm):
     """Clips the model's gradient norm to max_norm (0: only measures it) and returns the norm, for the caller to
     check with the losses (a finite loss can still give a NaN gradient: clipping by a NaN norm makes every
     gradient NaN). No host read here: the checks of a step are read back once (bilevel.check_finite)."""
     grads = [p for p in model.parameters() if p.grad is not None]
-    alive = local_bytes(p.grad for m in run.models for p in m.parameters() if p.grad is not None)
-    run.grad_bytes = max(run.grad_bytes, alive)  # a copy's backward has just ended: gradients at a peak
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else math.inf)
-    return full(norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded gradients give a sharded norm
 
 
-def scalebio_train_step(run, step, alpha):
-    """ScaleBiO's step of train.py's loop: this rank's rows of the step's batches, then scalebio_gpt_step.
-    Returns λ = softmax(p) after the update, and L_val(w) for the progress bar."""
-    x, y = step_rows(run, step)
-    val_x, val_y = validation_rows(run, step, run.cfg.val_batch)
-    result = scalebio_gpt_step(run, x, y, val_x, val_y, alpha)
-    return {'weights': torch.softmax(run.source_logits.detach(), 0), 'loss': result['val_loss']}
+def device_rows(run, x, y):
+    """Host rows x, y for one forward, cropped to the longest row's last target (--crop_padding, crop_to_targets)
+    and moved to the run's device."""
+    if run.cfg.crop_padding:  # compiled blocks: lengths in multiples of 64, so at most block_size / 64 graphs
+        x, y = crop_to_targets(x, y, 64 if run.cfg.compile else 1)
+    return x.to(run.device), y.to(run.device)
 
 
-def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
-    """bilevel.scalebio_step on the run's two GPT copies and p, with this rank's rows of one training batch
-    (shared by both copies) and of one validation batch. Returns scalebio_step's dict."""
-    cfg, (lower_model, upper_model), n_sources = run.cfg, run.models, run.source_logits.numel()
-    lower_optimizer, upper_optimizer = run.optimizers
-    lower_val = (val_x, val_y) if cfg.central_difference else (None, None)  # u descends α·L_train − L_val
-    # both copies' gradients carry the factor α (α·∇L_train), so the threshold scales with it, as the authors clip at
-    # α (their second release, --clip_model): it bounds a spike of the loss, where a fixed threshold would clip more
-    # of the ordinary steps the larger α is
-    max_norm = cfg.grad_clip * alpha
-    # --lower_first: u steps before w's forward, so one copy's gradients exist at a time. The same numbers (w's
-    # objective never reads u), but a non-finite loss of w is found after u has stepped
-    lower_objective = model_objective(run, lower_model, x, y, *lower_val, n_sources, max_norm, 'lower',
-                                      update_now=lower_optimizer if cfg.lower_first else None)
-    upper_objective = model_objective(run, upper_model, x, y, val_x, val_y, n_sources, max_norm, 'upper')
-    return scalebio_step(run.source_logits, alpha, lower_objective, upper_objective,
-                         lower_optimizer, upper_optimizer, run.source_logits_optimizer, cfg.central_difference)
+def crop_to_targets(x, y, multiple=1):
+    """Rows x, y (B, T) cut after the last position at which any row has a target (not -1), the length rounded
+    up to `multiple` (at most T). Every row's loss is unchanged: attention is causal, so no kept position sees a
+    cut one, and a cut position has no target. Right-padded instruction rows then cost the batch's longest row,
+    not block_size (the ScaleBiO and LMFlow trainers pad each micro-batch to its longest row for the same
+    reason). Meant for rows still on the host, where finding the length costs no device sync."""
+    has_target = (y != -1).any(dim=0).nonzero()
+    length = int(has_target[-1]) + 1 if len(has_target) else 1
+    length = min(x.size(1), -(-length // multiple) * multiple)
+    return x[:, :length], y[:, :length]
+
+
+def mean_over_ranks(tensor):
+    """The mean of a tensor over ranks, in place (gloo has no AVG reduction, hence SUM then divide): each rank
+    holds its rows' losses, and their mean is the global batch's."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# the rows of a step: pure functions of (seed, split, step), the same global batch for any number of processes
+
+
+def step_rows(run, step, rows_per_source=None):
+    """This rank's rows of the step's global training batch (train_batch), the same global batch for any
+    number of processes: batch_per_source rows from each source, each rank taking its share of every source's;
+    or rows_per_source[i] from source i, each rank taking an equal share of the whole batch. On the host:
+    model_objective crops each forward's rows there and moves them to the device."""
+    cfg, n_groups = run.cfg, 1 if rows_per_source else len(run.data.sources)
+    rows = train_batch(run.data, step, rows_per_source or cfg.batch_per_source, cfg.block_size, cfg.seed)
+    return [rank_rows(t, n_groups, run.rank, run.world_size) for t in rows]
+
+
+def validation_rows(run, step, n_rows):
+    """This rank's rows of the step's validation batch of n_rows rows (validation_batch), on the host."""
+    cfg = run.cfg
+    rows = validation_batch(run.data, step, n_rows, cfg.block_size, cfg.seed)
+    return [rank_rows(t, 1, run.rank, run.world_size) for t in rows]
+
+
+def train_batch(data, step, rows_per_source, block_size, seed):
+    """The global training batch of `step`, source after source: rows_per_source[i] rows from source i, or, for
+    an int B, B rows from each (the stratified batch: rows [i*B, (i+1)*B) come from source i)."""
+    rng = np.random.default_rng([seed, TRAIN_KEY, step])
+    counts = [rows_per_source] * len(data.train) if isinstance(rows_per_source, int) else rows_per_source
+    xs, ys = zip(*(_rows(tokens, n, block_size, rng) for tokens, n in zip(data.train, counts)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def validation_batch(data, step, n_rows, block_size, seed):
+    """The validation batch of `step`, for the upper-level objective L_val."""
+    return _rows(data.val, n_rows, block_size, np.random.default_rng([seed, VAL_KEY, step]))
+
+
+def rank_rows(batch, n_groups, rank, world_size):
+    """This process's slice of a global batch made of n_groups equal groups of rows (the sources): the same
+    share of every group, so per-source means averaged over processes are means over the global batch."""
+    return batch.view(n_groups, world_size, -1, batch.size(-1))[:, rank].reshape(-1, batch.size(-1))
+
+
+def _rows(tokens, n_rows, block_size, rng):
+    """n_rows random rows -> inputs x and next-token targets y, (n_rows, T): windows of block_size+1
+    tokens of a stream, or whole examples."""
+    if tokens.ndim == 3:
+        examples = torch.from_numpy(tokens[rng.integers(0, len(tokens), n_rows)])
+        return examples[:, 0], examples[:, 1]
+    starts = rng.integers(0, len(tokens) - block_size, n_rows)
+    windows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    return windows[:, :-1], windows[:, 1:]
+
+
+def proportional_rows(weights, n_rows):
+    """Rows per source out of n_rows, in proportion to the weights λ (on the simplex; stage two as the paper runs
+    it): each source gets ⌊λ_i·n⌋, and the rows left over go to the largest remainders (Hamilton's method), ties
+    to the earlier source. Equal weights give every source n / S rows, the stratified batch. The counts are the
+    same at every step, so each source's share is λ_i rounded to a multiple of 1/n, never more than 1/n off."""
+    exact = [float(w) * n_rows for w in weights]
+    counts = [math.floor(x + 1e-9) for x in exact]  # 1e-9: 1/3·48 may be 15.999999999999998
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:n_rows - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def evaluation_batches(data, split, n_batches, n_rows, block_size, seed):
+    """A fixed list of batches for evaluation: split is 'val', 'test' or a source's name."""
+    tokens = {'val': data.val, 'test': data.test, **dict(zip(data.sources, data.train))}[split]
+    split_index = (['val', 'test'] + data.sources).index(split)
+    return [_rows(tokens, n_rows, block_size, np.random.default_rng([seed, EVAL_KEY, split_index, k]))
+            for k in range(n_batches)]

@@ -40,15 +40,15 @@ from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint,
                         own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
                         signals_stop_at_next_step, trim_log)
 from config import micro_steps, parse_config
-from data import (TOKENIZER_FILES, evaluation_batches, fixed_weights, load_data, load_tokenizer,
-                  proportional_rows, rank_rows)
-from fsdp import (copy_shards, end_distributed, fill, init_distributed, mean_over_ranks, peer_error, rank0_decides,
-                  rank_bytes, shard, warm_up)
+from data import TOKENIZER_FILES, fixed_weights, load_data, load_tokenizer
+from fsdp import (copy_shards, end_distributed, fill, init_distributed, peer_error, rank0_decides,
+                  rank_bytes, record_gradient_peak, shard, warm_up)
 from lisa import set_lisa_blocks
 from hf import export_pretrained, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
 from plan import check_run_memory
-from steps import Run, device_rows, scalebio_train_step, validation_rows
+from steps import (Run, device_rows, evaluation_batches, mean_over_ranks, proportional_rows, rank_rows,
+                   scalebio_train_step, validation_rows)
 
 
 # --method: the step the loop calls, each step(run, step, alpha) -> {'weights', 'loss'}
@@ -147,6 +147,7 @@ def build_run(cfg, processes):
               micro_steps=micro, data=data, device=device, rank=rank, world_size=world_size,
               received_sum=torch.zeros(len(data.sources), device=device, dtype=dtype), model_config=model_config,
               data_fingerprint=fingerprint)
+    record_gradient_peak(run)  # the summary's gradient bytes per rank
     for model in models if sharded else []:  # on a validation row: no method sees a source it must not
         warm_up(model, validation_rows(run, 0, world_size)[0].to(device))
     if cfg.method == 'fixed' and cfg.weights != 'val_only':

@@ -6,7 +6,7 @@ import torch
 import steps
 import train
 from baselines import irdro_row_weights, rholoss_select
-from data import proportional_rows, train_batch as data_train_batch
+from steps import proportional_rows, train_batch as data_train_batch
 from config import METHODS
 from test_train import assert_same_state, final_state, run
 

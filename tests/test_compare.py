@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tools import compare
-from data import proportional_rows
+from steps import proportional_rows
 
 
 def test_grid_covers_the_simplex():

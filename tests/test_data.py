@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import builtin_task, evaluation_batches, load_data, train_batch, validation_batch
+from data import builtin_task, load_data
+from steps import evaluation_batches, train_batch, validation_batch
 
 
 def test_stratified_batch_holds_every_source_in_blocks():

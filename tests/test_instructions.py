@@ -12,7 +12,8 @@ import torch
 import train
 from config import TrainConfig
 from steps import Run, model_objective
-from data import BYTES, PROMPT, load_data, train_batch
+from data import BYTES, PROMPT, load_data
+from steps import train_batch
 from model import GPT, GPTConfig
 
 ROOT = __file__.rsplit('/tests/', 1)[0]

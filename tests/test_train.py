@@ -11,7 +11,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import train
 from checkpoint import read_meta
-from data import proportional_rows
+from steps import proportional_rows
 from hf import export_pretrained, from_pretrained
 from model import GPT, GPTConfig, make_model
 from plan import state_plan

@@ -35,7 +35,7 @@ import torch
 
 from bilevel import make_source_logits_optimizer, step_and_clear
 from config import override, parse_config
-from fsdp import local_bytes, optimizer_state_bytes
+from fsdp import local_bytes, optimizer_state_bytes, record_gradient_peak
 from lisa import set_lisa_blocks
 from model import MODEL_PRESETS, GPTConfig, make_model, make_optimizer
 from plan import deepest_fitting, print_lever_table, state_plan
@@ -114,6 +114,7 @@ def build(cfg, device, lisa_layers, crop_padding=True, logits_at_targets=True):
               autocast=torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.enable_grad(),
               fixed_weights=torch.full((cfg.n_sources,), 1.0 / cfg.n_sources, device=device),
               micro_steps=cfg.batch_per_source // cfg.micro_batch if cfg.micro_batch else 1)
+    record_gradient_peak(run)
     gen = torch.Generator().manual_seed(0)
 
     def batch(rows):
