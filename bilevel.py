@@ -41,12 +41,7 @@ def source_logits_gradient(weights, upper_losses, lower_losses, penalty_alpha, m
     so  ∇_p = α·J·d = α·λ ⊙ (d − λᵀd).  No second-order term: the losses are numbers here, not graphs.
     A source on which w (which also sees the validation data) does better than u (which sees only the
     training mixture) has d_i < 0 and gains weight.
-
-    mirror=True returns α·(d − λᵀd) instead: the gradient in λ (centred; softmax ignores shifts of p).
-    A plain step p ← p − η·α·(d − λᵀd) is then λ ← λ ⊙ exp(−η·α·d) / Z, mirror descent on the simplex
-    with the entropy (exponentiated gradient, Kivinen & Warmuth 1997; DoReMi's domain-weight update, Xie
-    et al. 2023, arXiv 2305.10429). It lacks ∇_p's factor λ_i, so a source near weight 0 still feels its
-    gradient and can come back, where gradient steps on p stall at a vertex.
+    mirror=True returns α·(d − λᵀd), the gradient in λ, for mirror descent (SOURCE_LOGITS_UPDATES['mirror']).
     """
     d = upper_losses - lower_losses
     centred = penalty_alpha * (d - (weights * d).sum())
@@ -67,19 +62,14 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
     """One ScaleBiO iteration: the three update lines at the top of this file, all gradients at (u_k, w_k, p_k).
 
     lower_objective, upper_objective(source_coeffs, val_coeff): for one model copy on the step's shared batch,
-        run forward and backward of Σ_i source_coeffs[i]·ℓ_i(model) + val_coeff·L_val(model), leaving the
-        gradient in the model, and return the detached per-source losses ℓ(model), shape (S,), L_val(model)
-        (None when val_coeff == 0), and a dict of further values that must be finite (a gradient norm).
-    lower_optimizer, upper_optimizer, source_logits_optimizer: applied to the gradients left behind, which are
-        then dropped; p's optimizer comes from make_source_logits_optimizer (its param group says whether p's
-        gradient is taken in λ, for mirror descent).
-    central_difference: an option of ours. The p-gradient above is a forward difference in σ = 1/α (Chen et al.,
-        arXiv 2509.02937), [ℓ(σ) − ℓ(0)]/σ with ℓ(σ) the losses at argmin_θ σ·L_val + L_train: bias O(1/α).
-        The central one, [ℓ(σ) − ℓ(−σ)]/(2σ), has bias O(1/α²): u then descends α·L_train − L_val and p's
-        gradient is (α/2)·J·(ℓ(w) − ℓ(u)). It needs α·L_train − L_val bounded below, which theory/ checks on
-        quadratics and which need not hold for a language model (train.py's guard).
-    Returns the losses the step saw. Raises FloatingPointError before any update if a loss or a further value
-    is not finite (one host read for all of them).
+        backward of Σ_i source_coeffs[i]·ℓ_i + val_coeff·L_val, the gradient left in the model; returns ℓ (S,),
+        L_val (None when val_coeff == 0) and a dict of further values that must be finite (a gradient norm).
+    The optimizers are applied to the gradients left behind; p's (make_source_logits_optimizer) says whether its
+        gradient is taken in λ, for mirror descent.
+    central_difference (ours): p's gradient above is a forward difference in σ = 1/α (arXiv 2509.02937), bias
+        O(1/α); the central one has bias O(1/α²): u descends α·L_train − L_val and p's gradient is
+        (α/2)·J·(ℓ(w) − ℓ(u)). It needs α·L_train − L_val bounded below, which a language model need not be.
+    Raises FloatingPointError before any update if a value is not finite (one host read for all of them).
     """
     weights = torch.softmax(source_logits.detach(), dim=0)
     # ∇_u α·L_train(u, λ)  [central: − L_val(u)]
@@ -109,8 +99,11 @@ SOURCE_LOGITS_UPDATES = {
     # weight decay on p is torch's default 0.01 by accident (p's optimizer is built before weight decay is set)
     # and pulls p towards uniform weights; here it is --source_logits_weight_decay, 0 by default
     'adam': dict(optimizer='adam', lr=1e-2, mirror=False),
-    # an option of ours: exponentiated gradient on the simplex (source_logits_gradient's mirror=True); its step shrinks
-    # with p's gradient, which α multiplies, so its rate must shrink as α grows (docs/results.md)
+    # an option of ours: a plain step on the gradient in λ, p ← p − η·α·(d − λᵀd), is λ ← λ ⊙ exp(−η·α·d) / Z,
+    # mirror descent on the simplex with the entropy (exponentiated gradient, Kivinen & Warmuth 1997; DoReMi's
+    # domain-weight update, arXiv 2305.10429). It lacks ∇_p's factor λ_i, so a source near weight 0 still feels its
+    # gradient and can come back, where steps on p stall at a vertex. Its step grows with α, so its rate must
+    # shrink as α grows (docs/results.md)
     'mirror': dict(optimizer='sgd', lr=0.1, mirror=True),
 }
 
@@ -137,15 +130,10 @@ def step_and_clear(optimizer):
 
 
 def penalty_schedule(step, penalty_alpha, alpha_growth=1.0, alpha_interval=0):
-    """α at `step`, and the factor for every step size.
-
-    Constant α by default (all of the authors' released runs: 10 for GPT-2, 100 for 8B-34B models).
-    Optionally α is multiplied by τ = alpha_growth every `alpha_interval` steps, and the step sizes of u
-    and w are divided by the same factor (the authors' τ schedule): their gradients scale with α, so a plain
-    gradient step needs η ∝ 1/α to stay stable (Adam is scale-invariant and is only slowed down).
-    p's step size is NOT divided, unlike the authors': p's gradient estimates the hypergradient, O(1) in α,
-    and on theory/'s quadratics dividing it stalled p after a few growths (python -m theory).
-    """
+    """α at `step`, and the factor for u's and w's step sizes. Constant α by default (all of the authors' released
+    runs); optionally α × τ every alpha_interval steps with u's and w's steps ÷ τ (the authors' τ schedule: their
+    gradients scale with α). p's step is not divided, unlike the authors': its gradient estimates the
+    hypergradient, O(1) in α, and on theory/'s quadratics dividing it stalled p after a few growths."""
     if alpha_interval <= 0 or alpha_growth == 1.0:
         return penalty_alpha, 1.0
     growth = alpha_growth ** (step // alpha_interval)

@@ -66,7 +66,6 @@ class Run:
 # ----------------------------------------------------------------------------------------------
 # the step
 
-
 def scalebio_train_step(run, step, alpha):
     """ScaleBiO's step of train.py's loop: this rank's rows of the step's batches, then scalebio_gpt_step.
     Returns λ = softmax(p) after the update, and L_val(w) for the progress bar."""
@@ -82,9 +81,8 @@ def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
     cfg, (lower_model, upper_model), n_sources = run.cfg, run.models, run.source_logits.numel()
     lower_optimizer, upper_optimizer = run.optimizers
     lower_val = (val_x, val_y) if cfg.central_difference else (None, None)  # u descends α·L_train − L_val
-    # both copies' gradients carry the factor α (α·∇L_train), so the threshold scales with it, as the authors clip at
-    # α (their second release, --clip_model): it bounds a spike of the loss, where a fixed threshold would clip more
-    # of the ordinary steps the larger α is
+    # both copies' gradients carry the factor α, so the threshold scales with it, as the authors clip at α (their
+    # second release, --clip_model): a fixed threshold would clip more of the ordinary steps the larger α is
     max_norm = cfg.grad_clip * alpha
     # --lower_first: u steps before w's forward, so one copy's gradients exist at a time. The same numbers (w's
     # objective never reads u), but a non-finite loss of w is found after u has stepped
@@ -96,14 +94,12 @@ def scalebio_gpt_step(run, x, y, val_x, val_y, alpha):
 
 
 def model_objective(run, model, x, y, val_x, val_y, n_groups, max_norm, name='model', update_now=None):
-    """The objective callable of bilevel.scalebio_step for one model on this rank's rows x, y (n_groups equal
-    groups of rows, one per source, on the host) and val_x, val_y: backward of Σ_i coeff_i·ℓ_i + val_coeff·L_val in
-    run.micro_steps pieces, then the gradient clipped at max_norm. Returns ℓ and L_val averaged over ranks (FSDP
-    averages the gradients itself; p's gradient must be the same on every rank) and {'<name>_gradient_norm'}.
-    ℓ_i, with --source_loss=token, is source i's token sum over the global batch's tokens per source, so every
-    token weighs λ_i alike whichever source's answers are longer (data.py's `lengths` task); with 'example', the
-    mean of its rows' token means. update_now: an optimizer applied at once, once the values are checked
-    (--lower_first; bilevel.scalebio_step then finds no gradient left to apply)."""
+    """bilevel.scalebio_step's objective for one model on this rank's host rows x, y (n_groups equal groups, one
+    per source) and val_x, val_y: backward in run.micro_steps pieces, the gradient clipped at max_norm; ℓ and L_val
+    averaged over ranks (FSDP averages the gradients itself; p's gradient must agree on every rank). ℓ_i, with
+    --source_loss=token, is source i's token sum over the global batch's tokens per source, so every token weighs
+    λ_i alike; with 'example', the mean of its rows' token means. update_now: an optimizer applied as soon as the
+    values are checked (--lower_first; scalebio_step then finds no gradient left to apply)."""
     micro_steps, token_mean, device = run.micro_steps, run.cfg.source_loss == 'token', run.device
 
     def objective(source_coeffs, val_coeff):
@@ -162,11 +158,9 @@ def device_rows(run, x, y):
 
 
 def crop_to_targets(x, y, multiple=1):
-    """Rows x, y (B, T) cut after the last position at which any row has a target (not -1), the length rounded
-    up to `multiple` (at most T). Every row's loss is unchanged: attention is causal, so no kept position sees a
-    cut one, and a cut position has no target. Right-padded instruction rows then cost the batch's longest row,
-    not block_size (the ScaleBiO and LMFlow trainers pad each micro-batch to its longest row for the same
-    reason). Meant for rows still on the host, where finding the length costs no device sync."""
+    """Rows x, y (B, T) cut after the last position where any row has a target, the length rounded up to `multiple`.
+    No row's loss changes (attention is causal; a cut position has no target), and padded instruction rows cost the
+    longest row, not block_size (as the ScaleBiO and LMFlow trainers pad to the longest). On the host: no sync."""
     has_target = (y != -1).any(dim=0).nonzero()
     length = int(has_target[-1]) + 1 if len(has_target) else 1
     length = min(x.size(1), -(-length // multiple) * multiple)
@@ -185,12 +179,9 @@ def mean_over_ranks(tensor):
 # ----------------------------------------------------------------------------------------------
 # the rows of a step: pure functions of (seed, split, step), the same global batch for any number of processes
 
-
 def step_rows(run, step, rows_per_source=None):
-    """This rank's rows of the step's global training batch (train_batch), the same global batch for any
-    number of processes: batch_per_source rows from each source, each rank taking its share of every source's;
-    or rows_per_source[i] from source i, each rank taking an equal share of the whole batch. On the host:
-    model_objective crops each forward's rows there and moves them to the device."""
+    """This rank's host rows of the step's training batch: batch_per_source rows from each source, each rank taking
+    its share of every source's; or rows_per_source[i] from source i, each rank an equal share of the whole."""
     cfg, n_groups = run.cfg, 1 if rows_per_source else len(run.data.sources)
     rows = train_batch(run.data, step, rows_per_source or cfg.batch_per_source, cfg.block_size, cfg.seed)
     return [rank_rows(t, n_groups, run.rank, run.world_size) for t in rows]
