@@ -74,8 +74,6 @@ def train(cfg, processes, previous_run):
     # continue from the last checkpoint, or start afresh
     end_step = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
     start_step = resume_from_checkpoint(run, end_step) if cfg.resume else 0
-    if run.rank == 0 and cfg.resume:
-        trim_log(cfg.out_dir, start_step)
     record = None
     progress = tqdm(range(start_step, end_step), initial=start_step, total=end_step, dynamic_ncols=True,
                     disable=run.rank != 0)
@@ -331,7 +329,7 @@ def save(run, step):
 
 
 def resume_from_checkpoint(run, end_step):
-    """Loads out_dir/ckpt in place; returns its step. The config must be the checkpoint's, but for
+    """Loads out_dir/ckpt in place and trims log.jsonl to it; returns its step. The config must be the checkpoint's, but for
     RESUMABLE_CHANGES, and so must the data, byte for byte."""
     meta = read_meta(os.path.join(run.cfg.out_dir, 'ckpt'))
     check_resumable(meta, run.cfg, end_step)
@@ -346,6 +344,7 @@ def resume_from_checkpoint(run, end_step):
     if meta['cuda_rng'] and run.device.startswith('cuda'):
         torch.cuda.set_rng_state(tensors['rng_state']['cuda'].cpu())
     if run.rank == 0:
+        trim_log(run.cfg.out_dir, meta['step'])  # log.jsonl's records past the checkpoint are written again
         print(f"resuming from {meta['folder']} at step {meta['step']}")
     return meta['step']
 
