@@ -37,6 +37,51 @@ def slope(x, y):
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
 
 
+def penalty_bias_checks(check, instances):
+    """The penalty's bias on non-realizable instances with unequal curvatures, forward and central difference;
+    returns the first instance's curves against α."""
+    alphas, curves = np.logspace(1, 3, 7), {}
+    # non-realizable, unequal curvatures: the penalty is a forward difference in 1/α, bias O(1/α)
+    # (only instances whose optimum s* is inside the simplex: on its boundary p* is at infinity)
+    bias_slopes, dist_slopes, gap_slopes, central_bias, central_dist, seed = [], [], [], [], [], 0
+    certificates = []
+    while len(bias_slopes) < instances:
+        prob, seed = make_problem(seed), seed + 1
+        s_star, starts_spread, kkt = trusted_optimum(prob)
+        if s_star.min() < 0.02:
+            continue
+        certificates.append(max(starts_spread, kkt))
+        probe = torch.randn(3, generator=torch.Generator().manual_seed(100 + seed))
+        true_grad = true_value_and_gradient(prob, probe)[1]
+        bias = [(penalty_gradient(prob, probe, a) - true_grad).norm().item() for a in alphas]
+        f_star = true_value_and_gradient(prob, torch.log(s_star))[0]
+        dist, gap = [], []
+        for a in alphas:
+            s_alpha, _ = stationary_weights(lambda p: penalty_value_and_gradient(prob, p, a), 3)
+            dist.append((s_alpha - s_star).norm().item())
+            gap.append(true_value_and_gradient(prob, torch.log(s_alpha))[0] - f_star)
+        bias_slopes.append(slope(alphas, bias))
+        dist_slopes.append(slope(alphas, dist))
+        gap_slopes.append(slope(alphas, gap))
+        # the central difference (bilevel.scalebio_step(central_difference=True)): bias O(1/α²)
+        central = [(penalty_gradient(prob, probe, a, central=True) - true_grad).norm().item() for a in alphas]
+        central_bias.append(slope(alphas, central))
+        curves.setdefault('hypergradient_error_forward', bias)
+        curves.setdefault('hypergradient_error_central', central)
+        curves.setdefault('weights_error', dist)
+        curves.setdefault('value_gap', gap)
+        central_dist.append(slope(alphas, [(stationary_weights(
+            lambda p: penalty_value_and_gradient(prob, p, a, central=True), 3)[0] - s_star).norm().item()
+            for a in alphas]))
+    check('trusted s*: 5 starts agree and KKT (equal dF/ds_i), worst residual', 0.0, max(certificates), 1e-8)
+    check('non-realizable: hypergradient error vs alpha, slope', -1.0, float(np.mean(bias_slopes)), 0.1)
+    check('non-realizable: |s_alpha - s*| vs alpha, slope', -1.0, float(np.mean(dist_slopes)), 0.1)
+    check('non-realizable: F(s_alpha) - F* vs alpha, slope', -2.0, float(np.mean(gap_slopes)), 0.1)
+    check('central difference: hypergradient error vs alpha, slope', -2.0, float(np.mean(central_bias)), 0.1)
+    check('central difference: |s_alpha - s*| vs alpha, slope', -2.0, float(np.mean(central_dist)), 0.1)
+    return curves
+
+
 def run_checks(instances=5, noisy_runs=8, growth_steps=2000):
     """Every check as a table row, and the curves behind the plots: `instances` problems per check,
     `noisy_runs` runs for the expectations over noise, `growth_steps` p steps while α grows."""
@@ -74,44 +119,7 @@ def run_checks(instances=5, noisy_runs=8, growth_steps=2000):
     check('scalar curvatures: max |s* - pi/a normalised|', 0.0, max(errors_true), 1e-8)
     check('scalar curvatures: max |s_alpha - s*| at alpha=10', 0.0, max(errors_penalty), 1e-8)
 
-    # non-realizable, unequal curvatures: the penalty is a forward difference in 1/α, bias O(1/α)
-    # (only instances whose optimum s* is inside the simplex: on its boundary p* is at infinity)
-    bias_slopes, dist_slopes, gap_slopes, central_bias, central_dist, seed = [], [], [], [], [], 0
-    certificates = []
-    while len(bias_slopes) < len(seeds):
-        prob, seed = make_problem(seed), seed + 1
-        s_star, starts_spread, kkt = trusted_optimum(prob)
-        if s_star.min() < 0.02:
-            continue
-        certificates.append(max(starts_spread, kkt))
-        probe = torch.randn(3, generator=torch.Generator().manual_seed(100 + seed))
-        true_grad = true_value_and_gradient(prob, probe)[1]
-        bias = [(penalty_gradient(prob, probe, a) - true_grad).norm().item() for a in alphas]
-        f_star = true_value_and_gradient(prob, torch.log(s_star))[0]
-        dist, gap = [], []
-        for a in alphas:
-            s_alpha, _ = stationary_weights(lambda p: penalty_value_and_gradient(prob, p, a), 3)
-            dist.append((s_alpha - s_star).norm().item())
-            gap.append(true_value_and_gradient(prob, torch.log(s_alpha))[0] - f_star)
-        bias_slopes.append(slope(alphas, bias))
-        dist_slopes.append(slope(alphas, dist))
-        gap_slopes.append(slope(alphas, gap))
-        # the central difference (bilevel.scalebio_step(central_difference=True)): bias O(1/α²)
-        central = [(penalty_gradient(prob, probe, a, central=True) - true_grad).norm().item() for a in alphas]
-        central_bias.append(slope(alphas, central))
-        curves.setdefault('hypergradient_error_forward', bias)
-        curves.setdefault('hypergradient_error_central', central)
-        curves.setdefault('weights_error', dist)
-        curves.setdefault('value_gap', gap)
-        central_dist.append(slope(alphas, [(stationary_weights(
-            lambda p: penalty_value_and_gradient(prob, p, a, central=True), 3)[0] - s_star).norm().item()
-            for a in alphas]))
-    check('trusted s*: 5 starts agree and KKT (equal dF/ds_i), worst residual', 0.0, max(certificates), 1e-8)
-    check('non-realizable: hypergradient error vs alpha, slope', -1.0, float(np.mean(bias_slopes)), 0.1)
-    check('non-realizable: |s_alpha - s*| vs alpha, slope', -1.0, float(np.mean(dist_slopes)), 0.1)
-    check('non-realizable: F(s_alpha) - F* vs alpha, slope', -2.0, float(np.mean(gap_slopes)), 0.1)
-    check('central difference: hypergradient error vs alpha, slope', -2.0, float(np.mean(central_bias)), 0.1)
-    check('central difference: |s_alpha - s*| vs alpha, slope', -2.0, float(np.mean(central_dist)), 0.1)
+    curves.update(penalty_bias_checks(check, instances))
     curves.update(single_loop_checks(check, instances))
     source_logits_update_checks(check, instances)
     growing_penalty_checks(check, growth_steps)
