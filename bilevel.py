@@ -79,12 +79,12 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
     upper_losses, val_loss, upper_checks = upper_objective(penalty_alpha * weights, 1.0)
     check_finite(lower_losses=lower_losses, lower_val_loss=lower_val_loss, **lower_checks,
                  upper_losses=upper_losses, val_loss=val_loss, **upper_checks)
-    # ∇_p α·(L_train(w, λ) − L_train(u, λ))
+    # ∇_p α·(L_train(w, λ) − L_train(u, λ)), in closed form from the losses and set by hand: no backward for p
     source_logits_grad = source_logits_gradient(weights, upper_losses, lower_losses,
                                                 penalty_alpha / 2 if central_difference else penalty_alpha,
                                                 mirror=source_logits_optimizer.param_groups[0].get('mirror', False))
     source_logits.grad = source_logits_grad.to(source_logits.dtype)
-    for optimizer in (lower_optimizer, upper_optimizer, source_logits_optimizer):
+    for optimizer in (lower_optimizer, upper_optimizer, source_logits_optimizer):  # the three update lines
         step_and_clear(optimizer)
     return dict(weights=weights, lower_losses=lower_losses, upper_losses=upper_losses,
                 val_loss=val_loss, source_logits_grad=source_logits_grad)
