@@ -133,7 +133,7 @@ def penalty_schedule(step, penalty_alpha, alpha_growth=1.0, alpha_interval=0):
     """α at `step`, and the factor for u's and w's step sizes. Constant α by default (all of the authors' released
     runs); optionally α × τ every alpha_interval steps with u's and w's steps ÷ τ (the authors' τ schedule: their
     gradients scale with α). p's step is not divided, unlike the authors': its gradient estimates the
-    hypergradient, O(1) in α, and on theory/'s quadratics dividing it stalled p after a few growths."""
+    hypergradient, O(1) in α, and on theory/'s quadratics dividing it stalls p after a few growths."""
     if alpha_interval <= 0 or alpha_growth == 1.0:
         return penalty_alpha, 1.0
     growth = alpha_growth ** (step // alpha_interval)

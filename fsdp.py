@@ -1,6 +1,7 @@
 """
 What knows there may be several processes: torchrun's process group, FSDP2 sharding of a model copy,
-averaging and gathering over ranks, and the bytes one rank holds (checkpoint.py writes the shards).
+gathering over ranks, and the bytes one rank holds (checkpoint.py writes the shards; the step's mean over ranks
+is steps.mean_over_ranks).
 bilevel.py stays free of it: the step never learns how its models are sharded.
 
 With plain `python train.py` there is no process group and each function does the one-process thing.
@@ -49,7 +50,7 @@ def init_distributed(device, timeout_minutes=10.0):
 
 def end_distributed():
     """Frees the models and destroys the process group while the interpreter is whole. FSDP2 models sit in
-    reference cycles that outlive main() (6 FSDP modules per rank after a run, 0 after gc.collect()). Left to
+    reference cycles that outlive main() (gc.collect() frees them). Left to
     interpreter teardown, their collection can race gloo's threads and abort a finished rank ("terminate
     called without an active exception"). The abort is rare; freeing the models first removes its likely cause.
     TODO: confirm the cause with a reproduction."""
@@ -205,7 +206,6 @@ def record_gradient_peak(run):
 
 
 def rank_bytes(models, optimizers, grad_bytes):
-    """What this rank holds for the models (local shards): parameters, gradients at their peak (recorded by
-    record_gradient_peak), Adam moments."""
+    """What this rank holds for the models (local shards): parameters, gradients at their peak, Adam moments."""
     return {'parameters': sum(local_bytes(m.parameters()) for m in models), 'gradients': grad_bytes,
             'optimizer_state': sum(optimizer_state_bytes(o) for o in optimizers)}

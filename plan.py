@@ -30,7 +30,7 @@ Estimated, for one copy's forward and backward at a time (the copies run one aft
                    prefetched); one process without FSDP2 on CUDA: autocast's bf16 copy of every weight, kept
                    for the backward
 Not planned: the allocator's fragmentation and the CUDA context (about 0.5-1 GB). TODO: check the estimates
-against torch.cuda.max_memory_allocated on a GPU (tools/gpu_checks.sh), which no session has had yet.
+against torch.cuda.max_memory_allocated on a GPU (tools/gpu_checks.sh).
 """
 import dataclasses
 import itertools

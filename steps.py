@@ -33,8 +33,6 @@ TRAIN_KEY, VAL_KEY, EVAL_KEY = 0, 1, 2
 
 
 @dataclass
-
-
 class Run:
     """What a step reads and updates; the fields after received_sum are train.py's own bookkeeping."""
     cfg: TrainConfig
@@ -53,7 +51,7 @@ class Run:
     reference_model: torch.nn.Module = None  # rholoss: the model whose losses are irreducible
     received_sum: torch.Tensor = None   # baselines: the share of each step each source received, summed
     # train.py's bookkeeping
-    grad_bytes: int = 0                 # the most gradient bytes alive at once, all copies (fsdp.record_gradient_peak)
+    grad_bytes: int = 0                 # the most gradient bytes alive at once, all copies (train.count_gradient_bytes)
     model_config: object = None         # model.GPTConfig of both copies
     eval_sets: dict = None              # split -> fixed evaluation batches
     data_fingerprint: dict = None       # rank 0: the data's files, sizes and SHA-256s (checkpoint.data_fingerprint)

@@ -42,7 +42,7 @@ from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint,
 from config import micro_steps, parse_config
 from data import TOKENIZER_FILES, fixed_weights, load_data, load_tokenizer
 from fsdp import (copy_shards, end_distributed, fill, init_distributed, peer_error, rank0_decides,
-                  rank_bytes, record_gradient_peak, shard, warm_up)
+                  local_bytes, rank_bytes, shard, warm_up)
 from lisa import set_lisa_blocks
 from hf import export_pretrained, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
@@ -145,7 +145,6 @@ def build_run(cfg, processes):
               micro_steps=micro, data=data, device=device, rank=rank, world_size=world_size,
               received_sum=torch.zeros(len(data.sources), device=device, dtype=dtype), model_config=model_config,
               data_fingerprint=fingerprint)
-    record_gradient_peak(run)  # the summary's gradient bytes per rank
     for model in models if sharded else []:  # on a validation row: no method sees a source it must not
         warm_up(model, validation_rows(run, 0, world_size)[0].to(device))
     if cfg.method == 'fixed' and cfg.weights != 'val_only':
@@ -156,6 +155,8 @@ def build_run(cfg, processes):
         run.reference_model = load_reference(cfg.reference, model_config, cfg.data).to(device=device, dtype=dtype)
     run.eval_sets = {split: evaluation_batches(  # on the host, cropped and moved per batch as training rows are
         data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed) for split in ['val', 'test'] + data.sources}
+    if not cfg.lisa_layers:  # with LISA, at each draw
+        count_gradient_bytes(run)
     if cfg.method == 'scalebio' and cfg.central_difference:  # the guard's reference (guard_lower_copy)
         run.lower_val_start = evaluate(run, models[0], 'val')
     return run
@@ -237,6 +238,15 @@ def draw_lisa_blocks(run, step):
     cfg = run.cfg
     set_lisa_blocks([(model.blocks, opt) for model, opt in zip(run.models, run.optimizers)], cfg.lisa_layers,
                     cfg.seed, step // cfg.lisa_interval, cfg.lisa_draw, cfg.lisa_merge_frozen)
+    count_gradient_bytes(run)
+
+
+def count_gradient_bytes(run):
+    """run.grad_bytes, the summary's gradient bytes per rank: the most a step's backwards leave alive at once, every
+    trainable parameter's local shard in both copies (in one with --lower_first, which steps u before w's backward).
+    tools/bench.py measures the same peak inside the step (fsdp.record_gradient_peak)."""
+    per_copy = [local_bytes(p for p in model.parameters() if p.requires_grad) for model in run.models]
+    run.grad_bytes = max(run.grad_bytes, max(per_copy) if run.cfg.lower_first else sum(per_copy))
 
 
 def take_step(run, step, alpha):

@@ -46,7 +46,7 @@ def quadratic_objective(theta, centres, target, noise=None):
     return objective
 
 
-def test_logits_gradient_equals_autograd_and_the_softmax_jacobian():
+def test_source_logits_gradient_equals_autograd_and_the_softmax_jacobian():
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(5, generator=gen, requires_grad=True)
     upper, lower, alpha = torch.randn(5, generator=gen), torch.randn(5, generator=gen), 7.0
@@ -151,7 +151,7 @@ def test_central_difference_at_exact_optima_gives_alpha2_over_alpha2_minus_one_t
     assert torch.allclose(result['source_logits_grad'], alpha ** 2 / (alpha ** 2 - 1) * hypergradient, atol=1e-12)
 
 
-def logits_gradient_variance(alpha, shared, n_samples=400, sigma=0.5):
+def source_logits_gradient_variance(alpha, shared, n_samples=400, sigma=0.5):
     gen = torch.Generator().manual_seed(2)
     centres, target = torch.randn(3, 4, generator=gen), torch.randn(4, generator=gen)
     source_logits = torch.zeros(3, requires_grad=True)
@@ -169,9 +169,9 @@ def logits_gradient_variance(alpha, shared, n_samples=400, sigma=0.5):
     return torch.stack(grads).var(dim=0).sum().item()
 
 
-def test_shared_batches_keep_the_logits_gradient_variance_bounded_independent_ones_grow_like_alpha_squared():
+def test_shared_batches_keep_the_source_logits_gradient_variance_bounded_independent_ones_grow_like_alpha_squared():
     alphas = [10.0, 100.0, 1000.0]
-    slope = {shared: np.polyfit(np.log(alphas), np.log([logits_gradient_variance(a, shared) for a in alphas]), 1)[0]
+    slope = {shared: np.polyfit(np.log(alphas), np.log([source_logits_gradient_variance(a, shared) for a in alphas]), 1)[0]
              for shared in (True, False)}
     assert abs(slope[True]) < 0.2
     assert abs(slope[False] - 2.0) < 0.2

@@ -108,9 +108,10 @@ def build(cfg, device, lisa_layers, crop_padding=True, logits_at_targets=True):
         penalty_alpha=cfg.penalty_alpha, central_difference=cfg.central_difference, grad_clip=cfg.grad_clip,
         source_loss=cfg.source_loss, compile=cfg.compile, crop_padding=crop_padding,
         lisa_layers=lisa_layers or 0).items()])
-    logits = torch.zeros(cfg.n_sources, device=device, requires_grad=True)
-    run = Run(train_cfg, models, optimizers=[make_optimizer(m, 1e-4, 0.01) for m in models], source_logits=logits,
-              source_logits_optimizer=make_source_logits_optimizer(logits, train_cfg.source_logits_update), device=device,
+    source_logits = torch.zeros(cfg.n_sources, device=device, requires_grad=True)
+    run = Run(train_cfg, models, optimizers=[make_optimizer(m, 1e-4, 0.01) for m in models], source_logits=source_logits,
+              source_logits_optimizer=make_source_logits_optimizer(source_logits, train_cfg.source_logits_update),
+              device=device,
               autocast=torch.autocast('cuda', dtype=torch.bfloat16) if device.startswith('cuda') else torch.enable_grad(),
               fixed_weights=torch.full((cfg.n_sources,), 1.0 / cfg.n_sources, device=device),
               micro_steps=cfg.batch_per_source // cfg.micro_batch if cfg.micro_batch else 1)
