@@ -244,8 +244,10 @@ def draw_lisa_blocks(run, step):
 def count_gradient_bytes(run):
     """run.grad_bytes, the summary's gradient bytes per rank: the most a step's backwards leave alive at once, every
     trainable parameter's local shard in both copies (in one with --lower_first, which steps u before w's backward).
-    tools/bench.py measures the same peak inside the step (fsdp.record_gradient_peak)."""
-    per_copy = [local_bytes(p for p in model.parameters() if p.requires_grad) for model in run.models]
+    tools/bench.py measures the same peak inside the step (fsdp.record_gradient_peak). Counted on the optimizers'
+    parameters, FSDP2's shards: after a forward, a model may hold its root's parameters unsharded."""
+    per_copy = [local_bytes(p for group in opt.param_groups for p in group['params'] if p.requires_grad)
+                for opt in run.optimizers]
     run.grad_bytes = max(run.grad_bytes, max(per_copy) if run.cfg.lower_first else sum(per_copy))
 
 
