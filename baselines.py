@@ -142,7 +142,7 @@ def received_so_far(run, step, received, losses):
     return {'weights': run.received_sum / (step + 1), 'loss': losses.mean()}
 
 
-def load_reference(run_dir, model_config, data):
+def load_reference(run_dir, model_config, data, seed):
     """RHO-LOSS's reference model: the best model of a finished run (its out_dir/best) on the same data."""
     if not run_dir:
         raise ValueError("--method=rholoss needs --reference=<out_dir of a --method=fixed --weights=val_only run>")
@@ -151,5 +151,7 @@ def load_reference(run_dir, model_config, data):
         raise ValueError(f"--reference={run_dir}: its model's vocabulary and context must be this run's")
     if meta.get('data', data) != data:
         raise ValueError(f"--reference={run_dir} was trained on --data={meta['data']}, this run is on {data}")
+    if meta.get('seed', seed) != seed:  # a built-in task's splits are drawn from the seed
+        raise ValueError(f"--reference={run_dir} was trained with --seed={meta['seed']}, this run has --seed={seed}")
     return model
 

@@ -42,7 +42,8 @@ warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavai
 
 # what a run writes into its out_dir, and whether each is a folder
 RUN_FILES = {'ckpt': True, 'ckpt.old': True, 'ckpt.tmp': True, 'best': True, 'best.old': True, 'best.tmp': True,
-             'hf': True, 'log.jsonl': False, 'summary.json': False, 'mixture.json': False}
+             'hf': True, 'hf.tmp': True, 'log.jsonl': False, 'summary.json': False, 'mixture.json': False,
+             'log.jsonl.tmp': False, 'summary.json.tmp': False, 'mixture.json.tmp': False}
 LOCK = 'run.lock'
 
 
@@ -125,13 +126,37 @@ def _take_lock(out_dir):
     return lock
 
 
-def remove_files(out_dir, names):
-    """Deletes these files and folders of out_dir (the previous run's, for --overwrite=True), on rank 0."""
+def remove_files(out_dir, names, inputs):
+    """Deletes these files and folders of out_dir (the previous run's, for --overwrite=True), on rank 0, unless one
+    of this run's inputs ({'--field': path}) lies in them: then nothing is deleted and the error names it."""
+    for field, path in inputs.items():
+        real = os.path.realpath(path)
+        for name in names:
+            doomed = os.path.realpath(os.path.join(out_dir, name))
+            if real == doomed or real.startswith(doomed + os.sep):
+                raise ValueError(f"{field}={path} lies in {os.path.join(out_dir, name)}, which --overwrite=True would "
+                                 f"delete: copy it out of --out_dir={out_dir} first, or use another --out_dir")
     if is_main_process():
         for name in names:
             path = os.path.join(out_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     barrier()
+
+
+def write_whole(path, write, mode='w'):
+    """path, written by write(f) whole or not at all: into path.tmp, flushed to the disk, then renamed over path.
+    A full disk or a kill leaves path as it was; the error names it."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(f"could not write {path} ({e.strerror or e}); the file as it was before is intact") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,10 +172,14 @@ def sha256(path):
 _DATA_DIGESTS = {}
 
 
-def data_fingerprint(files):
-    """{name: [bytes, SHA-256]} of the files a run reads its data, tokenizer and reference model from."""
+def data_fingerprint(files, read=None):
+    """{name: [bytes, SHA-256]} of the files a run reads its data, tokenizer and reference model from; `read`:
+    {path: [bytes, SHA-256]} of files already hashed as they were read (data.read_bytes)."""
     fingerprint = {}
     for name, path in files.items():
+        if path in (read or {}):
+            fingerprint[name] = read[path]
+            continue
         stat = os.stat(path)
         key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
         if key not in _DATA_DIGESTS:
@@ -206,6 +235,7 @@ def save_checkpoint(path, models, optimizers, tensors, meta, keep_previous=False
         dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
         barrier()
         meta = {**meta, 'files': _checksums(tmp)}
+        meta['meta_sha256'] = _meta_digest(meta)  # meta.json's own checksum: an edited step or loss is refused
         if is_main_process():
             with open(os.path.join(tmp, 'meta.json'), 'w') as f:
                 json.dump(meta, f)
@@ -247,17 +277,32 @@ def read_meta(path):
         return {**json.load(f), 'folder': folder}
 
 
+def _meta_digest(meta):
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != 'meta_sha256'}, sort_keys=True)
+                          .encode()).hexdigest()
+
+
+# meta.json's fields and their types (a checkpoint's; a best model's has step, val_loss, tokenizer, model_config, data)
+META_TYPES = {'step': int, 'files': dict, 'config': dict, 'best_val_loss': (int, float), 'lower_val_rises': int,
+              'cuda_rng': bool, 'data_files': (dict, type(None)), 'model_config': dict, 'val_loss': (int, float),
+              'tokenizer': str, 'data': str, 'seed': int}
+
+
 def _meta_problem(folder):
     try:
         with open(os.path.join(folder, 'meta.json')) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         return str(e)
-    if not isinstance(meta, dict) or not isinstance(meta.get('step'), int):
+    if not isinstance(meta, dict) or not isinstance(meta.get('step'), int) or meta['step'] < 0:
         return "no step"
     if not isinstance(meta.get('files'), dict) or '.metadata' not in meta['files']:
         return "no checksums of its files"
-    return None
+    if meta.get('meta_sha256') != _meta_digest(meta):
+        return "its contents do not match their checksum: it was edited or damaged"
+    wrong = [k for k, kind in META_TYPES.items() if k in meta and (not isinstance(meta[k], kind)
+                                                                   or kind is int and isinstance(meta[k], bool))]
+    return f"the fields {wrong} are of the wrong type" if wrong else None
 
 
 def _previous(folder):
@@ -286,11 +331,12 @@ def replicated_state(run, with_cuda_rng):
             'received_sum': run.received_sum, 'rng_state': rng}
 
 
-def check_resumable(meta, cfg, end_step):
+def check_resumable(meta, cfg, end_step, model_config):
     """Raises ValueError unless the checkpoint of `meta` can resume this run: written by this version of
-    train.py, not past end_step, and with the run's config but for RESUMABLE_CHANGES."""
+    train.py, not past end_step, with the run's config but for RESUMABLE_CHANGES, and with its model's config
+    (`model_config`, a dict; --init_from's config.json may have changed since)."""
     fields = {f.name for f in dataclasses.fields(cfg)}
-    missing = {'config', 'best_val_loss', 'lower_val_rises', 'cuda_rng', 'data_files'} - set(meta)
+    missing = {'config', 'model_config', 'best_val_loss', 'lower_val_rises', 'cuda_rng', 'data_files'} - set(meta)
     missing |= fields - set(meta.get('config', fields))
     unknown = set(meta.get('config', {})) - fields
     if missing or unknown:
@@ -303,6 +349,12 @@ def check_resumable(meta, cfg, end_step):
     if changed:
         raise ValueError("--resume=True with a different config: " + ', '.join(
             f"{k}={getattr(cfg, k)!r} (checkpoint: {meta['config'][k]!r})" for k in changed))
+    model_config = json.loads(json.dumps(model_config))  # as meta.json holds it: lists, not tuples
+    changed = [f"{k} {v!r} (checkpoint: {meta['model_config'].get(k)!r})" for k, v in model_config.items()
+               if meta['model_config'].get(k) != v]
+    if changed:
+        raise ValueError(f"--resume=True with another model: {', '.join(changed)}"
+                         + (f" (--init_from={cfg.init_from}'s config.json changed)" if cfg.init_from else ''))
 
 
 def load_checkpoint(meta, models, optimizers, tensors):
@@ -353,8 +405,7 @@ def trim_log(out_dir, start_step):
     path = os.path.join(out_dir, 'log.jsonl')
     if os.path.exists(path):
         kept = [record for record in read_log(path) if record['step'] <= start_step]
-        with open(path, 'w') as f:
-            f.writelines(json.dumps(record) + '\n' for record in kept)
+        write_whole(path, lambda f: f.writelines(json.dumps(record) + '\n' for record in kept))
 
 
 def read_log(path):

@@ -109,9 +109,24 @@ RULES = [  # (fields, the rule, what the error says)
       'source_logits_weight_decay', 'grad_clip', 'warmup_steps', 'seed'), lambda v: v >= 0,
      "must be 0 or positive"),  # 0 has a meaning for each: off, all, or none
     (('dropout',), lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    (('dist_timeout',), lambda v: v <= 10_000, "must be at most 10000 (minutes)"),
+    (('dist_timeout',), lambda v: 0.1 <= v <= 10_000, "must be between 0.1 and 10000 (minutes)"),
 ]
 PATHS = ('data', 'tokenizer', 'weights', 'reference', 'out_dir', 'init_from')  # '~' is expanded in each
+# fields a run uses only in some settings: set to anything but their default elsewhere, they are an error, never
+# silently ignored. (fields, the setting that uses them, its name for the error)
+USED_ONLY = [
+    (('weights', 'sampling'), lambda cfg: cfg.method == 'fixed', "--method=fixed"),
+    (('dro_temperature',), lambda cfg: cfg.method == 'irdro', "--method=irdro"),
+    (('reference', 'rho_candidates'), lambda cfg: cfg.method == 'rholoss', "--method=rholoss"),
+    (('model', 'n_layer', 'n_head', 'n_embd', 'bias'), lambda cfg: not cfg.init_from,
+     "a model built from scratch (with --init_from, its config.json gives the shape)"),
+    (('lisa_interval', 'lisa_draw', 'lisa_merge_frozen'), lambda cfg: cfg.lisa_layers > 0, "LISA (--lisa_layers > 0)"),
+    (('alpha_interval',), lambda cfg: cfg.alpha_growth != 1.0, "a growing α (--alpha_growth other than 1)"),
+    (('alpha_growth',), lambda cfg: cfg.alpha_interval > 0, "a growing α (--alpha_interval > 0)"),
+]
+
+
+FLOAT_FIELDS = [f.name for f in dataclasses.fields(TrainConfig) if f.type in (float, 'float')]
 
 
 def override(cfg, argv):
@@ -147,6 +162,15 @@ def parse_config(argv):
         for key in keys:
             if not rule(getattr(cfg, key)) or getattr(cfg, key) in (math.inf, -math.inf):
                 raise ValueError(f"--{key} {requirement}, got {getattr(cfg, key)}")
+    for key in FLOAT_FIELDS:  # a value the parameters' dtype cannot hold would overflow at the first step
+        if abs(getattr(cfg, key)) > torch.finfo(getattr(torch, cfg.dtype)).max:
+            raise ValueError(f"--{key}={getattr(cfg, key)} does not fit --dtype={cfg.dtype} (at most "
+                             f"{torch.finfo(getattr(torch, cfg.dtype)).max:.3g})")
+    defaults = TrainConfig()
+    for keys, used, setting in USED_ONLY:
+        for key in keys:
+            if getattr(cfg, key) != getattr(defaults, key) and not used(cfg):
+                raise ValueError(f"--{key}={getattr(cfg, key)} is used only with {setting}: this run would ignore it")
     if cfg.n_embd % cfg.n_head:
         raise ValueError(f"--n_embd={cfg.n_embd} must be a multiple of --n_head={cfg.n_head} (each head gets "
                          f"n_embd / n_head dimensions)")

@@ -27,6 +27,7 @@ Where the sources come from (`--data=...` in train.py):
 
 The batches drawn from them, step by step, are steps.py's.
 """
+import hashlib
 import json
 import math
 import os
@@ -47,6 +48,7 @@ class SourceData:
     vocab_size: int = 256
     notes: list = None   # what loading dropped or truncated, for train.py to print once
     files: dict = None   # the files it was read from, by name (their checksums go into every checkpoint)
+    digests: dict = None  # path -> [bytes, SHA-256] of what was parsed, taken as it was read (read_bytes)
 
 
 @dataclass
@@ -81,8 +83,12 @@ def load_tokenizer(spec):
         import tokenizers
     except ImportError:
         raise ImportError("--tokenizer=<folder> needs the tokenizers package: pip install tokenizers") from None
-    bpe = tokenizers.Tokenizer.from_file(files['tokenizer.json']) if os.path.isfile(files['tokenizer.json']) \
-        else tokenizers.ByteLevelBPETokenizer(files['vocab.json'], files['merges.txt'])
+    read = files['tokenizer.json'] if os.path.isfile(files['tokenizer.json']) else f"{files['vocab.json']} and merges.txt"
+    try:
+        bpe = tokenizers.Tokenizer.from_file(files['tokenizer.json']) if os.path.isfile(files['tokenizer.json']) \
+            else tokenizers.ByteLevelBPETokenizer(files['vocab.json'], files['merges.txt'])
+    except Exception as e:  # the tokenizers package raises plain Exceptions for a file it cannot parse
+        raise ValueError(f"--tokenizer={spec}: {read} cannot be read as a tokenizer ({str(e).splitlines()[0]})") from None
     # text is encoded without special tokens; an example gets the template's BOS once, at its start
     plain, templated = bpe.encode('a', add_special_tokens=False).ids, bpe.encode('a').ids
     begin = templated[0] if len(templated) > len(plain) and templated[1:len(plain) + 1] == plain else None
@@ -98,7 +104,11 @@ def end_of_sequence_id(folder, bpe):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             with open(path) as f:
-                eos = json.load(f).get('eos_token')
+                try:
+                    special = json.load(f)
+                except ValueError as e:
+                    raise ValueError(f"{path} is not valid JSON ({e})") from None
+            eos = special.get('eos_token') if isinstance(special, dict) else None
             eos = eos.get('content') if isinstance(eos, dict) else eos
             if eos is not None:
                 if bpe.token_to_id(eos) is None:
@@ -188,11 +198,19 @@ def builtin_task(name, seed, tokenizer=BYTES, block_size=32, lines_per_source=20
 # ----------------------------------------------------------------------------------------------
 # a folder of text files
 
-def _read_text(path, block_size, tokenizer):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing file {path}")
+def read_bytes(path, digests):
+    """A file's bytes, with their size and SHA-256 put in digests[path]: the fingerprint of the bytes parsed, not of
+    the file as it is when the checkpoint is written (it may change while other files load)."""
     with open(path, 'rb') as f:
         raw = f.read()
+    digests[path] = [len(raw), hashlib.sha256(raw).hexdigest()]
+    return raw
+
+
+def _read_text(path, block_size, tokenizer, digests):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing file {path}")
+    raw = read_bytes(path, digests)
     try:
         text = raw.decode('utf-8')
     except UnicodeDecodeError as e:
@@ -208,12 +226,12 @@ def _read_text(path, block_size, tokenizer):
 
 def text_folder(folder, names, block_size, tokenizer):
     """train_<source>.txt files (the source is named by what follows 'train_'), val.txt and test.txt."""
-    paths = {name: os.path.join(folder, name) for name in names + ['val.txt', 'test.txt']}
+    paths, digests = {name: os.path.join(folder, name) for name in names + ['val.txt', 'test.txt']}, {}
     return SourceData(sources=[n[len('train_'):-len('.txt')] for n in names],
-                      train=[_read_text(paths[n], block_size, tokenizer) for n in names],
-                      val=_read_text(paths['val.txt'], block_size, tokenizer),
-                      test=_read_text(paths['test.txt'], block_size, tokenizer),
-                      vocab_size=tokenizer.vocab_size, files=paths)
+                      train=[_read_text(paths[n], block_size, tokenizer, digests) for n in names],
+                      val=_read_text(paths['val.txt'], block_size, tokenizer, digests),
+                      test=_read_text(paths['test.txt'], block_size, tokenizer, digests),
+                      vocab_size=tokenizer.vocab_size, files=paths, digests=digests)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,10 +241,9 @@ PROMPT = "### Instruction:\n{instruction}\n\n{input_section}### Response:\n"  # 
 INPUT_SECTION = "### Input:\n{input}\n\n"
 
 
-def _read_records(path):
+def _read_records(path, digests):
     try:
-        with open(path, encoding='utf-8') as f:
-            text = f.read()
+        text = read_bytes(path, digests).decode('utf-8')
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
     try:
@@ -281,11 +298,11 @@ def _example_rows(examples, block_size, tokenizer, notes, where):
     return np.stack(rows)
 
 
-def _examples(path, block_size, notes, tokenizer):
+def _examples(path, block_size, notes, tokenizer, digests):
     """Each record of a JSON file as one row: {"text"}, or {"instruction", "input" (optional), "output"}, all
     strings (a null or a list would otherwise train as the text 'None' or "['a', 'b']")."""
     examples, blank = [], True
-    for where, record in _read_records(path):
+    for where, record in _read_records(path, digests):
         if not isinstance(record, dict) or not any(k in record for k in ('text', 'output')):
             raise ValueError(f'{path}: {where} has neither "text" nor "output"')
         required = ('text',) if 'text' in record else ('instruction', 'output')
@@ -311,11 +328,11 @@ def json_folder(folder, names, block_size, tokenizer):
     for split in ('val', 'test'):
         if not any(name.startswith(split + '.') for name in split_names):
             raise FileNotFoundError(f"missing file {os.path.join(folder, split)}.json (or .jsonl)")
-    paths = {name: os.path.join(folder, name) for name in names + split_names}
-    train, (val, test) = ([_examples(paths[n], block_size, notes, tokenizer) for n in group]
+    paths, digests = {name: os.path.join(folder, name) for name in names + split_names}, {}
+    train, (val, test) = ([_examples(paths[n], block_size, notes, tokenizer, digests) for n in group]
                           for group in (names, split_names))
     return SourceData(sources=[n[len('train_'):n.rindex('.')] for n in names], train=train, val=val, test=test,
-                      vocab_size=tokenizer.vocab_size, notes=notes, files=paths)
+                      vocab_size=tokenizer.vocab_size, notes=notes, files=paths, digests=digests)
 
 
 def data_files(folder):

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 
 import torch
 
@@ -29,7 +30,12 @@ def read_config(path):
         raise FileNotFoundError(f"{config_path} is missing: a Hugging Face model folder holds config.json and "
                                 f"model.safetensors (or shards with model.safetensors.index.json, or pytorch_model.bin)")
     with open(config_path) as f:
-        hf = json.load(f)
+        try:
+            hf = json.load(f)
+        except ValueError as e:  # not JSON, or not UTF-8
+            raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path} is not a model config (a JSON object)")
     model_type = hf.get('model_type', 'gpt2')
     if model_type == 'gpt2':
         return gpt2_config(hf, config_path)
@@ -39,7 +45,15 @@ def read_config(path):
                      f"({', '.join(LLAMA_ARCHITECTURES)})")
 
 
+def check_sizes(hf, keys, where):
+    """The sizes a config.json must give, each a positive integer."""
+    wrong = {k: hf[k] for k in keys if k in hf and (type(hf[k]) is not int or hf[k] <= 0)}
+    if wrong:
+        raise ValueError(f"{where}: {', '.join(f'{k}={v!r}' for k, v in wrong.items())} must be positive integers")
+
+
 def gpt2_config(hf, where):
+    check_sizes(hf, ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd'), where)
     missing = [k for k in ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd') if k not in hf]
     activation = hf.get('activation_function', 'gelu_new')
     if missing or activation not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu'):
@@ -49,6 +63,8 @@ def gpt2_config(hf, where):
 
 
 def llama_config(hf, where):
+    check_sizes(hf, ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size', 'vocab_size',
+                     'max_position_embeddings', 'num_key_value_heads', 'head_dim'), where)
     missing = [k for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
                            'vocab_size', 'max_position_embeddings') if k not in hf]
     if missing or hf.get('hidden_act', 'silu') != 'silu':
@@ -105,26 +121,57 @@ def read_tensors(file):
     (little-endian length of the header), a JSON header {name: {dtype, shape, data_offsets}}, then the raw
     bytes: read here without the safetensors package. A .bin file is memory-mapped."""
     if not file.endswith('.safetensors'):
-        try:
-            tensors = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
-        except RuntimeError:  # a file written before torch 1.6 (GPT-2's own) cannot be memory-mapped
-            tensors = torch.load(file, map_location='cpu', weights_only=True)
-        yield from tensors.items()
+        yield from torch_checkpoint(file).items()
         return
     with open(file, 'rb') as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
-        start = f.tell()
-        header.pop('__metadata__', None)
-        for name, info in sorted(header.items(), key=lambda item: item[1]['data_offsets'][0]):
-            if info['dtype'] not in SAFETENSORS_DTYPES:
-                raise ValueError(f"{file}: {name} is of dtype {info['dtype']}, which is not read here "
-                                 f"({', '.join(SAFETENSORS_DTYPES)})")
-            dtype = SAFETENSORS_DTYPES[info['dtype']]
-            begin, end = info['data_offsets']
+        header, start = read_safetensors_header(file, f)
+        for name, (dtype, shape, begin, end) in sorted(header.items(), key=lambda item: item[1][2]):
             f.seek(start + begin)
             data = bytearray(end - begin)
             f.readinto(data)  # straight into the tensor's memory: one copy of it, not two
-            yield name, (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).view(info['shape'])
+            yield name, (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).view(shape)
+
+
+def read_safetensors_header(file, f):
+    """{name: (dtype, shape, begin, end)} of a safetensors file open at its start, and where its data begins, once
+    every count agrees: the header's length with the file, each tensor's bytes with its dtype and shape, and the
+    last tensor's end with the file's end. A cut file (an export stopped by a full disk) would read as zeros."""
+    size = os.fstat(f.fileno()).st_size
+    length = int.from_bytes(f.read(8), 'little')
+    cut = f"{file} is not a whole safetensors file ({size} bytes)"
+    if size < 8 or not 0 < length <= size - 8:
+        raise ValueError(f"{cut}: its header would be {length} bytes; write or download it again")
+    try:
+        header = json.loads(f.read(length))
+        header.pop('__metadata__', None)
+        tensors = {}
+        for name, info in header.items():
+            if info['dtype'] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{file}: {name} is of dtype {info['dtype']}, which is not read here "
+                                 f"({', '.join(SAFETENSORS_DTYPES)})")
+            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info['dtype']], [int(n) for n in info['shape']], info['data_offsets']
+            if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{file}: {name}'s bytes {begin}-{end} do not hold a {info['dtype']} tensor of shape "
+                                 f"{shape}; the file is damaged")
+            tensors[name] = (dtype, shape, begin, end)
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cut}: its header cannot be read ({type(e).__name__}: {e})") from None
+    data_bytes = max((end for *_, end in tensors.values()), default=0)
+    if 8 + length + data_bytes != size:
+        raise ValueError(f"{cut}: its header names {data_bytes} bytes of tensors, the file holds {size - 8 - length}; "
+                         f"write or download it again")
+    return tensors, 8 + length
+
+
+def torch_checkpoint(file):
+    """The tensors of a torch .bin file, memory-mapped where its format allows; a damaged file is one error naming it."""
+    try:
+        try:
+            return torch.load(file, map_location='cpu', weights_only=True, mmap=True)
+        except RuntimeError:  # a file written before torch 1.6 (GPT-2's own) cannot be memory-mapped
+            return torch.load(file, map_location='cpu', weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{file} cannot be read as a torch checkpoint ({e}); write or download it again") from None
 
 
 def our_name(name, config):

@@ -38,9 +38,9 @@ from baselines import fixed_step, irdro_step, load_reference, rholoss_step
 from bilevel import cosine_lr, make_source_logits_optimizer, penalty_schedule
 from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, logged_record,
                         own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
-                        signals_stop_at_next_step, trim_log)
+                        signals_stop_at_next_step, trim_log, write_whole)
 from config import micro_steps, parse_config
-from data import TOKENIZER_FILES, fixed_weights, load_data, load_tokenizer
+from data import BUILTIN_TASKS, TOKENIZER_FILES, fixed_weights, load_data, load_tokenizer
 from fsdp import (copy_shards, end_distributed, fill, init_distributed, peer_error, rank0_decides,
                   local_bytes, rank_bytes, shard, warm_up)
 from lisa import set_lisa_blocks
@@ -69,8 +69,9 @@ def main(argv):
 def train(cfg, processes, previous_run):
     # the data, both model copies, their optimizers and p, on every rank
     run = build_run(cfg, processes)
-    # --overwrite=True: the previous run's files go, now that this run's inputs are known to be good
-    remove_files(cfg.out_dir, previous_run)
+    # --overwrite=True: the previous run's files go, now that this run's inputs are known to be good and none is
+    # among them
+    remove_files(cfg.out_dir, previous_run, input_paths(cfg))
     # continue from the last checkpoint, or start afresh
     end_step = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
     start_step = resume_from_checkpoint(run, end_step) if cfg.resume else 0
@@ -132,8 +133,8 @@ def build_run(cfg, processes):
     reference_files = {f'reference/{name}': os.path.join(reference, name) for name in sorted(os.listdir(reference))} \
         if os.path.isdir(reference) else {}
     weights_file = {'weights.json': cfg.weights} if cfg.method == 'fixed' and os.path.isfile(cfg.weights) else {}
-    fingerprint = data_fingerprint({**data.files, **tokenizer_files, **reference_files, **weights_file}) \
-        if rank == 0 else None
+    fingerprint = data_fingerprint({**data.files, **tokenizer_files, **reference_files, **weights_file},
+                                   read=data.digests) if rank == 0 else None
     models, model_config = build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size)
     # p: λ = softmax(p) starts uniform
     source_logits = torch.zeros(len(data.sources), device=device, dtype=dtype, requires_grad=True)
@@ -152,7 +153,7 @@ def build_run(cfg, processes):
         run.rows_per_source = proportional_rows(run.fixed_weights.tolist(), len(data.sources) * cfg.batch_per_source) \
             if cfg.sampling == 'proportional' else None
     if cfg.method == 'rholoss':
-        run.reference_model = load_reference(cfg.reference, model_config, cfg.data).to(device=device, dtype=dtype)
+        run.reference_model = load_reference(cfg.reference, model_config, cfg.data, cfg.seed).to(device=device, dtype=dtype)
     run.eval_sets = {split: evaluation_batches(  # on the host, cropped and moved per batch as training rows are
         data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed) for split in ['val', 'test'] + data.sources}
     if not cfg.lisa_layers:  # with LISA, at each draw
@@ -162,10 +163,19 @@ def build_run(cfg, processes):
     return run
 
 
+def input_paths(cfg):
+    """{'--field': path} of every file or folder this run reads besides out_dir/ckpt."""
+    paths = {'--data': cfg.data if cfg.data not in BUILTIN_TASKS else '', '--tokenizer': cfg.tokenizer if cfg.tokenizer != 'bytes' else '',
+             '--init_from': cfg.init_from, '--reference': os.path.join(cfg.reference, 'best') if cfg.reference else '',
+             '--weights': cfg.weights if cfg.method == 'fixed' and cfg.weights not in ('uniform', 'val_only') else ''}
+    return {field: path for field, path in paths.items() if path}
+
+
 def model_config_for(cfg, data):
     """The model's shape: --init_from's config.json, a --model preset, or n_layer, n_head and n_embd."""
-    if cfg.init_from:
+    if cfg.init_from:  # a GPT-2 trains with --dropout (its config.json's dropout is the original training's)
         config = read_config(cfg.init_from)
+        config = dataclasses.replace(config, dropout=cfg.dropout) if config.family == 'gpt2' else config
     else:
         shape = MODEL_PRESETS.get(cfg.model) or dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
         config = GPTConfig(**{'block_size': cfg.block_size, 'vocab_size': data.vocab_size, 'dropout': cfg.dropout,
@@ -308,7 +318,7 @@ def evaluate_and_log(run, done, weights, alpha, lr, progress):
         tokenizer = cfg.tokenizer if cfg.tokenizer == 'bytes' else os.path.abspath(cfg.tokenizer)
         save_checkpoint(os.path.join(cfg.out_dir, 'best'), [eval_model], [], {},
                         {'step': done, 'val_loss': run.best_val_loss, 'tokenizer': tokenizer,
-                         'model_config': dataclasses.asdict(run.model_config), 'data': cfg.data})
+                         'model_config': dataclasses.asdict(run.model_config), 'data': cfg.data, 'seed': cfg.seed})
     return record
 
 
@@ -335,16 +345,17 @@ def guard_lower_copy(run, lower_val, done):
 def save(run, step):
     cuda = run.device.startswith('cuda')
     save_checkpoint(os.path.join(run.cfg.out_dir, 'ckpt'), run.models, run.optimizers, replicated_state(run, cuda),
-                    {'step': step, 'config': dataclasses.asdict(run.cfg), 'best_val_loss': run.best_val_loss,
+                    {'step': step, 'config': dataclasses.asdict(run.cfg), 'model_config': dataclasses.asdict(run.model_config),
+                     'best_val_loss': run.best_val_loss,
                      'lower_val_rises': run.lower_val_rises, 'cuda_rng': cuda, 'data_files': run.data_fingerprint},
                     keep_previous=True)
 
 
 def resume_from_checkpoint(run, end_step):
-    """Loads out_dir/ckpt in place and trims log.jsonl to it; returns its step. The config must be the checkpoint's, but for
-    RESUMABLE_CHANGES, and so must the data, byte for byte."""
+    """Loads out_dir/ckpt in place and trims log.jsonl to it; returns its step. The config and the model's must be
+    the checkpoint's, but for RESUMABLE_CHANGES, and so must the data, byte for byte."""
     meta = read_meta(os.path.join(run.cfg.out_dir, 'ckpt'))
-    check_resumable(meta, run.cfg, end_step)
+    check_resumable(meta, run.cfg, end_step, dataclasses.asdict(run.model_config))
     rank0_decides(lambda: check_data_unchanged(meta['data_files'], run.data_fingerprint))
     run.best_val_loss = meta['best_val_loss']
     run.lower_val_rises = meta.get('lower_val_rises', 0)
@@ -411,8 +422,7 @@ def finish(run, record, start_step, end_step):
     if run.device.startswith('cuda') and ran:
         summary['peak_memory_bytes'] = torch.cuda.max_memory_allocated()
     if run.rank == 0:
-        with open(summary_file, 'w') as f:
-            json.dump(summary, f, indent=2)
+        write_whole(summary_file, lambda f: json.dump(summary, f, indent=2))
         print(f"\n{'source':<16}{'weight':>10}{'loss (model)':>18}")
         for s, w in record['weights'].items():
             print(f"{s:<16}{w:>10.4f}{record['per_source_loss'][s]:>18.4f}")
@@ -430,15 +440,23 @@ def export(run, weights):
     tokenizer = load_tokenizer(cfg.tokenizer)
     token_ids = {key: value for key, value in (('bos_token_id', tokenizer.begin_of_text),
                                                 ('eos_token_id', tokenizer.end_of_text)) if value is not None}
-    export_pretrained(run.models[-1], folder, token_ids)  # every rank takes part: it gathers tensor by tensor
-    if run.rank != 0:
-        return
-    for name in TOKENIZER_FILES if cfg.tokenizer != 'bytes' else ():
-        if os.path.isfile(os.path.join(cfg.tokenizer, name)):
-            shutil.copy(os.path.join(cfg.tokenizer, name), folder)
-    with open(os.path.join(cfg.out_dir, 'mixture.json'), 'w') as f:
-        json.dump({'sources': run.data.sources, 'weights': weights, 'how': "for N examples, draw "
-                   "int(N * weight) from each source (the authors' second stage)"}, f, indent=2)
+    try:  # into hf.tmp, renamed once whole: an export stopped by a full disk leaves no folder that looks whole
+        if run.rank == 0:
+            shutil.rmtree(folder + '.tmp', ignore_errors=True)
+        export_pretrained(run.models[-1], folder + '.tmp', token_ids)  # every rank takes part: it gathers tensors
+        if run.rank == 0:
+            for name in TOKENIZER_FILES if cfg.tokenizer != 'bytes' else ():
+                if os.path.isfile(os.path.join(cfg.tokenizer, name)):
+                    shutil.copy(os.path.join(cfg.tokenizer, name), folder + '.tmp')
+            shutil.rmtree(folder, ignore_errors=True)  # an earlier export of this run
+            os.rename(folder + '.tmp', folder)
+    except OSError as e:
+        raise OSError(f"could not write the export {folder}.tmp ({e.strerror or e}); the checkpoint and summary.json "
+                      f"are intact: --resume=True --export=True exports again") from None
+    if run.rank == 0:  # written last: its presence says the export is complete
+        write_whole(os.path.join(cfg.out_dir, 'mixture.json'), lambda f: json.dump(
+            {'sources': run.data.sources, 'weights': weights,
+             'how': "for N examples, draw int(N * weight) from each source (the authors' second stage)"}, f, indent=2))
 
 
 def cli(argv):

@@ -1,0 +1,203 @@
+"""Inputs a run must not destroy, half-written files it must not trust, values it must not ignore (issue 38's
+findings, each reproduced here). Every failure is one line naming the field or the file (test_errors.fails)."""
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+
+import pytest
+
+import checkpoint
+import train
+from data import BYTES
+from hf import export_pretrained
+from model import GPT, GPTConfig
+from test_errors import TINY, fails, listing
+
+SHAPE = ('--n_layer', '--n_head', '--n_embd')
+
+
+def error_line(capsys, *args):
+    """train.cli's last line for args, once it checked the run failed as a user must see it (test_errors.fails,
+    without its TINY shape)."""
+    code = train.cli(list(args))
+    out, err = capsys.readouterr()
+    assert code == 1 and 'Traceback' not in out + err, out + err
+    return err.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope='module')
+def finished_run(tmp_path_factory):
+    """A finished ScaleBiO run with its summary, its exported model and a best/ folder: a run's inputs-to-be."""
+    out = tmp_path_factory.mktemp('finished') / 'run'
+    assert train.cli([*TINY, f'--out_dir={out}', '--export=True']) == 0
+    return out
+
+
+@pytest.mark.parametrize('args', [
+    lambda out: ['--method=fixed', f'--weights={out}/summary.json'],
+    lambda out: [f'--init_from={out}/hf'],
+    lambda out: ['--method=rholoss', f'--reference={out}'],
+])
+def test_overwrite_refuses_to_delete_the_runs_own_inputs(finished_run, tmp_path, capsys, args):
+    run_args = args(finished_run)
+    pretrained = any(a.startswith('--init_from') for a in run_args)
+    run_args = [a for a in TINY if not (pretrained and a.startswith(SHAPE))] + run_args
+    before = listing(finished_run)
+    line = error_line(capsys, *run_args, f'--out_dir={finished_run}', '--overwrite=True')
+    assert line.startswith(f"error: {run_args[-1].split('=')[0]}=") and 'would delete' in line
+    assert listing(finished_run) == before  # nothing deleted, nothing written
+
+
+def test_a_value_the_dtype_cannot_hold_is_refused_before_the_previous_run_is_deleted(finished_run, capsys):
+    before = listing(finished_run)
+    assert fails(capsys, finished_run, '--overwrite=True', '--lr=1e300', '--dtype=float32') == \
+        "error: --lr=1e+300 does not fit --dtype=float32 (at most 3.4e+38)"
+    assert listing(finished_run) == before
+
+
+def test_a_cut_safetensors_file_is_refused_naming_it(tmp_path, capsys):
+    folder = tmp_path / 'model'
+    export_pretrained(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16)), str(folder))
+    weights = folder / 'model.safetensors'
+    os.truncate(weights, os.path.getsize(weights) // 2)  # an export stopped by a full disk
+    args = [a for a in TINY if not a.startswith(SHAPE)] + [f'--init_from={folder}']
+    line = error_line(capsys, *args, f'--out_dir={tmp_path}/out')
+    assert str(weights) in line and 'not a whole safetensors file' in line
+    with open(weights, 'r+b') as f:  # a header that is not JSON
+        f.seek(8)
+        f.write(b'\xff' * 16)
+    assert str(weights) in error_line(capsys, *args, f'--out_dir={tmp_path}/out')
+
+
+@pytest.mark.parametrize('args, field', [
+    (['--weights=uniform.json'], '--weights'), (['--sampling=stratified'], '--sampling'),
+    (['--method=irdro', '--reference=somewhere'], '--reference'), (['--dro_temperature=2'], '--dro_temperature'),
+    (['--lisa_layers=0', '--lisa_draw=independent'], '--lisa_draw'), (['--alpha_growth=2'], '--alpha_growth'),
+])
+def test_a_value_the_run_would_ignore_is_an_error_naming_it(tmp_path, capsys, args, field):
+    line = fails(capsys, tmp_path / 'out', *args)
+    assert line.startswith(f'error: {field}=') and 'this run would ignore it' in line
+    assert not os.path.exists(tmp_path / 'out')
+
+
+def test_dropout_is_used_by_a_gpt2_from_init_from(tmp_path):
+    folder = tmp_path / 'model'
+    export_pretrained(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16)), str(folder))
+    args = [a for a in TINY if not a.startswith(SHAPE)] + [f'--init_from={folder}', '--dropout=0.5', '--max_steps=2']
+    summary = train.main([*args, f'--out_dir={tmp_path}/out'])
+    assert summary['model_config']['dropout'] == 0.5
+
+
+def test_a_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """A full disk while summary.json is written leaves no half file: the error names it, and a resume finishes."""
+    out, real_dump = tmp_path / 'out', json.dump
+
+    def full_disk(value, f, **kwargs):
+        if f.name.endswith('summary.json.tmp'):
+            f.write('{"sources": ["cle')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real_dump(value, f, **kwargs)
+    monkeypatch.setattr(json, 'dump', full_disk)
+    line = error_line(capsys, *TINY, f'--out_dir={out}')
+    assert str(out / 'summary.json') in line and 'intact' in line
+    assert not os.path.exists(out / 'summary.json') and not os.path.exists(out / 'summary.json.tmp')
+    monkeypatch.setattr(json, 'dump', real_dump)
+    assert train.cli([*TINY, f'--out_dir={out}', '--resume=True']) == 0
+    with open(out / 'summary.json') as f:
+        assert len(json.load(f)['weights']) == 3
+
+
+def stop(out, *args):
+    assert train.cli([*args, f'--out_dir={out}', '--max_steps=20', '--stop_at=10']) == 0
+    return out / 'ckpt' / 'meta.json'
+
+
+def test_an_edited_meta_json_is_refused(tmp_path, capsys):
+    meta_file = stop(tmp_path / 'out', *TINY)
+    with open(meta_file) as f:
+        meta = json.load(f)
+    with open(meta_file, 'w') as f:
+        json.dump({**meta, 'step': 11}, f)
+    line = error_line(capsys, *TINY, f'--out_dir={tmp_path}/out', '--max_steps=20', '--resume=True')
+    assert str(meta_file) in line and 'checksum' in line
+    forged = {**meta, 'best_val_loss': 'low'}  # a wrong type under a checksum that matches it
+    forged['meta_sha256'] = checkpoint._meta_digest(forged)
+    with open(meta_file, 'w') as f:
+        json.dump(forged, f)
+    line = error_line(capsys, *TINY, f'--out_dir={tmp_path}/out', '--max_steps=20', '--resume=True')
+    assert str(meta_file) in line and "['best_val_loss'] are of the wrong type" in line
+
+
+def test_a_changed_init_from_config_is_refused_on_resume(tmp_path, capsys):
+    folder = tmp_path / 'model'
+    export_pretrained(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16)), str(folder))
+    args = [a for a in TINY if not a.startswith(SHAPE)] + [f'--init_from={folder}']
+    stop(tmp_path / 'out', *args)
+    with open(folder / 'config.json') as f:
+        config = json.load(f)
+    with open(folder / 'config.json', 'w') as f:
+        json.dump({**config, 'n_head': 4}, f)  # the same tensors, another model
+    line = error_line(capsys, *args, f'--out_dir={tmp_path}/out', '--max_steps=20', '--resume=True')
+    assert line.startswith('error: --resume=True with another model: n_head 4 (checkpoint: 2)')
+
+
+def test_the_fingerprint_is_of_the_bytes_parsed(tmp_path, monkeypatch, capsys):
+    """train_a.txt changes while the other files load: the checkpoint records what was parsed, and a resume on
+    the changed file is refused."""
+    lines = ''.join(f"{a}+{a}={2 * a}\n" for a in range(40))
+    folder = tmp_path / 'data'
+    folder.mkdir()
+    for name in ('train_a.txt', 'train_b.txt', 'val.txt', 'test.txt'):
+        (folder / name).write_text(lines)
+    parsed = hashlib.sha256(lines.encode()).hexdigest()
+    calls = []
+
+    def encode_then_change_a(text):  # called right after each file is read, train_a.txt first
+        if not calls:
+            with open(folder / 'train_a.txt', 'a') as f:
+                f.write('1+1=3\n')
+        calls.append(1)
+        return BYTES.encode(text)
+    monkeypatch.setattr(train, 'load_tokenizer', lambda spec: dataclasses.replace(BYTES, encode=encode_then_change_a))
+    args = [*TINY, f'--data={folder}', f'--out_dir={tmp_path}/out']
+    assert train.cli([*args, '--max_steps=20', '--stop_at=10']) == 0
+    with open(tmp_path / 'out' / 'ckpt' / 'meta.json') as f:
+        assert json.load(f)['data_files']['train_a.txt'][1] == parsed
+    monkeypatch.undo()
+    line = error_line(capsys, *args, '--max_steps=20', '--resume=True')
+    assert 'the data file train_a.txt has changed' in line
+
+
+@pytest.mark.parametrize('content, message', [
+    ('{"model_type": "gpt2", "n_layer": 2,', 'is not valid JSON'),
+    ('[1, 2]', 'is not a model config'),
+    ('{"model_type": "gpt2", "n_positions": 16, "vocab_size": 256, "n_layer": 2, "n_head": "two", "n_embd": 16}',
+     "n_head='two' must be positive integers"),
+])
+def test_a_malformed_config_json_is_one_line_naming_it(tmp_path, capsys, content, message):
+    folder = tmp_path / 'model'
+    export_pretrained(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16)), str(folder))
+    (folder / 'config.json').write_text(content)
+    args = [a for a in TINY if not a.startswith(SHAPE)] + [f'--init_from={folder}', f'--out_dir={tmp_path}/out']
+    line = error_line(capsys, *args)
+    assert str(folder / 'config.json') in line and message in line
+
+
+def test_a_malformed_tokenizer_file_is_one_line_naming_it(tmp_path, capsys):
+    pytest.importorskip('tokenizers')
+    (tmp_path / 'tok').mkdir()
+    (tmp_path / 'tok' / 'tokenizer.json').write_text('{"version": "1.0", "model": ')
+    line = error_line(capsys, *TINY, f'--tokenizer={tmp_path}/tok', f'--out_dir={tmp_path}/out')
+    assert str(tmp_path / 'tok' / 'tokenizer.json') in line and 'cannot be read as a tokenizer' in line
+
+
+def test_a_timeout_too_short_for_any_collective_is_refused(tmp_path, capsys):
+    assert fails(capsys, tmp_path / 'out', '--dist_timeout=1e-9') == \
+        "error: --dist_timeout must be between 0.1 and 10000 (minutes), got 1e-09"
+
+
+def test_a_reference_run_of_another_seed_is_refused(finished_run, tmp_path, capsys):
+    line = fails(capsys, tmp_path / 'out', '--method=rholoss', f'--reference={finished_run}', '--seed=1')
+    assert line == f"error: --reference={finished_run} was trained with --seed=0, this run has --seed=1"
