@@ -89,7 +89,9 @@ def run(out_dir, *args):
     """One quiet train.py run: its summary.json, with the wall time in seconds added. A run already done
     with the same arguments, the same resulting config and the same input files (weights, reference model)
     is read back, so an interrupted comparison continues where it stopped."""
-    argv = [f'--out_dir={out_dir}', '--eval_interval=500', '--ckpt_interval=100000', *args, *TRAIN_ARGS]
+    pretrained = any(a.startswith('--init_from') for a in args)  # its shape is the base model's
+    argv = [f'--out_dir={out_dir}', '--eval_interval=500', '--ckpt_interval=100000', *args,
+            *[a for a in TRAIN_ARGS if not (pretrained and a.startswith(('--n_layer', '--n_head', '--n_embd')))]]
     cfg = parse_config(argv)
     inputs = [os.path.join(cfg.reference, 'best', 'meta.json')] if cfg.reference else []
     inputs += [cfg.weights] if os.path.isfile(cfg.weights) else []
@@ -257,16 +259,18 @@ def study(cfg):
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):  # seeds outermost: every task for a seed first
         for task in (cfg.tasks or spec['tasks']).split(','):
             folder = os.path.join(cfg.out_dir, cfg.what, task)
-            start = []
+            start, run_shape = [], shape
             if cfg.pretrained:  # one base model per task, whatever the seed: the 'pretrained LLM' of every run
                 folder = os.path.join(cfg.out_dir, f'{cfg.what}-pretrained', task)
                 steps = f'--max_steps={cfg.base_steps}'
                 run(f'{folder}/base', f'--data={task}', '--method=fixed', *shape, '--lisa_layers=0', steps,
                     '--export=True')
                 start = [f'--init_from={folder}/base/hf', steps]
+                run_shape = [a for a in shape if not a.startswith(('--n_layer', '--n_head', '--n_embd'))]  # the base's
             run_dirs = {name: f"{folder}/{name.replace(' ', '_')}/seed{seed}"
                         for name in (cfg.variants or spec['default']).split(',')}
-            learned = {name: run(run_dir, f'--data={task}', f'--seed={seed}', *shape, *start, *spec['variants'][name])
+            learned = {name: run(run_dir, f'--data={task}', f'--seed={seed}', *run_shape, *start,
+                                 *spec['variants'][name])
                        for name, run_dir in run_dirs.items()}
             for name, summary in learned.items():
                 weights = np.array(summary['weights'])
@@ -277,10 +281,10 @@ def study(cfg):
                        'wall_seconds': summary['wall_seconds']}
                 if cfg.stage_two:
                     row['uniform_stage_two_test_loss'] = stage_two(f'{folder}/uniform/seed{seed}', 'uniform',
-                                                                   f'--data={task}', f'--seed={seed}', *shape,
+                                                                   f'--data={task}', f'--seed={seed}', *run_shape,
                                                                    *start, *spec['stage_two_args'])['test_loss']
                     row['stage_two_test_loss'] = stage_two(f'{run_dirs[name]}-stage2', f'{run_dirs[name]}/summary.json',
-                                                           f'--data={task}', f'--seed={seed}', *shape,
+                                                           f'--data={task}', f'--seed={seed}', *run_shape,
                                                            *start, *spec['stage_two_args'])['test_loss']
                 rows.append(row)
                 print(json.dumps(row), flush=True)
