@@ -69,6 +69,12 @@ BYTES = Tokenizer(encode=lambda text: np.frombuffer(text.encode('utf-8'), dtype=
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt')
 
 
+def tokenizer_files(spec):
+    """{name: path} of the TOKENIZER_FILES that --tokenizer's folder holds (none for 'bytes')."""
+    return {name: os.path.join(spec, name) for name in TOKENIZER_FILES
+            if spec != 'bytes' and os.path.isfile(os.path.join(spec, name))}
+
+
 def load_tokenizer(spec):
     """'bytes', or a local folder with tokenizer.json, or GPT-2's vocab.json + merges.txt, both read through
     the optional `tokenizers` package (nothing is downloaded)."""

@@ -205,6 +205,16 @@ def record_gradient_peak(run):
         optimizer.register_step_pre_hook(before_step)
 
 
+def gradient_bytes(optimizers, one_at_a_time=False):
+    """The gradient bytes a step's backwards leave on this rank at once: every trainable parameter's local shard, of
+    every copy (of one with --lower_first, which steps u before w's backward). Counted on the optimizers'
+    parameters, FSDP2's shards: after a forward a model may hold its root's parameters unsharded. tools/bench.py
+    measures the same peak inside the step (record_gradient_peak)."""
+    per_copy = [local_bytes(p for group in opt.param_groups for p in group['params'] if p.requires_grad)
+                for opt in optimizers]
+    return max(per_copy) if one_at_a_time else sum(per_copy)
+
+
 def rank_bytes(models, optimizers, grad_bytes):
     """What this rank holds for the models (local shards): parameters, gradients at their peak, Adam moments."""
     return {'parameters': sum(local_bytes(m.parameters()) for m in models), 'gradients': grad_bytes,

@@ -174,6 +174,15 @@ def mean_over_ranks(tensor):
     return tensor
 
 
+def tokens_per_step(cfg, n_sources):
+    """Tokens through forward and backward per step: ScaleBiO's two copies see the training batch, w (and, with
+    the central difference, u) the validation batch."""
+    if cfg.method != 'scalebio':
+        return n_sources * cfg.batch_per_source * cfg.block_size
+    return 2 * n_sources * cfg.batch_per_source * cfg.block_size \
+        + cfg.val_batch * cfg.block_size * (2 if cfg.central_difference else 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # the rows of a step: pure functions of (seed, split, step), the same global batch for any number of processes
 

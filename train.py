@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -36,19 +35,19 @@ from tqdm import tqdm
 
 from baselines import fixed_step, irdro_step, load_reference, rholoss_step
 from bilevel import cosine_lr, make_source_logits_optimizer, penalty_schedule
-from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, logged_record,
-                        own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
+from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, input_paths, load_checkpoint,
+                        logged_record, own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
                         signals_stop_at_next_step, trim_log, write_whole)
 from config import micro_steps, parse_config
-from data import BUILTIN_TASKS, TOKENIZER_FILES, fixed_weights, load_data, load_tokenizer
+from data import fixed_weights, load_data, load_tokenizer, tokenizer_files
 from fsdp import (copy_shards, end_distributed, fill, init_distributed, peer_error, rank0_decides,
-                  local_bytes, rank_bytes, shard, warm_up)
+                  gradient_bytes, rank_bytes, shard, warm_up)
 from lisa import set_lisa_blocks
-from hf import export_pretrained, pretrained_tensors, read_config
+from hf import export_whole, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
 from plan import check_run_memory
 from steps import (Run, device_rows, evaluation_batches, mean_over_ranks, proportional_rows, rank_rows,
-                   scalebio_train_step, validation_rows)
+                   scalebio_train_step, tokens_per_step, validation_rows)
 
 
 # --method: the step the loop calls, each step(run, step, alpha) -> {'weights', 'loss'}
@@ -127,13 +126,12 @@ def build_run(cfg, processes):
     if data.notes and rank == 0:  # examples truncated or dropped while loading
         print('\n'.join(data.notes))
     # what the run trains on, down to the bytes: every checkpoint records it, and a resume checks it
-    tokenizer_files = {f'tokenizer/{name}': os.path.join(cfg.tokenizer, name) for name in TOKENIZER_FILES
-                       if cfg.tokenizer != 'bytes' and os.path.isfile(os.path.join(cfg.tokenizer, name))}
+    tokenizer = {f'tokenizer/{name}': path for name, path in tokenizer_files(cfg.tokenizer).items()}
     reference = os.path.join(cfg.reference, 'best') if cfg.method == 'rholoss' and cfg.reference else ''
     reference_files = {f'reference/{name}': os.path.join(reference, name) for name in sorted(os.listdir(reference))} \
         if os.path.isdir(reference) else {}
     weights_file = {'weights.json': cfg.weights} if cfg.method == 'fixed' and os.path.isfile(cfg.weights) else {}
-    fingerprint = data_fingerprint({**data.files, **tokenizer_files, **reference_files, **weights_file},
+    fingerprint = data_fingerprint({**data.files, **tokenizer, **reference_files, **weights_file},
                                    read=data.digests) if rank == 0 else None
     models, model_config = build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size)
     # p: λ = softmax(p) starts uniform
@@ -156,19 +154,11 @@ def build_run(cfg, processes):
         run.reference_model = load_reference(cfg.reference, model_config, cfg.data, cfg.seed).to(device=device, dtype=dtype)
     run.eval_sets = {split: evaluation_batches(  # on the host, cropped and moved per batch as training rows are
         data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed) for split in ['val', 'test'] + data.sources}
-    if not cfg.lisa_layers:  # with LISA, at each draw
-        count_gradient_bytes(run)
+    if not cfg.lisa_layers:  # the summary's gradient bytes per rank; with LISA, counted at each draw
+        run.grad_bytes = gradient_bytes(run.optimizers, cfg.lower_first)
     if cfg.method == 'scalebio' and cfg.central_difference:  # the guard's reference (guard_lower_copy)
         run.lower_val_start = evaluate(run, models[0], 'val')
     return run
-
-
-def input_paths(cfg):
-    """{'--field': path} of every file or folder this run reads besides out_dir/ckpt."""
-    paths = {'--data': cfg.data if cfg.data not in BUILTIN_TASKS else '', '--tokenizer': cfg.tokenizer if cfg.tokenizer != 'bytes' else '',
-             '--init_from': cfg.init_from, '--reference': os.path.join(cfg.reference, 'best') if cfg.reference else '',
-             '--weights': cfg.weights if cfg.method == 'fixed' and cfg.weights not in ('uniform', 'val_only') else ''}
-    return {field: path for field, path in paths.items() if path}
 
 
 def model_config_for(cfg, data):
@@ -248,17 +238,7 @@ def draw_lisa_blocks(run, step):
     cfg = run.cfg
     set_lisa_blocks([(model.blocks, opt) for model, opt in zip(run.models, run.optimizers)], cfg.lisa_layers,
                     cfg.seed, step // cfg.lisa_interval, cfg.lisa_draw, cfg.lisa_merge_frozen)
-    count_gradient_bytes(run)
-
-
-def count_gradient_bytes(run):
-    """run.grad_bytes, the summary's gradient bytes per rank: the most a step's backwards leave alive at once, every
-    trainable parameter's local shard in both copies (in one with --lower_first, which steps u before w's backward).
-    tools/bench.py measures the same peak inside the step (fsdp.record_gradient_peak). Counted on the optimizers'
-    parameters, FSDP2's shards: after a forward, a model may hold its root's parameters unsharded."""
-    per_copy = [local_bytes(p for group in opt.param_groups for p in group['params'] if p.requires_grad)
-                for opt in run.optimizers]
-    run.grad_bytes = max(run.grad_bytes, max(per_copy) if run.cfg.lower_first else sum(per_copy))
+    run.grad_bytes = max(run.grad_bytes, gradient_bytes(run.optimizers, cfg.lower_first))
 
 
 def take_step(run, step, alpha):
@@ -389,15 +369,6 @@ def stop_if_signalled(run, step, stop_signals, progress):
 # ----------------------------------------------------------------------------------------------
 # the end of the run
 
-def tokens_per_step(cfg, n_sources):
-    """Tokens through forward and backward per step: ScaleBiO's two copies see the training batch, w (and, with
-    the central difference, u) the validation batch."""
-    if cfg.method != 'scalebio':
-        return n_sources * cfg.batch_per_source * cfg.block_size
-    return 2 * n_sources * cfg.batch_per_source * cfg.block_size \
-        + cfg.val_batch * cfg.block_size * (2 if cfg.central_difference else 1)
-
-
 def finish(run, record, start_step, end_step):
     cfg, sources = run.cfg, run.data.sources
     summary_file = os.path.join(cfg.out_dir, 'summary.json')
@@ -440,19 +411,11 @@ def export(run, weights):
     tokenizer = load_tokenizer(cfg.tokenizer)
     token_ids = {key: value for key, value in (('bos_token_id', tokenizer.begin_of_text),
                                                 ('eos_token_id', tokenizer.end_of_text)) if value is not None}
-    try:  # into hf.tmp, renamed once whole: an export stopped by a full disk leaves no folder that looks whole
-        if run.rank == 0:
-            shutil.rmtree(folder + '.tmp', ignore_errors=True)
-        export_pretrained(run.models[-1], folder + '.tmp', token_ids)  # every rank takes part: it gathers tensors
-        if run.rank == 0:
-            for name in TOKENIZER_FILES if cfg.tokenizer != 'bytes' else ():
-                if os.path.isfile(os.path.join(cfg.tokenizer, name)):
-                    shutil.copy(os.path.join(cfg.tokenizer, name), folder + '.tmp')
-            shutil.rmtree(folder, ignore_errors=True)  # an earlier export of this run
-            os.rename(folder + '.tmp', folder)
+    try:  # every rank takes part: it gathers tensor by tensor
+        export_whole(run.models[-1], folder, token_ids, tokenizer_files(cfg.tokenizer).values())
     except OSError as e:
-        raise OSError(f"could not write the export {folder}.tmp ({e.strerror or e}); the checkpoint and summary.json "
-                      f"are intact: --resume=True --export=True exports again") from None
+        raise OSError(f"{e}; the checkpoint and summary.json are intact: --resume=True --export=True exports again") \
+            from None
     if run.rank == 0:  # written last: its presence says the export is complete
         write_whole(os.path.join(cfg.out_dir, 'mixture.json'), lambda f: json.dump(
             {'sources': run.data.sources, 'weights': weights,
