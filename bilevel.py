@@ -90,8 +90,8 @@ def scalebio_step(source_logits, penalty_alpha, lower_objective, upper_objective
                 val_loss=val_loss, source_logits_grad=source_logits_grad)
 
 
-# p's update rules, chosen by --source_logits_update: the optimizer, its step size unless --source_logits_lr gives one, and
-# whether the step is taken on the gradient in λ (mirror descent, see source_logits_gradient). Both follow the warmup +
+# p's update rules, chosen by --source_logits_update: the optimizer, its step size unless --source_logits_lr gives
+# one, and whether the step is taken on the gradient in λ (mirror descent, see source_logits_gradient). Both follow the warmup +
 # cosine schedule of u and w, as in the authors' code: p's gradient is measured by u and w, and a p that keeps
 # moving once they have stopped runs to a vertex of the simplex.
 SOURCE_LOGITS_UPDATES = {

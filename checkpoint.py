@@ -331,7 +331,8 @@ def replicated_state(run, with_cuda_rng):
     """p, its optimizer's state (Adam's moments; SGD keeps none), the baselines' received shares and the RNG
     state: the same on every rank, so the checkpoint keeps one copy."""
     state = run.source_logits_optimizer.state[run.source_logits]
-    if not state and SOURCE_LOGITS_UPDATES[run.cfg.source_logits_update]['optimizer'] == 'adam':  # before p's first step
+    adam = SOURCE_LOGITS_UPDATES[run.cfg.source_logits_update]['optimizer'] == 'adam'
+    if not state and adam:  # before p's first step
         state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(run.source_logits),
                      exp_avg_sq=torch.zeros_like(run.source_logits))
     rng = {'cpu': torch.get_rng_state()}  # every rank is seeded alike, so one copy serves all

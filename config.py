@@ -1,6 +1,7 @@
 """
 Every setting of a run, and how a command line sets it: each field of TrainConfig below is `--field=value`,
-parsed as the type of its default (nanoGPT's configurator, without exec). tools/sample.py, tools/bench.py and tools/compare.py
+parsed as the type of its default (nanoGPT's configurator, without exec). tools/sample.py, tools/bench.py and
+tools/compare.py
 parse their own dataclasses with the same `override`.
 """
 import dataclasses
@@ -110,6 +111,7 @@ RULES = [  # (fields, the rule, what the error says)
      "must be 0 or positive"),  # 0 has a meaning for each: off, all, or none
     (('dropout',), lambda v: 0 <= v < 1, "must be in [0, 1)"),
     (('dist_timeout',), lambda v: 0.1 <= v <= 10_000, "must be between 0.1 and 10000 (minutes)"),
+    (('seed',), lambda v: v < 2**63, "must be below 2**63 (torch's generator takes 64 bits)"),
 ]
 PATHS = ('data', 'tokenizer', 'weights', 'reference', 'out_dir', 'init_from')  # '~' is expanded in each
 # fields a run uses only in some settings: set to anything but their default elsewhere, they are an error, never

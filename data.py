@@ -89,12 +89,13 @@ def load_tokenizer(spec):
         import tokenizers
     except ImportError:
         raise ImportError("--tokenizer=<folder> needs the tokenizers package: pip install tokenizers") from None
-    read = files['tokenizer.json'] if os.path.isfile(files['tokenizer.json']) else f"{files['vocab.json']} and merges.txt"
+    read = files['tokenizer.json'] if os.path.isfile(files['tokenizer.json']) else files['vocab.json'] + ' and merges.txt'
     try:
         bpe = tokenizers.Tokenizer.from_file(files['tokenizer.json']) if os.path.isfile(files['tokenizer.json']) \
             else tokenizers.ByteLevelBPETokenizer(files['vocab.json'], files['merges.txt'])
     except Exception as e:  # the tokenizers package raises plain Exceptions for a file it cannot parse
-        raise ValueError(f"--tokenizer={spec}: {read} cannot be read as a tokenizer ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"--tokenizer={spec}: {read} cannot be read as a tokenizer ({str(e).splitlines()[0]})") \
+            from None
     # text is encoded without special tokens; an example gets the template's BOS once, at its start
     plain, templated = bpe.encode('a', add_special_tokens=False).ids, bpe.encode('a').ids
     begin = templated[0] if len(templated) > len(plain) and templated[1:len(plain) + 1] == plain else None

@@ -150,7 +150,8 @@ def read_safetensors_header(file, f):
             if info['dtype'] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{file}: {name} is of dtype {info['dtype']}, which is not read here "
                                  f"({', '.join(SAFETENSORS_DTYPES)})")
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[info['dtype']], [int(n) for n in info['shape']], info['data_offsets']
+            dtype, (begin, end) = SAFETENSORS_DTYPES[info['dtype']], info['data_offsets']
+            shape = [int(n) for n in info['shape']]
             if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"{file}: {name}'s bytes {begin}-{end} do not hold a {info['dtype']} tensor of shape "
                                  f"{shape}; the file is damaged")
@@ -165,7 +166,8 @@ def read_safetensors_header(file, f):
 
 
 def torch_checkpoint(file):
-    """The tensors of a torch .bin file, memory-mapped where its format allows; a damaged file is one error naming it."""
+    """The tensors of a torch .bin file, memory-mapped where its format allows; a damaged file is one error naming
+    it."""
     try:
         try:
             return torch.load(file, map_location='cpu', weights_only=True, mmap=True)

@@ -40,8 +40,8 @@ from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint,
                         signals_stop_at_next_step, trim_log, write_whole)
 from config import micro_steps, parse_config
 from data import fixed_weights, load_data, load_tokenizer, tokenizer_files
-from fsdp import (copy_shards, end_distributed, fill, init_distributed, peer_error, rank0_decides,
-                  gradient_bytes, rank_bytes, shard, warm_up)
+from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distributed, peer_error, rank0_decides,
+                  rank_bytes, shard, warm_up)
 from lisa import set_lisa_blocks
 from hf import export_whole, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
@@ -138,8 +138,8 @@ def build_run(cfg, processes):
     source_logits = torch.zeros(len(data.sources), device=device, dtype=dtype, requires_grad=True)
     run = Run(cfg, models, optimizers=[make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models],
               source_logits=source_logits,
-              source_logits_optimizer=make_source_logits_optimizer(source_logits, cfg.source_logits_update, cfg.source_logits_lr,
-                                                     cfg.source_logits_weight_decay),
+              source_logits_optimizer=make_source_logits_optimizer(source_logits, cfg.source_logits_update,
+                                                                   cfg.source_logits_lr, cfg.source_logits_weight_decay),
               autocast=torch.autocast('cuda', dtype=torch.bfloat16) if bf16 and not sharded else contextlib.nullcontext(),
               micro_steps=micro, data=data, device=device, rank=rank, world_size=world_size,
               received_sum=torch.zeros(len(data.sources), device=device, dtype=dtype), model_config=model_config,
@@ -151,7 +151,8 @@ def build_run(cfg, processes):
         run.rows_per_source = proportional_rows(run.fixed_weights.tolist(), len(data.sources) * cfg.batch_per_source) \
             if cfg.sampling == 'proportional' else None
     if cfg.method == 'rholoss':
-        run.reference_model = load_reference(cfg.reference, model_config, cfg.data, cfg.seed).to(device=device, dtype=dtype)
+        run.reference_model = load_reference(cfg.reference, model_config, cfg.data, cfg.seed).to(device=device,
+                                                                                                 dtype=dtype)
     run.eval_sets = {split: evaluation_batches(  # on the host, cropped and moved per batch as training rows are
         data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed) for split in ['val', 'test'] + data.sources}
     if not cfg.lisa_layers:  # the summary's gradient bytes per rank; with LISA, counted at each draw
@@ -325,8 +326,8 @@ def guard_lower_copy(run, lower_val, done):
 def save(run, step):
     cuda = run.device.startswith('cuda')
     save_checkpoint(os.path.join(run.cfg.out_dir, 'ckpt'), run.models, run.optimizers, replicated_state(run, cuda),
-                    {'step': step, 'config': dataclasses.asdict(run.cfg), 'model_config': dataclasses.asdict(run.model_config),
-                     'best_val_loss': run.best_val_loss,
+                    {'step': step, 'config': dataclasses.asdict(run.cfg),
+                     'model_config': dataclasses.asdict(run.model_config), 'best_val_loss': run.best_val_loss,
                      'lower_val_rises': run.lower_val_rises, 'cuda_rng': cuda, 'data_files': run.data_fingerprint},
                     keep_previous=True)
 

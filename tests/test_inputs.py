@@ -201,3 +201,8 @@ def test_a_timeout_too_short_for_any_collective_is_refused(tmp_path, capsys):
 def test_a_reference_run_of_another_seed_is_refused(finished_run, tmp_path, capsys):
     line = fails(capsys, tmp_path / 'out', '--method=rholoss', f'--reference={finished_run}', '--seed=1')
     assert line == f"error: --reference={finished_run} was trained with --seed=0, this run has --seed=1"
+
+
+def test_a_seed_beyond_64_bits_is_one_line(tmp_path, capsys):
+    assert fails(capsys, tmp_path / 'out', '--seed=99999999999999999999999') == \
+        "error: --seed must be below 2**63 (torch's generator takes 64 bits), got 99999999999999999999999"
