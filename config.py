@@ -112,6 +112,8 @@ RULES = [  # (fields, the rule, what the error says)
     (('dropout',), lambda v: 0 <= v < 1, "must be in [0, 1)"),
     (('dist_timeout',), lambda v: 0.1 <= v <= 10_000, "must be between 0.1 and 10000 (minutes)"),
     (('seed',), lambda v: v < 2**63, "must be below 2**63 (torch's generator takes 64 bits)"),
+    (('batch_per_source', 'val_batch', 'micro_batch', 'eval_batches', 'block_size', 'n_layer', 'n_head', 'n_embd',
+      'lisa_layers', 'rho_candidates'), lambda v: v <= 2**20, "must be at most 2**20 = 1048576"),  # sizes
 ]
 PATHS = ('data', 'tokenizer', 'weights', 'reference', 'out_dir', 'init_from')  # '~' is expanded in each
 # fields a run uses only in some settings: set to anything but their default elsewhere, they are an error, never

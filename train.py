@@ -62,6 +62,9 @@ def main(argv):
         with own_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite) as previous_run:
             return train(cfg, processes, previous_run)
     except RuntimeError as e:
+        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+            raise MemoryError(f"out of memory ({str(e).splitlines()[0]}): lower --batch_per_source, --val_batch, "
+                              f"--block_size or the model's size, or set --micro_batch") from None
         raise peer_error(e, cfg.dist_timeout) from None
 
 
@@ -100,8 +103,8 @@ def train(cfg, processes, previous_run):
             if done % cfg.ckpt_interval == 0 or done == end_step:
                 save(run, done)
     progress.close()
-    if record is None:  # resumed at the final step, killed before its summary: what log.jsonl holds of it
-        record = rank0_decides(lambda: logged_record(cfg.out_dir, end_step))
+    if record is None and not os.path.isfile(os.path.join(cfg.out_dir, 'summary.json')):  # resumed at the final
+        record = rank0_decides(lambda: logged_record(cfg.out_dir, end_step))  # step, killed before its summary
     # summary.json, and with --export the trained model and the mixture for use elsewhere
     return finish(run, record, start_step, end_step)
 
@@ -429,7 +432,7 @@ def cli(argv):
     try:
         main(argv)
         return 0
-    except (ValueError, OSError, FloatingPointError, ImportError) as e:
+    except (ValueError, OSError, FloatingPointError, ImportError, MemoryError) as e:
         # every rank sees the same data and the same averaged losses, so every rank fails the same way
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''
         print(f"{rank}error: {e}", file=sys.stderr)

@@ -5,11 +5,13 @@ import errno
 import hashlib
 import json
 import os
+import random
 
 import pytest
 
 import checkpoint
 import train
+from config import TrainConfig
 from data import BYTES
 from hf import export_pretrained
 from model import GPT, GPTConfig
@@ -206,3 +208,59 @@ def test_a_reference_run_of_another_seed_is_refused(finished_run, tmp_path, caps
 def test_a_seed_beyond_64_bits_is_one_line(tmp_path, capsys):
     assert fails(capsys, tmp_path / 'out', '--seed=99999999999999999999999') == \
         "error: --seed must be below 2**63 (torch's generator takes 64 bits), got 99999999999999999999999"
+
+
+HOSTILE = ['nan', 'inf', '-inf', '-1', '0', '1e400', '1e300', '99999999999999999999999', '', 'x', '0.5', 'True']
+
+
+def test_hostile_values_end_in_a_run_or_one_line_naming_the_field(tmp_path, capsys):
+    """Every field, values drawn from HOSTILE (a fixed sample of field-value pairs, seed 0; HOSTILE_CASES=648 runs
+    them all): each run ends with exit 0, or exit 1 and one line naming the field (or, for a value the run can hold
+    but the model cannot train with, the step whose loss was not finite), never a traceback; nothing outside its
+    out_dir changes."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ('out_dir', 'resume', 'device')]
+    cases = random.Random(0).sample([(name, value) for name in fields for value in HOSTILE], int(os.environ.get('HOSTILE_CASES', 120)))
+    outside = listing(tmp_path)
+    for k, (name, value) in enumerate(cases):
+        out = tmp_path / 'runs' / str(k)
+        code = train.cli([*TINY, '--max_steps=2', '--stop_at=0' if name == 'stop_at' else '--stop_at=2',
+                          '--eval_interval=2', f'--out_dir={out}', f'--{name}={value}'])
+        stdout, err = capsys.readouterr()
+        assert 'Traceback' not in stdout + err, (name, value, err)
+        last = err.strip().splitlines()[-1] if err.strip() else ''
+        names_it = name in last or (value and value in last)  # the field, or the file its value names
+        assert code == 0 or (code == 1 and (names_it or last.startswith('error: non-finite loss or gradient at step'))), \
+            (name, value, err)
+    assert {p: v for p, v in listing(tmp_path).items() if '/runs/' not in p} == outside
+
+
+@pytest.mark.parametrize('victim', ['config.json', 'model.safetensors', 'data', 'meta.json', 'log.jsonl'])
+def test_files_cut_at_random_offsets_end_in_a_run_or_one_line_naming_the_file(tmp_path, capsys, victim):
+    """A file the run reads, cut at 3 offsets drawn with a fixed seed: one line naming the file (a cut log.jsonl is
+    trimmed on resume and the run goes on)."""
+    model, data = tmp_path / 'model', tmp_path / 'data'
+    export_pretrained(GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=16)), str(model))
+    data.mkdir()
+    records = [{'instruction': f'{a}+{a}', 'output': str(2 * a)} for a in range(20)]
+    for name in ('train_a.json', 'train_b.json', 'val.json', 'test.json'):
+        (data / name).write_text(json.dumps(records))
+    args = [a for a in TINY if not a.startswith(SHAPE + ('--block_size',))] + [
+        f'--init_from={model}', f'--data={data}', '--max_steps=4', '--block_size=64']
+    stopped = tmp_path / 'stopped'
+    assert train.cli([*args, f'--out_dir={stopped}', '--stop_at=2', '--eval_interval=1']) == 0
+    path = {'config.json': model / 'config.json', 'model.safetensors': model / 'model.safetensors',
+            'data': data / 'train_b.json', 'meta.json': stopped / 'ckpt' / 'meta.json',
+            'log.jsonl': stopped / 'log.jsonl'}[victim]
+    whole = path.read_bytes()
+    for offset in sorted(random.Random(1).sample(range(1, len(whole)), 3)):
+        path.write_bytes(whole[:offset])
+        resume = victim in ('meta.json', 'log.jsonl')
+        out = stopped if resume else tmp_path / f'cut{offset}'
+        code = train.cli([*args, f'--out_dir={out}', '--resume=True' if resume else '--eval_interval=4'])
+        stdout, err = capsys.readouterr()
+        assert 'Traceback' not in stdout + err, (offset, err)
+        if victim == 'log.jsonl':  # a cut log is trimmed on resume: the run goes on
+            assert code == 0, err
+        else:  # a cut JSON or safetensors file is never whole: one line naming it, never a run on a part of it
+            assert code == 1 and str(path) in err.strip().splitlines()[-1], (offset, err)
+    path.write_bytes(whole)
