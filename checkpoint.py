@@ -294,7 +294,7 @@ def _meta_digest(meta):
 
 # meta.json's fields and their types (a checkpoint's; a best model's has step, val_loss, tokenizer, model_config, data)
 META_TYPES = {'step': int, 'files': dict, 'config': dict, 'best_val_loss': (int, float), 'lower_val_rises': int,
-              'cuda_rng': bool, 'data_files': (dict, type(None)), 'model_config': dict, 'val_loss': (int, float),
+              'cuda_rng': bool, 'data_files': dict, 'model_config': dict, 'val_loss': (int, float),
               'tokenizer': str, 'data': str, 'seed': int}
 
 
@@ -308,7 +308,7 @@ def _meta_problem(folder):
         return "no step"
     if not isinstance(meta.get('files'), dict) or '.metadata' not in meta['files']:
         return "no checksums of its files"
-    if meta.get('meta_sha256') != _meta_digest(meta):
+    if 'meta_sha256' in meta and meta['meta_sha256'] != _meta_digest(meta):  # without: an older version's
         return "its contents do not match their checksum: it was edited or damaged"
     wrong = [k for k, kind in META_TYPES.items() if k in meta and (not isinstance(meta[k], kind)
                                                                    or kind is int and isinstance(meta[k], bool))]
@@ -347,7 +347,8 @@ def check_resumable(meta, cfg, end_step, model_config):
     train.py, not past end_step, with the run's config but for RESUMABLE_CHANGES, and with its model's config
     (`model_config`, a dict; --init_from's config.json may have changed since)."""
     fields = {f.name for f in dataclasses.fields(cfg)}
-    missing = {'config', 'model_config', 'best_val_loss', 'lower_val_rises', 'cuda_rng', 'data_files'} - set(meta)
+    missing = {'config', 'model_config', 'best_val_loss', 'lower_val_rises', 'cuda_rng', 'data_files',
+               'meta_sha256'} - set(meta)
     missing |= fields - set(meta.get('config', fields))
     unknown = set(meta.get('config', {})) - fields
     if missing or unknown:

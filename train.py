@@ -57,7 +57,11 @@ METHOD_STEPS = {'scalebio': scalebio_train_step, 'fixed': fixed_step, 'irdro': i
 def main(argv):
     cfg = parse_config(argv)
     # the process group under torchrun, and the out_dir, which belongs to this run until it ends
-    processes = init_distributed(cfg.device, cfg.dist_timeout)
+    try:
+        processes = init_distributed(cfg.device, cfg.dist_timeout)
+    except RuntimeError as e:  # a peer that never arrived, a rendezvous store that timed out
+        raise ConnectionError(f"the process group did not form ({str(e).splitlines()[0]}): every process must "
+                              f"start within --dist_timeout={cfg.dist_timeout} minutes") from None
     try:
         with own_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite) as previous_run:
             return train(cfg, processes, previous_run)
@@ -437,6 +441,10 @@ def cli(argv):
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get('WORLD_SIZE', 1)) > 1 else ''
         print(f"{rank}error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second SIGINT, or one before the loop began: no checkpoint is half-written
+        print("error: interrupted; what out_dir holds is whole (continue from its ckpt with --resume=True)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

@@ -367,6 +367,11 @@ def test_a_checkpoint_of_another_version_or_past_the_stop_is_refused(stopped_run
                      fails(capsys, out, '--max_steps=20', '--resume=True', '--stop_at=5'))
     with open(out / 'ckpt' / 'meta.json') as f:
         meta = json.load(f)
+    older = {k: v for k, v in meta.items() if k != 'meta_sha256'}  # written before meta.json had a checksum
+    with open(out / 'ckpt' / 'meta.json', 'w') as f:
+        json.dump(older, f)
+    assert "meta.json was not written by this version of train.py (it lacks ['meta_sha256']" in \
+        fails(capsys, out, '--max_steps=20', '--resume=True')
     other_version = {**meta, 'config': {**meta['config'], 'gone_field': 1}}
     other_version['meta_sha256'] = checkpoint._meta_digest(other_version)  # whole, as another version wrote it
     with open(out / 'ckpt' / 'meta.json', 'w') as f:

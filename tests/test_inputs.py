@@ -11,13 +11,14 @@ import pytest
 
 import checkpoint
 import train
-from config import TrainConfig
+from config import PATHS, TrainConfig
 from data import BYTES
 from hf import export_pretrained
 from model import GPT, GPTConfig
 from test_errors import TINY, fails, listing
 
 SHAPE = ('--n_layer', '--n_head', '--n_embd')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def error_line(capsys, *args):
@@ -220,7 +221,7 @@ def test_hostile_values_end_in_a_run_or_one_line_naming_the_field(tmp_path, caps
     out_dir changes."""
     fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ('out_dir', 'resume', 'device')]
     cases = random.Random(0).sample([(name, value) for name in fields for value in HOSTILE], int(os.environ.get('HOSTILE_CASES', 120)))
-    outside = listing(tmp_path)
+    outside = listing(tmp_path), sorted(os.listdir(ROOT))
     for k, (name, value) in enumerate(cases):
         out = tmp_path / 'runs' / str(k)
         code = train.cli([*TINY, '--max_steps=2', '--stop_at=0' if name == 'stop_at' else '--stop_at=2',
@@ -228,10 +229,10 @@ def test_hostile_values_end_in_a_run_or_one_line_naming_the_field(tmp_path, caps
         stdout, err = capsys.readouterr()
         assert 'Traceback' not in stdout + err, (name, value, err)
         last = err.strip().splitlines()[-1] if err.strip() else ''
-        names_it = name in last or (value and value in last)  # the field, or the file its value names
+        names_it = name in last or (name in PATHS and value and value in last)  # the field, or the file it names
         assert code == 0 or (code == 1 and (names_it or last.startswith('error: non-finite loss or gradient at step'))), \
             (name, value, err)
-    assert {p: v for p, v in listing(tmp_path).items() if '/runs/' not in p} == outside
+    assert ({p: v for p, v in listing(tmp_path).items() if '/runs/' not in p}, sorted(os.listdir(ROOT))) == outside
 
 
 @pytest.mark.parametrize('victim', ['config.json', 'model.safetensors', 'data', 'meta.json', 'log.jsonl'])
@@ -264,3 +265,17 @@ def test_files_cut_at_random_offsets_end_in_a_run_or_one_line_naming_the_file(tm
         else:  # a cut JSON or safetensors file is never whole: one line naming it, never a run on a part of it
             assert code == 1 and str(path) in err.strip().splitlines()[-1], (offset, err)
     path.write_bytes(whole)
+
+
+def test_a_second_interrupt_or_a_group_that_never_forms_is_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt  # what a second SIGINT raises, the first one's handler gone
+    monkeypatch.setattr(train, 'train', interrupted)
+    assert train.cli([*TINY, f'--out_dir={tmp_path}/out']) == 130
+    out, err = capsys.readouterr()
+    assert 'Traceback' not in out + err and err.strip().startswith('error: interrupted')
+
+    def no_group(*args):
+        raise RuntimeError("Timed out after 601 seconds waiting for clients. 1/2 clients joined.")
+    monkeypatch.setattr(train, 'init_distributed', no_group)
+    assert error_line(capsys, *TINY, f'--out_dir={tmp_path}/out').startswith('error: the process group did not form')
