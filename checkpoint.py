@@ -34,7 +34,6 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
 
 from bilevel import SOURCE_LOGITS_UPDATES
 from config import RESUMABLE_CHANGES
-from data import BUILTIN_TASKS
 from fsdp import barrier, is_main_process, merge_over_ranks, rank0_decides
 from model import GPTConfig, empty_model
 
@@ -125,15 +124,6 @@ def _take_lock(out_dir):
     lock.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     lock.flush()
     return lock
-
-
-def input_paths(cfg):
-    """{'--field': path} of every file or folder a run reads besides its own out_dir/ckpt."""
-    paths = {'--data': cfg.data if cfg.data not in BUILTIN_TASKS else '',
-             '--tokenizer': cfg.tokenizer if cfg.tokenizer != 'bytes' else '', '--init_from': cfg.init_from,
-             '--reference': os.path.join(cfg.reference, 'best') if cfg.reference else '',
-             '--weights': cfg.weights if cfg.method == 'fixed' and cfg.weights not in ('uniform', 'val_only') else ''}
-    return {field: path for field, path in paths.items() if path}
 
 
 def remove_files(out_dir, names, inputs):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from bilevel import SOURCE_LOGITS_UPDATES
+from data import BUILTIN_TASKS
 from lisa import LISA_DRAWS
 from model import MODEL_PRESETS
 
@@ -131,6 +132,15 @@ USED_ONLY = [
 
 
 FLOAT_FIELDS = [f.name for f in dataclasses.fields(TrainConfig) if f.type in (float, 'float')]
+
+
+def input_paths(cfg):
+    """{'--field': path} of every file or folder a run reads besides its own out_dir/ckpt."""
+    paths = {'--data': cfg.data if cfg.data not in BUILTIN_TASKS else '',
+             '--tokenizer': cfg.tokenizer if cfg.tokenizer != 'bytes' else '', '--init_from': cfg.init_from,
+             '--reference': os.path.join(cfg.reference, 'best') if cfg.reference else '',
+             '--weights': cfg.weights if cfg.method == 'fixed' and cfg.weights not in ('uniform', 'val_only') else ''}
+    return {field: path for field, path in paths.items() if path}
 
 
 def override(cfg, argv):

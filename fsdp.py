@@ -33,7 +33,14 @@ def init_distributed(device, timeout_minutes=10.0):
     use_cuda = torch.cuda.is_available() and (device == 'auto' or device.startswith('cuda'))
     if 'RANK' not in os.environ:
         return Processes(0, 1, device if device != 'auto' else ('cuda' if use_cuda else 'cpu'), False)
-    timeout = datetime.timedelta(minutes=timeout_minutes)
+    try:
+        return _init_process_group(use_cuda, datetime.timedelta(minutes=timeout_minutes))
+    except RuntimeError as e:  # a peer that never arrived, a rendezvous store that timed out
+        raise ConnectionError(f"the process group did not form ({str(e).splitlines()[0]}): every process must "
+                              f"start within --dist_timeout={timeout_minutes} minutes") from None
+
+
+def _init_process_group(use_cuda, timeout):
     if not use_cuda:
         dist.init_process_group('gloo', timeout=timeout)
         return Processes(dist.get_rank(), dist.get_world_size(), 'cpu', True)
@@ -61,10 +68,14 @@ def end_distributed():
 
 def peer_error(error, timeout):
     """gloo's error when another process stopped answering ("Timed out waiting 600000ms for recv operation") or
-    ended ("Connection closed by peer"), as an error that names the collective; any other error as it is."""
+    ended ("Connection closed by peer"), as an error that names the collective; a failed allocation as a
+    MemoryError that says what to lower; any other error as it is."""
     names = [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)
              if frame.f_code.co_filename.endswith('distributed_c10d.py')]
     during = f"the collective {names[-1]}" if names else "a collective"
+    if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+        return MemoryError(f"out of memory ({str(error).splitlines()[0]}): lower --batch_per_source, --val_batch, "
+                           f"--block_size or the model's size, or set --micro_batch")
     if not dist.is_initialized():
         return error
     if 'Timed out' in str(error):

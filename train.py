@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 from baselines import fixed_step, irdro_step, load_reference, rholoss_step
 from bilevel import cosine_lr, make_source_logits_optimizer, penalty_schedule
-from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, input_paths, load_checkpoint,
-                        logged_record, own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
+from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, logged_record,
+                        own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
                         signals_stop_at_next_step, trim_log, write_whole)
-from config import micro_steps, parse_config
+from config import input_paths, micro_steps, parse_config
 from data import fixed_weights, load_data, load_tokenizer, tokenizer_files
 from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distributed, peer_error, rank0_decides,
                   rank_bytes, shard, warm_up)
@@ -57,18 +57,11 @@ METHOD_STEPS = {'scalebio': scalebio_train_step, 'fixed': fixed_step, 'irdro': i
 def main(argv):
     cfg = parse_config(argv)
     # the process group under torchrun, and the out_dir, which belongs to this run until it ends
-    try:
-        processes = init_distributed(cfg.device, cfg.dist_timeout)
-    except RuntimeError as e:  # a peer that never arrived, a rendezvous store that timed out
-        raise ConnectionError(f"the process group did not form ({str(e).splitlines()[0]}): every process must "
-                              f"start within --dist_timeout={cfg.dist_timeout} minutes") from None
+    processes = init_distributed(cfg.device, cfg.dist_timeout)
     try:
         with own_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite) as previous_run:
             return train(cfg, processes, previous_run)
     except RuntimeError as e:
-        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
-            raise MemoryError(f"out of memory ({str(e).splitlines()[0]}): lower --batch_per_source, --val_batch, "
-                              f"--block_size or the model's size, or set --micro_batch") from None
         raise peer_error(e, cfg.dist_timeout) from None
 
 

@@ -10,6 +10,7 @@ import random
 import pytest
 
 import checkpoint
+import fsdp
 import train
 from config import PATHS, TrainConfig
 from data import BYTES
@@ -277,5 +278,6 @@ def test_a_second_interrupt_or_a_group_that_never_forms_is_one_line(tmp_path, ca
 
     def no_group(*args):
         raise RuntimeError("Timed out after 601 seconds waiting for clients. 1/2 clients joined.")
-    monkeypatch.setattr(train, 'init_distributed', no_group)
+    monkeypatch.setenv('RANK', '0')  # as torchrun sets it
+    monkeypatch.setattr(fsdp, '_init_process_group', no_group)
     assert error_line(capsys, *TINY, f'--out_dir={tmp_path}/out').startswith('error: the process group did not form')
