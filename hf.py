@@ -59,6 +59,8 @@ def gpt2_config(hf, where):
     activation = hf.get('activation_function', 'gelu_new')
     if missing or activation not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu'):
         raise ValueError(f"{where} is not a GPT-2 config (missing {missing}, activation {activation})")
+    if hf['n_embd'] % hf['n_head']:
+        raise ValueError(f"{where}: n_embd={hf['n_embd']} is not a multiple of n_head={hf['n_head']}")
     return GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
                      n_head=hf['n_head'], n_embd=hf['n_embd'], bias=True, gelu='none' if activation == 'gelu' else 'tanh')
 

@@ -179,6 +179,8 @@ def test_the_fingerprint_is_of_the_bytes_parsed(tmp_path, monkeypatch, capsys):
     ('[1, 2]', 'is not a model config'),
     ('{"model_type": "gpt2", "n_positions": 16, "vocab_size": 256, "n_layer": 2, "n_head": "two", "n_embd": 16}',
      "n_head='two' must be positive integers"),
+    ('{"model_type": "gpt2", "n_positions": 16, "vocab_size": 256, "n_layer": 2, "n_head": 3, "n_embd": 16}',
+     "n_embd=16 is not a multiple of n_head=3"),
 ])
 def test_a_malformed_config_json_is_one_line_naming_it(tmp_path, capsys, content, message):
     folder = tmp_path / 'model'
