@@ -3,7 +3,7 @@ Multi-source data for bilevel reweighting.
 
 A data set is a list of named training sources (the things ScaleBiO weighs), a validation split (the
 upper-level objective L_val) and a test split (only ever evaluated, never trained on or used to learn
-weights). Tokens are raw bytes (vocab 256), so any UTF-8 text works with no tokenizer to install.
+weights). Tokens are raw bytes unless --tokenizer names a BPE (tokenizer.py).
 
 Where the sources come from (`--data=...` in train.py):
 - `denoise` (default): `clean` ("a+b=c" lines, correct sums), `noisy` (same format, wrong sums),
@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tokenizer import BYTES
+
 BUILTIN_TASKS = ('denoise', 'noise_ladder', 'mixture', 'dilution', 'lengths')
 
 
@@ -49,79 +51,6 @@ class SourceData:
     notes: list = None   # what loading dropped or truncated, for train.py to print once
     files: dict = None   # the files it was read from, by name (their checksums go into every checkpoint)
     digests: dict = None  # path -> [bytes, SHA-256] of what was parsed, taken as it was read (read_bytes)
-
-
-@dataclass
-class Tokenizer:
-    """Text to token ids and back: raw UTF-8 bytes (the default, vocab 256), or a GPT-2 BPE from a folder."""
-    encode: object      # str -> 1-D numpy array of ids
-    decode: object      # list of ids -> str
-    vocab_size: int
-    end_of_text: int = None    # ends every response: the tokenizer's end-of-sequence token (GPT-2: <|endoftext|>)
-    begin_of_text: int = None  # starts every example when the tokenizer's own template adds it (Llama 3)
-
-
-BYTES = Tokenizer(encode=lambda text: np.frombuffer(text.encode('utf-8'), dtype=np.uint8),
-                  decode=lambda ids: bytes(ids).decode('utf-8', errors='replace'), vocab_size=256)
-
-
-# what a tokenizer folder may hold; --export copies them beside the model
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'vocab.json', 'merges.txt')
-
-
-def tokenizer_files(spec):
-    """{name: path} of the TOKENIZER_FILES that --tokenizer's folder holds (none for 'bytes')."""
-    return {name: os.path.join(spec, name) for name in TOKENIZER_FILES
-            if spec != 'bytes' and os.path.isfile(os.path.join(spec, name))}
-
-
-def load_tokenizer(spec):
-    """'bytes', or a local folder with tokenizer.json, or GPT-2's vocab.json + merges.txt, both read through
-    the optional `tokenizers` package (nothing is downloaded)."""
-    if spec == 'bytes':
-        return BYTES
-    files = {name: os.path.join(spec, name) for name in ('tokenizer.json', 'vocab.json', 'merges.txt')}
-    if not os.path.isfile(files['tokenizer.json']) and not (os.path.isfile(files['vocab.json'])
-                                                            and os.path.isfile(files['merges.txt'])):
-        raise FileNotFoundError(f"--tokenizer={spec}: put tokenizer.json, or GPT-2's vocab.json and merges.txt, "
-                                f"in that folder (or use --tokenizer=bytes)")
-    try:
-        import tokenizers
-    except ImportError:
-        raise ImportError("--tokenizer=<folder> needs the tokenizers package: pip install tokenizers") from None
-    read = files['tokenizer.json'] if os.path.isfile(files['tokenizer.json']) else files['vocab.json'] + ' and merges.txt'
-    try:
-        bpe = tokenizers.Tokenizer.from_file(files['tokenizer.json']) if os.path.isfile(files['tokenizer.json']) \
-            else tokenizers.ByteLevelBPETokenizer(files['vocab.json'], files['merges.txt'])
-    except Exception as e:  # the tokenizers package raises plain Exceptions for a file it cannot parse
-        raise ValueError(f"--tokenizer={spec}: {read} cannot be read as a tokenizer ({str(e).splitlines()[0]})") \
-            from None
-    # text is encoded without special tokens; an example gets the template's BOS once, at its start
-    plain, templated = bpe.encode('a', add_special_tokens=False).ids, bpe.encode('a').ids
-    begin = templated[0] if len(templated) > len(plain) and templated[1:len(plain) + 1] == plain else None
-    return Tokenizer(encode=lambda text: np.array(bpe.encode(text, add_special_tokens=False).ids, dtype=np.int32),
-                     decode=lambda ids: bpe.decode(list(ids)), vocab_size=bpe.get_vocab_size(),
-                     end_of_text=end_of_sequence_id(spec, bpe), begin_of_text=begin)
-
-
-def end_of_sequence_id(folder, bpe):
-    """The eos_token of tokenizer_config.json or special_tokens_map.json (Llama 3: <|end_of_text|>, or
-    <|eot_id|> for its chat models), else GPT-2's <|endoftext|>; None if the vocabulary has neither."""
-    for name in ('tokenizer_config.json', 'special_tokens_map.json'):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                try:
-                    special = json.load(f)
-                except ValueError as e:
-                    raise ValueError(f"{path} is not valid JSON ({e})") from None
-            eos = special.get('eos_token') if isinstance(special, dict) else None
-            eos = eos.get('content') if isinstance(eos, dict) else eos
-            if eos is not None:
-                if bpe.token_to_id(eos) is None:
-                    raise ValueError(f"{path}: eos_token {eos!r} is not in the tokenizer's vocabulary")
-                return bpe.token_to_id(eos)
-    return bpe.token_to_id('<|endoftext|>')
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint,
                         own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
                         signals_stop_at_next_step, trim_log, write_whole)
 from config import input_paths, micro_steps, parse_config
-from data import fixed_weights, load_data, load_tokenizer, tokenizer_files
+from data import fixed_weights, load_data
+from tokenizer import load_tokenizer, tokenizer_files
 from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distributed, peer_error, rank0_decides,
                   rank_bytes, shard, warm_up)
 from lisa import set_lisa_blocks

@@ -7,7 +7,8 @@ import sys
 import torch
 
 import train
-from data import load_data, load_tokenizer
+from data import load_data
+from tokenizer import load_tokenizer
 from fsdp import init_distributed
 
 

@@ -13,7 +13,7 @@ import checkpoint
 import fsdp
 import train
 from config import PATHS, TrainConfig
-from data import BYTES
+from tokenizer import BYTES
 from hf import export_pretrained
 from model import GPT, GPTConfig
 from test_errors import TINY, fails, listing

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import train
-from data import load_data, load_tokenizer
+from data import load_data
+from tokenizer import load_tokenizer
 
 tokenizers = pytest.importorskip('tokenizers')
 ROOT = __file__.rsplit('/tests/', 1)[0]

@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import load_best_model
 from config import override
-from data import load_tokenizer
+from tokenizer import load_tokenizer
 
 
 @dataclass
