@@ -21,9 +21,10 @@ Where the sources come from (`--data=...` in train.py):
   (λ_add/2) / (λ_add/2 + λ_sub/3), and val asks for 0.7.
 - a folder holding `train_<source>.txt` (one file per source), `val.txt` and `test.txt`;
 - or, in the ScaleBiO authors' layout, `train_<source>.json` (or .jsonl), `val.json`, `test.json`: lists of
-  {"text": ...} or Alpaca-style {"instruction", "input" (optional), "output"} records. One example per row,
-  padded to block_size; an instruction record is rendered with PROMPT below and only its response tokens
-  carry loss (targets -1 elsewhere), like the authors' --response_loss_only.
+  {"text": ...} or Alpaca-style {"instruction", "input" (optional), "output"} records, or conversations in
+  one of three shapes (CONVERSATIONS below: the authors' {"items"}, ShareGPT's {"conversations"}, chat
+  {"messages"}). One example per row, padded to block_size, rendered as TURNS below says: only response and
+  assistant tokens carry loss (targets -1 elsewhere), like the authors' --response_loss_only.
 
 The batches drawn from them, step by step, are steps.py's.
 """
@@ -48,7 +49,7 @@ class SourceData:
     val: np.ndarray
     test: np.ndarray
     vocab_size: int = 256
-    notes: list = None   # what loading dropped or truncated, for train.py to print once
+    kept: dict = None    # split -> what loading kept of examples: rows, tokens, target tokens, truncated, skipped
     files: dict = None   # the files it was read from, by name (their checksums go into every checkpoint)
     digests: dict = None  # path -> [bytes, SHA-256] of what was parsed, taken as it was read (read_bytes)
 
@@ -118,11 +119,12 @@ def builtin_task(name, seed, tokenizer=BYTES, block_size=32, lines_per_source=20
                     second: _convention_examples(questions(lines_per_source), second_add_fraction, rng, signed),
                     'letters': [('', word) for word in _letter_lines(lines_per_source, rng).split()]}
         held_out = [_convention_examples(questions(held_out_pairs), 0.7, rng, signed) for _ in ('val', 'test')]
-        notes = []
-        rows = [_example_rows(e, block_size, tokenizer, notes, f"built-in task {name}")
-                for e in list(examples.values()) + held_out]
-        return SourceData(sources=list(examples), train=rows[:3], val=rows[3], test=rows[4],
-                          vocab_size=tokenizer.vocab_size, notes=notes)
+        loaded = {split: _example_rows([[('prompt', q), ('response', a)] if q else [('text', a)] for q, a in e],
+                                       block_size, tokenizer, f"built-in task {name}: {split}")
+                  for split, e in zip(list(examples) + ['val', 'test'], list(examples.values()) + held_out)}
+        return SourceData(sources=list(examples), train=[loaded[s][0] for s in examples], val=loaded['val'][0],
+                          test=loaded['test'][0], vocab_size=tokenizer.vocab_size,
+                          kept={split: stats for split, (_, stats) in loaded.items()})
     else:
         raise ValueError(f"unknown built-in task '{name}' (choose from {', '.join(BUILTIN_TASKS)})")
     held_out = [_addition_lines(pairs, 0.0, rng) for pairs in (val_pairs, test_pairs)]
@@ -173,8 +175,23 @@ def text_folder(folder, names, block_size, tokenizer):
 # ----------------------------------------------------------------------------------------------
 # a folder of JSON examples (the authors' layout)
 
+# How each kind of turn renders: the marker before its text, whether its tokens carry loss, whether the
+# tokenizer's end of text (a newline with bytes) follows it. A conversation's markers are the ScaleBiO authors'
+# (research4pan/scalebio, math/dev_scalebio/python/data.py, tokenize_conversion: turns joined with nothing
+# between them, an end of text after each assistant turn, loss on assistant turns only). Their code also puts
+# loss on the "###Assistant: " marker and a BOS before it; here the marker is context and the BOS, where the
+# tokenizer's template has one, starts the row once. An instruction record is a prompt (Alpaca's template,
+# PROMPT) and a response; a {"text"} record is all loss, with no end of text.
+TURNS = {'system': ('###System: ', False, False), 'user': ('###Human: ', False, False),
+         'assistant': ('###Assistant: ', True, True),
+         'prompt': ('', False, False), 'response': ('', True, True), 'text': ('', True, False)}
 PROMPT = "### Instruction:\n{instruction}\n\n{input_section}### Response:\n"  # Alpaca's, plainly
 INPUT_SECTION = "### Input:\n{input}\n\n"
+# the three conversation shapes: the record's key -> the keys of a turn's role and text, and its role names
+CONVERSATIONS = {'items': ('from', 'value', {'system': 'system', 'human': 'user', 'gpt': 'assistant'}),  # authors'
+                 'conversations': ('from', 'value', {'system': 'system', 'human': 'user', 'gpt': 'assistant'}),
+                 'messages': ('role', 'content', {'system': 'system', 'user': 'user', 'assistant': 'assistant'})}
+SHAPES = {**{key: key for key in CONVERSATIONS}, 'text': 'text', 'output': 'instruction'}  # key -> a record's shape
 
 
 def _read_records(path, digests):
@@ -202,73 +219,129 @@ def _read_records(path, digests):
     return records
 
 
-def _example_rows(examples, block_size, tokenizer, notes, where):
-    """(prompt, response) pairs as rows (x, y) of block_size tokens: y is x shifted by one, -1 where there is
-    no loss (the prompt and the padding)."""
-    rows, truncated, dropped = [], 0, 0
-    for prompt, response in examples:
-        # prompt and response are encoded apart (a BPE merge never crosses into the response); the example starts
-        # with the tokenizer's BOS where its template adds one, and the response ends with its end-of-sequence
-        # token, or a newline for bytes, so the model learns to stop
-        end = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else tokenizer.encode('\n')
-        begin = [] if tokenizer.begin_of_text is None else [tokenizer.begin_of_text]
-        prompt_ids = np.concatenate([np.asarray(begin, dtype=np.int64), tokenizer.encode(prompt)])
-        prompt_tokens = len(prompt_ids)
-        tokens = np.concatenate([prompt_ids, tokenizer.encode(response), np.asarray(end if prompt else [], dtype=np.int64)])
-        if prompt_tokens > block_size or len(tokens) <= max(prompt_tokens, 1):  # no response token to learn
-            dropped += 1
+def _conversation(turns, key, where):
+    """A conversation's turns as [(kind, text)]; every turn has a known role and text, one is the assistant's."""
+    role_key, text_key, roles = CONVERSATIONS[key]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f'{where}: "{key}" must be a list of turns, got {json.dumps(turns)[:60]}')
+    kinds = []
+    for number, turn in enumerate(turns, 1):
+        role = turn.get(role_key) if isinstance(turn, dict) else None
+        if not isinstance(role, str) or role not in roles:
+            raise ValueError(f'{where}: turn {number} has "{role_key}" {json.dumps(role)[:60]}, not one of '
+                             f'{", ".join(roles)}' if isinstance(turn, dict) else f'{where}: turn {number} is not '
+                             f'an object with "{role_key}" and "{text_key}"')
+        text = turn.get(text_key)
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f'{where}: turn {number}: "{text_key}" must be a string, got {json.dumps(text)[:60]}')
+        if not (text or '').strip():
+            raise ValueError(f'{where}: turn {number} ({role}) has no text')
+        kinds.append((roles[role], text))
+    if not any(kind == 'assistant' for kind, _ in kinds):
+        assistant = next(name for name, kind in roles.items() if kind == 'assistant')
+        raise ValueError(f'{where} has no assistant turn ("{role_key}": "{assistant}"): nothing to learn from it')
+    return kinds
+
+
+def _record_turns(record, path, where):
+    """A record's shape and its turns: {"text"}, {"instruction", "input" (optional), "output"} or a conversation.
+    Every field is a string (a null or a list would otherwise train as the text 'None' or "['a', 'b']")."""
+    key = next((k for k in SHAPES if isinstance(record, dict) and k in record), None)
+    if key is None:
+        raise ValueError(f'{path}: {where} has none of "text", "output", ' + ', '.join(f'"{k}"' for k in CONVERSATIONS))
+    if key in CONVERSATIONS:
+        return SHAPES[key], _conversation(record[key], key, f"{path}: {where}")
+    required = ('text',) if key == 'text' else ('instruction', 'output')
+    for field in dict.fromkeys(required + tuple(k for k in ('text', 'instruction', 'input', 'output') if k in record)):
+        if not isinstance(record.get(field), str):
+            raise ValueError(f'{path}: {where}: "{field}" must be a string, got '
+                             f'{json.dumps(record.get(field)) if field in record else "nothing"}')
+    if key == 'text':
+        return 'text', [('text', record['text'])]
+    section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
+    return 'instruction', [('prompt', PROMPT.format(instruction=record['instruction'], input_section=section)),
+                           ('response', record['output'])]
+
+
+def _render(turns, tokenizer):
+    """[(kind, text)] as token ids, whether each token carries loss, and where each turn with loss ends. Each
+    turn is encoded apart, so no BPE merge crosses from a prompt into a response."""
+    end = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else tokenizer.encode('\n').tolist()
+    ids = [] if tokenizer.begin_of_text is None else [tokenizer.begin_of_text]
+    loss, ends = [False] * len(ids), []
+    for kind, text in turns:
+        marker, carries_loss, then_end = TURNS[kind]
+        head, body = tokenizer.encode(marker).tolist(), tokenizer.encode(text).tolist() + (end if then_end else [])
+        ids += head + body
+        loss += [False] * len(head) + [carries_loss] * len(body)
+        ends += [len(ids)] if carries_loss else []
+    return np.array(ids, dtype=np.int64), np.array(loss), ends
+
+
+def _example_rows(examples, block_size, tokenizer, where):
+    """Examples (each a list of turns) as rows (x, y) of block_size tokens, y being x shifted by one and -1 where
+    a token carries no loss (context, padding); and what was kept: rows, tokens, target tokens, how many examples
+    were truncated and skipped. A longer example keeps its whole turns up to the last turn with loss that fits,
+    else as many tokens as fit; one whose first target lies past block_size has nothing to learn: skipped."""
+    rows, needed, tokens, truncated = [], [], 0, 0
+    for turns in examples:
+        ids, loss, ends = _render(turns, tokenizer)
+        first = next((i for i in range(1, len(ids)) if loss[i]), None)  # the first token a row can learn
+        needed += [first] if first is not None else []  # the shortest block_size that gives it a target
+        if first is None or first > block_size:
             continue
-        truncated += len(tokens) > block_size + 1
-        tokens = tokens[:block_size + 1].astype(np.int64)
+        keep = len(ids)
+        if keep > block_size + 1:
+            truncated += 1
+            keep = max((e for e in ends if first < e <= block_size + 1), default=block_size + 1)
         row = np.zeros((2, block_size), dtype=np.int64)
         row[1] = -1
-        row[0, :len(tokens) - 1] = tokens[:-1]
-        row[1, max(prompt_tokens - 1, 0):len(tokens) - 1] = tokens[max(prompt_tokens, 1):]
+        row[0, :keep - 1] = ids[:keep - 1]
+        row[1, :keep - 1] = np.where(loss[1:keep], ids[1:keep], -1)
         rows.append(row)
-    if truncated or dropped:
-        notes.append(f"{where}: {truncated} examples truncated to block_size={block_size}, {dropped} dropped "
-                     f"(no response token within it)")
+        tokens += keep
     if not rows:
-        raise ValueError(f"{where}: no example fits block_size={block_size} (its prompts are longer): "
-                         f"raise --block_size")
-    return np.stack(rows)
+        half = f"; --block_size={int(np.sort(needed)[(len(needed) - 1) // 2])} keeps half of them" if needed else ''
+        raise ValueError(f"{where}: every example is skipped: none has a response token within "
+                         f"block_size={block_size}{half}")
+    rows = np.stack(rows)
+    return rows, {'rows': len(rows), 'tokens': tokens, 'target_tokens': int((rows[:, 1] >= 0).sum()),
+                  'truncated': truncated, 'skipped': len(examples) - len(rows)}
 
 
-def _examples(path, block_size, notes, tokenizer, digests):
-    """Each record of a JSON file as one row: {"text"}, or {"instruction", "input" (optional), "output"}, all
-    strings (a null or a list would otherwise train as the text 'None' or "['a', 'b']")."""
+def _examples(path, block_size, tokenizer, digests):
+    """Each record of a JSON file as one row. A file holds conversations of one shape, or records ({"text"} and
+    instruction records may mix)."""
     examples, blank = [], True
     for where, record in _read_records(path, digests):
-        if not isinstance(record, dict) or not any(k in record for k in ('text', 'output')):
-            raise ValueError(f'{path}: {where} has neither "text" nor "output"')
-        required = ('text',) if 'text' in record else ('instruction', 'output')
-        for key in dict.fromkeys(required + tuple(k for k in ('text', 'instruction', 'input', 'output') if k in record)):
-            if not isinstance(record.get(key), str):
-                raise ValueError(f'{path}: {where}: "{key}" must be a string, got '
-                                 f'{json.dumps(record.get(key)) if key in record else "nothing"}')
-        blank = blank and not ''.join(record[k] for k in required + ('input',) if k in record).strip()
-        if 'text' in record:
-            examples.append(('', record['text']))
-        else:
-            section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
-            examples.append((PROMPT.format(instruction=record['instruction'], input_section=section), record['output']))
+        shape, turns = _record_turns(record, path, where)
+        kind = shape if shape in CONVERSATIONS else 'text or instruction'
+        if not examples:
+            first_where, file_kind = where, kind
+        elif kind != file_kind:
+            raise ValueError(f"{path}: {where} is a {kind} record, {first_where} a {file_kind} record: "
+                             f"one shape per file")
+        blank = blank and kind == 'text or instruction' and \
+            not ''.join(record.get(k, '') for k in ('text', 'instruction', 'input', 'output')).strip()
+        examples.append(turns)
     if blank:
         raise ValueError(f"{path}: every record is blank")
-    return _example_rows(examples, block_size, tokenizer, notes, path)
+    return _example_rows(examples, block_size, tokenizer, path)
 
 
 def json_folder(folder, names, block_size, tokenizer):
-    notes = []
     split_names = [s + ext for s in ('val', 'test') for ext in ('.json', '.jsonl')
                    if os.path.isfile(os.path.join(folder, s + ext))]
     for split in ('val', 'test'):
         if not any(name.startswith(split + '.') for name in split_names):
             raise FileNotFoundError(f"missing file {os.path.join(folder, split)}.json (or .jsonl)")
     paths, digests = {name: os.path.join(folder, name) for name in names + split_names}, {}
-    train, (val, test) = ([_examples(paths[n], block_size, notes, tokenizer, digests) for n in group]
-                          for group in (names, split_names))
-    return SourceData(sources=[n[len('train_'):n.rindex('.')] for n in names], train=train, val=val, test=test,
-                      vocab_size=tokenizer.vocab_size, notes=notes, files=paths, digests=digests)
+    sources = [n[len('train_'):n.rindex('.')] for n in names]
+    loaded = {split: _examples(paths[name], block_size, tokenizer, digests)
+              for split, name in zip(sources + ['val', 'test'], names + split_names)}
+    return SourceData(sources=sources, train=[loaded[s][0] for s in sources], val=loaded['val'][0],
+                      test=loaded['test'][0], vocab_size=tokenizer.vocab_size,
+                      kept={split: stats for split, (_, stats) in loaded.items()}, files=paths, digests=digests)
 
 
 def data_files(folder):
@@ -307,6 +380,16 @@ def load_data(data, block_size, seed, tokenizer=BYTES):
         return source_data
     names, kind = data_files(data)
     return (text_folder if kind == 'text' else json_folder)(data, names, block_size, tokenizer)
+
+
+def kept_table(kept):
+    """What loading kept of each split's examples, one line per split (train.py prints it at start)."""
+    lines = [f"{'split':<20}{'rows':>8}{'tokens':>10}{'targets':>10}{'truncated':>11}{'skipped':>9}"]
+    for split, k in kept.items():
+        examples = k['rows'] + k['skipped']
+        lines.append(f"{split:<20}{k['rows']:>8}{k['tokens']:>10}{k['target_tokens']:>10}"
+                     f"{k['truncated'] / examples:>11.1%}{k['skipped'] / examples:>9.1%}")
+    return '\n'.join(lines)
 
 
 def fixed_weights(spec, sources):

@@ -39,7 +39,7 @@ from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint,
                         own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
                         signals_stop_at_next_step, trim_log, write_whole)
 from config import input_paths, micro_steps, parse_config
-from data import fixed_weights, load_data
+from data import fixed_weights, kept_table, load_data
 from tokenizer import load_tokenizer, tokenizer_files
 from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distributed, peer_error, rank0_decides,
                   rank_bytes, shard, warm_up)
@@ -124,8 +124,8 @@ def build_run(cfg, processes):
     torch.manual_seed(cfg.seed)
     micro = micro_steps(cfg, world_size)
     data = load_data(cfg.data, cfg.block_size, cfg.seed, load_tokenizer(cfg.tokenizer))
-    if data.notes and rank == 0:  # examples truncated or dropped while loading
-        print('\n'.join(data.notes))
+    if data.kept and rank == 0:  # examples: the rows each split keeps, and what it truncated or skipped
+        print(kept_table(data.kept))
     # what the run trains on, down to the bytes: every checkpoint records it, and a resume checks it
     tokenizer = {f'tokenizer/{name}': path for name, path in tokenizer_files(cfg.tokenizer).items()}
     reference = os.path.join(cfg.reference, 'best') if cfg.method == 'rholoss' and cfg.reference else ''
@@ -385,7 +385,7 @@ def finish(run, record, start_step, end_step):
     ran = end_step > start_step  # time and memory are measured over the steps this process ran
     summary = {'sources': sources, 'weights': list(record['weights'].values()), 'steps': end_step,
                'val_loss': record['val_loss'], 'best_val_loss': run.best_val_loss, 'test_loss': record['test_loss'],
-               'per_source_loss': record['per_source_loss'],
+               'per_source_loss': record['per_source_loss'], 'data_kept': run.data.kept,
                'tokens_per_second': tokens_per_step(cfg, len(sources)) * (end_step - start_step) / run.train_time
                if ran else None,
                'world_size': run.world_size,

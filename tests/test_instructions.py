@@ -12,7 +12,8 @@ import torch
 import train
 from config import TrainConfig
 from steps import Run, model_objective
-from data import BYTES, PROMPT, load_data
+from data import PROMPT, load_data
+from tokenizer import BYTES
 from steps import train_batch
 from model import GPT, GPTConfig
 
@@ -86,7 +87,7 @@ def test_a_run_on_instruction_sources_learns_weights(tmp_path):
     ({'train_a.jsonl': '{"output": "x"}\n{"output": "y"\n', 'val.json': '[]', 'test.json': '[]'},
      r"train_a.jsonl: line 2: malformed JSON"),
     ({'train_a.json': '[{"instruction": "x"}]', 'val.json': '[]', 'test.json': '[]'},
-     r'train_a.json: record 1 has neither "text" nor "output"'),
+     r'train_a.json: record 1 has none of "text", "output", "items"'),
     ({'train_a.json': '[]', 'val.json': '[{"text": "abc"}]', 'test.json': '[{"text": "abc"}]'},
      r"train_a.json holds no examples"),
     ({'train_a.json': '[{"text": "abcdef"}]', 'test.json': '[{"text": "abc"}]'}, r"missing file .*val.json"),

@@ -1,0 +1,137 @@
+"""Conversation records: the authors' {"items"}, ShareGPT's {"conversations"} and chat {"messages"}, rendered with
+data.TURNS; loss on assistant turns only; whole turns kept where a row allows; bad records one line."""
+import json
+import re
+
+import numpy as np
+import pytest
+
+import train
+from data import TURNS, kept_table, load_data
+from tokenizer import BYTES, load_tokenizer
+from test_errors import fails
+
+TURNS_OF = [('system', 'Be brief.'), ('user', 'What is 2+3?'), ('assistant', '5'),
+            ('user', 'And 4+4?'), ('assistant', 'It is 8.')]
+ROLES = {'items': ('from', 'value', {'system': 'system', 'user': 'human', 'assistant': 'gpt'}),
+         'conversations': ('from', 'value', {'system': 'system', 'user': 'human', 'assistant': 'gpt'}),
+         'messages': ('role', 'content', {'system': 'system', 'user': 'user', 'assistant': 'assistant'})}
+
+
+def as_shape(shape, turns):
+    role_key, text_key, names = ROLES[shape]
+    return {shape: [{role_key: names[role], text_key: text} for role, text in turns]}
+
+
+def write(folder, files):
+    folder.mkdir(exist_ok=True)
+    for name, records in files.items():
+        text = '\n'.join(json.dumps(r) for r in records) if name.endswith('.jsonl') else json.dumps(records)
+        (folder / name).write_text(text if not isinstance(records, str) else records)
+    return str(folder)
+
+
+def rows_of(tmp_path, shape, turns, block_size, tokenizer=BYTES, name='d'):
+    record = as_shape(shape, turns)
+    folder = write(tmp_path / name, {'train_a.json': [record], 'val.json': [record], 'test.jsonl': [record]})
+    return load_data(folder, block_size=block_size, seed=0, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope='module')
+def bpe(tmp_path_factory):
+    tokenizers = pytest.importorskip('tokenizers')
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    text = [''.join(TURNS[role][0] + text for role, text in TURNS_OF)] * 20
+    bpe.train_from_iterator(text, vocab_size=300, min_frequency=1, special_tokens=['<|endoftext|>'])
+    folder = tmp_path_factory.mktemp('bpe')
+    bpe.save(str(folder / 'tokenizer.json'))
+    return load_tokenizer(str(folder))
+
+
+@pytest.mark.parametrize('tokenizer_name', ['bytes', 'bpe'])
+def test_three_shapes_give_the_same_rows_and_only_assistant_turns_are_targets(tmp_path, request, tokenizer_name):
+    tokenizer = BYTES if tokenizer_name == 'bytes' else request.getfixturevalue('bpe')
+    rows = [rows_of(tmp_path, shape, TURNS_OF, 128, tokenizer, shape).train[0] for shape in ROLES]
+    assert all(np.array_equal(rows[0], r) for r in rows[1:])
+    x, y = rows[0][0]
+    end = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else list(b'\n')
+    # the input is the authors' rendering, turn by turn: marker, text, and an end of text after an assistant's
+    expected, targets = [], []
+    for role, text in TURNS_OF:
+        marker, body = tokenizer.encode(TURNS[role][0]).tolist(), tokenizer.encode(text).tolist()
+        body += end if role == 'assistant' else []
+        expected += marker + body
+        targets += [None] * len(marker) + (body if role == 'assistant' else [None] * len(body))
+    n = len(expected)
+    assert x[:n - 1].tolist() == expected[:-1] and (x[n - 1:] == 0).all()
+    # token by token: y[i] predicts expected[i + 1], a target exactly where an assistant's text or end is
+    assert [t if t != -1 else None for t in y[:n - 1].tolist()] == targets[1:] and (y[n - 1:] == -1).all()
+    runs = [tokenizer.decode([t for t in run if t not in end])
+            for run in np.split(y, np.flatnonzero(np.diff((y != -1).astype(int))) + 1) if run[0] != -1]
+    assert runs == ['5', 'It is 8.']
+
+
+def test_truncation_keeps_whole_turns_and_never_a_row_without_targets(tmp_path):
+    text = ''.join(TURNS[role][0] + t + ('\n' if role == 'assistant' else '') for role, t in TURNS_OF)
+    first_target = text.index('5')  # the first token a row can learn: the first assistant turn's text
+    turn_ends = [text.index('5\n') + 2, len(text)]  # the assistant turns end after their newline
+    for block_size in range(1, len(text) + 3):
+        if block_size < first_target:
+            with pytest.raises(ValueError, match=rf"every example is skipped.*--block_size={first_target} keeps half"):
+                rows_of(tmp_path, 'messages', TURNS_OF, block_size)
+            continue
+        data = rows_of(tmp_path, 'messages', TURNS_OF, block_size)
+        (x, y), = data.train[0]
+        whole = [end for end in turn_ends if end <= block_size + 1]
+        kept = len(text) if len(text) <= block_size + 1 else whole[-1] if whole else block_size + 1
+        assert bytes(x[:kept - 1].tolist()).decode() == text[:kept - 1] and (x[kept - 1:] == 0).all(), block_size
+        assert (y != -1).any() and y[kept - 2] != -1 and (y[kept - 1:] == -1).all(), block_size
+        assert data.kept['a'] == {'rows': 1, 'tokens': kept, 'target_tokens': int((y != -1).sum()),
+                                  'truncated': int(len(text) > block_size + 1), 'skipped': 0}
+
+
+def test_skipped_conversations_are_counted_and_reported(tmp_path, capsys):
+    short = as_shape('items', [('user', 'hi'), ('assistant', 'hello')])
+    long = as_shape('items', [('user', 'x' * 60), ('assistant', 'hello')])
+    folder = write(tmp_path / 'd', {'train_a.json': [short, long, short], 'train_b.jsonl': [short] * 2,
+                                    'val.json': [short], 'test.json': [short]})
+    summary = train.main([f'--data={folder}', f'--out_dir={tmp_path}/out', '--block_size=32', '--n_layer=1',
+                          '--max_steps=1', '--eval_interval=1', '--batch_per_source=2', '--val_batch=2'])
+    assert summary['data_kept']['a'] == {'rows': 2, 'tokens': 2 * len('###Human: hi###Assistant: hello\n'),
+                                         'target_tokens': 2 * len('hello\n'), 'truncated': 0, 'skipped': 1}
+    table = capsys.readouterr().out
+    assert kept_table(summary['data_kept']) in table
+    assert re.search(r"\na\s+2\s+64\s+12\s+0.0%\s+33.3%\n", table)
+
+
+def turn(shape, role, text):
+    role_key, text_key, _ = ROLES[shape]
+    return {role_key: role, text_key: text}
+
+
+@pytest.mark.parametrize('record, message', [
+    ({'messages': [turn('messages', 'user', 'hi'), turn('messages', 'tool', 'x')]},
+     r'record 1: turn 2 has "role" "tool", not one of system, user, assistant'),
+    ({'items': [turn('items', 'human', 'hi'), turn('items', 'gpt', '')]}, r'record 1: turn 2 \(gpt\) has no text'),
+    ({'items': [turn('items', 'human', 'hi'), {'from': 'gpt'}]}, r'record 1: turn 2 \(gpt\) has no text'),
+    ({'conversations': [turn('conversations', 'human', 'hi')]}, r'record 1 has no assistant turn \("from": "gpt"\)'),
+    ({'conversations': [turn('conversations', 'human', 'hi'), turn('conversations', 'gpt', ['a'])]},
+     r'record 1: turn 2: "value" must be a string, got \["a"\]'),
+    ({'messages': [turn('messages', 'user', 'hi'), 'hello']}, r'record 1: turn 2 is not an object'),
+    ({'messages': []}, r'record 1: "messages" must be a list of turns'),
+])
+def test_a_bad_conversation_is_one_line_naming_the_file_and_the_record(tmp_path, capsys, record, message):
+    good = as_shape('items', TURNS_OF)
+    folder = write(tmp_path / 'd', {'train_a.json': [record], 'val.json': [good], 'test.json': [good]})
+    assert re.search(r'train_a.json: ' + message, fails(capsys, tmp_path / 'out', f'--data={folder}'))
+    assert not (tmp_path / 'out').exists()
+
+
+def test_one_shape_per_file_and_shapes_may_differ_across_files(tmp_path, capsys):
+    good = [as_shape(shape, TURNS_OF) for shape in ROLES]
+    folder = write(tmp_path / 'd', {'train_a.jsonl': [good[0], good[2]], 'val.json': [good[1]], 'test.json': [good[2]]})
+    assert re.search(r'train_a.jsonl: line 2 is a messages record, line 1 a items record: one shape per file',
+                     fails(capsys, tmp_path / 'out', f'--data={folder}'))
+    folder = write(tmp_path / 'e', {'train_a.jsonl': [good[0]], 'train_b.json': [{'text': 'abc'}],
+                                    'val.json': [good[1]], 'test.json': [good[2]]})
+    assert load_data(folder, block_size=64, seed=0).kept['a']['rows'] == 1
