@@ -88,17 +88,33 @@ def peer_error(error, timeout):
 
 
 def shard(model, bf16, cpu_offload=False):
-    """FSDP2 (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html): each block is a unit
-    whose parameters are all-gathered only for its own forward and backward, then the root holds the rest
-    (embeddings, final norm, head). Under bf16 the compute is bf16 and gradients reduce in fp32.
-    cpu_offload: the shards, their gradients and the optimizer's state live in host memory and the optimizer
-    steps on the CPU; a unit is copied to the GPU for its forward and backward (the authors' setting)."""
+    """FSDP2 (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html) in torchtitan's units
+    (torchtitan/models/llama3/infra/parallelize.py): the embedding, each block, the final norm with the head,
+    then the root. A unit's parameters are all-gathered only for its own forward and backward, so at 8B-34B
+    the two vocabulary matrices (~2 GiB each at 128k x 4096) are not held gathered through the whole step. A
+    tied head is the embedding's own matrix: it stays in the root with it (GPT-2, Llama 3.2 1B and 3B).
+    Under bf16 the compute is bf16 and gradients reduce in fp32. cpu_offload: the shards, their gradients and
+    the optimizer's state live in host memory and the optimizer steps on the CPU; a unit is copied to the GPU
+    for its forward and backward (the authors' setting)."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
         else MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    for block in model.blocks:
-        fully_shard(block, mp_policy=policy, offload_policy=offload)
-    fully_shard(model, mp_policy=policy, offload_policy=offload)
+    for unit in units(model) + [model]:
+        fully_shard(unit, mp_policy=policy, offload_policy=offload)
+
+
+def units(model):
+    """The units inside the root, in order: [embedding,] each block[, [final norm, head]] (plan.py sizes them)."""
+    if model.config.family != 'gpt2' and not model.config.tie_embeddings:  # GPT-2 always ties
+        return [model.model.embed_tokens] + list(model.blocks) + [[model.model.norm, model.lm_head]]
+    return list(model.blocks)
+
+
+def reshard(model):
+    """After a forward without backward (warm-up, evaluation): FSDP2 reshards every unit after its forward but
+    the root, whose parameters it keeps gathered for the backward it expects. A no-op unsharded."""
+    if hasattr(model, 'reshard'):
+        model.reshard()
 
 
 @torch.no_grad()
@@ -144,7 +160,7 @@ def warm_up(model, x):
     CPU/gloo with torch 2.13, and on an H100 with nccl and torch 2.11; tests/fsdp_bf16_lisa.py shows both).
     """
     model(x[:1])
-    model.reshard()  # FSDP2 reshards the root (embeddings, head) after the backward, and there is none here
+    reshard(model)
 
 
 def is_main_process():

@@ -25,9 +25,9 @@ Estimated, for one copy's forward and backward at a time (the copies run one aft
   logits           at each position with a target (--logits_at_targets; every position without it): the
                    float32 log-softmax the cross-entropy saves, and at the head's backward its gradient in
                    float32 and in the compute dtype
-  buffers          FSDP2: the root unit (embeddings, final norm, head) stays gathered from its forward to the end
-                   of the backward, with its unsharded gradient, and two blocks are gathered at a time (one
-                   prefetched); one process without FSDP2 on CUDA: autocast's bf16 copy of every weight, kept
+  buffers          FSDP2: a tied embedding and head stay gathered in the root from its forward to the end of the
+                   backward, with their unsharded gradient; untied, they are units of their own (fsdp.units),
+                   gathered one at a time; and two blocks are gathered at a time (one prefetched); one process without FSDP2 on CUDA: autocast's bf16 copy of every weight, kept
                    for the backward
 Not planned: the allocator's fragmentation and the CUDA context (about 0.5-1 GB). TODO: check the estimates
 against torch.cuda.max_memory_allocated on a GPU (tools/gpu_checks.sh).
@@ -40,6 +40,7 @@ import sys
 import torch
 
 from config import micro_steps
+from fsdp import units
 from model import make_model
 
 
@@ -105,8 +106,15 @@ def buffer_plan(config, element_size, sharded):
     root, block = root_and_block(config)
     if not sharded:
         return {'buffers': (root + config.n_layer * block) * element_size if element_size < 4 else 0}
-    gradients = root * (element_size + 4 if element_size < 4 else 4)  # computed in the compute dtype, reduced in float32
-    return {'buffers': (root + 2 * block) * element_size + gradients}
+    # outside the blocks, what the root keeps gathered through the step, and the larger of an untied model's
+    # embedding and [final norm, head] units (fsdp.units), gathered one at a time
+    with torch.device('meta'):
+        model = make_model(dataclasses.replace(config, n_layer=1))
+    outer = [u for u in units(model) if u is not model.blocks[0]]
+    sizes = [sum(p.numel() for m in (u if isinstance(u, list) else [u]) for p in m.parameters()) for u in outer]
+    held = root - sum(sizes) + max(sizes, default=0)
+    gradients = held * (element_size + 4 if element_size < 4 else 4)  # computed in the compute dtype, reduced in float32
+    return {'buffers': (held + 2 * block) * element_size + gradients}
 
 
 def memory_plan(config, world_size=1, lisa_layers=0, element_size=4, copies=2, tokens=1024, targets=1024,

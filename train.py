@@ -42,7 +42,7 @@ from config import input_paths, micro_steps, parse_config
 from data import fixed_weights, kept_table, load_data
 from tokenizer import load_tokenizer, tokenizer_files
 from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distributed, peer_error, rank0_decides,
-                  rank_bytes, shard, warm_up)
+                  rank_bytes, reshard, shard, warm_up)
 from lisa import set_lisa_blocks
 from hf import export_whole, pretrained_tensors, read_config
 from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
@@ -272,6 +272,7 @@ def evaluate(run, model, split):
         counts = torch.ones_like(row_loss).double() if by_row else target_counts(y, torch.float64)
         sums += torch.stack([(row_loss.double() * counts).sum(), counts.sum()])
     model.train()
+    reshard(model)
     sums = mean_over_ranks(sums)
     return (sums[0] / sums[1]).item()
 

@@ -263,3 +263,23 @@ def test_building_both_copies_takes_each_rank_its_shards_and_one_full_tensor_of_
     for rank in ranks:
         bound = 1.1 * (copies_bytes / 2 + rank['largest_tensor'])
         assert copies_bytes / 2 < rank['growth'] <= bound, (rank, bound)  # the shards were really filled
+
+
+@pytest.mark.parametrize('tied', [True, False])
+def test_units_as_torchtitan_cuts_them_and_nothing_stays_gathered_after_evaluation(tmp_path, tied):
+    """An untied head and the embedding are units of their own (not the root's, gathered through the whole
+    step); a tied one stays in the root. After evaluate, a forward with no backward, every parameter of both
+    copies is a sharded DTensor again."""
+    config = GPTConfig(family='llama', block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16,
+                       mlp_hidden=32, bias=False, tie_embeddings=tied)
+    export_pretrained(make_model(config), str(tmp_path / 'llama'))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           'tests/eval_reshard.py', f'--init_from={tmp_path}/llama', f'--out_dir={tmp_path}/out',
+                           *[a for a in TINY if a.startswith(('--block_size', '--batch', '--val', '--eval', '--device'))]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, 'PYTHONPATH': ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [json.loads((tmp_path / 'out' / f'units_{rank}.json').read_text()) for rank in range(2)]
+    first, last = ([], []) if tied else (['model.embed_tokens'], ['model.norm', 'lm_head'])  # one unit of two
+    for rank in ranks:
+        assert rank['units'] == [['root'] + first + ['model.layers.0', 'model.layers.1'] + last] * 2
+        assert rank['gathered'] == [[], []]
