@@ -175,23 +175,24 @@ def text_folder(folder, names, block_size, tokenizer):
 # ----------------------------------------------------------------------------------------------
 # a folder of JSON examples (the authors' layout)
 
-# How each kind of turn renders: the marker before its text, whether its tokens carry loss, whether the
+# How each kind of turn renders: the marker before its text, whether its text carries loss, whether the
 # tokenizer's end of text (a newline with bytes) follows it. A conversation's markers are the ScaleBiO authors'
-# (research4pan/scalebio, math/dev_scalebio/python/data.py, tokenize_conversion: turns joined with nothing
-# between them, an end of text after each assistant turn, loss on assistant turns only). Their code also puts
-# loss on the "###Assistant: " marker and a BOS before it; here the marker is context and the BOS, where the
-# tokenizer's template has one, starts the row once. An instruction record is a prompt (Alpaca's template,
-# PROMPT) and a response; a {"text"} record is all loss, with no end of text.
+# (research4pan/scalebio, math/dev_scalebio/python/data.py, tokenize_conversion: each turn's marker and text
+# encoded as one string, turns joined with nothing between them, an end of text after each assistant turn, loss
+# on assistant turns only). Their code also puts loss on the "###Assistant: " marker and a BOS before it;
+# here the marker is context and the BOS, where the tokenizer's template has one, starts the row once. An
+# instruction record is a prompt (Alpaca's template, PROMPT) and a response; a {"text"} record is all loss.
 TURNS = {'system': ('###System: ', False, False), 'user': ('###Human: ', False, False),
          'assistant': ('###Assistant: ', True, True),
          'prompt': ('', False, False), 'response': ('', True, True), 'text': ('', True, False)}
 PROMPT = "### Instruction:\n{instruction}\n\n{input_section}### Response:\n"  # Alpaca's, plainly
 INPUT_SECTION = "### Input:\n{input}\n\n"
 # the three conversation shapes: the record's key -> the keys of a turn's role and text, and its role names
-CONVERSATIONS = {'items': ('from', 'value', {'system': 'system', 'human': 'user', 'gpt': 'assistant'}),  # authors'
-                 'conversations': ('from', 'value', {'system': 'system', 'human': 'user', 'gpt': 'assistant'}),
+FROM_ROLES = {'system': 'system', 'human': 'user', 'gpt': 'assistant'}
+CONVERSATIONS = {'items': ('from', 'value', FROM_ROLES),  # the authors'
+                 'conversations': ('from', 'value', FROM_ROLES),  # ShareGPT's
                  'messages': ('role', 'content', {'system': 'system', 'user': 'user', 'assistant': 'assistant'})}
-SHAPES = {**{key: key for key in CONVERSATIONS}, 'text': 'text', 'output': 'instruction'}  # key -> a record's shape
+RECORDS = ('text', 'output')  # the key that makes a record a {"text"} or an instruction record
 
 
 def _read_records(path, digests):
@@ -226,12 +227,12 @@ def _conversation(turns, key, where):
         raise ValueError(f'{where}: "{key}" must be a list of turns, got {json.dumps(turns)[:60]}')
     kinds = []
     for number, turn in enumerate(turns, 1):
-        role = turn.get(role_key) if isinstance(turn, dict) else None
+        if not isinstance(turn, dict):
+            raise ValueError(f'{where}: turn {number} is not an object with "{role_key}" and "{text_key}"')
+        role, text = turn.get(role_key), turn.get(text_key)
         if not isinstance(role, str) or role not in roles:
-            raise ValueError(f'{where}: turn {number} has "{role_key}" {json.dumps(role)[:60]}, not one of '
-                             f'{", ".join(roles)}' if isinstance(turn, dict) else f'{where}: turn {number} is not '
-                             f'an object with "{role_key}" and "{text_key}"')
-        text = turn.get(text_key)
+            raise ValueError(f'{where}: turn {number} has "{role_key}" {json.dumps(role)[:60]}, '
+                             f'not one of {", ".join(roles)}')
         if text is not None and not isinstance(text, str):
             raise ValueError(f'{where}: turn {number}: "{text_key}" must be a string, got {json.dumps(text)[:60]}')
         if not (text or '').strip():
@@ -246,34 +247,47 @@ def _conversation(turns, key, where):
 def _record_turns(record, path, where):
     """A record's shape and its turns: {"text"}, {"instruction", "input" (optional), "output"} or a conversation.
     Every field is a string (a null or a list would otherwise train as the text 'None' or "['a', 'b']")."""
-    key = next((k for k in SHAPES if isinstance(record, dict) and k in record), None)
-    if key is None:
-        raise ValueError(f'{path}: {where} has none of "text", "output", ' + ', '.join(f'"{k}"' for k in CONVERSATIONS))
-    if key in CONVERSATIONS:
-        return SHAPES[key], _conversation(record[key], key, f"{path}: {where}")
-    required = ('text',) if key == 'text' else ('instruction', 'output')
+    keys = [k for k in (*CONVERSATIONS, *RECORDS) if isinstance(record, dict) and k in record]
+    if not keys:
+        raise ValueError(f'{path}: {where} has none of ' + ', '.join(f'"{k}"' for k in (*RECORDS, *CONVERSATIONS)))
+    if keys[0] in CONVERSATIONS:
+        if len(keys) > 1:
+            raise ValueError(f'{path}: {where} has both "{keys[0]}" and "{keys[1]}": one shape per record')
+        return keys[0], _conversation(record[keys[0]], keys[0], f"{path}: {where}")
+    required = ('text',) if keys[0] == 'text' else ('instruction', 'output')
     for field in dict.fromkeys(required + tuple(k for k in ('text', 'instruction', 'input', 'output') if k in record)):
         if not isinstance(record.get(field), str):
             raise ValueError(f'{path}: {where}: "{field}" must be a string, got '
                              f'{json.dumps(record.get(field)) if field in record else "nothing"}')
-    if key == 'text':
+    if keys[0] == 'text':
         return 'text', [('text', record['text'])]
     section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
     return 'instruction', [('prompt', PROMPT.format(instruction=record['instruction'], input_section=section)),
                            ('response', record['output'])]
 
 
+def _turn_tokens(marker, text, tokenizer):
+    """A turn's tokens, marker and text encoded as one string as the authors do, and how many are the marker's.
+    A byte-level BPE joins the marker's trailing space to the first word ('ĠWhat'): that token is the text's."""
+    ids = tokenizer.encode(marker + text).tolist()
+    for head in (tokenizer.encode(marker).tolist(), tokenizer.encode(marker.rstrip()).tolist()):
+        if ids[:len(head)] == head:
+            return ids, len(head)
+    head = tokenizer.encode(marker).tolist()  # a tokenizer that merges across the marker's end: encoded apart
+    return head + tokenizer.encode(text).tolist(), len(head)
+
+
 def _render(turns, tokenizer):
-    """[(kind, text)] as token ids, whether each token carries loss, and where each turn with loss ends. Each
-    turn is encoded apart, so no BPE merge crosses from a prompt into a response."""
+    """[(kind, text)] as token ids, whether each token carries loss, and where each turn with loss ends. Turns
+    are encoded apart, so no BPE merge crosses from a prompt into a response."""
     end = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else tokenizer.encode('\n').tolist()
     ids = [] if tokenizer.begin_of_text is None else [tokenizer.begin_of_text]
     loss, ends = [False] * len(ids), []
     for kind, text in turns:
         marker, carries_loss, then_end = TURNS[kind]
-        head, body = tokenizer.encode(marker).tolist(), tokenizer.encode(text).tolist() + (end if then_end else [])
-        ids += head + body
-        loss += [False] * len(head) + [carries_loss] * len(body)
+        turn, n_marker = _turn_tokens(marker, text, tokenizer)
+        ids += turn + (end if then_end else [])
+        loss += [False] * n_marker + [carries_loss] * (len(ids) - len(loss) - n_marker)
         ends += [len(ids)] if carries_loss else []
     return np.array(ids, dtype=np.int64), np.array(loss), ends
 

@@ -55,37 +55,46 @@ def test_three_shapes_give_the_same_rows_and_only_assistant_turns_are_targets(tm
     assert all(np.array_equal(rows[0], r) for r in rows[1:])
     x, y = rows[0][0]
     end = [tokenizer.end_of_text] if tokenizer.end_of_text is not None else list(b'\n')
-    # the input is the authors' rendering, turn by turn: marker, text, and an end of text after an assistant's
+    # the input is the authors' rendering, turn by turn: marker and text encoded as one string, then an end of
+    # text after an assistant's; the marker's tokens are those that decode to a part of it (a byte-level BPE
+    # joins its trailing space to the text's first word)
     expected, targets = [], []
     for role, text in TURNS_OF:
-        marker, body = tokenizer.encode(TURNS[role][0]).tolist(), tokenizer.encode(text).tolist()
-        body += end if role == 'assistant' else []
-        expected += marker + body
-        targets += [None] * len(marker) + (body if role == 'assistant' else [None] * len(body))
+        marker = TURNS[role][0]
+        turn = tokenizer.encode(marker + text).tolist()
+        n_marker = 0
+        while marker.startswith(tokenizer.decode(turn[:n_marker + 1])):
+            n_marker += 1
+        body = turn[n_marker:] + (end if role == 'assistant' else [])
+        expected += turn[:n_marker] + body
+        targets += [None] * n_marker + (body if role == 'assistant' else [None] * len(body))
+    assert (tokenizer_name == 'bpe') == (n_marker < len(tokenizer.encode(marker)))  # the BPE joins the space
     n = len(expected)
     assert x[:n - 1].tolist() == expected[:-1] and (x[n - 1:] == 0).all()
     # token by token: y[i] predicts expected[i + 1], a target exactly where an assistant's text or end is
     assert [t if t != -1 else None for t in y[:n - 1].tolist()] == targets[1:] and (y[n - 1:] == -1).all()
-    runs = [tokenizer.decode([t for t in run if t not in end])
+    runs = [tokenizer.decode([t for t in run if t not in end]).strip()
             for run in np.split(y, np.flatnonzero(np.diff((y != -1).astype(int))) + 1) if run[0] != -1]
     assert runs == ['5', 'It is 8.']
 
 
 def test_truncation_keeps_whole_turns_and_never_a_row_without_targets(tmp_path):
-    text = ''.join(TURNS[role][0] + t + ('\n' if role == 'assistant' else '') for role, t in TURNS_OF)
+    turns = TURNS_OF + [('user', 'Thanks!')]  # context after the last answer: kept only where it fits
+    text = ''.join(TURNS[role][0] + t + ('\n' if role == 'assistant' else '') for role, t in turns)
     first_target = text.index('5')  # the first token a row can learn: the first assistant turn's text
-    turn_ends = [text.index('5\n') + 2, len(text)]  # the assistant turns end after their newline
+    turn_ends = [text.index('5\n') + 2, text.index('8.\n') + 3]  # the assistant turns end after their newline
     for block_size in range(1, len(text) + 3):
         if block_size < first_target:
             with pytest.raises(ValueError, match=rf"every example is skipped.*--block_size={first_target} keeps half"):
-                rows_of(tmp_path, 'messages', TURNS_OF, block_size)
+                rows_of(tmp_path, 'messages', turns, block_size)
             continue
-        data = rows_of(tmp_path, 'messages', TURNS_OF, block_size)
+        data = rows_of(tmp_path, 'messages', turns, block_size)
         (x, y), = data.train[0]
         whole = [end for end in turn_ends if end <= block_size + 1]
         kept = len(text) if len(text) <= block_size + 1 else whole[-1] if whole else block_size + 1
         assert bytes(x[:kept - 1].tolist()).decode() == text[:kept - 1] and (x[kept - 1:] == 0).all(), block_size
-        assert (y != -1).any() and y[kept - 2] != -1 and (y[kept - 1:] == -1).all(), block_size
+        last = max([end for end in turn_ends if end <= kept], default=kept)  # the last target: an answer's end
+        assert y[last - 2] != -1 and (y[last - 1:] == -1).all(), block_size
         assert data.kept['a'] == {'rows': 1, 'tokens': kept, 'target_tokens': int((y != -1).sum()),
                                   'truncated': int(len(text) > block_size + 1), 'skipped': 0}
 
@@ -119,6 +128,8 @@ def turn(shape, role, text):
      r'record 1: turn 2: "value" must be a string, got \["a"\]'),
     ({'messages': [turn('messages', 'user', 'hi'), 'hello']}, r'record 1: turn 2 is not an object'),
     ({'messages': []}, r'record 1: "messages" must be a list of turns'),
+    ({'items': [turn('items', 'human', 'hi'), turn('items', 'gpt', 'yo')], 'text': 'x'},
+     r'record 1 has both "items" and "text": one shape per record'),
 ])
 def test_a_bad_conversation_is_one_line_naming_the_file_and_the_record(tmp_path, capsys, record, message):
     good = as_shape('items', TURNS_OF)
