@@ -28,8 +28,9 @@ class Processes(NamedTuple):
 
 def init_distributed(device, timeout_minutes=10.0):
     """Processes(rank, world_size, device, sharded). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this
-    is one process and nothing is sharded. nccl on CUDA, gloo on CPU. A collective that waits longer than
-    timeout_minutes for its peers raises (gloo) or ends the process (nccl's watchdog), instead of hanging."""
+    is one process and nothing is sharded. nccl on CUDA (with gloo for host tensors), gloo on CPU. A collective
+    that waits longer than timeout_minutes for its peers raises (gloo) or ends the process (nccl's watchdog),
+    instead of hanging."""
     use_cuda = torch.cuda.is_available() and (device == 'auto' or device.startswith('cuda'))
     if 'RANK' not in os.environ:
         return Processes(0, 1, device if device != 'auto' else ('cuda' if use_cuda else 'cpu'), False)
@@ -51,7 +52,9 @@ def _init_process_group(use_cuda, timeout):
                          f"{torch.cuda.device_count()}; start at most that many (--nproc_per_node)")
     device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
     torch.cuda.set_device(device)
-    dist.init_process_group('nccl', device_id=device, timeout=timeout)
+    # gloo beside nccl for the collectives that meet host tensors: with --cpu_offload the shards and gradients live
+    # in host memory (clip_gradient's norm, --export's gathers), and nccl has no CPU backend (torchtitan does the same)
+    dist.init_process_group('cuda:nccl,cpu:gloo', device_id=device, timeout=timeout)
     return Processes(dist.get_rank(), dist.get_world_size(), str(device), True)
 
 
