@@ -14,7 +14,28 @@ import torch
 from bilevel import SOURCE_LOGITS_UPDATES
 from data import BUILTIN_TASKS
 from lisa import LISA_DRAWS
-from model import MODEL_PRESETS
+
+# --model=NAME: shapes used without weights (or with --init_from's own config.json instead)
+MODEL_PRESETS = {
+    'gpt2': dict(n_layer=12, n_head=12, n_embd=768), 'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024),
+    'gpt2-large': dict(n_layer=36, n_head=20, n_embd=1280), 'gpt2-xl': dict(n_layer=48, n_head=25, n_embd=1600),
+    # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json
+    'llama3.2-1b': dict(family='llama', n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, mlp_hidden=8192,
+                        head_dim=64, vocab_size=128256, rope_theta=500000.0, tie_embeddings=True,
+                        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                          original_max_position_embeddings=8192)),
+    # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json
+    'llama3-8b': dict(family='llama', n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, mlp_hidden=14336,
+                      vocab_size=128256, rope_theta=500000.0, tie_embeddings=False),
+    # https://huggingface.co/EleutherAI/pythia-160m/blob/main/config.json, .../gpt-neox-20b/blob/main/config.json
+    'pythia-160m': dict(family='gpt_neox', n_layer=12, n_head=12, n_embd=768, vocab_size=50304, rotary_pct=0.25,
+                        parallel_residual=True, tie_embeddings=False),
+    'gpt-neox-20b': dict(family='gpt_neox', n_layer=44, n_head=64, n_embd=6144, vocab_size=50432, rotary_pct=0.25,
+                         parallel_residual=True, tie_embeddings=False),
+    # https://huggingface.co/01-ai/Yi-34B/blob/main/config.json
+    'yi-34b': dict(family='llama', n_layer=60, n_head=56, n_kv_head=8, n_embd=7168, mlp_hidden=20480,
+                   vocab_size=64000, rope_theta=5000000.0, tie_embeddings=False),
+}
 
 METHODS = ('scalebio', 'fixed', 'irdro', 'rholoss')  # the steps: steps.py (scalebio), baselines.py (the rest)
 
@@ -40,7 +61,7 @@ class TrainConfig:
     source_loss: str = 'token'      # a source's loss: 'token' (every token weighs alike across sources, as in L_val:
                                     # steps.model_objective) or 'example' (the mean of its rows' token means)
     # model (model.py), trained from scratch unless --init_from
-    model: str = ''                 # a shape of model.MODEL_PRESETS (gpt2 ... gpt2-xl, llama3.2-1b, llama3-8b, yi-34b),
+    model: str = ''                 # a shape of MODEL_PRESETS above (gpt2 ... gpt2-xl, pythia-160m, llama3-8b, ...),
                                     # or n_layer etc.; --init_from's config.json overrides both
     n_layer: int = 4
     n_head: int = 4
@@ -48,7 +69,7 @@ class TrainConfig:
     block_size: int = 32
     dropout: float = 0.0
     bias: bool = True
-    init_from: str = ''             # a local Hugging Face folder, GPT-2 or Llama family (hf.py): both copies start from it
+    init_from: str = ''             # a local Hugging Face folder, GPT-2, GPT-NeoX or Llama (hf.py): both copies start from it
     # optimisation of the model copies u and w, and the schedule all three share
     max_steps: int = 1500           # the horizon of the learning-rate schedule
     stop_at: int = 0                # stop (with a checkpoint) after this many steps; 0: run to max_steps

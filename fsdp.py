@@ -108,9 +108,13 @@ def shard(model, bf16, cpu_offload=False):
 
 def units(model):
     """The units inside the root, in order: [embedding,] each block[, [final norm, head]] (plan.py sizes them)."""
-    if model.config.family != 'gpt2' and not model.config.tie_embeddings:  # GPT-2 always ties
-        return [model.model.embed_tokens] + list(model.blocks) + [[model.model.norm, model.lm_head]]
-    return list(model.blocks)
+    if model.config.tie_embeddings:
+        return list(model.blocks)
+    if hasattr(model, 'transformer'):  # GPT-2's layout (GPT-NeoX's), or Llama's
+        embedding, norm = model.transformer.wte, model.transformer.ln_f
+    else:
+        embedding, norm = model.model.embed_tokens, model.model.norm
+    return [embedding] + list(model.blocks) + [[norm, model.lm_head]]
 
 
 def reshard(model):

@@ -1,8 +1,8 @@
 """
 Hugging Face model folders in and out, offline: config.json and the weights, as model.safetensors, as shards
 (model-00001-of-0000N.safetensors with model.safetensors.index.json, what every 7B+ model ships) or as
-pytorch_model.bin, read and written one tensor at a time. GPT-2 and the Llama family (model_type llama, qwen2,
-mistral). Nothing is downloaded.
+pytorch_model.bin, read and written one tensor at a time. GPT-2, GPT-NeoX (Pythia) and the Llama family
+(model_type llama, qwen2, mistral). Nothing is downloaded.
 
     python train.py --init_from=path/to/folder ...     # both copies start from its weights, its config.json
     python train.py ... --export=True                  # out_dir/hf: the trained upper model, the same family
@@ -22,6 +22,13 @@ from model import GPTConfig, empty_model, make_model
 # HF's GPT-2 uses Conv1D layers, whose weights are stored as (in, out): the transpose of nn.Linear's
 GPT2_TRANSPOSED = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 LLAMA_ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM', 'mistral': 'MistralForCausalLM'}
+# GPT-NeoX's names in its checkpoints and ours (model.GPT with rotary positions); transformers 5 names the head lm_head
+NEOX_NAMES = (('gpt_neox.embed_in.', 'transformer.wte.'), ('gpt_neox.final_layer_norm.', 'transformer.ln_f.'),
+              ('gpt_neox.layers.', 'transformer.h.'), ('embed_out.', 'lm_head.'), ('.input_layernorm.', '.ln_1.'),
+              ('.post_attention_layernorm.', '.ln_2.'), ('.attention.query_key_value.', '.attn.c_attn.'),
+              ('.attention.dense.', '.attn.c_proj.'), ('.mlp.dense_h_to_4h.', '.mlp.c_fc.'),
+              ('.mlp.dense_4h_to_h.', '.mlp.c_proj.'))
+VOCAB_TABLES = ('transformer.wte.weight', 'lm_head.weight')  # their rows beyond vocab_size are GPT's padding
 
 
 def read_config(path):
@@ -40,9 +47,11 @@ def read_config(path):
     model_type = hf.get('model_type', 'gpt2')
     if model_type == 'gpt2':
         return gpt2_config(hf, config_path)
+    if model_type == 'gpt_neox':
+        return neox_config(hf, config_path)
     if model_type in LLAMA_ARCHITECTURES:
         return llama_config(hf, config_path)
-    raise ValueError(f"{config_path}: model_type '{model_type}' is neither GPT-2 nor of the Llama family "
+    raise ValueError(f"{config_path}: model_type '{model_type}' is neither GPT-2, GPT-NeoX nor of the Llama family "
                      f"({', '.join(LLAMA_ARCHITECTURES)})")
 
 
@@ -63,6 +72,39 @@ def gpt2_config(hf, where):
         raise ValueError(f"{where}: n_embd={hf['n_embd']} is not a multiple of n_head={hf['n_head']}")
     return GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
                      n_head=hf['n_head'], n_embd=hf['n_embd'], bias=True, gelu='none' if activation == 'gelu' else 'tanh')
+
+
+def neox_config(hf, where):
+    sizes = ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size', 'vocab_size',
+             'max_position_embeddings')
+    check_sizes(hf, sizes, where)
+    missing = [k for k in sizes if k not in hf]
+    activation = hf.get('hidden_act', 'gelu')
+    rope = dict(hf.get('rope_parameters') or {})  # transformers 5; older configs: rotary_pct, rotary_emb_base
+    share = rope.get('partial_rotary_factor', hf.get('rotary_pct', 1.0))
+    if missing or activation not in ('gelu', 'gelu_new') or hf.get('attention_bias', True) is not True \
+            or hf.get('rope_scaling') or rope.get('rope_type', 'default') != 'default':
+        raise ValueError(f"{where} is not a GPT-NeoX config read here (missing {missing}, hidden_act {activation}, "
+                         f"attention_bias {hf.get('attention_bias', True)}, rope {hf.get('rope_scaling') or rope})")
+    head_dim = hf['hidden_size'] // hf['num_attention_heads']
+    if hf['hidden_size'] % hf['num_attention_heads'] or hf['intermediate_size'] != 4 * hf['hidden_size'] \
+            or not (isinstance(share, (int, float)) and 2 <= int(head_dim * share) <= head_dim):
+        raise ValueError(f"{where}: hidden_size {hf['hidden_size']} must be a multiple of num_attention_heads and a "
+                         f"quarter of intermediate_size {hf['intermediate_size']}, and rotary_pct {share!r} must "
+                         f"rotate 2 to {head_dim} dimensions of a head")
+    return GPTConfig(family='gpt_neox', block_size=hf['max_position_embeddings'], vocab_size=hf['vocab_size'],
+                     n_layer=hf['num_hidden_layers'], n_head=hf['num_attention_heads'], n_embd=hf['hidden_size'],
+                     gelu='none' if activation == 'gelu' else 'tanh', rotary_pct=float(share),
+                     rope_theta=float(rope.get('rope_theta', hf.get('rotary_emb_base', 10000.0))),
+                     parallel_residual=bool(hf.get('use_parallel_residual', True)),
+                     norm_eps=hf.get('layer_norm_eps', 1e-5), tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
+
+
+def neox_qkv(tensor, n_head, to_ours=True):
+    """GPT-NeoX's fused query_key_value rows go head by head, [q, k, v] within each head; ours (GPT-2's c_attn)
+    go [all q, all k, all v]."""
+    grouped = (n_head, 3, -1) if to_ours else (3, n_head, -1)
+    return tensor.reshape(*grouped, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
 
 
 def llama_config(hf, where):
@@ -181,7 +223,13 @@ def torch_checkpoint(file):
 
 def our_name(name, config):
     """The name of a checkpoint tensor in our model, or None for tensors to skip."""
-    if config.family != 'gpt2':  # skipped: a tied head; the rotary buffers older Llama checkpoints carry
+    if config.family == 'gpt_neox':  # skipped: older checkpoints' causal masks and rotary buffers
+        if name.endswith(('attention.bias', 'attention.masked_bias', 'rotary_emb.inv_freq')):
+            return None
+        for theirs, ours in NEOX_NAMES:
+            name = name.replace(theirs, ours)
+        return name
+    if config.family not in ('gpt2', 'gpt_neox'):  # skipped: a tied head; the rotary buffers older Llama checkpoints carry
         return None if (name == 'lm_head.weight' and config.tie_embeddings) or name.endswith('rotary_emb.inv_freq') \
             else name
     name = 'transformer.' + name.removeprefix('transformer.')  # GPT2LMHeadModel or GPT2Model keys
@@ -204,10 +252,12 @@ def pretrained_tensors(path, config):
                 raise ValueError(f"{path}: weight {name} has no place in a {config.family} model")
             if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):
                 tensor = tensor.t()
-            expected = (config.vocab_size, *shapes[name][1:]) if name == 'transformer.wte.weight' else shapes[name]
+            if config.family == 'gpt_neox' and name.endswith(('attn.c_attn.weight', 'attn.c_attn.bias')):
+                tensor = neox_qkv(tensor, config.n_head)
+            expected = (config.vocab_size, *shapes[name][1:]) if name in VOCAB_TABLES else shapes[name]
             if tensor.shape != expected:
                 raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected)}")
-            if tensor.shape != shapes[name]:  # GPT-2's padding rows of the vocabulary are 0
+            if tensor.shape != shapes[name]:  # the padding rows of GPT-2's (and GPT-NeoX's) vocabulary are 0
                 padded = tensor.new_zeros(shapes[name])
                 padded[:tensor.size(0)] = tensor
                 tensor = padded
@@ -226,6 +276,14 @@ def from_pretrained(path):
 
 
 def hf_config(config):
+    if config.family == 'gpt_neox':
+        return {'model_type': 'gpt_neox', 'architectures': ['GPTNeoXForCausalLM'], 'vocab_size': config.vocab_size,
+                'max_position_embeddings': config.block_size, 'hidden_size': config.n_embd,
+                'num_hidden_layers': config.n_layer, 'num_attention_heads': config.n_head,
+                'intermediate_size': 4 * config.n_embd, 'hidden_act': 'gelu' if config.gelu == 'none' else 'gelu_new',
+                'rotary_pct': config.rotary_pct, 'rotary_emb_base': config.rope_theta, 'attention_bias': True,
+                'use_parallel_residual': config.parallel_residual, 'layer_norm_eps': config.norm_eps,
+                'tie_word_embeddings': config.tie_embeddings, 'torch_dtype': 'float32'}
     if config.family == 'gpt2':
         return {'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'], 'vocab_size': config.vocab_size,
                 'n_positions': config.block_size, 'n_ctx': config.block_size, 'n_embd': config.n_embd,
@@ -271,15 +329,15 @@ def export_pretrained(model, folder, token_ids=None, max_shard_bytes=5 * 2**30):
     to the tokenizer's. Streamed: every rank calls it, each tensor is gathered from the shards one at a time,
     and rank 0 writes it and lets it go, so no rank ever holds the whole model."""
     config = model.config
-    if config.family == 'gpt2' and not config.bias:
-        raise ValueError("a Hugging Face GPT-2 has biases: export needs a model trained with bias=True")
+    if config.family in ('gpt2', 'gpt_neox') and not config.bias:
+        raise ValueError(f"a Hugging Face {config.family} has biases: export needs a model trained with bias=True")
     # what each file holds, known before any tensor is gathered: safetensors' header comes first
     entries = []  # (name in the file, parameter, shape in the file)
     for name, param in model.named_parameters():  # a tied head is yielded once, as the embedding
-        shape = (config.vocab_size, *param.shape[1:]) if name == 'transformer.wte.weight' else tuple(param.shape)
+        shape = (config.vocab_size, *param.shape[1:]) if name in VOCAB_TABLES else tuple(param.shape)
         if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):
             shape = shape[::-1]
-        entries.append((name, param, shape))
+        entries.append((neox_name(name) if config.family == 'gpt_neox' else name, param, shape))
     files, size = [[]], 0
     for entry in entries:
         nbytes = 4 * math.prod(entry[2])
@@ -305,12 +363,20 @@ def export_pretrained(model, folder, token_ids=None, max_shard_bytes=5 * 2**30):
                 f.write(safetensors_header(part))
             for name, param, shape in part:
                 tensor = full(param.detach()).float().cpu()  # a collective: every rank gathers, in the same order
-                if name == 'transformer.wte.weight':
-                    tensor = tensor[:config.vocab_size]
                 if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):
                     tensor = tensor.t()
+                tensor = tensor[:shape[0]]  # the vocabulary's padding rows cropped
+                if config.family == 'gpt_neox' and name.endswith(('query_key_value.weight', 'query_key_value.bias')):
+                    tensor = neox_qkv(tensor, config.n_head, to_ours=False)
                 if writer:
                     f.write(memoryview(tensor.contiguous().numpy()))  # the tensor's own bytes, not a copy
+
+
+def neox_name(name):
+    """Our name of a GPT-NeoX tensor as its checkpoints name it."""
+    for theirs, ours in NEOX_NAMES:
+        name = name.replace(ours, theirs)
+    return name
 
 
 def safetensors_header(entries):

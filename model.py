@@ -1,7 +1,8 @@
 """
 The two model families, written in the style of nanoGPT's model.py
 (https://github.com/karpathy/nanoGPT/blob/master/model.py), read top to bottom: GPT-2 (LayerNorm, learned
-positions, GELU, multi-head attention, tied head), then the Llama family (RMSNorm, rotary positions, SwiGLU,
+positions, GELU, multi-head attention, tied head; GPT-NeoX is the same block with rotary positions, attention
+and MLP side by side and an untied head), then the Llama family (RMSNorm, rotary positions, SwiGLU,
 grouped-query attention; Qwen2's q/k/v biases and Mistral's config read the same way). One GPTConfig says which.
 
 Two things differ from nanoGPT, because ScaleBiO needs them:
@@ -23,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class GPTConfig:
-    family: str = 'gpt2'     # 'gpt2', or the Llama family: 'llama', 'qwen2', 'mistral' (Hugging Face's model_type)
+    family: str = 'gpt2'     # 'gpt2', 'gpt_neox', or the Llama family: 'llama', 'qwen2', 'mistral' (HF's model_type)
     block_size: int = 1024   # context length
     vocab_size: int = 50257  # at least the tokenizer's; GPT-2 pads its tables up to a multiple of 64
     n_layer: int = 12
@@ -32,6 +33,10 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True        # GPT-2: biases in Linear and LayerNorm layers
     gelu: str = 'none'       # GPT-2: 'tanh' is its own approximation ("gelu_new"), used for its pretrained weights
+    # GPT-NeoX (Black et al. 2022, arXiv 2204.06745; Pythia): GPT-2's block with rotary positions on a share of each
+    # head's dimensions instead of learned ones, attention and MLP side by side, an untied head
+    rotary_pct: float = 0.0  # 0: GPT-2's learned positions
+    parallel_residual: bool = False  # x + attn(ln_1(x)) + mlp(ln_2(x)), one residual for both
     # the Llama family
     n_kv_head: int = 0       # grouped-query attention: key/value heads, each shared by n_head / n_kv_head queries
     head_dim: int = 0        # 0: n_embd // n_head
@@ -42,26 +47,8 @@ class GPTConfig:
     qkv_bias: bool = False   # Qwen2: biases on q, k and v
     attention_bias: bool = False  # Llama's attention_bias: biases on q, k, v and o
     mlp_bias: bool = False
-    tie_embeddings: bool = True  # the head is the embedding matrix (GPT-2 always; Llama 3.2 1B/3B, Qwen2 0.5B)
+    tie_embeddings: bool = True  # the head is the embedding matrix (GPT-2; Llama 3.2 1B/3B, Qwen2 0.5B; not GPT-NeoX)
     sliding_window: int = 0  # Mistral's attention window (0: none); train.py refuses one shorter than block_size
-
-
-# --model=NAME: shapes used without weights (or with --init_from's own config.json instead)
-MODEL_PRESETS = {
-    'gpt2': dict(n_layer=12, n_head=12, n_embd=768), 'gpt2-medium': dict(n_layer=24, n_head=16, n_embd=1024),
-    'gpt2-large': dict(n_layer=36, n_head=20, n_embd=1280), 'gpt2-xl': dict(n_layer=48, n_head=25, n_embd=1600),
-    # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json
-    'llama3.2-1b': dict(family='llama', n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, mlp_hidden=8192,
-                        head_dim=64, vocab_size=128256, rope_theta=500000.0, tie_embeddings=True,
-                        rope_scaling=dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                          original_max_position_embeddings=8192)),
-    # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json
-    'llama3-8b': dict(family='llama', n_layer=32, n_head=32, n_kv_head=8, n_embd=4096, mlp_hidden=14336,
-                      vocab_size=128256, rope_theta=500000.0, tie_embeddings=False),
-    # https://huggingface.co/01-ai/Yi-34B/blob/main/config.json
-    'yi-34b': dict(family='llama', n_layer=60, n_head=56, n_kv_head=8, n_embd=7168, mlp_hidden=20480,
-                   vocab_size=64000, rope_theta=5000000.0, tie_embeddings=False),
-}
 
 
 class CausalSelfAttention(nn.Module):
@@ -75,10 +62,13 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, cos=None, sin=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cos is not None:  # GPT-NeoX: the first cos.size(-1) dimensions of each head rotate, the rest pass
+            r = cos.size(-1)
+            q, k = (torch.cat((t[..., :r] * cos + rotate_half(t[..., :r]) * sin, t[..., r:]), dim=-1) for t in (q, k))
         # flash / memory-efficient attention where the backend has it; is_causal masks future tokens
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -100,17 +90,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)); or both at once (GPT-NeoX)."""
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
         self.mlp = MLP(config)
+        self.parallel_residual = config.parallel_residual
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, cos=None, sin=None):
+        if self.parallel_residual:
+            return x + self.attn(self.ln_1(x), cos, sin) + self.mlp(self.ln_2(x))
+        x = x + self.attn(self.ln_1(x), cos, sin)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -204,10 +197,10 @@ class GPT(LanguageModel):
         self.padded_vocab = -(-config.vocab_size // 64) * 64
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(self.padded_vocab, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({} if config.rotary_pct else dict(wpe=nn.Embedding(config.block_size, config.n_embd))),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, self.padded_vocab, bias=False)
         self.tie_weights()
@@ -219,7 +212,8 @@ class GPT(LanguageModel):
 
     def tie_weights(self):
         # weight tying (https://paperswithcode.com/method/weight-tying): one matrix embeds and un-embeds
-        self.transformer.wte.weight = self.lm_head.weight
+        if self.config.tie_embeddings:  # GPT-2 always; GPT-NeoX never
+            self.transformer.wte.weight = self.lm_head.weight
 
     def _residual_std(self, name):
         # GPT-2 paper, section 2.3: residual projections are scaled by 1/sqrt(number of residual layers),
@@ -235,10 +229,11 @@ class GPT(LanguageModel):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def hidden(self, idx):
-        pos = torch.arange(idx.size(1), dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        pos, x = torch.arange(idx.size(1), dtype=torch.long, device=idx.device), self.transformer.wte(idx)
+        rotary = rotations(self.config, pos, x.dtype) if self.config.rotary_pct else ()
+        x = self.transformer.drop(x if self.config.rotary_pct else x + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = self.run_block(block, x)
+            x = self.run_block(block, x, *rotary)
         return self.transformer.ln_f(x)
 
     def head(self, hidden):
@@ -272,6 +267,7 @@ def rope_frequencies(config, device=None):
     Llama 3.1's rescaling of the long wavelengths when config.rope_scaling asks for it. Computed at every
     forward (a few dozen numbers), never stored: a model built on the meta device then has no buffer to fill."""
     dim = config.head_dim or config.n_embd // config.n_head
+    dim = int(dim * config.rotary_pct) if config.rotary_pct else dim  # GPT-NeoX rotates a share of each head
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     if not config.rope_scaling:
         return inv_freq
@@ -285,6 +281,14 @@ def rope_frequencies(config, device=None):
     smoothed = (1 - smooth) * scaled / r['factor'] + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def rotations(config, positions, dtype):
+    """cos and sin of the rotation of position t by angle t·θ_i, for both halves of the rotated dimensions
+    (rotate_half's pairs)."""
+    angles = torch.outer(positions.float(), rope_frequencies(config, positions.device))
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rotate_half(x):
@@ -373,11 +377,7 @@ class Llama(LanguageModel):
 
     def hidden(self, idx):
         x = self.model.embed_tokens(idx)
-        # the rotation of position t by angle t·θ_i, for both halves of every head (rotate_half's pairs)
-        positions = torch.arange(idx.size(1), device=idx.device, dtype=torch.float32)
-        angles = torch.outer(positions, rope_frequencies(self.config, idx.device))
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = rotations(self.config, torch.arange(idx.size(1), device=idx.device), x.dtype)
         for block in self.model.layers:
             x = self.run_block(block, x, cos, sin)
         return self.model.norm(x)
@@ -389,11 +389,11 @@ class Llama(LanguageModel):
 def make_model(config):
     """A GPT-2 or a Llama-family model, as config.family says. Under `with torch.device('meta')` it allocates
     nothing and draws no random numbers: train.py builds both copies so, shards them, then fills them."""
-    if config.family == 'gpt2':
+    if config.family in ('gpt2', 'gpt_neox'):
         return GPT(config)
     if config.family in ('llama', 'qwen2', 'mistral'):
         return Llama(config)
-    raise ValueError(f"unknown model family '{config.family}' (gpt2, llama, qwen2, mistral)")
+    raise ValueError(f"unknown model family '{config.family}' (gpt2, gpt_neox, llama, qwen2, mistral)")
 
 
 def empty_model(config, device='cpu'):

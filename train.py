@@ -38,14 +38,14 @@ from bilevel import cosine_lr, make_source_logits_optimizer, penalty_schedule
 from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, logged_record,
                         own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
                         signals_stop_at_next_step, trim_log, write_whole)
-from config import input_paths, micro_steps, parse_config
+from config import MODEL_PRESETS, input_paths, micro_steps, parse_config
 from data import fixed_weights, kept_table, load_data
 from tokenizer import load_tokenizer, tokenizer_files
 from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distributed, peer_error, rank0_decides,
                   rank_bytes, reshard, shard, warm_up)
 from lisa import set_lisa_blocks
 from hf import export_whole, pretrained_tensors, read_config
-from model import MODEL_PRESETS, GPTConfig, initial_weights, make_model, make_optimizer, target_counts
+from model import GPTConfig, initial_weights, make_model, make_optimizer, target_counts
 from plan import check_run_memory
 from steps import (Run, device_rows, evaluation_batches, mean_over_ranks, proportional_rows, rank_rows,
                    scalebio_train_step, tokens_per_step, validation_rows)

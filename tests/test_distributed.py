@@ -283,3 +283,24 @@ def test_units_as_torchtitan_cuts_them_and_nothing_stays_gathered_after_evaluati
     for rank in ranks:
         assert rank['units'] == [['root'] + first + ['model.layers.0', 'model.layers.1'] + last] * 2
         assert rank['gathered'] == [[], []]
+
+
+def test_a_gpt_neox_from_a_hugging_face_folder_trains_alike_on_one_and_two_processes(tmp_path):
+    """GPT-NeoX (Pythia's architecture) loads, trains and exports under torchrun: its untied embedding and
+    [final norm, head] are FSDP2 units of their own, as Llama's."""
+    transformers = pytest.importorskip('transformers')
+    torch.manual_seed(0)
+    hf_config = transformers.GPTNeoXConfig(hidden_size=16, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, vocab_size=256, max_position_embeddings=32,
+                                           rotary_pct=0.5)
+    transformers.GPTNeoXForCausalLM(hf_config).save_pretrained(tmp_path / 'neox', max_shard_size='20KB')
+    args = [a for a in TINY if not a.startswith(('--n_layer', '--n_head', '--n_embd'))] + [f'--init_from={tmp_path}/neox']
+    one = train.main(args + [f'--out_dir={tmp_path}/1'])
+    assert max(one['weights']) - min(one['weights']) > 1e-3 and one['model_config']['family'] == 'gpt_neox'
+    torchrun(2, *args, f'--out_dir={tmp_path}/2', '--export=True')
+    two = summary(tmp_path / '2')
+    assert_same_run(two, one)
+    assert_planned(two)
+    exported = from_pretrained(str(tmp_path / '2' / 'hf')).state_dict()  # gathered tensor by tensor, float32
+    for name, tensor in model_states(tmp_path / '2')[1].items():
+        assert torch.equal(exported[name], tensor.float()), name

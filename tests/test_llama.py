@@ -1,4 +1,5 @@
-"""The Llama family against Hugging Face's own models, offline: tiny random Llama, Qwen2 and Mistral models
+"""The Llama family and GPT-NeoX against Hugging Face's own models, offline: tiny random Llama, Qwen2, Mistral
+and GPT-NeoX models
 written by transformers as several safetensors shards with an index, loaded by hf.from_pretrained, and
 exported back (needs the optional transformers and safetensors packages)."""
 import json
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from hf import export_pretrained, from_pretrained
-from model import MODEL_PRESETS, GPTConfig, make_model, rope_frequencies
+from config import MODEL_PRESETS
+from model import GPTConfig, make_model, rope_frequencies
 
 transformers = pytest.importorskip('transformers')
 
@@ -24,9 +26,16 @@ CASES = {
     'qwen2, q/k/v biases, tied': (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True)),
     'mistral, grouped-query, head_dim apart from hidden_size / heads, untied': (transformers.MistralConfig, dict(
         num_key_value_heads=1, head_dim=12, sliding_window=None, tie_word_embeddings=False)),
+    # GPT-NeoX: fused q/k/v head by head, rotary positions on part of each head, vocabulary padded inside ours
+    'gpt_neox, parallel residual, half of each head rotary': (transformers.GPTNeoXConfig, dict(
+        intermediate_size=128, rotary_pct=0.5)),
+    'gpt_neox, sequential residual, a quarter rotary, tanh gelu': (transformers.GPTNeoXConfig, dict(
+        intermediate_size=128, rotary_pct=0.25, use_parallel_residual=False, hidden_act='gelu_new',
+        rotary_emb_base=500.0)),
 }
 ARCHITECTURES = {transformers.LlamaConfig: transformers.LlamaForCausalLM, transformers.Qwen2Config:
-                 transformers.Qwen2ForCausalLM, transformers.MistralConfig: transformers.MistralForCausalLM}
+                 transformers.Qwen2ForCausalLM, transformers.MistralConfig: transformers.MistralForCausalLM,
+                 transformers.GPTNeoXConfig: transformers.GPTNeoXForCausalLM}
 
 
 def write_tiny(folder, config_class, extra, seed=0):
@@ -96,7 +105,8 @@ def test_a_weight_missing_misplaced_or_misshapen_is_one_clear_error(tmp_path):
         from_pretrained(str(tmp_path))
 
 
-@pytest.mark.parametrize("name, billions", [('llama3.2-1b', 1.24), ('llama3-8b', 8.03), ('yi-34b', 34.39)])
+@pytest.mark.parametrize("name, billions", [('llama3.2-1b', 1.24), ('llama3-8b', 8.03), ('yi-34b', 34.39),
+                                             ('pythia-160m', 0.162), ('gpt-neox-20b', 20.55)])
 def test_presets_have_the_published_parameter_counts(name, billions):
     with torch.device('meta'):  # shapes only: no memory
         model = make_model(GPTConfig(**MODEL_PRESETS[name]))

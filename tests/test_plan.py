@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tools import bench
-from model import MODEL_PRESETS, GPTConfig, make_model
+from config import MODEL_PRESETS
+from model import GPTConfig, make_model
 from plan import LEVERS, activation_plan, block_bytes_per_token, check_plan, memory_plan, state_plan
 
 

@@ -34,17 +34,17 @@ import numpy as np
 import torch
 
 from bilevel import make_source_logits_optimizer, step_and_clear
-from config import override, parse_config
+from config import MODEL_PRESETS, override, parse_config
 from fsdp import local_bytes, optimizer_state_bytes, record_gradient_peak
 from lisa import set_lisa_blocks
-from model import MODEL_PRESETS, GPTConfig, make_model, make_optimizer
+from model import GPTConfig, make_model, make_optimizer
 from plan import deepest_fitting, print_lever_table, state_plan
 from steps import Run, model_objective, scalebio_gpt_step
 
 
 @dataclass
 class BenchConfig:
-    model: str = ''            # a model.MODEL_PRESETS shape (GPT-2's: vocabulary 50257) or the toy shape below (bytes)
+    model: str = ''            # a config.MODEL_PRESETS shape (GPT-2's: vocabulary 50257) or the toy shape below (bytes)
     n_layer: int = 8
     n_head: int = 4
     n_embd: int = 128
