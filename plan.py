@@ -77,8 +77,9 @@ def block_bytes_per_token(config, element_size, trainable):
     head): a frozen block keeps less, as its weights need no gradient, but the embeddings below it train, so its
     backward still runs. Llama's RMSNorm keeps its input in float32 (model.py computes it in float32)."""
     d, heads = config.n_embd, config.n_head
-    if config.family == 'gpt2':  # MLP 4·d wide
-        return (16 if trainable else 10) * d * element_size + 4 * heads + 4 * element_size
+    if config.family in ('gpt2', 'gpt_neox'):  # MLP 4·d wide; GPT-NeoX's rotation keeps q and k once more
+        rotated = 2 * d * element_size if config.rotary_pct else 0
+        return (16 if trainable else 10) * d * element_size + 4 * heads + 4 * element_size + rotated
     kv = 2 * (config.n_kv_head or heads) * (config.head_dim or d // heads)
     ffn = config.mlp_hidden
     compute = (6 * d + 4 * ffn + kv) if trainable else (2 * d + 3 * ffn + kv)
@@ -90,7 +91,7 @@ def activation_plan(config, tokens, targets, trainable_blocks, element_size, che
     `targets` of them with a target (all of them with --logits_at_targets=False), `trainable_blocks` of n_layer
     trainable. With checkpointing every block keeps only its input, and one block is recomputed at a time."""
     d, frozen = config.n_embd, config.n_layer - trainable_blocks
-    outside = 2 * d * element_size + (4 * d if config.family != 'gpt2' else 0)  # embeddings, final norm, head input
+    outside = 2 * d * element_size + (0 if config.family in ('gpt2', 'gpt_neox') else 4 * d)  # embeddings, final norm, head input
     if checkpoint_blocks:
         blocks = config.n_layer * d * element_size + block_bytes_per_token(config, element_size, trainable_blocks > 0)
     else:

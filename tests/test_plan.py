@@ -52,15 +52,15 @@ def saved_bytes(model, x, y):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize('family', ['gpt2', 'llama'])
+@pytest.mark.parametrize('family', ['gpt2', 'gpt_neox', 'llama'])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('trainable, target_fraction, checkpoint_blocks',
                          [(4, 1.0, False), (1, 0.5, False), (2, 0.25, True)])
 def test_planned_activations_are_within_15_percent_of_what_autograd_saves(family, dtype, trainable, target_fraction,
                                                                           checkpoint_blocks):
     """Shapes other than the ones the per-block formula was fitted to (other widths, MLP and key/value ratios)."""
-    shape = dict(family='llama', n_kv_head=2, mlp_hidden=344, bias=False, tie_embeddings=False) \
-        if family == 'llama' else {}
+    shape = {'gpt2': {}, 'gpt_neox': dict(family='gpt_neox', rotary_pct=0.25, parallel_residual=True, tie_embeddings=False),
+             'llama': dict(family='llama', n_kv_head=2, mlp_hidden=344, bias=False, tie_embeddings=False)}[family]
     config = GPTConfig(block_size=96, vocab_size=512, n_layer=4, n_head=6, n_embd=96, **shape)
     torch.manual_seed(0)
     model = make_model(config).to(dtype)
