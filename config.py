@@ -31,7 +31,7 @@ MODEL_PRESETS = {
     'pythia-160m': dict(family='gpt_neox', n_layer=12, n_head=12, n_embd=768, vocab_size=50304, rotary_pct=0.25,
                         parallel_residual=True, tie_embeddings=False),
     'gpt-neox-20b': dict(family='gpt_neox', n_layer=44, n_head=64, n_embd=6144, vocab_size=50432, rotary_pct=0.25,
-                         parallel_residual=True, tie_embeddings=False),
+                         parallel_residual=True, tie_embeddings=False, gelu='tanh'),  # its gelu_fast
     # https://huggingface.co/01-ai/Yi-34B/blob/main/config.json
     'yi-34b': dict(family='llama', n_layer=60, n_head=56, n_kv_head=8, n_embd=7168, mlp_hidden=20480,
                    vocab_size=64000, rope_theta=5000000.0, tie_embeddings=False),

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
@@ -103,7 +103,9 @@ def shard(model, bf16, cpu_offload=False):
         else MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for unit in units(model) + [model]:
-        fully_shard(unit, mp_policy=policy, offload_policy=offload)
+        # [final norm, head] stays gathered from its forward to its backward, which comes straight after (as in
+        # torchtitan: resharding it would only gather it again at once); reshard() lets it go after evaluation
+        fully_shard(unit, mp_policy=policy, offload_policy=offload, reshard_after_forward=not isinstance(unit, list))
 
 
 def units(model):
@@ -118,25 +120,28 @@ def units(model):
 
 
 def reshard(model):
-    """After a forward without backward (warm-up, evaluation): FSDP2 reshards every unit after its forward but
-    the root, whose parameters it keeps gathered for the backward it expects. A no-op unsharded."""
-    if hasattr(model, 'reshard'):
-        model.reshard()
+    """After a forward without backward (warm-up, evaluation): FSDP2 reshards a unit after its forward but the
+    root and [final norm, head], which it keeps gathered for the backward it expects. A no-op unsharded."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @torch.no_grad()
 def fill(model, named_tensors):
-    """Copies each (name, full tensor) into the model's parameter of that name; of a sharded parameter, only
-    this rank's rows (FSDP2 shards dim 0 as torch.chunk does). A name may come twice: the later value wins.
-    With named_tensors produced one at a time (model.initial_weights, hf.pretrained_tensors), a rank never
-    holds more than one full tensor beyond its own shards."""
+    """Copies each (name, tensor) into the model's parameter of that name; of a sharded parameter, only this
+    rank's rows (FSDP2 shards dim 0 as torch.chunk does). A name may come twice: the later value wins. A tensor
+    is a full one (model.initial_weights: one at a time, so a rank never holds more than one full tensor beyond
+    its shards) or an hf.Rows, of which only this rank's rows are read."""
     params = dict(model.named_parameters(remove_duplicate=False))
     for name, tensor in named_tensors:
-        param = params[name]
+        param, read = params[name], getattr(tensor, 'read', lambda start, stop: tensor[start:stop])
         if isinstance(param, DTensor):
-            pieces = torch.chunk(tensor, param.device_mesh.size(), dim=0)
-            rank = param.device_mesh.get_local_rank()
-            tensor, param = pieces[rank] if rank < len(pieces) else tensor[:0], param.to_local()
+            rows = -(-tensor.shape[0] // param.device_mesh.size())  # torch.chunk's rows per rank
+            start = min(param.device_mesh.get_local_rank() * rows, tensor.shape[0])
+            tensor, param = read(start, min(start + rows, tensor.shape[0])), param.to_local()
+        elif hasattr(tensor, 'read'):
+            tensor = tensor.whole()
         if tensor.shape != param.shape:  # copy_ would broadcast a smaller tensor without a word
             raise RuntimeError(f"{name}: shape {tuple(tensor.shape)} to fill this rank's {tuple(param.shape)} "
                                f"(under FSDP2, its rows as torch.chunk cuts them)")

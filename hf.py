@@ -81,8 +81,9 @@ def neox_config(hf, where):
     missing = [k for k in sizes if k not in hf]
     activation = hf.get('hidden_act', 'gelu')
     rope = dict(hf.get('rope_parameters') or {})  # transformers 5; older configs: rotary_pct, rotary_emb_base
-    share = rope.get('partial_rotary_factor', hf.get('rotary_pct', 1.0))
-    if missing or activation not in ('gelu', 'gelu_new') or hf.get('attention_bias', True) is not True \
+    share = rope.get('partial_rotary_factor', hf.get('rotary_pct', 0.25))  # transformers' default, Pythia's value
+    tanh = ('gelu_new', 'gelu_fast', 'gelu_pytorch_tanh')  # GPT-NeoX-20B's gelu_fast: the tanh approximation
+    if missing or activation not in ('gelu', *tanh) or hf.get('attention_bias', True) is not True \
             or hf.get('rope_scaling') or rope.get('rope_type', 'default') != 'default':
         raise ValueError(f"{where} is not a GPT-NeoX config read here (missing {missing}, hidden_act {activation}, "
                          f"attention_bias {hf.get('attention_bias', True)}, rope {hf.get('rope_scaling') or rope})")
@@ -105,6 +106,32 @@ def neox_qkv(tensor, n_head, to_ours=True):
     go [all q, all k, all v]."""
     grouped = (n_head, 3, -1) if to_ours else (3, n_head, -1)
     return tensor.reshape(*grouped, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+
+
+def neox_qkv_rows(rows, n_head):
+    """Rows of GPT-NeoX's query_key_value in our order: each of our rows' blocks of one head's q, k or v is
+    head_dim contiguous rows of the checkpoint, read as such."""
+    head_dim = rows.shape[0] // (3 * n_head)
+
+    def read(start, stop):
+        pieces = []
+        for block in range(start // head_dim, -(-stop // head_dim)):  # block = which · n_head + head
+            which, head = divmod(block, n_head)
+            low, high = max(start, block * head_dim), min(stop, (block + 1) * head_dim)
+            first = (head * 3 + which) * head_dim + low - block * head_dim
+            pieces.append(rows.read(first, first + high - low))
+        return torch.cat(pieces) if pieces else rows.read(0, 0)
+    return Rows(rows.shape, read)
+
+
+def padded_rows(rows, n_padded):
+    """Rows of a vocabulary table padded to n_padded rows (GPT-2's and GPT-NeoX's tables): the padding is zeros."""
+    n = rows.shape[0]
+
+    def read(start, stop):
+        real = rows.read(min(start, n), min(stop, n))
+        return torch.cat([real, real.new_zeros(max(0, stop - max(start, n)), *real.shape[1:])])
+    return Rows((n_padded, *rows.shape[1:]), read)
 
 
 def llama_config(hf, where):
@@ -161,20 +188,45 @@ SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.f
                       'BOOL': torch.bool}
 
 
+class Rows:
+    """A checkpoint's tensor, read when asked: its shape, and read(start, stop), its rows start to stop (dim 0).
+    fsdp.fill reads the rows FSDP2 gives this rank, so each rank reads its share of the checkpoint, not all of it."""
+
+    def __init__(self, shape, read):
+        self.shape, self.read = torch.Size(shape), read
+
+    def whole(self):
+        return self.read(0, self.shape[0])
+
+
 def read_tensors(file):
-    """(name, tensor) pairs of one weight file, one tensor in memory at a time. A .safetensors file is 8 bytes
-    (little-endian length of the header), a JSON header {name: {dtype, shape, data_offsets}}, then the raw
-    bytes: read here without the safetensors package. A .bin file is memory-mapped."""
+    """(name, Rows) pairs of one weight file. A .safetensors file is 8 bytes (little-endian length of the
+    header), a JSON header {name: {dtype, shape, data_offsets}}, then the raw bytes of each tensor, row after
+    row: a range of rows is one range of bytes, read here without the safetensors package. A .bin file is
+    memory-mapped: a slice of it touches only its own pages."""
     if not file.endswith('.safetensors'):
-        yield from torch_checkpoint(file).items()
+        for name, tensor in torch_checkpoint(file).items():
+            yield name, Rows(tensor.shape, lambda start, stop, tensor=tensor: tensor[start:stop])
         return
     with open(file, 'rb') as f:
         header, start = read_safetensors_header(file, f)
-        for name, (dtype, shape, begin, end) in sorted(header.items(), key=lambda item: item[1][2]):
-            f.seek(start + begin)
-            data = bytearray(end - begin)
+    for name, (dtype, shape, begin, end) in header.items():
+        yield name, Rows(shape, safetensors_rows(file, dtype, shape, start + begin, end - begin))
+
+
+def safetensors_rows(file, dtype, shape, offset, nbytes):
+    """read(start, stop) of a tensor stored at `offset` of a safetensors file (a 0-d tensor is one row)."""
+    row_shape = shape[1:] if shape else []
+    row_bytes = nbytes // shape[0] if shape and shape[0] else nbytes
+
+    def read(start, stop):
+        with open(file, 'rb') as f:
+            f.seek(offset + start * row_bytes)
+            data = bytearray((stop - start) * row_bytes)
             f.readinto(data)  # straight into the tensor's memory: one copy of it, not two
-            yield name, (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).view(shape)
+        rows = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+        return rows.view(shape) if not shape else rows.view(stop - start, *row_shape)
+    return read
 
 
 def read_safetensors_header(file, f):
@@ -229,7 +281,7 @@ def our_name(name, config):
         for theirs, ours in NEOX_NAMES:
             name = name.replace(theirs, ours)
         return name
-    if config.family not in ('gpt2', 'gpt_neox'):  # skipped: a tied head; the rotary buffers older Llama checkpoints carry
+    if config.family != 'gpt2':  # skipped: a tied head; the rotary buffers older Llama checkpoints carry
         return None if (name == 'lm_head.weight' and config.tie_embeddings) or name.endswith('rotary_emb.inv_freq') \
             else name
     name = 'transformer.' + name.removeprefix('transformer.')  # GPT2LMHeadModel or GPT2Model keys
@@ -237,32 +289,30 @@ def our_name(name, config):
 
 
 def pretrained_tensors(path, config):
-    """(name, full tensor) pairs of our model from a local Hugging Face folder, read one tensor at a time
-    (fsdp.fill copies each into a model, or into its shards). A tensor with no place in the model, a missing
+    """(name, Rows) pairs of our model from a local Hugging Face folder (fsdp.fill reads each into a model, or
+    this rank's rows into its shards). A tensor with no place in the model, a missing
     one and a misshapen one are each one clear error naming it."""
     with torch.device('meta'):
         shapes = {name: p.shape for name, p in make_model(config).named_parameters(remove_duplicate=False)}
     loaded = {'lm_head.weight'} if config.tie_embeddings else set()
     for file in weight_files(path):
-        for name, tensor in read_tensors(file):
+        for name, rows in read_tensors(file):
             name = our_name(name, config)
             if name is None:
                 continue
             if name not in shapes:
                 raise ValueError(f"{path}: weight {name} has no place in a {config.family} model")
-            if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):
-                tensor = tensor.t()
+            if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):  # our rows are its columns: read whole
+                rows = Rows(rows.shape[::-1], lambda start, stop, rows=rows: rows.whole().t()[start:stop])
             if config.family == 'gpt_neox' and name.endswith(('attn.c_attn.weight', 'attn.c_attn.bias')):
-                tensor = neox_qkv(tensor, config.n_head)
+                rows = neox_qkv_rows(rows, config.n_head)
             expected = (config.vocab_size, *shapes[name][1:]) if name in VOCAB_TABLES else shapes[name]
-            if tensor.shape != expected:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected)}")
-            if tensor.shape != shapes[name]:  # the padding rows of GPT-2's (and GPT-NeoX's) vocabulary are 0
-                padded = tensor.new_zeros(shapes[name])
-                padded[:tensor.size(0)] = tensor
-                tensor = padded
+            if rows.shape != expected:
+                raise ValueError(f"{path}: {name} has shape {tuple(rows.shape)}, config.json implies {tuple(expected)}")
+            if rows.shape != shapes[name]:  # the padding rows of GPT-2's (and GPT-NeoX's) vocabulary
+                rows = padded_rows(rows, shapes[name][0])
             loaded.add(name)
-            yield name, tensor
+            yield name, rows
     if set(shapes) - loaded:
         raise ValueError(f"{path}: weights missing for {sorted(set(shapes) - loaded)}")
 

@@ -27,8 +27,9 @@ Estimated, for one copy's forward and backward at a time (the copies run one aft
                    float32 and in the compute dtype
   buffers          FSDP2: a tied embedding and head stay gathered in the root from its forward to the end of the
                    backward, with their unsharded gradient; untied, they are units of their own (fsdp.units),
-                   gathered one at a time; and two blocks are gathered at a time (one prefetched); one process without FSDP2 on CUDA: autocast's bf16 copy of every weight, kept
-                   for the backward
+                   gathered one at a time; and two blocks are gathered at a time (one prefetched), with
+                   the gradient of the larger of a block and those units; one process without FSDP2 on
+                   CUDA: autocast's bf16 copy of every weight, kept for the backward
 Not planned: the allocator's fragmentation and the CUDA context (about 0.5-1 GB). TODO: check the estimates
 against torch.cuda.max_memory_allocated on a GPU (tools/gpu_checks.sh).
 """
@@ -114,7 +115,9 @@ def buffer_plan(config, element_size, sharded):
     outer = [u for u in units(model) if u is not model.blocks[0]]
     sizes = [sum(p.numel() for m in (u if isinstance(u, list) else [u]) for p in m.parameters()) for u in outer]
     held = root - sum(sizes) + max(sizes, default=0)
-    gradients = held * (element_size + 4 if element_size < 4 else 4)  # computed in the compute dtype, reduced in float32
+    # the unsharded gradient of the unit in its backward (the larger of those units and a block), computed in the
+    # compute dtype and reduced in float32
+    gradients = max(held, block) * (element_size + 4 if element_size < 4 else 4)
     return {'buffers': (held + 2 * block) * element_size + gradients}
 
 

@@ -165,9 +165,9 @@ def build_run(cfg, processes):
 
 def model_config_for(cfg, data):
     """The model's shape: --init_from's config.json, a --model preset, or n_layer, n_head and n_embd."""
-    if cfg.init_from:  # a GPT-2 trains with --dropout (its config.json's dropout is the original training's)
+    if cfg.init_from:  # GPT-2 and GPT-NeoX train with --dropout (config.json's is the original training's)
         config = read_config(cfg.init_from)
-        config = dataclasses.replace(config, dropout=cfg.dropout) if config.family == 'gpt2' else config
+        config = dataclasses.replace(config, dropout=cfg.dropout) if config.family in ('gpt2', 'gpt_neox') else config
     else:
         shape = MODEL_PRESETS.get(cfg.model) or dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
         config = GPTConfig(**{'block_size': cfg.block_size, 'vocab_size': data.vocab_size, 'dropout': cfg.dropout,
@@ -182,10 +182,10 @@ def model_config_for(cfg, data):
     if cfg.lisa_layers >= config.n_layer:  # every block would train: that is --lisa_layers=0
         raise ValueError(f"--lisa_layers={cfg.lisa_layers} must be fewer than the model's {config.n_layer} blocks "
                          f"(--lisa_layers=0 trains every block)")
-    if config.family != 'gpt2' and cfg.dropout:
+    if config.family not in ('gpt2', 'gpt_neox') and cfg.dropout:
         raise ValueError(f"--dropout={cfg.dropout}: the Llama family is built without dropout, as its checkpoints are")
-    if cfg.export and config.family == 'gpt2' and not config.bias:
-        raise ValueError("--export=True writes a Hugging Face GPT-2, which has biases: it needs --bias=True")
+    if cfg.export and config.family in ('gpt2', 'gpt_neox') and not config.bias:
+        raise ValueError(f"--export=True writes a Hugging Face {config.family}, which has biases: it needs --bias=True")
     return config
 
 

@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under torchrun: the host memory one rank takes to build and fill both model
 copies (train.build_models), as the growth of its peak resident set (VmHWM, which only grows) over the peak
-before, once the process group and the data exist. Prints one JSON line per rank."""
+before, once the process group and the data exist; and the bytes it read meanwhile (rchar: every read() call,
+from the page cache or the disk). Prints one JSON line per rank."""
 import json
 import sys
 
@@ -12,6 +13,11 @@ from tokenizer import load_tokenizer
 from fsdp import init_distributed
 
 
+def bytes_read():
+    with open('/proc/self/io') as f:
+        return next(int(line.split()[1]) for line in f if line.startswith('rchar'))
+
+
 def peak_rss_bytes():
     with open('/proc/self/status') as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM'))
@@ -21,7 +27,7 @@ cfg = train.parse_config(sys.argv[1:])
 rank, world_size, device, sharded = init_distributed(cfg.device)
 data = load_data(cfg.data, cfg.block_size, cfg.seed, load_tokenizer(cfg.tokenizer))
 torch.nn.init.normal_(torch.empty(1, device='meta'))  # torch imports its meta kernels (~30 MB) at the first use
-before = peak_rss_bytes()
+before, read_before = peak_rss_bytes(), bytes_read()
 models, _ = train.build_models(cfg, data, device, torch.float32, sharded, False, rank, world_size)
-print(json.dumps({'rank': rank, 'growth': peak_rss_bytes() - before,
+print(json.dumps({'rank': rank, 'growth': peak_rss_bytes() - before, 'read': bytes_read() - read_before,
                   'largest_tensor': max(p.numel() * p.element_size() for p in models[0].parameters())}))

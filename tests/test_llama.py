@@ -32,6 +32,8 @@ CASES = {
     'gpt_neox, sequential residual, a quarter rotary, tanh gelu': (transformers.GPTNeoXConfig, dict(
         intermediate_size=128, rotary_pct=0.25, use_parallel_residual=False, hidden_act='gelu_new',
         rotary_emb_base=500.0)),
+    'gpt_neox, gelu_fast as GPT-NeoX-20B, the rotary share left to its default': (transformers.GPTNeoXConfig, dict(
+        intermediate_size=128, hidden_act='gelu_fast')),
 }
 ARCHITECTURES = {transformers.LlamaConfig: transformers.LlamaForCausalLM, transformers.Qwen2Config:
                  transformers.Qwen2ForCausalLM, transformers.MistralConfig: transformers.MistralForCausalLM,
@@ -118,3 +120,9 @@ def test_an_attention_window_shorter_than_block_size_is_refused(tmp_path):
     write_tiny(tmp_path, transformers.MistralConfig, dict(sliding_window=8, vocab_size=256))
     with pytest.raises(ValueError, match=r"attention window \(8\) is shorter than --block_size=16"):
         train.main([f'--init_from={tmp_path}', '--block_size=16', f'--out_dir={tmp_path}/out', '--max_steps=1'])
+
+
+def test_a_gpt_neox_config_without_a_rotary_share_takes_transformers_default_a_quarter(tmp_path):
+    from hf import read_config
+    (tmp_path / 'config.json').write_text(json.dumps({**SMALL, 'model_type': 'gpt_neox', 'intermediate_size': 128}))
+    assert read_config(str(tmp_path)).rotary_pct == 0.25
