@@ -115,9 +115,10 @@ class TrainConfig:
     dist_timeout: float = 10.0      # minutes a collective may wait for its peers before every rank stops
 
 
-# fields that may differ between a run and its resumption (not max_steps: the schedule's horizon)
+# fields that may differ between a run and its resumption (not max_steps: the schedule's horizon); micro_batch
+# splits the same step into more forwards (a smaller GPU; train.py picks one on CUDA when the batch does not fit)
 RESUMABLE_CHANGES = {'resume', 'stop_at', 'out_dir', 'overwrite', 'eval_interval', 'ckpt_interval', 'device',
-                     'save_best', 'check_memory', 'dist_timeout'}
+                     'save_best', 'check_memory', 'dist_timeout', 'micro_batch'}
 
 # every value is checked against these rules before anything runs (parse_config); micro_steps checks what
 # depends on the number of processes, and train.py that the out_dir can be written and is not in use

@@ -3,8 +3,8 @@ How much memory one GPU needs for a ScaleBiO + LISA step, before anything is all
 holds for both model copies, computed from the shapes of a one-block model built on the meta device, and what one
 copy's forward and backward add on top.
 
-    python -m tools.bench --plan=True --model=llama3-8b --lisa_layers=2 --world_size=1 --gpu_gb=141 --block_size=1024
-    python -m tools.bench --plan=True --model=yi-34b --lisa_layers=2 --world_size=8 --gpu_gb=48 --block_size=1024
+    python -m tools.bench --plan=True --model=llama3-8b --lisa_layers=2 --world_size=1 --gpu_gib=141 --block_size=1024
+    python -m tools.bench --plan=True --model=yi-34b --lisa_layers=2 --world_size=8 --gpu_gib=45 --block_size=1024
 
 Counted exactly, as train.py allocates it (summary.json's per_rank_bytes is the check, tests/test_distributed.py):
   parameters       both copies, this rank's FSDP2 shards
@@ -30,8 +30,8 @@ Estimated, for one copy's forward and backward at a time (the copies run one aft
                    gathered one at a time; and two blocks are gathered at a time (one prefetched), with
                    the gradient of the larger of a block and those units; one process without FSDP2 on
                    CUDA: autocast's bf16 copy of every weight, kept for the backward
-Not planned: the allocator's fragmentation and the CUDA context (about 0.5-1 GB). TODO: check the estimates
-against torch.cuda.max_memory_allocated on a GPU (tools/gpu_checks.sh).
+Reserved: RESERVE for the CUDA context and nccl's buffers, an allowance. Not planned: the allocator's
+fragmentation. TODO: check the estimates against torch.cuda.max_memory_allocated on a GPU (tools/gpu_checks.sh).
 """
 import dataclasses
 import itertools
@@ -134,6 +134,8 @@ def memory_plan(config, world_size=1, lisa_layers=0, element_size=4, copies=2, t
 
 
 LEVERS = ('checkpoint_blocks', 'logits_at_targets', 'lower_first', 'cpu_offload')
+# the CUDA context (0.5-1 GiB per process) and nccl's buffers: an allowance, not yet measured on a GPU here
+RESERVE = 3 * 2**29  # 1.5 GiB
 
 
 def print_plan(plan, gpu_bytes):
@@ -148,9 +150,10 @@ def print_plan(plan, gpu_bytes):
 def print_lever_table(config, gpu_bytes, **kw):
     """The plan for every combination of LEVERS (GiB per GPU), and the combinations that fit. Returns the rows."""
     rows = []
-    print(' '.join(f'{name:>17}' for name in LEVERS) + ' | params  grads  optim   acts logits buffers |  total fits')
+    print(' '.join(f'{name:>17}' for name in LEVERS) + ' | params  grads  optim   acts logits buffers reserve |'
+          '  total fits')
     for levers in itertools.product((False, True), repeat=len(LEVERS)):
-        plan = memory_plan(config, **kw, **dict(zip(LEVERS, levers)))
+        plan = {**memory_plan(config, **kw, **dict(zip(LEVERS, levers))), 'reserve': RESERVE}
         total = sum(plan.values())
         rows.append({**dict(zip(LEVERS, levers)), **plan, 'total': total, 'fits': total <= gpu_bytes})
         print(' '.join(f'{str(on):>17}' for on in levers) + ' | ' + ' '.join(f'{v / 2**30:6.1f}' for v in plan.values())
@@ -159,12 +162,13 @@ def print_lever_table(config, gpu_bytes, **kw):
 
 
 def deepest_fitting(config, gpu_bytes, **kw):
-    """The most blocks of this shape whose plan (memory_plan with **kw) fits gpu_bytes, and its parameters per copy:
-    the largest model of this width a GPU can train. None if not even one block fits."""
+    """The most blocks of this shape whose plan (memory_plan with **kw, and RESERVE) fits gpu_bytes, and its
+    parameters per copy: the largest model of this width a GPU can train (999 blocks at most are tried). None if
+    not even one block fits."""
     deepest = None
     for n_layer in range(1, 1000):
         deeper = dataclasses.replace(config, n_layer=n_layer)
-        if sum(memory_plan(deeper, **kw).values()) > gpu_bytes:
+        if sum(memory_plan(deeper, **kw).values()) + RESERVE > gpu_bytes:
             break
         deepest = deeper
     if deepest is None:
@@ -176,31 +180,70 @@ def deepest_fitting(config, gpu_bytes, **kw):
 STATE = ('parameters', 'gradients', 'optimizer_state')
 
 
-def check_plan(plan, gpu_bytes, where):
+def rows_per_forward(batch_per_source, val_batch, n_sources, world_size, micro_steps):
+    """Rows in each copy's forward on one rank, as steps.model_objective runs it: every source's rows and the
+    validation rows of the step, over micro_steps forwards."""
+    return (batch_per_source * n_sources + val_batch) // world_size // micro_steps
+
+
+def run_plan(cfg, model_config, n_sources, world_size, copies, element_size, bf16, sharded):
+    """The plan of the step train.py runs with cfg, every position planned to have a target (an upper bound on the
+    logits): its rows per forward, an evaluation forward's logits where they are larger (val_batch / N rows, no
+    activations kept), and RESERVE."""
+    tokens = rows_per_forward(cfg.batch_per_source, cfg.val_batch, n_sources, world_size,
+                              micro_steps(cfg, world_size)) * cfg.block_size
+    compute_size = 2 if bf16 else element_size
+    plan = memory_plan(model_config, world_size, cfg.lisa_layers, element_size, copies, tokens=tokens, targets=tokens,
+                       compute_size=compute_size, sharded=sharded, **{lever: getattr(cfg, lever) for lever in LEVERS})
+    evaluation = cfg.val_batch // world_size * cfg.block_size * model_config.vocab_size * (4 + compute_size)
+    plan['logits'] = max(plan['logits'], evaluation - plan['activations'])
+    return {**plan, 'reserve': RESERVE}
+
+
+def largest_micro_batch(cfg, gpu_bytes, *args):
+    """The largest --micro_batch whose run_plan(cfg, *args) fits gpu_bytes (one that divides each rank's rows),
+    or None."""
+    for micro_batch in range(cfg.batch_per_source, 0, -1):
+        try:
+            plan = run_plan(dataclasses.replace(cfg, micro_batch=micro_batch), *args)
+        except ValueError:  # it does not divide the rows each process gets
+            continue
+        if sum(plan.values()) <= gpu_bytes:
+            return micro_batch
+    return None
+
+
+def check_plan(plan, gpu_bytes, where, micro_batch=None):
     """train.py on CUDA, before allocating: raises ValueError when the counted state alone exceeds the GPU; the
-    estimated terms only warn (they are estimates). Returns the state's bytes."""
+    estimated terms only warn (they are estimates), with the largest --micro_batch that fits. Returns the state's
+    bytes."""
     state = sum(plan[name] for name in STATE)
     if state > gpu_bytes:
         raise ValueError(f"{where}: both copies' parameters, gradients and optimizer state alone need "
                          f"{state / 2**30:.1f} GiB per GPU, more than its {gpu_bytes / 2**30:.1f} GiB: more processes, "
                          f"fewer --lisa_layers, --cpu_offload=True or a smaller model (--check_memory=False runs it anyway)")
     if sum(plan.values()) > gpu_bytes:
-        print(f"warning: {where}: the plan needs {sum(plan.values()) / 2**30:.1f} GiB per GPU with activations, logits "
-              f"and buffers, more than its {gpu_bytes / 2**30:.1f} GiB: --checkpoint_blocks=True, --lower_first=True or "
-              f"fewer rows per forward (--micro_batch) may be needed", file=sys.stderr)
+        fits = f"--micro_batch={micro_batch} fits" if micro_batch else "no --micro_batch fits"
+        print(f"warning: {where}: the plan needs {sum(plan.values()) / 2**30:.1f} GiB per GPU with activations, logits, "
+              f"buffers and the reserve, more than its {gpu_bytes / 2**30:.1f} GiB: {fits}; --checkpoint_blocks=True "
+              f"and --lower_first=True save more", file=sys.stderr)
     return state
 
 
 def check_run_memory(cfg, model_config, n_sources, world_size, copies, element_size, bf16, sharded, device, rank):
-    """train.py on CUDA: the plan for the run's own rows and levers, printed by rank 0, then check_plan
-    (unless --check_memory=False). Every position is planned to have a target: an upper bound on the logits."""
-    rows = (cfg.batch_per_source * n_sources + cfg.val_batch) // world_size // micro_steps(cfg, world_size)
-    plan = memory_plan(model_config, world_size, cfg.lisa_layers, element_size, copies,
-                       tokens=rows * cfg.block_size, targets=rows * cfg.block_size,
-                       compute_size=2 if bf16 else element_size, sharded=sharded,
-                       **{lever: getattr(cfg, lever) for lever in LEVERS})
-    gpu_bytes = torch.cuda.get_device_properties(device).total_memory
+    """train.py on CUDA: the plan for the run's own rows and levers, printed by rank 0, then check_plan (unless
+    --check_memory=False). Returns the --micro_batch to run: the config's, or, when it is 0 (every row in one
+    forward) and that does not fit, the largest that does."""
+    args = (model_config, n_sources, world_size, copies, element_size, bf16, sharded)
+    plan, gpu_bytes = run_plan(cfg, *args), torch.cuda.get_device_properties(device).total_memory
+    fitting = largest_micro_batch(cfg, gpu_bytes, *args) if sum(plan.values()) > gpu_bytes else None
     if rank == 0:
         print_plan(plan, gpu_bytes)
+    if cfg.check_memory and not cfg.micro_batch and fitting:
+        if rank == 0:
+            print(f"--micro_batch=0 puts each rank's whole batch in one forward, more than the GPU holds: "
+                  f"--micro_batch={fitting}, the largest that fits")
+        return fitting
     if cfg.check_memory:
-        check_plan(plan, gpu_bytes, f"--device={device}")
+        check_plan(plan, gpu_bytes, f"--device={device}", fitting)
+    return cfg.micro_batch

@@ -122,7 +122,7 @@ def build_run(cfg, processes):
     dtype = getattr(torch, cfg.dtype)
     bf16 = cfg.amp and device.startswith('cuda')
     torch.manual_seed(cfg.seed)
-    micro = micro_steps(cfg, world_size)
+    micro_steps(cfg, world_size)  # --micro_batch against the processes, before the data loads
     data = load_data(cfg.data, cfg.block_size, cfg.seed, load_tokenizer(cfg.tokenizer))
     if data.kept and rank == 0:  # examples: the rows each split keeps, and what it truncated or skipped
         print(kept_table(data.kept))
@@ -142,7 +142,7 @@ def build_run(cfg, processes):
               source_logits_optimizer=make_source_logits_optimizer(source_logits, cfg.source_logits_update,
                                                                    cfg.source_logits_lr, cfg.source_logits_weight_decay),
               autocast=torch.autocast('cuda', dtype=torch.bfloat16) if bf16 and not sharded else contextlib.nullcontext(),
-              micro_steps=micro, data=data, device=device, rank=rank, world_size=world_size,
+              micro_steps=micro_steps(cfg, world_size), data=data, device=device, rank=rank, world_size=world_size,
               received_sum=torch.zeros(len(data.sources), device=device, dtype=dtype), model_config=model_config,
               data_fingerprint=fingerprint)
     for model in models if sharded else []:  # on a validation row: no method sees a source it must not
@@ -201,8 +201,8 @@ def build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size):
     if rank == 0:
         print(f"number of parameters: {models[0].num_params() / 1e6:.2f}M per copy; {world_size} process(es)")
     if device.startswith('cuda'):  # what each GPU will hold for the copies, before it holds anything
-        check_run_memory(cfg, model_config, len(data.sources), world_size, len(models), dtype.itemsize, bf16, sharded,
-                         device, rank)
+        cfg.micro_batch = check_run_memory(cfg, model_config, len(data.sources), world_size, len(models),
+                                           dtype.itemsize, bf16, sharded, device, rank)
     for model in models:
         model.checkpoint_blocks, model.logits_at_targets = cfg.checkpoint_blocks, cfg.logits_at_targets
         if cfg.compile:  # per block: LISA flips requires_grad, so each block has at most two compiled graphs

@@ -7,7 +7,8 @@ import torch
 from tools import bench
 from config import MODEL_PRESETS
 from model import GPTConfig, make_model
-from plan import LEVERS, activation_plan, block_bytes_per_token, check_plan, memory_plan, state_plan
+from plan import (LEVERS, RESERVE, activation_plan, block_bytes_per_token, check_plan, check_run_memory,
+                  largest_micro_batch, memory_plan, run_plan, state_plan)
 
 
 def test_a_run_whose_state_alone_exceeds_the_gpu_is_refused_in_one_line():
@@ -80,7 +81,7 @@ def test_planned_activations_are_within_15_percent_of_what_autograd_saves(family
 
 
 def test_the_lever_table_plans_each_combination_and_each_lever_saves_what_it_should():
-    result = bench.main(['--plan=True', '--model=llama3-8b', '--lisa_layers=2', '--world_size=1', '--gpu_gb=141',
+    result = bench.main(['--plan=True', '--model=llama3-8b', '--lisa_layers=2', '--world_size=1', '--gpu_gib=141',
                          '--block_size=1024', '--target_fraction=0.5'])
     rows = result['levers']
     assert len(rows) == 16
@@ -100,5 +101,31 @@ def test_the_deepest_fitting_model_is_the_last_depth_whose_plan_fits():
     n_layer, n_params = deepest_fitting(config, gpu_bytes, **kw)
     assert n_layer >= config.n_layer  # LLaMA-3-8B itself fits one 139 GiB GPU
     for depth, fits in [(n_layer, True), (n_layer + 1, False)]:
-        assert (sum(memory_plan(dataclasses.replace(config, n_layer=depth), **kw).values()) <= gpu_bytes) == fits
+        assert (sum(memory_plan(dataclasses.replace(config, n_layer=depth), **kw).values()) + RESERVE <= gpu_bytes) == fits
     assert deepest_fitting(config, 2**30, **kw) is None
+
+
+def test_the_run_plan_has_the_rows_train_py_runs_and_a_too_large_batch_is_split_into_the_largest_micro_batch_that_fits(
+        monkeypatch, capsys):
+    """Every source's rows and the validation rows in each copy's forward (3 sources: 16·3 + 32 rows on one GPU,
+    a quarter of them per forward with --micro_batch=4), plus the reserve; on CUDA, --micro_batch=0 becomes the
+    largest that fits, in one line."""
+    import dataclasses
+    from config import TrainConfig
+    config, cfg = GPTConfig(**MODEL_PRESETS['llama3-8b']), TrainConfig(block_size=1024, lisa_layers=2)
+    args = (config, 3, 1, 2, 4, True, True)  # sources, processes, copies, float32 state, bf16 compute, sharded
+    for micro_batch, rows in [(0, 80), (4, 20)]:
+        plan = run_plan(dataclasses.replace(cfg, micro_batch=micro_batch), *args)
+        expected = memory_plan(config, 1, 2, 4, 2, tokens=rows * 1024, targets=rows * 1024, compute_size=2,
+                               **{lever: getattr(cfg, lever) for lever in LEVERS})
+        assert plan == {**expected, 'reserve': RESERVE}
+    gpu_bytes = sum(run_plan(dataclasses.replace(cfg, micro_batch=4), *args).values())
+    assert sum(run_plan(dataclasses.replace(cfg, micro_batch=8), *args).values()) > gpu_bytes
+    assert largest_micro_batch(cfg, gpu_bytes, *args) == 4
+    monkeypatch.setattr(torch.cuda, 'get_device_properties', lambda device: type('GPU', (), {'total_memory': gpu_bytes}))
+    assert check_run_memory(cfg, *args, 'cuda:0', 0) == 4
+    assert "--micro_batch=0 puts each rank's whole batch in one forward, more than the GPU holds: --micro_batch=4" \
+        in capsys.readouterr().out
+    assert check_run_memory(dataclasses.replace(cfg, micro_batch=16), *args, 'cuda:0', 0) == 16  # the user's: kept
+    assert "warning: --device=cuda:0: the plan needs" in capsys.readouterr().err
+    assert largest_micro_batch(cfg, 2**30, *args) is None

@@ -4,7 +4,7 @@ What a ScaleBiO step costs, against plain fine-tuning and against the floor the 
     python -m tools.bench                       # a toy shape whose steps take 0.1-1 s on 2 CPU cores
     python -m tools.bench --model=gpt2          # the GPT-2 124M shape (50257-token vocabulary)
     python -m tools.bench --device=cuda --compile=True --model=gpt2
-    python -m tools.bench --plan=True --model=llama3-8b --world_size=8 --gpu_gb=48   # memory per GPU, nothing allocated
+    python -m tools.bench --plan=True --model=llama3-8b --world_size=8 --gpu_gib=45  # memory per GPU, nothing allocated
     python -m tools.bench --workload=instruction --block_size=512 --micro_batch=1     # padded rows, cropped or not
 
 Three variants, timed interleaved in one run (warm-up first, then the median of `repeats` steps each):
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from bilevel import make_source_logits_optimizer, step_and_clear
-from config import MODEL_PRESETS, override, parse_config
+from config import MODEL_PRESETS, micro_steps, override, parse_config
 from fsdp import local_bytes, optimizer_state_bytes, record_gradient_peak
 from lisa import set_lisa_blocks
 from model import GPTConfig, make_model, make_optimizer
-from plan import deepest_fitting, print_lever_table, state_plan
+from plan import deepest_fitting, print_lever_table, rows_per_forward, state_plan
 from steps import Run, model_objective, scalebio_gpt_step
 
 
@@ -69,8 +69,7 @@ class BenchConfig:
     only: str = ''             # internal: run one variant and print its peak RSS
     plan: bool = False         # only print the memory plan of the ScaleBiO + LISA step per GPU (plan.py)
     world_size: int = 1        # plan: processes (GPUs) the copies are sharded over (torchrun: FSDP2, bf16 compute)
-    gpu_gb: float = 80.0       # plan: memory of one GPU, GiB
-    rows: int = 1              # plan: rows per forward on each rank (block_size tokens each)
+    gpu_gib: float = 79.6      # plan: one GPU's memory as torch reports it, GiB (80 GB H100 79.6; A40 with ECC 45)
     target_fraction: float = 1.0  # plan: the share of positions with a target (instruction data: the response's)
 
 
@@ -196,19 +195,24 @@ def time_variants(cfg, device, built):
 
 def memory_plan_main(cfg, shape):
     """--plan=True: plan.py's table for every lever combination and the deepest model of this width that fits.
-    Float32 parameters, as train.py keeps them; bf16 compute, as under torchrun's FSDP2."""
+    Float32 parameters, as train.py keeps them; bf16 compute, as under torchrun's FSDP2; the rows per forward
+    train.py runs with the same batch_per_source, val_batch, n_sources and micro_batch."""
     state = state_plan(shape, cfg.world_size, cfg.lisa_layers)
-    tokens = cfg.rows * cfg.block_size
+    tokens = rows_per_forward(cfg.batch_per_source, cfg.val_batch, cfg.n_sources, cfg.world_size,
+                              micro_steps(cfg, cfg.world_size)) * cfg.block_size
     rows = dict(world_size=cfg.world_size, lisa_layers=cfg.lisa_layers, tokens=tokens,
                 targets=int(cfg.target_fraction * tokens))
-    levers = print_lever_table(shape, cfg.gpu_gb * 2**30, **rows)
-    deepest = deepest_fitting(shape, cfg.gpu_gb * 2**30, **rows, checkpoint_blocks=True, lower_first=True)
-    if deepest:
-        print(f"the deepest model of this width that fits, with checkpointing and --lower_first: {deepest[0]} "
-              f"blocks, {deepest[1] / 1e9:.2f}B parameters per copy")
+    levers = print_lever_table(shape, cfg.gpu_gib * 2**30, **rows)
+    deepest = deepest_fitting(shape, cfg.gpu_gib * 2**30, **rows, checkpoint_blocks=True, lower_first=True)
+    offloaded = deepest_fitting(shape, cfg.gpu_gib * 2**30, **rows, checkpoint_blocks=True, cpu_offload=True)
+    for levers_used, fitting in (('checkpointing and --lower_first', deepest), ('checkpointing and offload', offloaded)):
+        if fitting:
+            print(f"the deepest model of this width that fits, with {levers_used}: {fitting[0]} blocks"
+                  f"{' or more' if fitting[0] == 999 else ''}, {fitting[1] / 1e9:.2f}B parameters per copy")
     print(json.dumps({'per_rank_bytes': state, 'world_size': cfg.world_size, 'lisa_layers': cfg.lisa_layers,
-                      'tokens_per_forward': tokens, 'levers': levers, 'deepest_fitting': deepest}))
-    return {'state': state, 'levers': levers, 'deepest_fitting': deepest}
+                      'tokens_per_forward': tokens, 'levers': levers, 'deepest_fitting': deepest,
+                      'deepest_fitting_offload': offloaded}))
+    return {'state': state, 'levers': levers, 'deepest_fitting': deepest, 'deepest_fitting_offload': offloaded}
 
 
 def main(argv):
