@@ -45,14 +45,16 @@ def read_config(path):
     if not isinstance(hf, dict):
         raise ValueError(f"{config_path} is not a model config (a JSON object)")
     model_type = hf.get('model_type', 'gpt2')
-    if model_type == 'gpt2':
-        return gpt2_config(hf, config_path)
-    if model_type == 'gpt_neox':
-        return neox_config(hf, config_path)
-    if model_type in LLAMA_ARCHITECTURES:
-        return llama_config(hf, config_path)
-    raise ValueError(f"{config_path}: model_type '{model_type}' is neither GPT-2, GPT-NeoX nor of the Llama family "
-                     f"({', '.join(LLAMA_ARCHITECTURES)})")
+    readers = {'gpt2': gpt2_config, 'gpt_neox': neox_config, **{name: llama_config for name in LLAMA_ARCHITECTURES}}
+    if not isinstance(model_type, str) or model_type not in readers:
+        raise ValueError(f"{config_path}: model_type {json.dumps(model_type)} is neither GPT-2, GPT-NeoX nor of the "
+                         f"Llama family ({', '.join(LLAMA_ARCHITECTURES)})")
+    try:
+        return readers[model_type](hf, config_path)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a field of the wrong kind, deep in the config
+        if str(e).startswith(config_path):
+            raise
+        raise ValueError(f"{config_path}: a field is missing or of the wrong kind ({type(e).__name__}: {e})") from None
 
 
 def check_sizes(hf, keys, where):
@@ -151,8 +153,12 @@ def llama_config(hf, where):
     scaling = None
     if rope_type == 'llama3':
         rope.setdefault('original_max_position_embeddings', hf['max_position_embeddings'])  # as transformers does
-        scaling = {k: rope[k] for k in ('factor', 'low_freq_factor', 'high_freq_factor',
-                                        'original_max_position_embeddings')}
+        scaling = {k: rope.get(k) for k in ('factor', 'low_freq_factor', 'high_freq_factor',
+                                            'original_max_position_embeddings')}
+        if not all(type(v) in (int, float) and v > 0 for v in scaling.values()) \
+                or scaling['high_freq_factor'] <= scaling['low_freq_factor']:
+            raise ValueError(f"{where}: llama3 rope scaling {scaling} needs every value a positive number and "
+                             f"high_freq_factor above low_freq_factor")
     model_type = hf['model_type']
     window = hf.get('sliding_window') if model_type == 'mistral' or hf.get('use_sliding_window') else None
     llama = model_type == 'llama'  # Qwen2 and Mistral fix their biases: q/k/v only (Qwen2), none (Mistral)

@@ -174,6 +174,10 @@ def test_the_fingerprint_is_of_the_bytes_parsed(tmp_path, monkeypatch, capsys):
     assert 'the data file train_a.txt has changed' in line
 
 
+LLAMA = dict(model_type='llama', hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+             vocab_size=256, max_position_embeddings=16)
+
+
 @pytest.mark.parametrize('content, message', [
     ('{"model_type": "gpt2", "n_layer": 2,', 'is not valid JSON'),
     ('[1, 2]', 'is not a model config'),
@@ -181,6 +185,17 @@ def test_the_fingerprint_is_of_the_bytes_parsed(tmp_path, monkeypatch, capsys):
      "n_head='two' must be positive integers"),
     ('{"model_type": "gpt2", "n_positions": 16, "vocab_size": 256, "n_layer": 2, "n_head": 3, "n_embd": 16}',
      "n_embd=16 is not a multiple of n_head=3"),
+    ('{"model_type": ["llama"]}', 'model_type ["llama"] is neither GPT-2'),
+    (json.dumps({**LLAMA, 'rope_scaling': {'rope_type': 'llama3', 'low_freq_factor': 1, 'high_freq_factor': 4}}),
+     "llama3 rope scaling {'factor': None"),
+    (json.dumps({**LLAMA, 'rope_scaling': {'rope_type': 'llama3', 'factor': 8, 'low_freq_factor': 4,
+                                           'high_freq_factor': 4}}), "high_freq_factor above low_freq_factor"),
+    (json.dumps({**LLAMA, 'rope_scaling': ['llama3']}), "a field is missing or of the wrong kind"),
+    (json.dumps({**LLAMA, 'rope_theta': 'big'}), "a field is missing or of the wrong kind (ValueError"),
+    (json.dumps({**LLAMA, 'model_type': 'gpt_neox', 'rotary_pct': 'half', 'intermediate_size': 64}),
+     "rotary_pct 'half' must rotate 2 to 8 dimensions"),
+    (json.dumps({**LLAMA, 'model_type': 'gpt_neox', 'rotary_emb_base': 'big', 'intermediate_size': 64}),
+     "a field is missing or of the wrong kind (ValueError"),
 ])
 def test_a_malformed_config_json_is_one_line_naming_it(tmp_path, capsys, content, message):
     folder = tmp_path / 'model'
