@@ -163,18 +163,18 @@ def print_lever_table(config, gpu_bytes, **kw):
 
 def deepest_fitting(config, gpu_bytes, **kw):
     """The most blocks of this shape whose plan (memory_plan with **kw, and RESERVE) fits gpu_bytes, and its
-    parameters per copy: the largest model of this width a GPU can train (999 blocks at most are tried). None if
-    not even one block fits."""
-    deepest = None
-    for n_layer in range(1, 1000):
-        deeper = dataclasses.replace(config, n_layer=n_layer)
-        if sum(memory_plan(deeper, **kw).values()) + RESERVE > gpu_bytes:
-            break
-        deepest = deeper
-    if deepest is None:
+    parameters per copy: the largest model of this width a GPU can train (999 blocks at most are tried; the plan
+    grows with depth, so a bisection finds it). None if not even one block fits."""
+    def fits(n_layer):
+        return sum(memory_plan(dataclasses.replace(config, n_layer=n_layer), **kw).values()) + RESERVE <= gpu_bytes
+    if not fits(1):
         return None
-    root, block = root_and_block(deepest)
-    return deepest.n_layer, root + deepest.n_layer * block
+    low, high = 1, 999  # fits(low); the answer lies in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    root, block = root_and_block(dataclasses.replace(config, n_layer=low))
+    return low, root + low * block
 
 
 STATE = ('parameters', 'gradients', 'optimizer_state')
