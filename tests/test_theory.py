@@ -1,9 +1,12 @@
+import atexit
 import importlib.util
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -12,19 +15,32 @@ HAS_MATPLOTLIB = importlib.util.find_spec('matplotlib') is not None
 FIGURES = ['1_hypergradient.png', '2_bias.png', '3_single_loop.png', '4_noise.png', '5_lisa.png']
 
 
-@pytest.fixture(scope='module')
-def quick_run(tmp_path_factory):
-    """`python -m theory --quick`, with --plots where matplotlib is installed, run once for the tests below on a
-    copy of theory/ (python -m finds the copy first), so results.json and the figures it writes leave the
-    committed ones alone. Returns the finished process and the copy's folder."""
-    folder = tmp_path_factory.mktemp('theory_run')
-    shutil.copytree(os.path.join(ROOT, 'theory'), folder / 'theory',
+def start_quick_run():
+    """`python -m theory --quick`, with --plots where matplotlib is installed, on a copy of theory/ (python -m finds
+    the copy first), so results.json and the figures it writes leave the committed ones alone. Started when pytest
+    collects this file, before any test runs: it takes minutes on one core, and the rest of the suite leaves a core
+    idle much of the time. Returns the running process and the copy's folder."""
+    folder = tempfile.mkdtemp(prefix='theory_run')
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    shutil.copytree(os.path.join(ROOT, 'theory'), os.path.join(folder, 'theory'),
                     ignore=shutil.ignore_patterns('figures', 'results.*', '__pycache__'))
-    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')])}
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]), 'OMP_NUM_THREADS': '1'}
     args = ['--quick'] + (['--plots'] if HAS_MATPLOTLIB else [])
-    proc = subprocess.run([sys.executable, '-m', 'theory', *args], cwd=folder, env=env, capture_output=True,
-                          text=True)
-    return proc, folder / 'theory'
+    proc = subprocess.Popen([sys.executable, '-m', 'theory', *args], cwd=folder, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    atexit.register(proc.kill)  # deselected tests: nothing waits for it
+    return proc, pathlib.Path(folder) / 'theory'
+
+
+QUICK_RUN = start_quick_run()
+
+
+@pytest.fixture(scope='module')
+def quick_run():
+    """The finished quick run, and the copy's folder."""
+    proc, folder = QUICK_RUN
+    stdout, stderr = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), folder
 
 
 def test_theory_checks_pass_through_the_training_step(quick_run):
