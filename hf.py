@@ -103,11 +103,10 @@ def neox_config(hf, where):
                      norm_eps=hf.get('layer_norm_eps', 1e-5), tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
 
 
-def neox_qkv(tensor, n_head, to_ours=True):
-    """GPT-NeoX's fused query_key_value rows go head by head, [q, k, v] within each head; ours (GPT-2's c_attn)
-    go [all q, all k, all v]."""
-    grouped = (n_head, 3, -1) if to_ours else (3, n_head, -1)
-    return tensor.reshape(*grouped, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+def neox_qkv(tensor, n_head):
+    """Our fused q/k/v rows (GPT-2's c_attn: [all q, all k, all v]) in GPT-NeoX's order: head by head, [q, k, v]
+    within each head (neox_qkv_rows reads them back)."""
+    return tensor.reshape(3, n_head, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
 
 
 def neox_qkv_rows(rows, n_head):
@@ -423,7 +422,7 @@ def export_pretrained(model, folder, token_ids=None, max_shard_bytes=5 * 2**30):
                     tensor = tensor.t()
                 tensor = tensor[:shape[0]]  # the vocabulary's padding rows cropped
                 if config.family == 'gpt_neox' and name.endswith(('query_key_value.weight', 'query_key_value.bias')):
-                    tensor = neox_qkv(tensor, config.n_head, to_ours=False)
+                    tensor = neox_qkv(tensor, config.n_head)
                 if writer:
                     f.write(memoryview(tensor.contiguous().numpy()))  # the tensor's own bytes, not a copy
 
