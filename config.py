@@ -63,7 +63,7 @@ class TrainConfig:
     # model (model.py), trained from scratch unless --init_from
     model: str = ''                 # a shape of MODEL_PRESETS above (gpt2 ... gpt2-xl, pythia-160m, llama3-8b, ...),
                                     # or n_layer etc.; --init_from's config.json overrides both
-    n_layer: int = 4
+    n_layer: int = 0                # blocks; 0: the preset's, or 4 (with --model: its width at this depth)
     n_head: int = 4
     n_embd: int = 64
     block_size: int = 32
@@ -127,10 +127,10 @@ CHOICES = {'method': METHODS, 'dtype': ('float32', 'float64'), 'source_logits_up
            'sampling': ('stratified', 'proportional')}
 RULES = [  # (fields, the rule, what the error says)
     (('max_steps', 'lisa_interval', 'eval_interval', 'ckpt_interval', 'batch_per_source', 'val_batch',
-      'eval_batches', 'block_size', 'n_layer', 'n_head', 'n_embd', 'penalty_alpha', 'alpha_growth',
+      'eval_batches', 'block_size', 'n_head', 'n_embd', 'penalty_alpha', 'alpha_growth',
       'rho_candidates', 'dro_temperature', 'dist_timeout'), lambda v: v > 0, "must be positive"),
     (('micro_batch', 'stop_at', 'lisa_layers', 'alpha_interval', 'lr', 'source_logits_lr', 'weight_decay',
-      'source_logits_weight_decay', 'grad_clip', 'warmup_steps', 'seed'), lambda v: v >= 0,
+      'source_logits_weight_decay', 'grad_clip', 'warmup_steps', 'seed', 'n_layer'), lambda v: v >= 0,
      "must be 0 or positive"),  # 0 has a meaning for each: off, all, or none
     (('dropout',), lambda v: 0 <= v < 1, "must be in [0, 1)"),
     (('dist_timeout',), lambda v: 0.1 <= v <= 10_000, "must be between 0.1 and 10000 (minutes)"),
@@ -147,6 +147,7 @@ USED_ONLY = [
     (('reference', 'rho_candidates'), lambda cfg: cfg.method == 'rholoss', "--method=rholoss"),
     (('model', 'n_layer', 'n_head', 'n_embd', 'bias'), lambda cfg: not cfg.init_from,
      "a model built from scratch (with --init_from, its config.json gives the shape)"),
+    (('n_head', 'n_embd'), lambda cfg: not cfg.model, "a model without --model (the preset gives its width)"),
     (('lisa_interval', 'lisa_draw', 'lisa_merge_frozen'), lambda cfg: cfg.lisa_layers > 0, "LISA (--lisa_layers > 0)"),
     (('alpha_interval',), lambda cfg: cfg.alpha_growth != 1.0, "a growing α (--alpha_growth other than 1)"),
     (('alpha_growth',), lambda cfg: cfg.alpha_interval > 0, "a growing α (--alpha_interval > 0)"),

@@ -164,14 +164,14 @@ def build_run(cfg, processes):
 
 
 def model_config_for(cfg, data):
-    """The model's shape: --init_from's config.json, a --model preset, or n_layer, n_head and n_embd."""
+    """The model's shape: --init_from's config.json, a --model preset (at --n_layer blocks if set), or --n_layer etc."""
     if cfg.init_from:  # GPT-2 and GPT-NeoX train with --dropout (config.json's is the original training's)
         config = read_config(cfg.init_from)
         config = dataclasses.replace(config, dropout=cfg.dropout) if config.family in ('gpt2', 'gpt_neox') else config
     else:
-        shape = MODEL_PRESETS.get(cfg.model) or dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
+        shape = MODEL_PRESETS.get(cfg.model) or dict(n_layer=4, n_head=cfg.n_head, n_embd=cfg.n_embd)
         config = GPTConfig(**{'block_size': cfg.block_size, 'vocab_size': data.vocab_size, 'dropout': cfg.dropout,
-                              'bias': cfg.bias, **shape})
+                              'bias': cfg.bias, **shape, **({'n_layer': cfg.n_layer} if cfg.n_layer else {})})
     where = f"--init_from={cfg.init_from}: the model's" if cfg.init_from else f"--model={cfg.model}: its"
     if config.vocab_size < data.vocab_size or config.block_size < cfg.block_size:
         raise ValueError(f"{where} vocabulary ({config.vocab_size}) must hold the tokenizer's ({data.vocab_size}), "

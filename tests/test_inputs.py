@@ -12,7 +12,8 @@ import pytest
 import checkpoint
 import fsdp
 import train
-from config import PATHS, TrainConfig
+from config import MODEL_PRESETS, PATHS, TrainConfig, parse_config
+from data import load_data
 from tokenizer import BYTES
 from hf import export_pretrained
 from model import GPT, GPTConfig
@@ -79,11 +80,21 @@ def test_a_cut_safetensors_file_is_refused_naming_it(tmp_path, capsys):
     (['--weights=uniform.json'], '--weights'), (['--sampling=stratified'], '--sampling'),
     (['--method=irdro', '--reference=somewhere'], '--reference'), (['--dro_temperature=2'], '--dro_temperature'),
     (['--lisa_layers=0', '--lisa_draw=independent'], '--lisa_draw'), (['--alpha_growth=2'], '--alpha_growth'),
+    (['--model=gpt2'], '--n_head'),  # TINY's --n_head=2 against the preset's width
 ])
 def test_a_value_the_run_would_ignore_is_an_error_naming_it(tmp_path, capsys, args, field):
     line = fails(capsys, tmp_path / 'out', *args)
     assert line.startswith(f'error: {field}=') and 'this run would ignore it' in line
     assert not os.path.exists(tmp_path / 'out')
+
+
+@pytest.mark.parametrize('model, n_layer', [('llama3-8b', 1), ('gpt2', 0)])
+def test_n_layer_sets_a_presets_depth_at_its_width(model, n_layer):
+    cfg = parse_config([f'--model={model}', f'--n_layer={n_layer}'])
+    config = train.model_config_for(cfg, load_data('denoise', 32, 0, BYTES))
+    preset = MODEL_PRESETS[model]
+    assert (config.n_layer, config.n_embd, config.vocab_size) == \
+        (n_layer or preset['n_layer'], preset['n_embd'], preset.get('vocab_size', 256))
 
 
 def test_dropout_is_used_by_a_gpt2_from_init_from(tmp_path):
