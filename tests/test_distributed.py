@@ -279,12 +279,14 @@ def test_building_both_copies_takes_each_rank_its_shards_and_reads_its_share_of_
 def test_units_as_torchtitan_cuts_them_and_nothing_stays_gathered_after_evaluation(tmp_path, family, tied):
     """An untied head and the embedding are units of their own (not the root's, gathered through the whole
     step); a tied one stays in the root. After evaluate, a forward with no backward, every parameter of both
-    copies is a sharded DTensor again: the root and [final norm, head] included, which FSDP2 keeps gathered."""
+    copies is a sharded DTensor again: the root and [final norm, head] included, which FSDP2 keeps gathered.
+    And the collectives our own code issues in a step and an export, counted: with --cpu_offload each meets a
+    host tensor, which is why the process group has gloo beside nccl (fsdp.init_distributed)."""
     config = GPTConfig(family=family, block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16, mlp_hidden=32,
                        bias=family == 'gpt_neox', tie_embeddings=tied, rotary_pct=0.5 if family == 'gpt_neox' else 0.0)
     export_pretrained(make_model(config), str(tmp_path / 'model'))
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           'tests/eval_reshard.py', f'--init_from={tmp_path}/model', f'--out_dir={tmp_path}/out',
+                           'tests/fsdp_probe.py', f'--init_from={tmp_path}/model', f'--out_dir={tmp_path}/out',
                            *[a for a in TINY if a.startswith(('--block_size', '--batch', '--val', '--eval', '--device'))]],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, 'PYTHONPATH': ROOT})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -296,6 +298,14 @@ def test_units_as_torchtitan_cuts_them_and_nothing_stays_gathered_after_evaluati
     for rank in ranks:
         assert rank['units'] == [['root'] + first + [f'{blocks}.0', f'{blocks}.1'] + last] * 2
         assert rank['gathered'] == [[], []]
+        # besides FSDP2's gathers and reduce-scatters (on the GPU even with offload): the losses' means over
+        # ranks (steps.model_objective; u, with the forward difference, its source tokens and losses; w those and
+        # the validation tokens and loss), one gradient norm per copy (clip_gradient's, a sharded norm made
+        # whole), and in the export one gather per parameter
+        fsdp_own = {'c10d._allgather_base_', 'c10d._reduce_scatter_base_'}
+        assert {op: n for op, n in rank['step'].items() if op not in fsdp_own} == \
+            {'c10d.allreduce_': 2 + 4, 'c10d_functional.all_reduce': 2}
+        assert rank['export'] == {'c10d_functional.all_gather_into_tensor': rank['parameters']}
 
 
 def test_a_gpt_neox_from_a_hugging_face_folder_trains_alike_on_one_and_two_processes(tmp_path):
