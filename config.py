@@ -139,10 +139,16 @@ RULES = [  # (fields, the rule, what the error says)
       'lisa_layers', 'rho_candidates'), lambda v: v <= 2**20, "must be at most 2**20 = 1048576"),  # sizes
 ]
 PATHS = ('data', 'tokenizer', 'weights', 'reference', 'out_dir', 'init_from')  # '~' is expanded in each
+SCALEBIO_ONLY = ('penalty_alpha', 'source_logits_update', 'source_logits_lr', 'source_logits_weight_decay',
+                 'central_difference', 'alpha_growth', 'alpha_interval', 'lower_first')
 # fields a run uses only in some settings: set to anything but their default elsewhere, they are an error, never
 # silently ignored. (fields, the setting that uses them, its name for the error)
 USED_ONLY = [
-    (('weights', 'sampling'), lambda cfg: cfg.method == 'fixed', "--method=fixed"),
+    (('weights',), lambda cfg: cfg.method == 'fixed', "--method=fixed"),
+    (('sampling',), lambda cfg: cfg.method == 'fixed' and cfg.weights != 'val_only',
+     "--method=fixed and weights over the sources (--weights=val_only trains on the validation split alone)"),
+    (SCALEBIO_ONLY, lambda cfg: cfg.method == 'scalebio', "--method=scalebio (a baseline trains one model, learns no p)"),
+    (('amp', 'check_memory'), lambda cfg: cfg.device != 'cpu', "CUDA (--device=cpu computes in --dtype, plans nothing)"),
     (('dro_temperature',), lambda cfg: cfg.method == 'irdro', "--method=irdro"),
     (('reference', 'rho_candidates'), lambda cfg: cfg.method == 'rholoss', "--method=rholoss"),
     (('model', 'n_layer', 'n_head', 'n_embd', 'bias'), lambda cfg: not cfg.init_from,

@@ -134,11 +134,11 @@ def test_a_baseline_clips_its_one_model_at_grad_clip_whatever_alpha(tmp_path):
     """α multiplies ScaleBiO's losses, not a baseline's: its model is clipped at grad_clip itself."""
     from baselines import fixed_step
     cfg = train.parse_config(['--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_per_source=4',
-                              '--val_batch=8', '--method=fixed', '--grad_clip=0.01', '--penalty_alpha=100',
+                              '--val_batch=8', '--method=fixed', '--grad_clip=0.01',
                               f'--out_dir={tmp_path}', '--device=cpu'])
     run_ = train.build_run(cfg, train.init_distributed(cfg.device))
     norms = []
     run_.optimizers[0].register_step_pre_hook(lambda opt, args, kwargs: norms.append(torch.cat(
         [p.grad.reshape(-1) for g in opt.param_groups for p in g['params'] if p.grad is not None]).norm().item()))
-    fixed_step(run_, 0, cfg.penalty_alpha)
+    fixed_step(run_, 0, 100.0)  # the loop passes α to every method's step
     assert norms == pytest.approx([0.01], rel=1e-5)

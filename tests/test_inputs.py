@@ -81,6 +81,9 @@ def test_a_cut_safetensors_file_is_refused_naming_it(tmp_path, capsys):
     (['--method=irdro', '--reference=somewhere'], '--reference'), (['--dro_temperature=2'], '--dro_temperature'),
     (['--lisa_layers=0', '--lisa_draw=independent'], '--lisa_draw'), (['--alpha_growth=2'], '--alpha_growth'),
     (['--model=gpt2'], '--n_head'),  # TINY's --n_head=2 against the preset's width
+    (['--method=irdro', '--penalty_alpha=100'], '--penalty_alpha'), (['--method=fixed', '--lower_first=True'],
+    '--lower_first'), (['--method=fixed', '--weights=val_only', '--sampling=stratified'], '--sampling'),
+    (['--amp=False'], '--amp'),  # TINY's --device=cpu
 ])
 def test_a_value_the_run_would_ignore_is_an_error_naming_it(tmp_path, capsys, args, field):
     line = fails(capsys, tmp_path / 'out', *args)

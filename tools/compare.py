@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import train
-from config import TrainConfig, override, parse_config
+from config import SCALEBIO_ONLY, TrainConfig, override, parse_config
 from data import load_data
 
 
@@ -90,8 +90,10 @@ def run(out_dir, *args):
     with the same arguments, the same resulting config and the same input files (weights, reference model)
     is read back, so an interrupted comparison continues where it stopped."""
     pretrained = any(a.startswith('--init_from') for a in args)  # its shape is the base model's
+    baseline = any(a.startswith('--method=') and a != '--method=scalebio' for a in args)  # stage two, for one
     argv = [f'--out_dir={out_dir}', '--eval_interval=500', '--ckpt_interval=100000', *args,
-            *[a for a in TRAIN_ARGS if not (pretrained and a.startswith(('--n_layer', '--n_head', '--n_embd')))]]
+            *[a for a in TRAIN_ARGS if not (pretrained and a.startswith(('--n_layer', '--n_head', '--n_embd')))
+              and not (baseline and a.split('=')[0][2:] in SCALEBIO_ONLY)]]
     cfg = parse_config(argv)
     inputs = [os.path.join(cfg.reference, 'best', 'meta.json')] if cfg.reference else []
     inputs += [cfg.weights] if os.path.isfile(cfg.weights) else []
