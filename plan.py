@@ -188,15 +188,13 @@ def rows_per_forward(batch_per_source, val_batch, n_sources, world_size, micro_s
 
 def run_plan(cfg, model_config, n_sources, world_size, copies, element_size, bf16, sharded):
     """The plan of the step train.py runs with cfg, every position planned to have a target (an upper bound on the
-    logits): its rows per forward, an evaluation forward's logits where they are larger (val_batch / N rows, no
-    activations kept), and RESERVE."""
+    logits): its rows per forward, and RESERVE. An evaluation forward holds less: the validation rows alone, in
+    as many pieces (train.evaluate), with no activations kept."""
     tokens = rows_per_forward(cfg.batch_per_source, cfg.val_batch, n_sources, world_size,
                               micro_steps(cfg, world_size)) * cfg.block_size
     compute_size = 2 if bf16 else element_size
     plan = memory_plan(model_config, world_size, cfg.lisa_layers, element_size, copies, tokens=tokens, targets=tokens,
                        compute_size=compute_size, sharded=sharded, **{lever: getattr(cfg, lever) for lever in LEVERS})
-    evaluation = cfg.val_batch // world_size * cfg.block_size * model_config.vocab_size * (4 + compute_size)
-    plan['logits'] = max(plan['logits'], evaluation - plan['activations'])
     return {**plan, 'reserve': RESERVE}
 
 

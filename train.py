@@ -258,19 +258,19 @@ def take_step(run, step, alpha):
 
 @torch.no_grad()
 def evaluate(run, model, split):
-    """The model's loss on the split's fixed batches: a token mean for 'val' and 'test' (as L_val); for a source
-    with --source_loss=example the mean of its row means (ℓ_i), with token its own token mean (ℓ_i of the step
-    scales it by the source's tokens over the batch's: steps.model_objective). Each rank takes its rows and the
-    sums are averaged over ranks, so every rank's decisions on it (the best checkpoint) agree."""
+    """The model's loss on the split's fixed batches: a token mean (for a source with --source_loss=example, ℓ_i:
+    the mean of its row means). Each rank takes its rows, in as many forwards as a step's, and the sums are
+    averaged over ranks, so every rank's decisions on it (the best checkpoint) agree."""
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=run.device)  # loss over tokens, tokens
-    for x, y in run.eval_sets[split]:
-        x, y = device_rows(run, rank_rows(x, 1, run.rank, run.world_size), rank_rows(y, 1, run.rank, run.world_size))
-        with run.autocast:
-            _, row_loss = model(x, y)
-        by_row = split in run.data.sources and run.cfg.source_loss == 'example'  # a source's loss as ℓ_i in the step
-        counts = torch.ones_like(row_loss).double() if by_row else target_counts(y, torch.float64)
-        sums += torch.stack([(row_loss.double() * counts).sum(), counts.sum()])
+    by_row = split in run.data.sources and run.cfg.source_loss == 'example'  # a source's loss as ℓ_i in the step
+    for batch in run.eval_sets[split]:
+        for x, y in zip(*(rank_rows(rows, 1, run.rank, run.world_size).chunk(run.micro_steps) for rows in batch)):
+            x, y = device_rows(run, x, y)
+            with run.autocast:
+                _, row_loss = model(x, y)
+            counts = torch.ones_like(row_loss).double() if by_row else target_counts(y, torch.float64)
+            sums += torch.stack([(row_loss.double() * counts).sum(), counts.sum()])
     model.train()
     reshard(model)
     sums = mean_over_ranks(sums)

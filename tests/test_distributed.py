@@ -101,6 +101,19 @@ def test_micro_batches_accumulate_to_the_same_run(tmp_path):
     whole = train.main(TINY + [f'--out_dir={tmp_path}/whole', '--max_steps=10'])
     pieces = train.main(TINY + [f'--out_dir={tmp_path}/pieces', '--max_steps=10', '--micro_batch=2'])
     assert pieces['weights'] == pytest.approx(whole['weights'], abs=1e-10)
+    for split in 'val_loss', 'test_loss':  # evaluated in as many pieces as the step's forwards
+        assert pieces[split] == pytest.approx(whole[split], abs=1e-10)
+
+
+def test_evaluation_holds_no_more_rows_per_forward_than_a_step(tmp_path):
+    """--micro_batch bounds evaluation's forwards too (plan.run_plan counts on it): the validation rows in as many
+    pieces as a step takes."""
+    cfg = train.parse_config(TINY + ['--micro_batch=2', f'--out_dir={tmp_path}'])
+    run = train.build_run(cfg, train.init_distributed(cfg.device))
+    rows = []
+    run.models[1].register_forward_pre_hook(lambda model, args: rows.append(args[0].size(0)))
+    train.evaluate(run, run.models[1], 'val')
+    assert run.micro_steps == 2 and rows == [cfg.val_batch // 2] * (2 * cfg.eval_batches)
 
 
 def test_token_weighted_source_losses_match_across_micro_batches_and_processes(tmp_path):
