@@ -39,8 +39,9 @@ for path in sys.argv[1:]:
     plan = run_plan(cfg, model_config, len(summary['sources']), summary['world_size'], 2,
                     getattr(torch, cfg.dtype).itemsize, cfg.amp, True)
     planned, peak = sum(plan.values()) - plan['reserve'], summary['peak_memory_bytes']
+    verdict = 'within 10%' if abs(peak / planned - 1) <= 0.1 else 'FAIL: not within 10%'
     print(f"{path}: peak allocated {peak / 2**30:.2f} GiB, planned {planned / 2**30:.2f} GiB, peak / plan "
-          f"{peak / planned:.3f}", {name: round(size / 2**30, 2) for name, size in plan.items()})
+          f"{peak / planned:.3f}, {verdict}", {name: round(size / 2**30, 2) for name, size in plan.items()})
 EOF
 timeout 240 $PY -m tools.bench --device=cuda --model=gpt2 --compile=True --block_size=512 --batch_per_source=8 \
     --val_batch=32 --repeats=10 --peak_rss=False > "$OUT/bench_gpt2.txt" 2>&1
