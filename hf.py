@@ -103,28 +103,6 @@ def neox_config(hf, where):
                      norm_eps=hf.get('layer_norm_eps', 1e-5), tie_embeddings=bool(hf.get('tie_word_embeddings', False)))
 
 
-def neox_qkv(tensor, n_head):
-    """Our fused q/k/v rows (GPT-2's c_attn: [all q, all k, all v]) in GPT-NeoX's order: head by head, [q, k, v]
-    within each head (neox_qkv_rows reads them back)."""
-    return tensor.reshape(3, n_head, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
-
-
-def neox_qkv_rows(rows, n_head):
-    """Rows of GPT-NeoX's query_key_value in our order: each of our rows' blocks of one head's q, k or v is
-    head_dim contiguous rows of the checkpoint, read as such."""
-    head_dim = rows.shape[0] // (3 * n_head)
-
-    def read(start, stop):
-        pieces = []
-        for block in range(start // head_dim, -(-stop // head_dim)):  # block = which · n_head + head
-            which, head = divmod(block, n_head)
-            low, high = max(start, block * head_dim), min(stop, (block + 1) * head_dim)
-            first = (head * 3 + which) * head_dim + low - block * head_dim
-            pieces.append(rows.read(first, first + high - low))
-        return torch.cat(pieces) if pieces else rows.read(0, 0)
-    return Rows(rows.shape, read)
-
-
 def padded_rows(rows, n_padded):
     """Rows of a vocabulary table padded to n_padded rows (GPT-2's and GPT-NeoX's tables): the padding is zeros."""
     n = rows.shape[0]
@@ -309,8 +287,6 @@ def pretrained_tensors(path, config):
                 raise ValueError(f"{path}: weight {name} has no place in a {config.family} model")
             if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):  # our rows are its columns: read whole
                 rows = Rows(rows.shape[::-1], lambda start, stop, rows=rows: rows.whole().t()[start:stop])
-            if config.family == 'gpt_neox' and name.endswith(('attn.c_attn.weight', 'attn.c_attn.bias')):
-                rows = neox_qkv_rows(rows, config.n_head)
             expected = (config.vocab_size, *shapes[name][1:]) if name in VOCAB_TABLES else shapes[name]
             if rows.shape != expected:
                 raise ValueError(f"{path}: {name} has shape {tuple(rows.shape)}, config.json implies {tuple(expected)}")
@@ -421,8 +397,6 @@ def export_pretrained(model, folder, token_ids=None, max_shard_bytes=5 * 2**30):
                 if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):
                     tensor = tensor.t()
                 tensor = tensor[:shape[0]]  # the vocabulary's padding rows cropped
-                if config.family == 'gpt_neox' and name.endswith(('query_key_value.weight', 'query_key_value.bias')):
-                    tensor = neox_qkv(tensor, config.n_head)
                 if writer:
                     f.write(memoryview(tensor.contiguous().numpy()))  # the tensor's own bytes, not a copy
 

@@ -61,11 +61,16 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        self.per_head_qkv = config.family == 'gpt_neox'
 
     def forward(self, x, cos=None, sin=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        qkv = self.c_attn(x)
+        if self.per_head_qkv:  # GPT-NeoX's rows, as its checkpoints hold them: head by head, [q, k, v] within each
+            q, k, v = qkv.view(B, T, self.n_head, 3 * C // self.n_head).chunk(3, dim=3)
+        else:  # GPT-2's: [all q, all k, all v]
+            q, k, v = (t.view(B, T, self.n_head, C // self.n_head) for t in qkv.split(C, dim=2))
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cos is not None:  # GPT-NeoX: the first cos.size(-1) dimensions of each head rotate, the rest pass
             r = cos.size(-1)
             q, k = (torch.cat((t[..., :r] * cos + rotate_half(t[..., :r]) * sin, t[..., r:]), dim=-1) for t in (q, k))
