@@ -157,7 +157,13 @@ def weight_files(path):
     for index in ('model.safetensors.index.json', 'pytorch_model.bin.index.json'):
         if os.path.isfile(os.path.join(path, index)):
             with open(os.path.join(path, index)) as f:
-                shards = sorted(set(json.load(f)['weight_map'].values()))
+                try:
+                    shards = sorted(set(json.load(f)['weight_map'].values()))
+                    if not all(isinstance(shard, str) for shard in shards):
+                        raise TypeError("a file name that is not a string")
+                except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise ValueError(f"{path}/{index} is not an index of weight files "
+                                     f"({{'weight_map': {{tensor: file}}}}): {type(e).__name__}: {e}") from None
             for shard in shards:
                 if not os.path.isfile(os.path.join(path, shard)):
                     raise FileNotFoundError(f"{path}/{index} names {shard}, which is not in the folder")
@@ -229,15 +235,20 @@ def read_safetensors_header(file, f):
             if info['dtype'] not in SAFETENSORS_DTYPES:
                 raise ValueError(f"{file}: {name} is of dtype {info['dtype']}, which is not read here "
                                  f"({', '.join(SAFETENSORS_DTYPES)})")
-            dtype, (begin, end) = SAFETENSORS_DTYPES[info['dtype']], info['data_offsets']
-            shape = [int(n) for n in info['shape']]
-            if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
+            dtype, (begin, end), shape = SAFETENSORS_DTYPES[info['dtype']], info['data_offsets'], info['shape']
+            if not all(type(n) is int for n in [begin, end, *shape]) or not 0 <= begin <= end \
+                    or end - begin != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"{file}: {name}'s bytes {begin}-{end} do not hold a {info['dtype']} tensor of shape "
                                  f"{shape}; the file is damaged")
             tensors[name] = (dtype, shape, begin, end)
     except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{cut}: its header cannot be read ({type(e).__name__}: {e})") from None
-    data_bytes = max((end for *_, end in tensors.values()), default=0)
+    ranges = sorted((begin, end, name) for name, (*_, begin, end) in tensors.items())
+    for (_, end, name), (begin, _, following) in zip([(0, 0, 'the header')] + ranges, ranges):
+        if begin != end:  # the format: tensors back to back from the header on, no gap, no overlap
+            raise ValueError(f"{file}: the bytes of {name} and {following} "
+                             f"{'overlap' if begin < end else 'leave a gap'}; the file is damaged")
+    data_bytes = ranges[-1][1] if ranges else 0
     if 8 + length + data_bytes != size:
         raise ValueError(f"{cut}: its header names {data_bytes} bytes of tensors, the file holds {size - 8 - length}; "
                          f"write or download it again")

@@ -15,7 +15,7 @@ import train
 from config import MODEL_PRESETS, PATHS, TrainConfig, parse_config
 from data import load_data
 from tokenizer import BYTES
-from hf import export_pretrained
+from hf import export_pretrained, read_tensors, weight_files
 from model import GPT, GPTConfig
 from test_errors import TINY, fails, listing
 
@@ -74,6 +74,47 @@ def test_a_cut_safetensors_file_is_refused_naming_it(tmp_path, capsys):
         f.seek(8)
         f.write(b'\xff' * 16)
     assert str(weights) in error_line(capsys, *args, f'--out_dir={tmp_path}/out')
+
+
+def rewrite_header(file, change):
+    """The safetensors file with its JSON header changed by change(header), its tensors' bytes as they were."""
+    with open(file, 'rb') as f:
+        length = int.from_bytes(f.read(8), 'little')
+        header, data = json.loads(f.read(length)), f.read()
+    change(header)
+    text = json.dumps(header).encode()
+    with open(file, 'wb') as f:
+        f.write(len(text).to_bytes(8, 'little') + text + data)
+
+
+def shift(name, by):
+    return lambda header: header[name].update(data_offsets=[n + by for n in header[name]['data_offsets']])
+
+
+@pytest.mark.parametrize('change, message', [
+    (shift('transformer.h.0.ln_1.bias', -4), 'overlap'),  # its first float is the previous tensor's last
+    (shift('transformer.wte.weight', 4), 'leave a gap'),  # the header's end and the first tensor
+    (lambda header: header['transformer.h.0.ln_1.bias'].update(data_offsets=[
+        float(n) for n in header['transformer.h.0.ln_1.bias']['data_offsets']]), 'do not hold'),
+    (lambda header: header['transformer.h.0.ln_1.bias'].update(shape=[8.5]), 'do not hold'),
+])
+def test_a_safetensors_header_whose_tensors_do_not_tile_the_file_is_refused_naming_it(tmp_path, change, message):
+    folder = tmp_path / 'model'
+    export_pretrained(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16)), str(folder))
+    weights = folder / 'model.safetensors'
+    rewrite_header(weights, change)
+    with pytest.raises(ValueError, match=message) as error:
+        dict(read_tensors(str(weights)))
+    assert str(weights) in str(error.value)
+
+
+@pytest.mark.parametrize('index', ['{"metadata": {}}', '{"weight_map": ["a.safetensors"]}', '{"weight_map": {"x": 3}}',
+                                   '{"weight_map": '])
+def test_an_index_that_names_no_weight_files_is_refused_naming_it(tmp_path, index):
+    (tmp_path / 'model.safetensors.index.json').write_text(index)
+    with pytest.raises(ValueError, match='is not an index of weight files') as error:
+        weight_files(str(tmp_path))
+    assert str(tmp_path / 'model.safetensors.index.json') in str(error.value)
 
 
 @pytest.mark.parametrize('args, field', [
