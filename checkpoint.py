@@ -145,7 +145,7 @@ def remove_files(out_dir, names, inputs):
 
 def write_whole(path, write, mode='w'):
     """path, written by write(f) whole or not at all: into path.tmp, flushed to the disk, then renamed over path.
-    A full disk or a kill leaves path as it was; the error names it."""
+    A full disk, a kill or a power cut leaves path as it was; the error names it."""
     tmp = path + '.tmp'
     try:
         with open(tmp, mode) as f:
@@ -153,6 +153,9 @@ def write_whole(path, write, mode='w'):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(os.path.dirname(path) or '.', os.O_RDONLY)  # the rename itself, to the disk
+        os.fsync(folder)
+        os.close(folder)
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -236,9 +239,8 @@ def save_checkpoint(path, models, optimizers, tensors, meta, keep_previous=False
         barrier()
         meta = {**meta, 'files': _checksums(tmp)}
         meta['meta_sha256'] = _meta_digest(meta)  # meta.json's own checksum: an edited step or loss is refused
-        if is_main_process():
-            with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-                json.dump(meta, f)
+        if is_main_process():  # the shards are flushed to the disk by torch.distributed.checkpoint (sync_files)
+            write_whole(os.path.join(tmp, 'meta.json'), lambda f: json.dump(meta, f))
     except (OSError, CheckpointException) as e:  # a full disk, for one
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
         raise OSError(f"could not write the checkpoint {tmp} ({getattr(cause, 'strerror', None) or cause}); "

@@ -358,6 +358,9 @@ def export_whole(model, folder, token_ids=None, extra_files=()):
         if is_main_process():
             for path in extra_files:
                 shutil.copy(path, folder + '.tmp')
+            for name in os.listdir(folder + '.tmp'):  # on the disk before the rename makes the folder look whole
+                with open(os.path.join(folder + '.tmp', name), 'rb') as f:
+                    os.fsync(f.fileno())
             shutil.rmtree(folder, ignore_errors=True)  # an earlier export of the same run
             os.rename(folder + '.tmp', folder)
     except OSError as e:

@@ -15,7 +15,7 @@ import train
 from config import MODEL_PRESETS, PATHS, TrainConfig, parse_config
 from data import load_data
 from tokenizer import BYTES
-from hf import export_pretrained, read_tensors, weight_files
+from hf import export_pretrained, export_whole, read_tensors, weight_files
 from model import GPT, GPTConfig
 from test_errors import TINY, fails, listing
 
@@ -353,3 +353,15 @@ def test_a_second_interrupt_or_a_group_that_never_forms_is_one_line(tmp_path, ca
     monkeypatch.setenv('RANK', '0')  # as torchrun sets it
     monkeypatch.setattr(fsdp, '_init_process_group', no_group)
     assert error_line(capsys, *TINY, f'--out_dir={tmp_path}/out').startswith('error: the process group did not form')
+
+
+def test_an_export_and_a_written_file_reach_the_disk_before_a_rename_publishes_them(tmp_path, monkeypatch):
+    """fsync of every exported file before hf.tmp becomes hf, and of a file and its folder for write_whole
+    (summary.json, meta.json): what a power cut leaves is whole or absent, never a whole-looking empty file."""
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(os.readlink(f'/proc/self/fd/{fd}')), fsync(fd))[1])
+    export_whole(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16)), str(tmp_path / 'hf'))
+    assert sorted(synced) == sorted(str(tmp_path / 'hf.tmp' / name) for name in os.listdir(tmp_path / 'hf'))
+    synced.clear()
+    checkpoint.write_whole(str(tmp_path / 'summary.json'), lambda f: json.dump({}, f))
+    assert synced == [str(tmp_path / 'summary.json.tmp'), str(tmp_path)]
