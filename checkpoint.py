@@ -1,27 +1,19 @@
 """
-What a run keeps on disk, and how it proves itself.
+Checkpoints, and how they prove themselves (the out_dir they live in, its lock and its log: outdir.py).
 
-- The out_dir belongs to one run: rank 0 holds a lock on out_dir/run.lock (its pid and host) while the run
-  lives, and a fresh run refuses a folder that holds another run's files unless told --overwrite=True.
 - Checkpoints: a folder written by torch.distributed.checkpoint (each rank writes its own shards, nothing is
   gathered into one rank's memory) plus meta.json; saved at one world size, loadable at any other. The same
   format serves out_dir/ckpt (everything needed to resume) and out_dir/best (the best upper model).
   torch.distributed.checkpoint also works without a process group, so one process writes the same format.
 - meta.json records the SHA-256 of every file of the checkpoint and of every data file the run trained on;
   a load checks both, so a damaged shard or changed data is one clear error, not a different result.
-- An interrupted run loses nothing: SIGINT or SIGTERM lets the step finish and a checkpoint be written
-  (signals_stop_at_next_step), and a resumed run's log.jsonl is cut back to what its checkpoint has seen.
+- A checkpoint is written aside and renamed into place: a kill during a save leaves the previous one whole.
 """
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
-import time
 import warnings
 
 import torch
@@ -34,132 +26,13 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
 
 from bilevel import SOURCE_LOGITS_UPDATES
 from config import RESUMABLE_CHANGES
-from fsdp import barrier, is_main_process, merge_over_ranks, rank0_decides
+from fsdp import barrier, is_main_process, merge_over_ranks
 from model import GPTConfig, empty_model
+from outdir import write_whole
 
 # one process has no process group, and torch.distributed.checkpoint says so at every save; that is expected
 warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
 
-# what a run writes into its out_dir, and whether each is a folder
-RUN_FILES = {'ckpt': True, 'ckpt.old': True, 'ckpt.tmp': True, 'best': True, 'best.old': True, 'best.tmp': True,
-             'hf': True, 'hf.tmp': True, 'log.jsonl': False, 'summary.json': False, 'mixture.json': False,
-             'log.jsonl.tmp': False, 'summary.json.tmp': False, 'mixture.json.tmp': False}
-LOCK = 'run.lock'
-
-
-# ----------------------------------------------------------------------------------------------
-# the out_dir
-
-@contextlib.contextmanager
-def own_out_dir(out_dir, resume, overwrite):
-    """Holds out_dir for this run. Rank 0 takes out_dir/run.lock with flock, which the kernel releases when the
-    process ends, so a killed run leaves no stale lock; taking it is also the test that the folder can be
-    written. A fresh run in a folder with another run's files is refused unless --overwrite=True; yields those
-    files, for the run to delete once its inputs are known to be good (remove_files). On the way out, the folders
-    this run created and left empty (bad input) go again."""
-    if resume and overwrite:
-        raise ValueError("--resume=True continues the run in out_dir, --overwrite=True deletes it: choose one")
-    created, previous = rank0_decides(lambda: _claim(out_dir, resume, overwrite))
-    try:
-        yield previous
-    finally:
-        if is_main_process():
-            lock = _HELD_LOCKS.pop(out_dir)
-            os.remove(lock.name)
-            lock.close()
-            for folder in created:  # the deepest first
-                with contextlib.suppress(OSError):
-                    os.rmdir(folder)  # only if empty
-
-
-_HELD_LOCKS = {}  # out_dir -> the open, flocked run.lock of this process's run
-
-
-def _claim(out_dir, resume, overwrite):
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"--out_dir={out_dir} is a file, not a folder")
-    created, folder = [], os.path.abspath(out_dir)
-    while not os.path.exists(folder):
-        created.append(folder)
-        folder = os.path.dirname(folder)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock = _take_lock(out_dir)
-    except OSError as e:  # read-only, or under a file, or on a full disk: writing the lock is the test
-        raise ValueError(f"--out_dir={out_dir} cannot be written ({e.strerror})") from None
-    used = [name for name in RUN_FILES if os.path.lexists(os.path.join(out_dir, name))]
-    wrong = [name for name in used if os.path.isdir(os.path.join(out_dir, name)) != RUN_FILES[name]]
-    problem = None
-    if wrong and not overwrite:
-        problem = (f"{os.path.join(out_dir, wrong[0])} should be a {'folder' if RUN_FILES[wrong[0]] else 'file'}: "
-                   f"this out_dir holds something else; use another --out_dir, or --overwrite=True to replace it")
-    elif used and not resume and not overwrite:
-        problem = (f"--out_dir={out_dir} holds another run ({', '.join(used)}): continue it with --resume=True, "
-                   f"or start afresh with --overwrite=True (deletes those) or another --out_dir")
-    if problem:
-        os.remove(lock.name)
-        lock.close()
-        raise ValueError(problem)
-    _HELD_LOCKS[out_dir] = lock
-    return created, used if overwrite else []
-
-
-def _take_lock(out_dir):
-    """out_dir/run.lock, open and flocked, holding this process's pid and host for the message of a refused run."""
-    path = os.path.join(out_dir, LOCK)
-    while True:
-        lock = open(path, 'a+')
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            pid, host, *since = lock.read().split() + ['?'] * 4
-            lock.close()
-            raise ValueError(f"--out_dir={out_dir} is in use by another run (process {pid} on {host}, since "
-                             f"{' '.join(since[:2])}): wait for it, or use another --out_dir") from None
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
-            break
-        lock.close()  # the run that held it removed it as we locked it: take the new one
-    lock.truncate(0)
-    lock.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    lock.flush()
-    return lock
-
-
-def remove_files(out_dir, names, inputs):
-    """Deletes these files and folders of out_dir (the previous run's, for --overwrite=True), on rank 0, unless one
-    of this run's inputs ({'--field': path}) lies in them: then nothing is deleted and the error names it."""
-    for field, path in inputs.items():
-        real = os.path.realpath(path)
-        for name in names:
-            doomed = os.path.realpath(os.path.join(out_dir, name))
-            if real == doomed or real.startswith(doomed + os.sep):
-                raise ValueError(f"{field}={path} lies in {os.path.join(out_dir, name)}, which --overwrite=True would "
-                                 f"delete: copy it out of --out_dir={out_dir} first, or use another --out_dir")
-    if is_main_process():
-        for name in names:
-            path = os.path.join(out_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    barrier()
-
-
-def write_whole(path, write, mode='w'):
-    """path, written by write(f) whole or not at all: into path.tmp, flushed to the disk, then renamed over path.
-    A full disk, a kill or a power cut leaves path as it was; the error names it."""
-    tmp = path + '.tmp'
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        folder = os.open(os.path.dirname(path) or '.', os.O_RDONLY)  # the rename itself, to the disk
-        os.fsync(folder)
-        os.close(folder)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise OSError(f"could not write {path} ({e.strerror or e}); the file as it was before is intact") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,48 +274,3 @@ def load_best_model(run_dir):
     dcp.load(state, checkpoint_id=folder, no_dist=True)
     model.load_state_dict(state['models'][0])
     return model.eval(), meta
-
-
-def trim_log(out_dir, start_step):
-    """A resumed run's log.jsonl keeps only what its checkpoint has seen (a killed run logs more, perhaps half
-    a line)."""
-    path = os.path.join(out_dir, 'log.jsonl')
-    if os.path.exists(path):
-        kept = [record for record in read_log(path) if record['step'] <= start_step]
-        write_whole(path, lambda f: f.writelines(json.dumps(record) + '\n' for record in kept))
-
-
-def read_log(path):
-    """The records of a log.jsonl, but a line that a kill cut short."""
-    records = []
-    with open(path) as f:
-        for line in f:
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-    return records
-
-
-def logged_record(out_dir, step):
-    records = [r for r in read_log(os.path.join(out_dir, 'log.jsonl')) if r['step'] == step]
-    if not records:
-        raise ValueError(f"the checkpoint is at the final step {step}, and {out_dir}/log.jsonl has no record of it "
-                         f"to write summary.json from")
-    return records[-1]
-
-
-@contextlib.contextmanager
-def signals_stop_at_next_step():
-    """SIGINT / SIGTERM: the loop finishes the current step, saves a checkpoint and exits. A second signal
-    acts at once."""
-    stop_signals, old_handlers = [], {}
-
-    def request_stop(signum, frame):
-        stop_signals.append(signum)
-        signal.signal(signum, old_handlers[signum])
-    for s in (signal.SIGINT, signal.SIGTERM):
-        old_handlers[s] = signal.signal(s, request_stop)
-    try:
-        yield stop_signals
-    finally:
-        for s, handler in old_handlers.items():
-            signal.signal(s, handler)

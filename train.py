@@ -35,9 +35,8 @@ from tqdm import tqdm
 
 from baselines import fixed_step, irdro_step, load_reference, rholoss_step
 from bilevel import cosine_lr, make_source_logits_optimizer, penalty_schedule
-from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, logged_record,
-                        own_out_dir, read_meta, remove_files, replicated_state, save_checkpoint,
-                        signals_stop_at_next_step, trim_log, write_whole)
+from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, read_meta,
+                        replicated_state, save_checkpoint)
 from config import MODEL_PRESETS, input_paths, micro_steps, parse_config
 from data import fixed_weights, kept_table, load_data
 from tokenizer import load_tokenizer, tokenizer_files
@@ -46,6 +45,8 @@ from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distr
 from lisa import set_lisa_blocks
 from hf import export_whole, pretrained_tensors, read_config
 from model import GPTConfig, initial_weights, make_model, make_optimizer, target_counts
+from outdir import (append_log, finished_summary, logged_record, own_out_dir, remove_files,
+                    signals_stop_at_next_step, trim_log, write_whole)
 from plan import check_run_memory
 from steps import (Run, device_rows, evaluation_batches, mean_over_ranks, proportional_rows, rank_rows,
                    scalebio_train_step, tokens_per_step, validation_rows)
@@ -101,8 +102,8 @@ def train(cfg, processes, previous_run):
             if done % cfg.ckpt_interval == 0 or done == end_step:
                 save(run, done)
     progress.close()
-    if record is None and not os.path.isfile(os.path.join(cfg.out_dir, 'summary.json')):  # resumed at the final
-        record = rank0_decides(lambda: logged_record(cfg.out_dir, end_step))  # step, killed before its summary
+    if record is None and finished_summary(cfg.out_dir) is None:  # resumed at the final step, killed before its
+        record = rank0_decides(lambda: logged_record(cfg.out_dir, end_step))  # summary (or with it damaged)
     # summary.json, and with --export the trained model and the mixture for use elsewhere
     return finish(run, record, start_step, end_step)
 
@@ -288,8 +289,7 @@ def evaluate_and_log(run, done, weights, alpha, lr, progress):
     if run.lower_val_start is not None:
         record['lower_val_loss'] = evaluate(run, run.models[0], 'val')
     if run.rank == 0:
-        with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        append_log(cfg.out_dir, record)
         progress.write(f"step {done}: val {record['val_loss']:.4f} test {record['test_loss']:.4f} "
                        f"weights {' '.join(f'{w:.3f}' for w in weights.tolist())}")
     if run.lower_val_start is not None:
@@ -375,9 +375,8 @@ def stop_if_signalled(run, step, stop_signals, progress):
 def finish(run, record, start_step, end_step):
     cfg, sources = run.cfg, run.data.sources
     summary_file = os.path.join(cfg.out_dir, 'summary.json')
-    if start_step == end_step and os.path.isfile(summary_file):  # resumed a finished run: nothing to do
-        with open(summary_file) as f:
-            summary = json.load(f)
+    summary = finished_summary(cfg.out_dir) if start_step == end_step else None
+    if summary is not None:  # resumed a finished run: nothing to do
         if run.rank == 0:
             print(f"nothing to do: the run is complete ({summary_file})")
         if cfg.export and not os.path.isfile(os.path.join(cfg.out_dir, 'mixture.json')):  # written last

@@ -11,6 +11,7 @@ import pytest
 
 import checkpoint
 import fsdp
+import outdir
 import train
 from config import MODEL_PRESETS, PATHS, TrainConfig, parse_config
 from data import load_data
@@ -166,6 +167,20 @@ def test_a_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
     assert train.cli([*TINY, f'--out_dir={out}', '--resume=True']) == 0
     with open(out / 'summary.json') as f:
         assert len(json.load(f)['weights']) == 3
+
+
+def test_a_damaged_summary_is_written_again_on_resume_and_a_full_disk_while_logging_names_the_log(tmp_path, capsys):
+    """summary.json cut by hand (or by a disk that lied): --resume=True writes it again from the final checkpoint
+    and log.jsonl, the same as before. A log line that cannot be written (/dev/full) names log.jsonl."""
+    out = tmp_path / 'out'
+    assert train.cli([*TINY, f'--out_dir={out}']) == 0
+    whole = (out / 'summary.json').read_text()
+    os.truncate(out / 'summary.json', 40)
+    assert train.cli([*TINY, f'--out_dir={out}', '--resume=True']) == 0
+    assert json.loads((out / 'summary.json').read_text())['weights'] == json.loads(whole)['weights']
+    os.symlink('/dev/full', tmp_path / 'log.jsonl')
+    with pytest.raises(OSError, match=f"could not append to {tmp_path / 'log.jsonl'} .*the records before are intact"):
+        outdir.append_log(str(tmp_path), {'step': 1})
 
 
 def stop(out, *args):
@@ -363,5 +378,5 @@ def test_an_export_and_a_written_file_reach_the_disk_before_a_rename_publishes_t
     export_whole(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16)), str(tmp_path / 'hf'))
     assert sorted(synced) == sorted(str(tmp_path / 'hf.tmp' / name) for name in os.listdir(tmp_path / 'hf'))
     synced.clear()
-    checkpoint.write_whole(str(tmp_path / 'summary.json'), lambda f: json.dump({}, f))
+    outdir.write_whole(str(tmp_path / 'summary.json'), lambda f: json.dump({}, f))
     assert synced == [str(tmp_path / 'summary.json.tmp'), str(tmp_path)]

@@ -9,17 +9,17 @@ loss is the upper model w's; for a baseline, the share of the training signal ea
 
 matplotlib is optional (README's install command installs it); the training code never imports it.
 """
-import json
 import os
 import sys
+
+import outdir
 
 
 def read_log(out_dir):
     path = os.path.join(out_dir, 'log.jsonl')
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {path}: train.py writes it at every evaluation (--eval_interval)")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = outdir.read_log(path)
     if not records:
         raise ValueError(f"{path} is empty: the run has not reached its first evaluation")
     return records
