@@ -391,9 +391,11 @@ def load_data(data, block_size, seed, tokenizer=BYTES):
                 raise ValueError(f"built-in split '{name}' has {len(tokens)} tokens; block_size={block_size} "
                                  f"is too long for it")
         source_data.files = {}
-        return source_data
-    names, kind = data_files(data)
-    return (text_folder if kind == 'text' else json_folder)(data, names, block_size, tokenizer)
+    else:
+        names, kind = data_files(data)
+        source_data = (text_folder if kind == 'text' else json_folder)(data, names, block_size, tokenizer)
+    source_data.digests = {**(source_data.digests or {}), **tokenizer.digests}  # every file parsed, as parsed
+    return source_data
 
 
 def kept_table(kept):

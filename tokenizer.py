@@ -2,9 +2,10 @@
 Text to token ids and back: raw UTF-8 bytes by default (vocab 256, nothing to install), or a BPE from a local
 folder (GPT-2's, Llama 3's, Qwen's) through the optional `tokenizers` package. Nothing is downloaded.
 """
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,6 +18,7 @@ class Tokenizer:
     vocab_size: int
     end_of_text: int = None    # ends every response: the tokenizer's end-of-sequence token (GPT-2: <|endoftext|>)
     begin_of_text: int = None  # starts every example when the tokenizer's own template adds it (Llama 3)
+    digests: dict = field(default_factory=dict)  # path -> [bytes, SHA-256] of the files parsed, as they were parsed
 
 
 BYTES = Tokenizer(encode=lambda text: np.frombuffer(text.encode('utf-8'), dtype=np.uint8),
@@ -48,6 +50,7 @@ def load_tokenizer(spec):
     except ImportError:
         raise ImportError("--tokenizer=<folder> needs the tokenizers package: pip install tokenizers") from None
     read = files['tokenizer.json'] if os.path.isfile(files['tokenizer.json']) else files['vocab.json'] + ' and merges.txt'
+    digests = {path: file_digest(path) for path in tokenizer_files(spec).values()}
     try:
         bpe = tokenizers.Tokenizer.from_file(files['tokenizer.json']) if os.path.isfile(files['tokenizer.json']) \
             else tokenizers.ByteLevelBPETokenizer(files['vocab.json'], files['merges.txt'])
@@ -57,9 +60,19 @@ def load_tokenizer(spec):
     # text is encoded without special tokens; an example gets the template's BOS once, at its start
     plain, templated = bpe.encode('a', add_special_tokens=False).ids, bpe.encode('a').ids
     begin = templated[0] if len(templated) > len(plain) and templated[1:len(plain) + 1] == plain else None
+    end = end_of_sequence_id(spec, bpe)
+    if any(file_digest(path) != digest for path, digest in digests.items()):  # the checkpoint records digests
+        raise ValueError(f"--tokenizer={spec}: its files changed while they were read; run again once they are whole")
     return Tokenizer(encode=lambda text: np.array(bpe.encode(text, add_special_tokens=False).ids, dtype=np.int32),
                      decode=lambda ids: bpe.decode(list(ids)), vocab_size=bpe.get_vocab_size(),
-                     end_of_text=end_of_sequence_id(spec, bpe), begin_of_text=begin)
+                     end_of_text=end, begin_of_text=begin, digests=digests)
+
+
+def file_digest(path):
+    """[bytes, SHA-256] of a file, as a checkpoint records the files a run read (checkpoint.data_fingerprint)."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    return [len(raw), hashlib.sha256(raw).hexdigest()]
 
 
 def end_of_sequence_id(folder, bpe):

@@ -1,4 +1,5 @@
 """A GPT-2-style BPE from a local folder (the optional tokenizers package), in both of its file formats."""
+import hashlib
 import subprocess
 import sys
 
@@ -108,3 +109,24 @@ def test_a_llama3_style_tokenizer_puts_bos_once_at_the_start_and_eos_at_the_end(
     eos_free.write_text('{"eos_token": "<|im_end|>"}')
     with pytest.raises(ValueError, match="eos_token '<|im_end|>' is not in the tokenizer's vocabulary"):
         load_tokenizer(str(llama3_style_folder))
+
+
+def test_a_tokenizer_is_fingerprinted_as_it_was_parsed(bpe_folders, monkeypatch):
+    """The checkpoint records the digests of the tokenizer files taken as they were parsed (with the data's): a
+    file rewritten meanwhile is an error, not a fingerprint of bytes the run never read."""
+    path = str(bpe_folders[0] / 'tokenizer.json')
+    from_file = tokenizers.Tokenizer.from_file
+
+    def rewritten_while_parsed(file):
+        bpe = from_file(file)
+        with open(file, 'a') as f:
+            f.write(' ')
+        return bpe
+    monkeypatch.setattr(tokenizers.Tokenizer, 'from_file', rewritten_while_parsed)
+    with pytest.raises(ValueError, match="changed while they were read"):
+        load_tokenizer(str(bpe_folders[0]))
+    monkeypatch.undo()
+    with open(path, 'rb') as f:
+        raw = f.read()
+    data = load_data('denoise', 16, 0, load_tokenizer(str(bpe_folders[0])))
+    assert data.digests[path] == [len(raw), hashlib.sha256(raw).hexdigest()]
