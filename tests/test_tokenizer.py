@@ -1,5 +1,6 @@
 """A GPT-2-style BPE from a local folder (the optional tokenizers package), in both of its file formats."""
 import hashlib
+import random
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 
 import train
 from data import load_data
+from test_errors import fails
 from tokenizer import load_tokenizer
 
 tokenizers = pytest.importorskip('tokenizers')
@@ -130,3 +132,14 @@ def test_a_tokenizer_is_fingerprinted_as_it_was_parsed(bpe_folders, monkeypatch)
         raw = f.read()
     data = load_data('denoise', 16, 0, load_tokenizer(str(bpe_folders[0])))
     assert data.digests[path] == [len(raw), hashlib.sha256(raw).hexdigest()]
+
+
+@pytest.mark.parametrize('name', ['tokenizer.json', 'tokenizer_config.json'])
+def test_a_tokenizer_file_cut_at_random_offsets_is_one_line_naming_it(bpe_folders, tmp_path, capsys, name):
+    folder = bpe_folders[0]
+    (folder / 'tokenizer_config.json').write_text('{"eos_token": "<|endoftext|>"}')
+    path = folder / name
+    whole = path.read_bytes()
+    for offset in sorted(random.Random(1).sample(range(1, len(whole)), 3)):
+        path.write_bytes(whole[:offset])
+        assert str(path) in fails(capsys, tmp_path / f'out{offset}', f'--tokenizer={folder}'), offset
