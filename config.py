@@ -154,7 +154,9 @@ USED_ONLY = [
     (('model', 'n_layer', 'n_head', 'n_embd', 'bias'), lambda cfg: not cfg.init_from,
      "a model built from scratch (with --init_from, its config.json gives the shape)"),
     (('n_head', 'n_embd'), lambda cfg: not cfg.model, "a model without --model (the preset gives its width)"),
-    (('lisa_interval', 'lisa_draw', 'lisa_merge_frozen'), lambda cfg: cfg.lisa_layers > 0, "LISA (--lisa_layers > 0)"),
+    (('lisa_interval',), lambda cfg: cfg.lisa_layers > 0, "LISA (--lisa_layers > 0)"),
+    (('lisa_draw', 'lisa_merge_frozen'), lambda cfg: cfg.lisa_layers > 0 and cfg.method == 'scalebio',
+     "LISA on ScaleBiO's two copies (--lisa_layers > 0, --method=scalebio)"),
     (('alpha_interval',), lambda cfg: cfg.alpha_growth != 1.0, "a growing α (--alpha_growth other than 1)"),
     (('alpha_growth',), lambda cfg: cfg.alpha_interval > 0, "a growing α (--alpha_interval > 0)"),
 ]

@@ -126,6 +126,7 @@ def test_an_index_that_names_no_weight_files_is_refused_naming_it(tmp_path, inde
     (['--method=irdro', '--penalty_alpha=100'], '--penalty_alpha'), (['--method=fixed', '--lower_first=True'],
     '--lower_first'), (['--method=fixed', '--weights=val_only', '--sampling=stratified'], '--sampling'),
     (['--amp=False'], '--amp'),  # TINY's --device=cpu
+    (['--method=irdro', '--lisa_layers=1', '--lisa_draw=independent'], '--lisa_draw'),  # one model: no pair to draw for
 ])
 def test_a_value_the_run_would_ignore_is_an_error_naming_it(tmp_path, capsys, args, field):
     line = fails(capsys, tmp_path / 'out', *args)

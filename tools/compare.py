@@ -93,7 +93,7 @@ def run(out_dir, *args):
     baseline = any(a.startswith('--method=') and a != '--method=scalebio' for a in args)  # stage two, for one
     argv = [f'--out_dir={out_dir}', '--eval_interval=500', '--ckpt_interval=100000', *args,
             *[a for a in TRAIN_ARGS if not (pretrained and a.startswith(('--n_layer', '--n_head', '--n_embd')))
-              and not (baseline and a.split('=')[0][2:] in SCALEBIO_ONLY)]]
+              and not (baseline and a.split('=')[0][2:] in (*SCALEBIO_ONLY, 'lisa_draw', 'lisa_merge_frozen'))]]
     cfg = parse_config(argv)
     inputs = [os.path.join(cfg.reference, 'best', 'meta.json')] if cfg.reference else []
     inputs += [cfg.weights] if os.path.isfile(cfg.weights) else []
