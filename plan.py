@@ -31,7 +31,7 @@ Estimated, for one copy's forward and backward at a time (the copies run one aft
                    the gradient of the larger of a block and those units; one process without FSDP2 on
                    CUDA: autocast's bf16 copy of every weight, kept for the backward
 Reserved: RESERVE for the CUDA context and nccl's buffers, an allowance. Not planned: the allocator's
-fragmentation. TODO: check the estimates against torch.cuda.max_memory_allocated on a GPU (tools/gpu_checks.sh).
+fragmentation; RHO-LOSS's reference model and its scoring of rho_candidates times the rows. TODO: check the estimates against torch.cuda.max_memory_allocated on a GPU (tools/gpu_checks.sh).
 """
 import dataclasses
 import itertools
@@ -234,7 +234,8 @@ def check_run_memory(cfg, model_config, n_sources, world_size, copies, element_s
     forward) and that does not fit, the largest that does."""
     args = (model_config, n_sources, world_size, copies, element_size, bf16, sharded)
     plan, gpu_bytes = run_plan(cfg, *args), torch.cuda.get_device_properties(device).total_memory
-    fitting = largest_micro_batch(cfg, gpu_bytes, *args) if sum(plan.values()) > gpu_bytes else None
+    splits = cfg.method in ('scalebio', 'fixed')  # IR-DRO's and RHO-LOSS's steps take no --micro_batch
+    fitting = largest_micro_batch(cfg, gpu_bytes, *args) if splits and sum(plan.values()) > gpu_bytes else None
     if rank == 0:
         print_plan(plan, gpu_bytes)
     if cfg.check_memory and not cfg.micro_batch and fitting:

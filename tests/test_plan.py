@@ -128,4 +128,6 @@ def test_the_run_plan_has_the_rows_train_py_runs_and_a_too_large_batch_is_split_
         in capsys.readouterr().out
     assert check_run_memory(dataclasses.replace(cfg, micro_batch=16), *args, 'cuda:0', 0) == 16  # the user's: kept
     assert "warning: --device=cuda:0: the plan needs" in capsys.readouterr().err
+    assert check_run_memory(dataclasses.replace(cfg, method='irdro'), *args, 'cuda:0', 0) == 0  # takes no micro_batch
+    assert "no --micro_batch fits" in capsys.readouterr().err
     assert largest_micro_batch(cfg, 2**30, *args) is None

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one run (each command under its own timeout, 27 minutes at most; the first check alone, 8
 # minutes at most, is the one a first GPU session needs), results under ${OUT:-gpu-results}: LLaMA-3-8B's width at
-# 4 blocks, its peak memory against plan.py's plan; the GPT-2 124M shape in bf16, torch.compile'd, through bench.py (time, memory, MFU
+# 4 blocks, its peak memory against plan.py's plan (within 10%); the GPT-2 124M shape in bf16, torch.compile'd, through bench.py (time, memory, MFU
 # against the measured bf16 matmul peak), and train.py under torchrun (FSDP2, bf16 mixed precision, the
 # LISA warm-up) for 100 steps with LISA on and off (tokens/s, torch.cuda.max_memory_allocated).
 #     bash tools/gpu_checks.sh   (from the repository root)
