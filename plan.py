@@ -31,7 +31,8 @@ Estimated, for one copy's forward and backward at a time (the copies run one aft
                    the gradient of the larger of a block and those units; one process without FSDP2 on
                    CUDA: autocast's bf16 copy of every weight, kept for the backward
 Reserved: RESERVE for the CUDA context and nccl's buffers, an allowance. Not planned: the allocator's
-fragmentation; RHO-LOSS's reference model and its scoring of rho_candidates times the rows. TODO: check the estimates against torch.cuda.max_memory_allocated on a GPU (tools/gpu_checks.sh).
+fragmentation; RHO-LOSS's reference model and its scoring of rho_candidates times the rows. TODO: run the check
+of the estimates against torch.cuda.max_memory_allocated on a GPU (tools/gpu_checks.sh's first).
 """
 import dataclasses
 import itertools
