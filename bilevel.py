@@ -20,7 +20,8 @@ on ONE training batch shared by both copies:
 
     u ← u − η_u·∇_u α·L_train(u, λ)                       (the max over u, as a descent)
     w ← w − η_w·∇_w [L_val(w) + α·L_train(w, λ)]
-    p ← p − η_p·∇_p α·(L_train(w, λ) − L_train(u, λ))
+    p ← p − η_p·Adam(∇_p α·(L_train(w, λ) − L_train(u, λ)))   (the authors' AdamW; every update rule of p:
+                                                               SOURCE_LOGITS_UPDATES below)
 
 Why the shared batch: the p-gradient's estimate α·(ℓ(w; ξ) − ℓ(u; ξ')) has variance O(1) in α when ξ = ξ'
 (w − u = O(1/α), so the noise cancels to first order), but O(α²) when the two batches are independent.
