@@ -28,7 +28,6 @@ Where the sources come from (`--data=...` in train.py):
 
 The batches drawn from them, step by step, are steps.py's.
 """
-import hashlib
 import json
 import math
 import os
@@ -37,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tokenizer import BYTES
+from tokenizer import BYTES, digest
 
 BUILTIN_TASKS = ('denoise', 'noise_ladder', 'mixture', 'dilution', 'lengths')
 
@@ -141,7 +140,7 @@ def read_bytes(path, digests):
     the file as it is when the checkpoint is written (it may change while other files load)."""
     with open(path, 'rb') as f:
         raw = f.read()
-    digests[path] = [len(raw), hashlib.sha256(raw).hexdigest()]
+    digests[path] = digest(raw)
     return raw
 
 

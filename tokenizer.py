@@ -68,11 +68,14 @@ def load_tokenizer(spec):
                      end_of_text=end, begin_of_text=begin, digests=digests)
 
 
-def file_digest(path):
-    """[bytes, SHA-256] of a file, as a checkpoint records the files a run read (checkpoint.data_fingerprint)."""
-    with open(path, 'rb') as f:
-        raw = f.read()
+def digest(raw):
+    """[bytes, SHA-256] of a file's contents, as a checkpoint records the files a run read (data_fingerprint)."""
     return [len(raw), hashlib.sha256(raw).hexdigest()]
+
+
+def file_digest(path):
+    with open(path, 'rb') as f:
+        return digest(f.read())
 
 
 def end_of_sequence_id(folder, bpe):
