@@ -61,7 +61,7 @@ def load_tokenizer(spec):
     plain, templated = bpe.encode('a', add_special_tokens=False).ids, bpe.encode('a').ids
     begin = templated[0] if len(templated) > len(plain) and templated[1:len(plain) + 1] == plain else None
     end = end_of_sequence_id(spec, bpe)
-    if any(file_digest(path) != digest for path, digest in digests.items()):  # the checkpoint records digests
+    if any(file_digest(path) != recorded for path, recorded in digests.items()):  # as the checkpoint records them
         raise ValueError(f"--tokenizer={spec}: its files changed while they were read; run again once they are whole")
     return Tokenizer(encode=lambda text: np.array(bpe.encode(text, add_special_tokens=False).ids, dtype=np.int32),
                      decode=lambda ids: bpe.decode(list(ids)), vocab_size=bpe.get_vocab_size(),
