@@ -49,7 +49,7 @@ class TrainConfig:
     source_logits_lr: float = 0.0   # p's base step size; 0: the rule's own (adam: the authors' 1e-2; mirror 0.1)
     source_logits_weight_decay: float = 0.0  # p's weight decay, towards uniform weights
     central_difference: bool = False  # an option of ours: u descends α·L_train − L_val, p's gradient has bias O(1/α²)
-                                    # instead of the forward difference's O(1/α) (bilevel.py; train.py's guard)
+                                    # instead of the forward difference's O(1/α) (bilevel.py; steps.guard_lower_copy)
     alpha_growth: float = 1.0       # τ: α is multiplied by τ every alpha_interval steps (1.0: constant α)
     alpha_interval: int = 0
     # data (data.py)

@@ -174,6 +174,23 @@ def mean_over_ranks(tensor):
     return tensor
 
 
+# the central difference's lower copy descends α·L_train − L_val, which a language model can drive down without
+# bound by raising its validation loss; the guard stops a run whose u does that, before the loss doubles
+LOWER_GUARD_MARGIN = 0.25
+
+
+def guard_lower_copy(run, lower_val, done):
+    """Raises ValueError when u's validation loss is above its step-0 value by more than LOWER_GUARD_MARGIN
+    (relative) at two evaluations in a row. Every rank evaluates the same batches, so all stop together."""
+    limit = run.lower_val_start * (1 + LOWER_GUARD_MARGIN)
+    run.lower_val_rises = run.lower_val_rises + 1 if lower_val > limit else 0
+    if run.lower_val_rises >= 2:
+        raise ValueError(f"the lower copy's validation loss rose from {run.lower_val_start:.4f} at step 0 to "
+                         f"{lower_val:.4f} at step {done}, above {limit:.4f} at two evaluations in a row: under the "
+                         f"central difference it descends α·L_train − L_val, which is unbounded below here; run with "
+                         f"--central_difference=False (or a larger --penalty_alpha)")
+
+
 def tokens_per_step(cfg, n_sources):
     """Tokens through forward and backward per step: ScaleBiO's two copies see the training batch, w (and, with
     the central difference, u) the validation batch."""

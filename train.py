@@ -48,8 +48,8 @@ from model import GPTConfig, initial_weights, make_model, make_optimizer, target
 from outdir import (append_log, finished_summary, logged_record, own_out_dir, remove_files,
                     signals_stop_at_next_step, trim_log, write_whole)
 from plan import check_run_memory
-from steps import (Run, device_rows, evaluation_batches, mean_over_ranks, proportional_rows, rank_rows,
-                   scalebio_train_step, tokens_per_step, validation_rows)
+from steps import (Run, device_rows, evaluation_batches, guard_lower_copy, mean_over_ranks, proportional_rows,
+                   rank_rows, scalebio_train_step, tokens_per_step, validation_rows)
 
 
 # --method: the step the loop calls, each step(run, step, alpha) -> {'weights', 'loss'}
@@ -303,23 +303,6 @@ def evaluate_and_log(run, done, weights, alpha, lr, progress):
                         {'step': done, 'val_loss': run.best_val_loss, 'tokenizer': tokenizer,
                          'model_config': dataclasses.asdict(run.model_config), 'data': cfg.data, 'seed': cfg.seed})
     return record
-
-
-# the central difference's lower copy descends α·L_train − L_val, which a language model can drive down without
-# bound by raising its validation loss; the guard stops a run whose u does that, before the loss doubles
-LOWER_GUARD_MARGIN = 0.25
-
-
-def guard_lower_copy(run, lower_val, done):
-    """Raises ValueError when u's validation loss is above its step-0 value by more than LOWER_GUARD_MARGIN
-    (relative) at two evaluations in a row. Every rank evaluates the same batches, so all stop together."""
-    limit = run.lower_val_start * (1 + LOWER_GUARD_MARGIN)
-    run.lower_val_rises = run.lower_val_rises + 1 if lower_val > limit else 0
-    if run.lower_val_rises >= 2:
-        raise ValueError(f"the lower copy's validation loss rose from {run.lower_val_start:.4f} at step 0 to "
-                         f"{lower_val:.4f} at step {done}, above {limit:.4f} at two evaluations in a row: under the "
-                         f"central difference it descends α·L_train − L_val, which is unbounded below here; run with "
-                         f"--central_difference=False (or a larger --penalty_alpha)")
 
 
 # ----------------------------------------------------------------------------------------------
