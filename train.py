@@ -30,6 +30,9 @@ import signal
 import sys
 import time
 
+if __name__ == '__main__':  # Ctrl-C while torch loads, for seconds: one line, and nothing has been written yet
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("error: interrupted while starting; nothing was written"))
+
 import torch
 from tqdm import tqdm
 
@@ -410,6 +413,7 @@ def export(run, weights):
 def cli(argv):
     """`python train.py ...`: a run that cannot go on ends with one line naming why (the field, the file, the
     collective), and exit status 1."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a KeyboardInterrupt, handled below
     try:
         main(argv)
         return 0

@@ -6,6 +6,10 @@ import hashlib
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -354,6 +358,18 @@ def test_files_cut_at_random_offsets_end_in_a_run_or_one_line_naming_the_file(tm
         else:  # a cut JSON or safetensors file is never whole: one line naming it, never a run on a part of it
             assert code == 1 and str(path) in err.strip().splitlines()[-1], (offset, err)
     path.write_bytes(whole)
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    """SIGINT 0.6 s after `python train.py` starts lands while torch is still being imported (about 1.5 s), before
+    cli() and its handler: one line, exit status 1, nothing written."""
+    proc = subprocess.Popen([sys.executable, 'train.py', f'--out_dir={tmp_path}/out'], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.6)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err.strip() == "error: interrupted while starting; nothing was written", err
+    assert not os.path.exists(tmp_path / 'out')
 
 
 def test_a_second_interrupt_or_a_group_that_never_forms_is_one_line(tmp_path, capsys, monkeypatch):
