@@ -361,11 +361,11 @@ def test_files_cut_at_random_offsets_end_in_a_run_or_one_line_naming_the_file(tm
 
 
 def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
-    """SIGINT 0.6 s after `python train.py` starts lands while torch is still being imported (about 1.5 s), before
+    """SIGINT 0.3 s after `python train.py` starts lands while torch is still being imported (1-2 s), before
     cli() and its handler: one line, exit status 1, nothing written."""
     proc = subprocess.Popen([sys.executable, 'train.py', f'--out_dir={tmp_path}/out'], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(0.6)
+    time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and err.strip() == "error: interrupted while starting; nothing was written", err
