@@ -30,8 +30,14 @@ import signal
 import sys
 import time
 
+
+def interrupted_while_starting(signum, frame):  # at once: an exception raised inside torch's import may be caught
+    print("error: interrupted while starting; nothing was written", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 if __name__ == '__main__':  # Ctrl-C while torch loads, for seconds: one line, and nothing has been written yet
-    signal.signal(signal.SIGINT, lambda *_: sys.exit("error: interrupted while starting; nothing was written"))
+    signal.signal(signal.SIGINT, interrupted_while_starting)
 
 import torch
 from tqdm import tqdm
