@@ -23,8 +23,9 @@ from fsdp import barrier, is_main_process, rank0_decides
 # what a run writes into its out_dir, and whether each is a folder
 RUN_FILES = {'ckpt': True, 'ckpt.old': True, 'ckpt.tmp': True, 'best': True, 'best.old': True, 'best.tmp': True,
              'hf': True, 'hf.tmp': True, 'log.jsonl': False, 'summary.json': False, 'mixture.json': False,
-             'log.jsonl.tmp': False, 'summary.json.tmp': False, 'mixture.json.tmp': False}
+             'log.jsonl.tmp': False, 'summary.json.tmp': False, 'mixture.json.tmp': False, 'overwritten': True}
 LOCK = 'run.lock'
+OVERWRITTEN = 'overwritten'  # --overwrite=True: the previous run, kept whole until this run's first checkpoint
 
 
 @contextlib.contextmanager
@@ -103,9 +104,12 @@ def _take_lock(out_dir):
     return lock
 
 
-def remove_files(out_dir, names, inputs):
-    """Deletes these files and folders of out_dir (the previous run's, for --overwrite=True), on rank 0, unless one
-    of this run's inputs ({'--field': path}) lies in them: then nothing is deleted and the error names it."""
+def set_aside(out_dir, names, inputs):
+    """--overwrite=True: the previous run's files and folders (names) move into out_dir/overwritten on rank 0,
+    unless one of this run's inputs ({'--field': path}) lies in them: then nothing moves and the error names it.
+    drop_overwritten deletes them once this run has written its first checkpoint, so a run that fails before
+    (a NaN at step 1) leaves the previous one whole there. A folder overwritten/ already there holds a run that
+    was set aside by a run that never reached a checkpoint: it stays, and that run's own files go."""
     for field, path in inputs.items():
         real = os.path.realpath(path)
         for name in names:
@@ -113,11 +117,23 @@ def remove_files(out_dir, names, inputs):
             if real == doomed or real.startswith(doomed + os.sep):
                 raise ValueError(f"{field}={path} lies in {os.path.join(out_dir, name)}, which --overwrite=True would "
                                  f"delete: copy it out of --out_dir={out_dir} first, or use another --out_dir")
+    aside = os.path.join(out_dir, OVERWRITTEN)
     if is_main_process():
+        keep_earlier = OVERWRITTEN in names
         for name in names:
             path = os.path.join(out_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            if keep_earlier and name != OVERWRITTEN:
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            elif not keep_earlier:
+                os.makedirs(aside, exist_ok=True)
+                os.rename(path, os.path.join(aside, name))
     barrier()
+
+
+def drop_overwritten(out_dir):
+    """Deletes out_dir/overwritten (set_aside), on rank 0: this run has a checkpoint of its own."""
+    if is_main_process():
+        shutil.rmtree(os.path.join(out_dir, OVERWRITTEN), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

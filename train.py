@@ -54,7 +54,7 @@ from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distr
 from lisa import set_lisa_blocks
 from hf import export_whole, pretrained_tensors, read_config
 from model import GPTConfig, initial_weights, make_model, make_optimizer, target_counts
-from outdir import (append_log, finished_summary, logged_record, own_out_dir, remove_files,
+from outdir import (append_log, drop_overwritten, finished_summary, logged_record, own_out_dir, set_aside,
                     signals_stop_at_next_step, trim_log, write_whole)
 from plan import check_run_memory
 from steps import (Run, device_rows, evaluation_batches, guard_lower_copy, mean_over_ranks, proportional_rows,
@@ -79,9 +79,9 @@ def main(argv):
 def train(cfg, processes, previous_run):
     # the data, both model copies, their optimizers and p, on every rank
     run = build_run(cfg, processes)
-    # --overwrite=True: the previous run's files go, now that this run's inputs are known to be good and none is
-    # among them
-    remove_files(cfg.out_dir, previous_run, input_paths(cfg))
+    # --overwrite=True: the previous run's files go aside (out_dir/overwritten) until this run's first checkpoint,
+    # now that this run's inputs are known to be good and none is among them
+    set_aside(cfg.out_dir, previous_run, input_paths(cfg))
     # continue from the last checkpoint, or start afresh
     end_step = min(cfg.stop_at, cfg.max_steps) if cfg.stop_at > 0 else cfg.max_steps
     start_step = resume_from_checkpoint(run, end_step) if cfg.resume else 0
@@ -324,6 +324,7 @@ def save(run, step):
                      'model_config': dataclasses.asdict(run.model_config), 'best_val_loss': run.best_val_loss,
                      'lower_val_rises': run.lower_val_rises, 'cuda_rng': cuda, 'data_files': run.data_fingerprint},
                     keep_previous=True)
+    drop_overwritten(run.cfg.out_dir)  # the run --overwrite=True replaced, kept until now
 
 
 def resume_from_checkpoint(run, end_step):

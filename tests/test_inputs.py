@@ -60,6 +60,20 @@ def test_overwrite_refuses_to_delete_the_runs_own_inputs(finished_run, tmp_path,
     assert listing(finished_run) == before  # nothing deleted, nothing written
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_run_it_overwrote_whole(tmp_path, capsys):
+    """--overwrite=True sets the previous run aside (out_dir/overwritten) until this run's first checkpoint: a
+    value that fits its dtype but drives the loss to inf at step 2 leaves it whole there; the next
+    --overwrite=True keeps it over the failed run's files, and its first checkpoint deletes it."""
+    out = tmp_path / 'out'
+    assert train.cli([*TINY, f'--out_dir={out}']) == 0
+    relative = lambda folder: {os.path.relpath(p, folder): v for p, v in listing(folder).items()}
+    before = relative(out)
+    assert 'non-finite loss or gradient at step' in fails(capsys, out, '--overwrite=True', '--lr=1e200')
+    assert relative(out / 'overwritten') == {p: v for p, v in before.items() if p != 'run.lock'}
+    assert train.cli([*TINY, f'--out_dir={out}', '--overwrite=True', '--max_steps=6']) == 0
+    assert not (out / 'overwritten').exists() and json.loads((out / 'summary.json').read_text())['steps'] == 6
+
+
 def test_a_value_the_dtype_cannot_hold_is_refused_before_the_previous_run_is_deleted(finished_run, capsys):
     before = listing(finished_run)
     assert fails(capsys, finished_run, '--overwrite=True', '--lr=1e300', '--dtype=float32') == \
