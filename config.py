@@ -92,7 +92,7 @@ class TrainConfig:
     rho_candidates: int = 4         # rholoss: each step selects a training batch out of this many times as many
     # files: out_dir's logs, checkpoints and exports
     out_dir: str = 'out'             # one run's folder: a second run there needs --resume=True or --overwrite=True
-    overwrite: bool = False         # a fresh run in a used out_dir: its run's files are deleted first
+    overwrite: bool = False         # a fresh run in a used out_dir: the previous run's files go (at its first checkpoint)
     resume: bool = False
     eval_interval: int = 100
     eval_batches: int = 4           # batches of val_batch rows per split for evaluation
