@@ -407,15 +407,15 @@ def kept_table(kept):
     return '\n'.join(lines)
 
 
-def fixed_weights(spec, sources):
-    """Source weights for --method=fixed: 'uniform', or the weights a scalebio run wrote to its summary.json."""
+def fixed_weights(spec, sources, digests=None):
+    """Source weights for --method=fixed: 'uniform', or the weights a scalebio run wrote to its summary.json (its
+    [bytes, SHA-256] put in digests, as read_bytes does)."""
     if spec == 'uniform':
         return torch.full((len(sources),), 1.0 / len(sources), dtype=torch.float64)
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"--weights: no file {spec} (give 'uniform' or a summary.json)")
     try:
-        with open(spec) as f:
-            summary = json.load(f)
+        summary = json.loads(read_bytes(spec, {} if digests is None else digests))
     except ValueError:  # not JSON, or not UTF-8
         summary = None
     if not isinstance(summary, dict) or 'weights' not in summary:

@@ -141,6 +141,8 @@ def build_run(cfg, processes):
     reference = os.path.join(cfg.reference, 'best') if cfg.method == 'rholoss' and cfg.reference else ''
     reference_files = {f'reference/{name}': os.path.join(reference, name) for name in sorted(os.listdir(reference))} \
         if os.path.isdir(reference) else {}
+    weights = fixed_weights(cfg.weights, data.sources, data.digests) \
+        if cfg.method == 'fixed' and cfg.weights != 'val_only' else None  # the file's bytes hashed as they are parsed
     weights_file = {'weights.json': cfg.weights} if cfg.method == 'fixed' and os.path.isfile(cfg.weights) else {}
     fingerprint = data_fingerprint({**data.files, **tokenizer, **reference_files, **weights_file},
                                    read=data.digests) if rank == 0 else None
@@ -157,8 +159,8 @@ def build_run(cfg, processes):
               data_fingerprint=fingerprint)
     for model in models if sharded else []:  # on a validation row: no method sees a source it must not
         warm_up(model, validation_rows(run, 0, world_size)[0].to(device))
-    if cfg.method == 'fixed' and cfg.weights != 'val_only':
-        run.fixed_weights = fixed_weights(cfg.weights, data.sources).to(device)
+    if weights is not None:
+        run.fixed_weights = weights.to(device)
         run.rows_per_source = proportional_rows(run.fixed_weights.tolist(), len(data.sources) * cfg.batch_per_source) \
             if cfg.sampling == 'proportional' else None
     if cfg.method == 'rholoss':

@@ -188,6 +188,25 @@ def test_a_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
         assert len(json.load(f)['weights']) == 3
 
 
+def test_the_weights_file_is_fingerprinted_as_it_was_parsed(tmp_path, monkeypatch):
+    """--weights=FILE is read before the run's fingerprint is taken, and the fingerprint holds the bytes parsed: a
+    file rewritten right after the fingerprint changes neither the weights the run uses nor what it records."""
+    path = tmp_path / 'weights.json'
+    path.write_text(json.dumps({'sources': ['clean', 'noisy', 'irrelevant'], 'weights': [0.5, 0.3, 0.2]}))
+    parsed = hashlib.sha256(path.read_bytes()).hexdigest()
+    fingerprint = train.data_fingerprint
+
+    def then_rewritten(*args, **kwargs):
+        taken = fingerprint(*args, **kwargs)
+        path.write_text(json.dumps({'sources': ['clean', 'noisy', 'irrelevant'], 'weights': [0.1, 0.1, 0.8]}))
+        return taken
+    monkeypatch.setattr(train, 'data_fingerprint', then_rewritten)
+    summary = train.main([*TINY, f'--out_dir={tmp_path}/out', '--method=fixed', f'--weights={path}', '--max_steps=5',
+                          '--sampling=stratified'])  # loss weights: the summary reports them as given
+    assert summary['weights'] == pytest.approx([0.5, 0.3, 0.2])
+    assert checkpoint.read_meta(str(tmp_path / 'out' / 'ckpt'))['data_files']['weights.json'][1] == parsed
+
+
 def test_a_damaged_summary_is_written_again_on_resume_and_a_full_disk_while_logging_names_the_log(tmp_path, capsys):
     """summary.json cut by hand (or by a disk that lied): --resume=True writes it again from the final checkpoint
     and log.jsonl, the same as before. A log line that cannot be written (/dev/full) names log.jsonl."""
