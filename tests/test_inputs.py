@@ -361,7 +361,8 @@ def test_hostile_values_end_in_a_run_or_one_line_naming_the_field(tmp_path, caps
     assert ({p: v for p, v in listing(tmp_path).items() if '/runs/' not in p}, sorted(os.listdir(ROOT))) == outside
 
 
-@pytest.mark.parametrize('victim', ['config.json', 'model.safetensors', 'data', 'meta.json', 'log.jsonl'])
+@pytest.mark.parametrize('victim', ['config.json', 'model.safetensors', 'data', 'meta.json', 'log.jsonl',
+                                    'summary.json'])
 def test_files_cut_at_random_offsets_end_in_a_run_or_one_line_naming_the_file(tmp_path, capsys, victim):
     """A file the run reads, cut at 3 offsets drawn with a fixed seed: one line naming the file (a cut log.jsonl is
     trimmed on resume and the run goes on)."""
@@ -377,7 +378,10 @@ def test_files_cut_at_random_offsets_end_in_a_run_or_one_line_naming_the_file(tm
     assert train.cli([*args, f'--out_dir={stopped}', '--stop_at=2', '--eval_interval=1']) == 0
     path = {'config.json': model / 'config.json', 'model.safetensors': model / 'model.safetensors',
             'data': data / 'train_b.json', 'meta.json': stopped / 'ckpt' / 'meta.json',
-            'log.jsonl': stopped / 'log.jsonl'}[victim]
+            'log.jsonl': stopped / 'log.jsonl', 'summary.json': tmp_path / 'summary.json'}[victim]
+    if victim == 'summary.json':  # a learned mixture, as --weights of a stage-two run
+        path.write_text(json.dumps({'sources': ['a', 'b'], 'weights': [0.75, 0.25]}))
+        args += ['--method=fixed', f'--weights={path}']
     whole = path.read_bytes()
     for offset in sorted(random.Random(1).sample(range(1, len(whole)), 3)):
         path.write_bytes(whole[:offset])
