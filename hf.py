@@ -57,30 +57,43 @@ def read_config(path):
         raise ValueError(f"{config_path}: a field is missing or of the wrong kind ({type(e).__name__}: {e})") from None
 
 
-def check_sizes(hf, keys, where):
-    """The sizes a config.json must give, each a positive integer."""
-    wrong = {k: hf[k] for k in keys if k in hf and (type(hf[k]) is not int or hf[k] <= 0)}
+# config.json's fields read besides the sizes: each a positive number, or true / false
+NUMBERS = ('layer_norm_epsilon', 'layer_norm_eps', 'rms_norm_eps', 'rope_theta', 'rotary_emb_base')
+FLAGS = ('tie_word_embeddings', 'use_parallel_residual', 'attention_bias', 'mlp_bias', 'use_sliding_window')
+
+
+def check_kinds(hf, sizes, where):
+    """The sizes a config.json gives, each a positive integer or null (at most 2**24: no model has a larger one,
+    and a position table that long would not fit in memory), its NUMBERS positive and finite, its FLAGS booleans."""
+    rope = hf['rope_parameters'] if isinstance(hf.get('rope_parameters'), dict) else {}
+    wrong = [f'{k}={hf[k]!r}' for k in sizes
+             if hf.get(k) is not None and (type(hf[k]) is not int or not 0 < hf[k] <= 2**24)]
+    wrong += [f'{k}={v!r}' for k, v in [*hf.items(), *rope.items()]
+              if k in NUMBERS and (type(v) not in (int, float) or not 0 < v < math.inf)]
+    wrong += [f'{k}={hf[k]!r}' for k in FLAGS if hf.get(k) is not None and type(hf[k]) is not bool]
     if wrong:
-        raise ValueError(f"{where}: {', '.join(f'{k}={v!r}' for k, v in wrong.items())} must be positive integers")
+        raise ValueError(f"{where}: {', '.join(wrong)}: sizes must be positive integers up to 2**24, "
+                         f"{', '.join(NUMBERS)} positive numbers, {', '.join(FLAGS)} true or false")
 
 
 def gpt2_config(hf, where):
-    check_sizes(hf, ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd'), where)
-    missing = [k for k in ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd') if k not in hf]
+    check_kinds(hf, ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd'), where)
+    missing = [k for k in ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd') if hf.get(k) is None]
     activation = hf.get('activation_function', 'gelu_new')
     if missing or activation not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu'):
         raise ValueError(f"{where} is not a GPT-2 config (missing {missing}, activation {activation})")
     if hf['n_embd'] % hf['n_head']:
         raise ValueError(f"{where}: n_embd={hf['n_embd']} is not a multiple of n_head={hf['n_head']}")
     return GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
-                     n_head=hf['n_head'], n_embd=hf['n_embd'], bias=True, gelu='none' if activation == 'gelu' else 'tanh')
+                     n_head=hf['n_head'], n_embd=hf['n_embd'], bias=True, gelu='none' if activation == 'gelu' else 'tanh',
+                     norm_eps=hf.get('layer_norm_epsilon', 1e-5))
 
 
 def neox_config(hf, where):
     sizes = ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size', 'vocab_size',
              'max_position_embeddings')
-    check_sizes(hf, sizes, where)
-    missing = [k for k in sizes if k not in hf]
+    check_kinds(hf, sizes, where)
+    missing = [k for k in sizes if hf.get(k) is None]
     activation = hf.get('hidden_act', 'gelu')
     rope = dict(hf.get('rope_parameters') or {})  # transformers 5; older configs: rotary_pct, rotary_emb_base
     share = rope.get('partial_rotary_factor', hf.get('rotary_pct', 0.25))  # transformers' default, Pythia's value
@@ -114,10 +127,10 @@ def padded_rows(rows, n_padded):
 
 
 def llama_config(hf, where):
-    check_sizes(hf, ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size', 'vocab_size',
-                     'max_position_embeddings', 'num_key_value_heads', 'head_dim'), where)
+    check_kinds(hf, ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size', 'vocab_size',
+                     'max_position_embeddings', 'num_key_value_heads', 'head_dim', 'sliding_window'), where)
     missing = [k for k in ('hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size',
-                           'vocab_size', 'max_position_embeddings') if k not in hf]
+                           'vocab_size', 'max_position_embeddings') if hf.get(k) is None]
     if missing or hf.get('hidden_act', 'silu') != 'silu':
         raise ValueError(f"{where} is not a Llama-family config (missing {missing}, hidden_act {hf.get('hidden_act')})")
     # rotary settings: rope_theta + rope_scaling, or the newer rope_parameters holding both
@@ -256,15 +269,17 @@ def read_safetensors_header(file, f):
 
 
 def torch_checkpoint(file):
-    """The tensors of a torch .bin file, memory-mapped where its format allows; a damaged file is one error naming
-    it."""
+    """The tensors of a torch .bin file, memory-mapped where its format allows; a damaged one is an error naming it."""
     try:
         try:
-            return torch.load(file, map_location='cpu', weights_only=True, mmap=True)
+            tensors = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
         except RuntimeError:  # a file written before torch 1.6 (GPT-2's own) cannot be memory-mapped
-            return torch.load(file, map_location='cpu', weights_only=True)
+            tensors = torch.load(file, map_location='cpu', weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise ValueError(f"{file} cannot be read as a torch checkpoint ({e}); write or download it again") from None
+    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+        raise ValueError(f"{file} is not a model's weights (a dict of names to tensors)")
+    return tensors
 
 
 def our_name(name, config):
@@ -329,7 +344,7 @@ def hf_config(config):
     if config.family == 'gpt2':
         return {'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'], 'vocab_size': config.vocab_size,
                 'n_positions': config.block_size, 'n_ctx': config.block_size, 'n_embd': config.n_embd,
-                'n_layer': config.n_layer, 'n_head': config.n_head, 'layer_norm_epsilon': 1e-5,
+                'n_layer': config.n_layer, 'n_head': config.n_head, 'layer_norm_epsilon': config.norm_eps,
                 'activation_function': 'gelu_new' if config.gelu == 'tanh' else 'gelu',
                 'resid_pdrop': config.dropout, 'embd_pdrop': config.dropout, 'attn_pdrop': config.dropout,
                 'tie_word_embeddings': True, 'torch_dtype': 'float32'}

@@ -171,13 +171,13 @@ def trim_log(out_dir, start_step):
 
 
 def read_log(path):
-    """The records of a log.jsonl, but a line that a kill cut short."""
+    """The records of a log.jsonl, but a line that a kill cut short, or one that is not a record of a step."""
     records = []
     with open(path) as f:
         for line in f:
             with contextlib.suppress(ValueError):
                 records.append(json.loads(line))
-    return records
+    return [r for r in records if isinstance(r, dict) and type(r.get('step')) is int]
 
 
 def logged_record(out_dir, step):

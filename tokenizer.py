@@ -91,6 +91,8 @@ def end_of_sequence_id(folder, bpe):
                     raise ValueError(f"{path} is not valid JSON ({e})") from None
             eos = special.get('eos_token') if isinstance(special, dict) else None
             eos = eos.get('content') if isinstance(eos, dict) else eos
+            if eos is not None and not isinstance(eos, str):
+                raise ValueError(f"{path}: eos_token {eos!r} is not a token (a string, or {{'content': string}})")
             if eos is not None:
                 if bpe.token_to_id(eos) is None:
                     raise ValueError(f"{path}: eos_token {eos!r} is not in the tokenizer's vocabulary")

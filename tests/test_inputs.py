@@ -290,7 +290,7 @@ LLAMA = dict(model_type='llama', hidden_size=16, num_hidden_layers=2, num_attent
     ('{"model_type": "gpt2", "n_layer": 2,', 'is not valid JSON'),
     ('[1, 2]', 'is not a model config'),
     ('{"model_type": "gpt2", "n_positions": 16, "vocab_size": 256, "n_layer": 2, "n_head": "two", "n_embd": 16}',
-     "n_head='two' must be positive integers"),
+     "n_head='two': sizes must be positive integers"),
     ('{"model_type": "gpt2", "n_positions": 16, "vocab_size": 256, "n_layer": 2, "n_head": 3, "n_embd": 16}',
      "n_embd=16 is not a multiple of n_head=3"),
     ('{"model_type": ["llama"]}', 'model_type ["llama"] is neither GPT-2'),
@@ -299,11 +299,20 @@ LLAMA = dict(model_type='llama', hidden_size=16, num_hidden_layers=2, num_attent
     (json.dumps({**LLAMA, 'rope_scaling': {'rope_type': 'llama3', 'factor': 8, 'low_freq_factor': 4,
                                            'high_freq_factor': 4}}), "high_freq_factor above low_freq_factor"),
     (json.dumps({**LLAMA, 'rope_scaling': ['llama3']}), "a field is missing or of the wrong kind"),
-    (json.dumps({**LLAMA, 'rope_theta': 'big'}), "a field is missing or of the wrong kind (ValueError"),
+    (json.dumps({**LLAMA, 'rope_theta': 'big'}), "rope_theta='big': sizes must be"),
+    (json.dumps({**LLAMA, 'rope_theta': 0}), "rope_theta=0: sizes must be"),  # a NaN at step 0 otherwise
+    (json.dumps({**LLAMA, 'rms_norm_eps': 'x'}), "rms_norm_eps='x': sizes must be"),
+    (json.dumps({**LLAMA, 'rms_norm_eps': -1}), "rms_norm_eps=-1: sizes must be"),
+    (json.dumps({**LLAMA, 'model_type': 'mistral', 'sliding_window': '4096'}), "sliding_window='4096': sizes must"),
+    (json.dumps({**LLAMA, 'tie_word_embeddings': 'false'}), "tie_word_embeddings='false': sizes must"),
+    ('{"model_type": "gpt2", "n_positions": 1099511627776, "vocab_size": 256, "n_layer": 2, "n_head": 2, "n_embd": 16}',
+     "n_positions=1099511627776: sizes must be positive integers up to 2**24"),
     (json.dumps({**LLAMA, 'model_type': 'gpt_neox', 'rotary_pct': 'half', 'intermediate_size': 64}),
      "rotary_pct 'half' must rotate 2 to 8 dimensions"),
     (json.dumps({**LLAMA, 'model_type': 'gpt_neox', 'rotary_emb_base': 'big', 'intermediate_size': 64}),
-     "a field is missing or of the wrong kind (ValueError"),
+     "rotary_emb_base='big': sizes must be"),
+    (json.dumps({**LLAMA, 'model_type': 'gpt_neox', 'layer_norm_eps': [1], 'intermediate_size': 64}),
+     "layer_norm_eps=[1]: sizes must be"),
 ])
 def test_a_malformed_config_json_is_one_line_naming_it(tmp_path, capsys, content, message):
     folder = tmp_path / 'model'
@@ -312,6 +321,29 @@ def test_a_malformed_config_json_is_one_line_naming_it(tmp_path, capsys, content
     args = [a for a in TINY if not a.startswith(SHAPE)] + [f'--init_from={folder}', f'--out_dir={tmp_path}/out']
     line = error_line(capsys, *args)
     assert str(folder / 'config.json') in line and message in line
+
+
+@pytest.mark.parametrize('saved', [[1, 2], {'transformer.wte.weight': 3}])
+def test_a_torch_file_that_holds_no_weights_is_one_line_naming_it(tmp_path, capsys, saved):
+    import torch
+    folder = tmp_path / 'model'
+    export_pretrained(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16)), str(folder))
+    os.remove(folder / 'model.safetensors')
+    torch.save(saved, folder / 'pytorch_model.bin')
+    args = [a for a in TINY if not a.startswith(SHAPE)] + [f'--init_from={folder}', f'--out_dir={tmp_path}/out']
+    line = error_line(capsys, *args)
+    assert str(folder / 'pytorch_model.bin') in line and "is not a model's weights" in line
+
+
+def test_log_lines_that_are_no_step_records_are_skipped_on_resume(tmp_path):
+    """A hand-edited log.jsonl (a list, a record without a step, a step that is not a number) resumes as a cut
+    line does: those lines are dropped, the run goes on."""
+    out = tmp_path / 'out'
+    assert train.cli([*TINY, f'--out_dir={out}', '--stop_at=5']) == 0
+    with open(out / 'log.jsonl', 'a') as f:
+        f.write('[1]\n{"a": 1}\n{"step": "x"}\n5\n')
+    assert train.cli([*TINY, f'--out_dir={out}', '--resume=True']) == 0
+    assert [json.loads(line)['step'] for line in open(out / 'log.jsonl')] == [5, 10]
 
 
 def test_a_malformed_tokenizer_file_is_one_line_naming_it(tmp_path, capsys):

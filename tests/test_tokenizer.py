@@ -143,3 +143,10 @@ def test_a_tokenizer_file_cut_at_random_offsets_is_one_line_naming_it(bpe_folder
     for offset in sorted(random.Random(1).sample(range(1, len(whole)), 3)):
         path.write_bytes(whole[:offset])
         assert str(path) in fails(capsys, tmp_path / f'out{offset}', f'--tokenizer={folder}'), offset
+
+
+@pytest.mark.parametrize('eos', ['5', '["<|endoftext|>"]', '{"content": 7}'])
+def test_an_eos_token_that_is_not_a_string_is_one_line_naming_the_file(bpe_folders, tmp_path, capsys, eos):
+    (bpe_folders[0] / 'tokenizer_config.json').write_text(f'{{"eos_token": {eos}}}')
+    line = fails(capsys, tmp_path / 'out', f'--tokenizer={bpe_folders[0]}')
+    assert str(bpe_folders[0] / 'tokenizer_config.json') in line and 'is not a token' in line
