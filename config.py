@@ -207,10 +207,18 @@ def parse_config(argv):
         for key in keys:
             if not rule(getattr(cfg, key)) or getattr(cfg, key) in (math.inf, -math.inf):
                 raise ValueError(f"--{key} {requirement}, got {getattr(cfg, key)}")
-    for key in FLOAT_FIELDS:  # a value the parameters' dtype cannot hold would overflow at the first step
-        if abs(getattr(cfg, key)) > torch.finfo(getattr(torch, cfg.dtype)).max:
+    finfo = torch.finfo(getattr(torch, cfg.dtype))
+    for key in FLOAT_FIELDS:  # a value the parameters' dtype cannot hold would overflow at the first step, or be
+        if not (abs(getattr(cfg, key)) <= finfo.max and not 0 < abs(getattr(cfg, key)) < finfo.tiny):  # flushed to 0
             raise ValueError(f"--{key}={getattr(cfg, key)} does not fit --dtype={cfg.dtype} (at most "
-                             f"{torch.finfo(getattr(torch, cfg.dtype)).max:.3g})")
+                             f"{finfo.max:.3g}, and 0 or at least {finfo.tiny:.3g}: train.py flushes smaller ones to 0)")
+    if cfg.alpha_interval and cfg.alpha_growth != 1.0:  # α's last growth, and u's and w's steps ÷ its factor
+        log_growth = (cfg.max_steps - 1) // cfg.alpha_interval * math.log(cfg.alpha_growth)
+        if not abs(log_growth) < math.log(finfo.max) or \
+                not math.log(finfo.tiny) <= math.log(cfg.penalty_alpha) + log_growth <= math.log(finfo.max):
+            raise ValueError(f"--alpha_growth={cfg.alpha_growth} every {cfg.alpha_interval} steps takes α from "
+                             f"--penalty_alpha={cfg.penalty_alpha} out of what --dtype={cfg.dtype} holds by step "
+                             f"{cfg.max_steps}")
     defaults = TrainConfig()
     for keys, used, setting in USED_ONLY:
         for key in keys:

@@ -71,6 +71,12 @@ RECORDS = json.dumps([{'instruction': f'{a}+{a}', 'output': str(2 * a)} for a in
     (['--lisa_layers=-3'], "--lisa_layers must be 0 or positive, got -3"),
     (['--lisa_layers=2'], "--lisa_layers=2 must be fewer than the model's 2 blocks"),
     (['--dist_timeout=0'], "--dist_timeout must be positive, got 0.0"),
+    (['--penalty_alpha=1e-40', '--dtype=float32'],  # a float32 subnormal (a float64 one may parse as 0 here)
+     r"--penalty_alpha=1e-40 does not fit --dtype=float32 .* flushes smaller ones to 0"),
+    (['--method=irdro', '--dro_temperature=1e-40', '--dtype=float32'], r"--dro_temperature=1e-40 does not fit"),
+    (['--alpha_growth=1e-300', '--alpha_interval=1'], r"--alpha_growth=1e-300 every 1 steps takes α from "
+                                                      r"--penalty_alpha=10.0 out of what --dtype=float64 holds"),
+    (['--alpha_growth=1e5', '--alpha_interval=1', '--dtype=float32'], r"--alpha_growth=100000.0 every 1 steps takes"),
     (['--dist_timeout=1e300'], r"--dist_timeout must be between 0.1 and 10000 \(minutes\), got 1e\+300"),
     (['--dropout=1'], r"--dropout must be in \[0, 1\), got 1.0"),
     (['--device=tpu'], "--device must be auto, cpu, cuda or cuda:<index>, got 'tpu'"),
