@@ -116,6 +116,8 @@ def save_checkpoint(path, models, optimizers, tensors, meta, keep_previous=False
             write_whole(os.path.join(tmp, 'meta.json'), lambda f: json.dump(meta, f))
     except (OSError, CheckpointException) as e:  # a full disk, for one
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+        if isinstance(cause, KeyboardInterrupt):  # a second Ctrl-C while writing: train.cli's line for it
+            raise KeyboardInterrupt from None
         raise OSError(f"could not write the checkpoint {tmp} ({getattr(cause, 'strerror', None) or cause}); "
                       f"{path}, if there is one, is intact") from None
     if is_main_process():

@@ -54,8 +54,8 @@ from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distr
 from lisa import set_lisa_blocks
 from hf import export_whole, pretrained_tensors, read_config
 from model import GPTConfig, initial_weights, make_model, make_optimizer, target_counts
-from outdir import (append_log, drop_overwritten, finished_summary, logged_record, own_out_dir, set_aside,
-                    signals_stop_at_next_step, trim_log, write_whole)
+from outdir import (OVERWRITTEN, append_log, drop_overwritten, finished_summary, logged_record, own_out_dir,
+                    set_aside, signals_stop_at_next_step, trim_log, write_whole)
 from plan import check_run_memory
 from steps import (Run, device_rows, evaluation_batches, guard_lower_copy, mean_over_ranks, proportional_rows,
                    rank_rows, scalebio_train_step, tokens_per_step, validation_rows)
@@ -262,6 +262,8 @@ def take_step(run, step, alpha):
     except FloatingPointError as e:
         ckpt = os.path.join(run.cfg.out_dir, 'ckpt')
         last = f"the last good checkpoint is {ckpt}" if os.path.isdir(ckpt) else "no checkpoint was written yet"
+        if os.path.isdir(os.path.join(run.cfg.out_dir, OVERWRITTEN)):
+            last += f"; the run --overwrite=True replaced is whole in {os.path.join(run.cfg.out_dir, OVERWRITTEN)}"
         raise FloatingPointError(f"non-finite loss or gradient at step {step}: {e}; stopped without saving, "
                                  f"{last}") from None
     run.train_time += time.time() - t0
@@ -432,8 +434,8 @@ def cli(argv):
         print(f"{rank}error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second SIGINT, or one before the loop began: no checkpoint is half-written
-        print("error: interrupted; what out_dir holds is whole (continue from its ckpt with --resume=True)",
-              file=sys.stderr)
+        print("error: interrupted; nothing in out_dir is half-written (a run with a checkpoint continues with "
+              "--resume=True)", file=sys.stderr)
         return 130
 
 

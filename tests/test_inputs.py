@@ -68,7 +68,8 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_run_it_overwrot
     assert train.cli([*TINY, f'--out_dir={out}']) == 0
     relative = lambda folder: {os.path.relpath(p, folder): v for p, v in listing(folder).items()}
     before = relative(out)
-    assert 'non-finite loss or gradient at step' in fails(capsys, out, '--overwrite=True', '--lr=1e200')
+    line = fails(capsys, out, '--overwrite=True', '--lr=1e200')
+    assert 'non-finite loss or gradient at step' in line and f"replaced is whole in {out / 'overwritten'}" in line
     assert relative(out / 'overwritten') == {p: v for p, v in before.items() if p != 'run.lock'}
     assert train.cli([*TINY, f'--out_dir={out}', '--overwrite=True', '--max_steps=6']) == 0
     assert not (out / 'overwritten').exists() and json.loads((out / 'summary.json').read_text())['steps'] == 6
@@ -428,6 +429,19 @@ def test_files_cut_at_random_offsets_end_in_a_run_or_one_line_naming_the_file(tm
         else:  # a cut JSON or safetensors file is never whole: one line naming it, never a run on a part of it
             assert code == 1 and str(path) in err.strip().splitlines()[-1], (offset, err)
     path.write_bytes(whole)
+
+
+def test_a_second_ctrl_c_while_a_checkpoint_is_written_is_the_interrupt_line(tmp_path, capsys, monkeypatch):
+    """torch.distributed.checkpoint wraps what its writer raised, a KeyboardInterrupt too: that is the interrupt's
+    line, not a write error with an empty reason."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    def interrupted(*args, **kwargs):
+        raise CheckpointException('save', {0: (KeyboardInterrupt(), None)})
+    monkeypatch.setattr(checkpoint.dcp, 'save', interrupted)
+    code = train.cli([*TINY, f'--out_dir={tmp_path}/out'])
+    out, err = capsys.readouterr()
+    assert code == 130 and 'Traceback' not in out + err and err.strip().splitlines()[-1].startswith('error: interrupted')
 
 
 def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
