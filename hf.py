@@ -172,14 +172,13 @@ def weight_files(path):
             with open(os.path.join(path, index)) as f:
                 try:
                     shards = sorted(set(json.load(f)['weight_map'].values()))
-                    if not all(isinstance(shard, str) for shard in shards):
-                        raise TypeError("a file name that is not a string")
                 except (KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as e:
                     raise ValueError(f"{path}/{index} is not an index of weight files "
                                      f"({{'weight_map': {{tensor: file}}}}): {type(e).__name__}: {e}") from None
-            for shard in shards:
-                if not os.path.isfile(os.path.join(path, shard)):
-                    raise FileNotFoundError(f"{path}/{index} names {shard}, which is not in the folder")
+            for shard in shards:  # a file of the folder, not one elsewhere
+                if not isinstance(shard, str) or os.path.isabs(shard) or os.path.normpath(shard).startswith('..') \
+                        or not os.path.isfile(os.path.join(path, shard)):
+                    raise FileNotFoundError(f"{path}/{index} names {shard!r}, which is not a file in the folder")
             return [os.path.join(path, shard) for shard in shards]
     raise FileNotFoundError(f"{path} holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 

@@ -110,11 +110,12 @@ def set_aside(out_dir, names, inputs):
     drop_overwritten deletes them once this run has written its first checkpoint, so a run that fails before
     (a NaN at step 1) leaves the previous one whole there. A folder overwritten/ already there holds a run that
     was set aside by a run that never reached a checkpoint: it stays, and that run's own files go."""
-    for field, path in inputs.items():
-        real = os.path.realpath(path)
+    for field, path in inputs.items():  # a folder's files too: a symlink among them may lead into out_dir
+        files = [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else []
+        reals = [os.path.realpath(p) for p in [path, *files]]
         for name in names:
             doomed = os.path.realpath(os.path.join(out_dir, name))
-            if real == doomed or real.startswith(doomed + os.sep):
+            if any(real == doomed or real.startswith(doomed + os.sep) for real in reals):
                 raise ValueError(f"{field}={path} lies in {os.path.join(out_dir, name)}, which --overwrite=True would "
                                  f"delete: copy it out of --out_dir={out_dir} first, or use another --out_dir")
     aside = os.path.join(out_dir, OVERWRITTEN)
@@ -173,7 +174,7 @@ def trim_log(out_dir, start_step):
 def read_log(path):
     """The records of a log.jsonl, but a line that a kill cut short, or one that is not a record of a step."""
     records = []
-    with open(path) as f:
+    with open(path, encoding='utf-8', errors='replace') as f:  # bytes that are not UTF-8: a line to skip
         for line in f:
             with contextlib.suppress(ValueError):
                 records.append(json.loads(line))

@@ -22,7 +22,7 @@ from data import load_data
 from tokenizer import BYTES
 from hf import export_pretrained, export_whole, read_tensors, weight_files
 from model import GPT, GPTConfig
-from test_errors import TINY, fails, listing
+from test_errors import LINES, RECORDS, TINY, fails, listing, write
 
 SHAPE = ('--n_layer', '--n_head', '--n_embd')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +73,41 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_run_it_overwrot
     assert relative(out / 'overwritten') == {p: v for p, v in before.items() if p != 'run.lock'}
     assert train.cli([*TINY, f'--out_dir={out}', '--overwrite=True', '--max_steps=6']) == 0
     assert not (out / 'overwritten').exists() and json.loads((out / 'summary.json').read_text())['steps'] == 6
+
+
+def test_overwrite_refuses_an_input_that_reaches_into_the_run_by_a_link(finished_run, tmp_path, capsys):
+    """A data folder whose file is a symlink into the run --overwrite=True would set aside is refused, as a folder
+    inside it is."""
+    write(tmp_path / 'data', {'train_a.txt': LINES, 'val.txt': LINES, 'test.txt': LINES})
+    os.symlink(finished_run / 'summary.json', tmp_path / 'data' / 'train_b.txt')
+    before = listing(finished_run)
+    line = error_line(capsys, *TINY, f'--data={tmp_path}/data', f'--out_dir={finished_run}', '--overwrite=True')
+    assert line.startswith(f"error: --data={tmp_path}/data lies in") and 'would delete' in line
+    assert listing(finished_run) == before
+
+
+@pytest.mark.parametrize('files', [
+    {'train_a.txt': LINES, 'train_val.txt': LINES, 'val.txt': LINES, 'test.txt': LINES},
+    {'train_a.json': RECORDS, 'train_test.json': RECORDS, 'val.json': RECORDS, 'test.json': RECORDS},
+])
+def test_a_source_named_like_a_held_out_split_is_refused(tmp_path, capsys, files):
+    """A source named val or test would be evaluated as, or loaded in place of, the held-out split of that name."""
+    write(tmp_path / 'data', files)
+    line = fails(capsys, tmp_path / 'out', f'--data={tmp_path}/data', '--block_size=16')
+    assert "a source may not be named 'val' or 'test'" in line and str(tmp_path / 'data' / 'train_') in line
+
+
+def test_jsonl_lines_are_split_at_newlines_only_and_a_log_with_bytes_that_are_not_utf8_resumes(tmp_path, capsys):
+    """U+2028 inside a JSON string is one record (str.splitlines splits there); bytes that are not UTF-8 in
+    log.jsonl are a line to skip on resume, not an error naming no file."""
+    record = json.dumps({'instruction': 'a\u2028b', 'output': 'c\x85d'}, ensure_ascii=False)
+    write(tmp_path / 'data', {name: (record + '\n') * 20 for name in ('train_a.jsonl', 'train_b.jsonl', 'val.jsonl',
+                                                                      'test.jsonl')})
+    out = tmp_path / 'out'
+    assert train.cli([*TINY, f'--data={tmp_path}/data', '--block_size=48', f'--out_dir={out}', '--stop_at=5']) == 0
+    with open(out / 'log.jsonl', 'ab') as f:
+        f.write(b'\xff\xfe garbage\n')
+    assert train.cli([*TINY, f'--data={tmp_path}/data', '--block_size=48', f'--out_dir={out}', '--resume=True']) == 0
 
 
 def test_a_value_the_dtype_cannot_hold_is_refused_before_the_previous_run_is_deleted(finished_run, capsys):
@@ -128,13 +163,21 @@ def test_a_safetensors_header_whose_tensors_do_not_tile_the_file_is_refused_nami
     assert str(weights) in str(error.value)
 
 
-@pytest.mark.parametrize('index', ['{"metadata": {}}', '{"weight_map": ["a.safetensors"]}', '{"weight_map": {"x": 3}}',
-                                   '{"weight_map": '])
-def test_an_index_that_names_no_weight_files_is_refused_naming_it(tmp_path, index):
-    (tmp_path / 'model.safetensors.index.json').write_text(index)
-    with pytest.raises(ValueError, match='is not an index of weight files') as error:
-        weight_files(str(tmp_path))
-    assert str(tmp_path / 'model.safetensors.index.json') in str(error.value)
+@pytest.mark.parametrize('index, message', [
+    ('{"metadata": {}}', 'is not an index of weight files'), ('{"weight_map": ', 'is not an index of weight files'),
+    ('{"weight_map": ["a.safetensors"]}', 'is not an index of weight files'),
+    ('{"weight_map": {"x": 3}}', 'names 3, which is not a file in the folder'),
+    ('{"weight_map": {"x": "../run/hf/model.safetensors"}}', 'which is not a file in the folder'),  # another folder's
+    ('{"weight_map": {"x": "/etc/hostname"}}', 'which is not a file in the folder'),
+])
+def test_an_index_that_names_no_weight_files_of_its_folder_is_refused_naming_it(tmp_path, index, message):
+    (tmp_path / 'model').mkdir()
+    (tmp_path / 'run' / 'hf').mkdir(parents=True)
+    (tmp_path / 'run' / 'hf' / 'model.safetensors').write_bytes(b'')
+    (tmp_path / 'model' / 'model.safetensors.index.json').write_text(index)
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as error:
+        weight_files(str(tmp_path / 'model'))
+    assert str(tmp_path / 'model' / 'model.safetensors.index.json') in str(error.value)
 
 
 @pytest.mark.parametrize('args, field', [
