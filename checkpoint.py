@@ -12,6 +12,7 @@ Checkpoints, and how they prove themselves (the out_dir they live in, its lock a
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import warnings
@@ -179,7 +180,11 @@ def _meta_problem(folder):
         return "its contents do not match their checksum: it was edited or damaged"
     wrong = [k for k, kind in META_TYPES.items() if k in meta and (not isinstance(meta[k], kind)
                                                                    or kind is int and isinstance(meta[k], bool))]
-    return f"the fields {wrong} are of the wrong type" if wrong else None
+    if wrong:
+        return f"the fields {wrong} are of the wrong type"
+    if any(meta.get(k) != meta.get(k) or meta.get(k) == -math.inf for k in ('best_val_loss', 'val_loss')):
+        return "a loss in it is NaN or -inf"  # no later loss would ever count as better
+    return None
 
 
 def _previous(folder):

@@ -284,6 +284,12 @@ def test_an_edited_meta_json_is_refused(tmp_path, capsys):
         json.dump(forged, f)
     line = error_line(capsys, *TINY, f'--out_dir={tmp_path}/out', '--max_steps=20', '--resume=True')
     assert str(meta_file) in line and "['best_val_loss'] are of the wrong type" in line
+    forged = {**meta, 'best_val_loss': float('nan')}  # no later loss would count as better: best/ would stay
+    forged['meta_sha256'] = checkpoint._meta_digest(forged)
+    with open(meta_file, 'w') as f:
+        json.dump(forged, f)
+    line = error_line(capsys, *TINY, f'--out_dir={tmp_path}/out', '--max_steps=20', '--resume=True')
+    assert str(meta_file) in line and "a loss in it is NaN or -inf" in line
 
 
 def test_a_changed_init_from_config_is_refused_on_resume(tmp_path, capsys):

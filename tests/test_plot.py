@@ -38,7 +38,8 @@ def test_several_runs_side_by_side_go_to_the_file_named(tmp_path):
     assert proc.returncode == 0 and (tmp_path / 'both.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
-@pytest.mark.parametrize("records, message", [(None, "no .*log.jsonl"), ([], "is empty")])
+@pytest.mark.parametrize("records, message", [(None, "no .*log.jsonl"), ([], "is empty"),
+                                             ([{'step': 20}, {'step': 30, 'val_loss': 'x', 'weights': {}}], "is empty")])
 def test_a_missing_or_empty_log_is_one_clear_error(tmp_path, records, message):
     if records is not None:
         write_log(tmp_path / 'run', records)

@@ -229,6 +229,9 @@ def test_sample_completes_a_prompt_with_the_best_upper_model(tmp_path):
     assert len(sampled) == 3
     with pytest.raises(FileNotFoundError, match="no .*best/meta.json"):
         sample.main([f'--out_dir={tmp_path}/nothing'])
+    for bad in ('--prompt=', '--temperature=nan', '--temperature=-1', '--device=foo'):  # one line each, no traceback
+        with pytest.raises(ValueError, match=bad.split('=')[0]):
+            sample.main([f'--out_dir={tmp_path}', bad])
 
 
 def test_save_best_false_writes_no_best_model_and_the_same_summary(tmp_path):

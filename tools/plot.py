@@ -19,7 +19,8 @@ def read_log(out_dir):
     path = os.path.join(out_dir, 'log.jsonl')
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {path}: train.py writes it at every evaluation (--eval_interval)")
-    records = outdir.read_log(path)
+    records = [r for r in outdir.read_log(path)  # records of an evaluation, as train.py writes them
+               if isinstance(r.get('weights'), dict) and isinstance(r.get('val_loss'), (int, float))]
     if not records:
         raise ValueError(f"{path} is empty: the run has not reached its first evaluation")
     return records
@@ -39,7 +40,7 @@ def plot(out_dirs, path=None):
     for out_dir, records, left in zip(out_dirs, logs, axes):
         steps = [r['step'] for r in records]
         for source in records[0]['weights']:
-            left.plot(steps, [r['weights'][source] for r in records], marker='.', label=source)
+            left.plot(steps, [r['weights'].get(source, float('nan')) for r in records], marker='.', label=source)
         left.set(xlabel='step', ylabel='weight', ylim=(-0.02, 1.02),
                  title='source weights' if len(logs) == 1 else f'source weights: {out_dir}')
         left.legend()

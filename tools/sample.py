@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import load_best_model
-from config import override
+from config import check_device, override
 from tokenizer import load_tokenizer
 
 
@@ -29,12 +29,21 @@ class SampleConfig:
 
 def main(argv):
     cfg = override(SampleConfig(), argv)
+    check_device(cfg.device)
+    if cfg.device == 'auto':
+        cfg.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if not 0 <= cfg.temperature < float('inf') or cfg.top_k < 0 or cfg.num_samples < 0 or cfg.max_new_tokens < 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or positive, --top_k, --num_samples and --max_new_tokens "
+                         f"0 or more; got {cfg.temperature}, {cfg.top_k}, {cfg.num_samples}, {cfg.max_new_tokens}")
     torch.manual_seed(cfg.seed)
     model, meta = load_best_model(cfg.out_dir)
     model, tokenizer = model.to(cfg.device), load_tokenizer(meta.get('tokenizer', 'bytes'))
     print(f"upper model of step {meta['step']} (val loss {meta['val_loss']:.4f})")
     begin = [] if tokenizer.begin_of_text is None else [tokenizer.begin_of_text]  # as training saw every example
     prompt = torch.tensor(begin + tokenizer.encode(cfg.prompt).tolist(), dtype=torch.long, device=cfg.device)[None]
+    if prompt.size(1) == 0:
+        raise ValueError("--prompt is empty, and this tokenizer starts no example with a token of its own: give a "
+                         "prompt to complete")
     completions = []
     for _ in range(cfg.num_samples):
         out = model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k)[0, prompt.size(1):]
