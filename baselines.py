@@ -18,12 +18,14 @@ the share of each step's training signal that each source received, averaged ove
   the examples with the largest ℓ(x; θ) − ℓ(x; θ_ref) out of a larger candidate batch. Noise has a high
   irreducible loss, learnt examples a low current loss: both are skipped.
 """
+import os
+
 import torch
 import torch.distributed as dist
 
 from bilevel import check_finite, step_and_clear
 from checkpoint import load_best_model
-from fsdp import gather_over_ranks
+from fsdp import gather_over_ranks, rank0_decides
 from steps import clip_gradient, device_rows, model_objective, rank_rows, step_rows, train_batch, validation_rows
 
 
@@ -142,16 +144,29 @@ def received_so_far(run, step, received, losses):
     return {'weights': run.received_sum / (step + 1), 'loss': losses.mean()}
 
 
-def load_reference(run_dir, model_config, data, seed):
-    """RHO-LOSS's reference model: the best model of a finished run (its out_dir/best) on the same data."""
+def load_reference(run_dir, model_config, data, seed, fingerprint):
+    """RHO-LOSS's reference model: the best model of a finished --method=fixed --weights=val_only run (its
+    out_dir/best) on the same data, byte for byte, with the same tokenizer (fingerprint: this run's files, rank 0)."""
     if not run_dir:
         raise ValueError("--method=rholoss needs --reference=<out_dir of a --method=fixed --weights=val_only run>")
     model, meta = load_best_model(run_dir)
     if (model.config.vocab_size, model.config.block_size) != (model_config.vocab_size, model_config.block_size):
         raise ValueError(f"--reference={run_dir}: its model's vocabulary and context must be this run's")
-    if meta.get('data', data) != data:
+    if os.path.normpath(meta.get('data', data)) != os.path.normpath(data):
         raise ValueError(f"--reference={run_dir} was trained on --data={meta['data']}, this run is on {data}")
     if meta.get('seed', seed) != seed:  # a built-in task's splits are drawn from the seed
         raise ValueError(f"--reference={run_dir} was trained with --seed={meta['seed']}, this run has --seed={seed}")
+    if (meta.get('method'), meta.get('weights')) != ('fixed', 'val_only'):
+        raise ValueError(f"--reference={run_dir} is not a --method=fixed --weights=val_only run (its best/meta.json: "
+                         f"method {meta.get('method')}, weights {meta.get('weights')})")
+
+    def same_files():  # the data and tokenizer files, as each run read them
+        theirs, ours = ({k: v for k, v in (files or {}).items() if not k.startswith('reference/')}
+                        for files in (meta.get('data_files'), fingerprint))
+        changed = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+        if changed:
+            raise ValueError(f"--reference={run_dir} read other data or tokenizer files than this run: {changed[0]} "
+                             f"differs; train the reference on this run's")
+    rank0_decides(same_files)
     return model
 

@@ -228,7 +228,7 @@ def check_resumable(meta, cfg, end_step, model_config):
                          f"{sorted(missing)}, has the unknown config fields {sorted(unknown)})")
     if meta['step'] > end_step:
         raise ValueError(f"the checkpoint is at step {meta['step']}, past the step this run is to stop at ({end_step}): "
-                         f"raise --stop_at, or set it to 0")
+                         f"raise --stop_at (0: --max_steps) or --max_steps")
     changed = [k for k, v in meta['config'].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
     if changed:
         raise ValueError("--resume=True with a different config: " + ', '.join(

@@ -234,6 +234,7 @@ def parse_config(argv):
     check_device(cfg.device)
     for key in PATHS:
         setattr(cfg, key, os.path.expanduser(getattr(cfg, key)))
+    cfg.out_dir = os.path.normpath(cfg.out_dir) if cfg.out_dir else ''  # 'a/new/../b' is a/b, and makes no a/new
     return cfg
 
 

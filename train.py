@@ -164,8 +164,8 @@ def build_run(cfg, processes):
         run.rows_per_source = proportional_rows(run.fixed_weights.tolist(), len(data.sources) * cfg.batch_per_source) \
             if cfg.sampling == 'proportional' else None
     if cfg.method == 'rholoss':
-        run.reference_model = load_reference(cfg.reference, model_config, cfg.data, cfg.seed).to(device=device,
-                                                                                                 dtype=dtype)
+        run.reference_model = load_reference(cfg.reference, model_config, cfg.data, cfg.seed,
+                                             fingerprint).to(device=device, dtype=dtype)
     run.eval_sets = {split: evaluation_batches(  # on the host, cropped and moved per batch as training rows are
         data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed) for split in ['val', 'test'] + data.sources}
     if not cfg.lisa_layers:  # the summary's gradient bytes per rank; with LISA, counted at each draw
@@ -313,8 +313,9 @@ def evaluate_and_log(run, done, weights, alpha, lr, progress):
             return record
         tokenizer = cfg.tokenizer if cfg.tokenizer == 'bytes' else os.path.abspath(cfg.tokenizer)
         save_checkpoint(os.path.join(cfg.out_dir, 'best'), [eval_model], [], {},
-                        {'step': done, 'val_loss': run.best_val_loss, 'tokenizer': tokenizer,
-                         'model_config': dataclasses.asdict(run.model_config), 'data': cfg.data, 'seed': cfg.seed})
+                        {'step': done, 'val_loss': run.best_val_loss, 'tokenizer': tokenizer, 'method': cfg.method,
+                         'weights': cfg.weights, 'model_config': dataclasses.asdict(run.model_config), 'data': cfg.data,
+                         'seed': cfg.seed, 'data_files': run.data_fingerprint})  # what RHO-LOSS's reference checks
     return record
 
 

@@ -89,12 +89,13 @@ def test_overwrite_refuses_an_input_that_reaches_into_the_run_by_a_link(finished
 @pytest.mark.parametrize('files', [
     {'train_a.txt': LINES, 'train_val.txt': LINES, 'val.txt': LINES, 'test.txt': LINES},
     {'train_a.json': RECORDS, 'train_test.json': RECORDS, 'val.json': RECORDS, 'test.json': RECORDS},
+    {'train_a.json': RECORDS, 'train_.json': RECORDS, 'val.json': RECORDS, 'test.json': RECORDS},  # no name
 ])
 def test_a_source_named_like_a_held_out_split_is_refused(tmp_path, capsys, files):
     """A source named val or test would be evaluated as, or loaded in place of, the held-out split of that name."""
     write(tmp_path / 'data', files)
     line = fails(capsys, tmp_path / 'out', f'--data={tmp_path}/data', '--block_size=16')
-    assert "a source may not be named 'val' or 'test'" in line and str(tmp_path / 'data' / 'train_') in line
+    assert "a source needs a name, and not 'val' or 'test'" in line and str(tmp_path / 'data' / 'train_') in line
 
 
 def test_jsonl_lines_are_split_at_newlines_only_and_a_log_with_bytes_that_are_not_utf8_resumes(tmp_path, capsys):
@@ -108,6 +109,25 @@ def test_jsonl_lines_are_split_at_newlines_only_and_a_log_with_bytes_that_are_no
     with open(out / 'log.jsonl', 'ab') as f:
         f.write(b'\xff\xfe garbage\n')
     assert train.cli([*TINY, f'--data={tmp_path}/data', '--block_size=48', f'--out_dir={out}', '--resume=True']) == 0
+
+
+def test_a_reference_must_be_a_val_only_run_on_this_runs_files(tmp_path, capsys):
+    """RHO-LOSS's reference: a --method=fixed --weights=val_only run that read the same data and tokenizer files,
+    byte for byte (the same path with other contents is refused); its --data compared as a path, a trailing slash
+    aside. The out_dir's '..' creates no folder to step out of."""
+    write(tmp_path / 'data', {'train_a.txt': LINES, 'train_b.txt': LINES, 'val.txt': LINES, 'test.txt': LINES})
+    data, short = f'--data={tmp_path}/data', '--max_steps=5'
+    assert train.cli([*TINY, data, short, f'--out_dir={tmp_path}/nothere/../ref', '--method=fixed',
+                      '--weights=val_only']) == 0
+    assert not (tmp_path / 'nothere').exists()
+    assert train.cli([*TINY, data, short, f'--out_dir={tmp_path}/learned']) == 0
+    rholoss = [*TINY, short, '--method=rholoss']
+    assert 'is not a --method=fixed --weights=val_only run' in error_line(
+        capsys, *rholoss, data, f'--reference={tmp_path}/learned', f'--out_dir={tmp_path}/a')
+    assert train.cli([*rholoss, data + '/', f'--reference={tmp_path}/ref', f'--out_dir={tmp_path}/b']) == 0
+    (tmp_path / 'data' / 'val.txt').write_text(LINES.replace('1', '7'))
+    assert 'read other data or tokenizer files than this run: val.txt differs' in error_line(
+        capsys, *rholoss, data, f'--reference={tmp_path}/ref', f'--out_dir={tmp_path}/c')
 
 
 def test_a_value_the_dtype_cannot_hold_is_refused_before_the_previous_run_is_deleted(finished_run, capsys):
