@@ -48,7 +48,6 @@ def finished_run(tmp_path_factory):
 @pytest.mark.parametrize('args', [
     lambda out: ['--method=fixed', f'--weights={out}/summary.json'],
     lambda out: [f'--init_from={out}/hf'],
-    lambda out: ['--method=rholoss', f'--reference={out}'],
 ])
 def test_overwrite_refuses_to_delete_the_runs_own_inputs(finished_run, tmp_path, capsys, args):
     run_args = args(finished_run)
@@ -128,6 +127,15 @@ def test_a_reference_must_be_a_val_only_run_on_this_runs_files(tmp_path, capsys)
     (tmp_path / 'data' / 'val.txt').write_text(LINES.replace('1', '7'))
     assert 'read other data or tokenizer files than this run: val.txt differs' in error_line(
         capsys, *rholoss, data, f'--reference={tmp_path}/ref', f'--out_dir={tmp_path}/c')
+
+
+def test_overwrite_refuses_to_delete_the_reference_run_it_reads(tmp_path, capsys):
+    ref = tmp_path / 'ref'
+    assert train.cli([*TINY, f'--out_dir={ref}', '--method=fixed', '--weights=val_only', '--max_steps=5']) == 0
+    before = listing(ref)
+    line = error_line(capsys, *TINY, '--method=rholoss', f'--reference={ref}', f'--out_dir={ref}', '--overwrite=True')
+    assert line.startswith(f"error: --reference={ref}") and 'would delete' in line
+    assert listing(ref) == before  # nothing deleted, nothing written
 
 
 def test_a_value_the_dtype_cannot_hold_is_refused_before_the_previous_run_is_deleted(finished_run, capsys):
