@@ -3,7 +3,8 @@ The out_dir a run owns, and what it writes there.
 
 - The out_dir belongs to one run: rank 0 holds a lock on out_dir/run.lock (its pid and host) while the run
   lives, and a fresh run refuses a folder that holds another run's files unless told --overwrite=True, which
-  deletes them only once every input of the new run is known to be good and outside them.
+  sets them aside once every input of the new run is known to be good and outside them, and deletes them at
+  the new run's first checkpoint (set_aside, drop_overwritten).
 - Every file is whole or absent: written aside, flushed to the disk, then renamed (write_whole); the
   checkpoints (checkpoint.py) and the export (hf.py) are folders published the same way.
 - An interrupted run loses nothing: SIGINT or SIGTERM lets the step finish and a checkpoint be written
@@ -23,9 +24,10 @@ from fsdp import barrier, is_main_process, rank0_decides
 # what a run writes into its out_dir, and whether each is a folder
 RUN_FILES = {'ckpt': True, 'ckpt.old': True, 'ckpt.tmp': True, 'best': True, 'best.old': True, 'best.tmp': True,
              'hf': True, 'hf.tmp': True, 'log.jsonl': False, 'summary.json': False, 'mixture.json': False,
-             'log.jsonl.tmp': False, 'summary.json.tmp': False, 'mixture.json.tmp': False, 'overwritten': True}
+             'log.jsonl.tmp': False, 'summary.json.tmp': False, 'mixture.json.tmp': False}
 LOCK = 'run.lock'
 OVERWRITTEN = 'overwritten'  # --overwrite=True: the previous run, kept whole until this run's first checkpoint
+RUN_FILES[OVERWRITTEN] = True
 
 
 @contextlib.contextmanager
@@ -33,7 +35,7 @@ def own_out_dir(out_dir, resume, overwrite):
     """Holds out_dir for this run. Rank 0 takes out_dir/run.lock with flock, which the kernel releases when the
     process ends, so a killed run leaves no stale lock; taking it is also the test that the folder can be
     written. A fresh run in a folder with another run's files is refused unless --overwrite=True; yields those
-    files, for the run to delete once its inputs are known to be good (remove_files). On the way out, the folders
+    files, for the run to set aside once its inputs are known to be good (set_aside). On the way out, the folders
     this run created and left empty (bad input) go again."""
     if resume and overwrite:
         raise ValueError("--resume=True continues the run in out_dir, --overwrite=True deletes it: choose one")
