@@ -8,6 +8,7 @@ With plain `python train.py` there is no process group and each function does th
 """
 import datetime
 import gc
+import math
 import os
 import traceback
 from typing import NamedTuple
@@ -132,16 +133,20 @@ def fill(model, named_tensors):
     """Copies each (name, tensor) into the model's parameter of that name; of a sharded parameter, only this
     rank's rows (FSDP2 shards dim 0 as torch.chunk does). A name may come twice: the later value wins. A tensor
     is a full one (model.initial_weights: one at a time, so a rank never holds more than one full tensor beyond
-    its shards) or an hf.Rows, of which only this rank's rows are read."""
+    its shards) or an hf.Rows, of which only this rank's rows are read, each checked: a NaN weight is named here,
+    not met as a NaN loss later, and a float32 tensor labelled int32 (the same bytes) is caught by its dtype."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    for name, tensor in named_tensors:
-        param, read = params[name], getattr(tensor, 'read', lambda start, stop: tensor[start:stop])
+    for name, source in named_tensors:
+        param, read, n = params[name], getattr(source, 'read', lambda start, stop: source[start:stop]), source.shape[0]
         if isinstance(param, DTensor):
-            rows = -(-tensor.shape[0] // param.device_mesh.size())  # torch.chunk's rows per rank
-            start = min(param.device_mesh.get_local_rank() * rows, tensor.shape[0])
-            tensor, param = read(start, min(start + rows, tensor.shape[0])), param.to_local()
-        elif hasattr(tensor, 'read'):
-            tensor = tensor.whole()
+            rows = -(-n // param.device_mesh.size())  # torch.chunk's rows per rank
+            start = min(param.device_mesh.get_local_rank() * rows, n)
+            tensor, param = read(start, min(start + rows, n)), param.to_local()
+        else:
+            tensor = read(0, n)
+        if not tensor.is_floating_point() or tensor.numel() and not all(map(math.isfinite, torch.aminmax(tensor))):
+            raise ValueError(f"{getattr(source, 'where', name)}: a weight must hold finite floating-point numbers, "
+                             f"this one is {tensor.dtype}{' with NaN or infinite values' * tensor.is_floating_point()}")
         if tensor.shape != param.shape:  # copy_ would broadcast a smaller tensor without a word
             raise RuntimeError(f"{name}: shape {tuple(tensor.shape)} to fill this rank's {tuple(param.shape)} "
                                f"(under FSDP2, its rows as torch.chunk cuts them)")

@@ -123,7 +123,7 @@ def padded_rows(rows, n_padded):
     def read(start, stop):
         real = rows.read(min(start, n), min(stop, n))
         return torch.cat([real, real.new_zeros(max(0, stop - max(start, n)), *real.shape[1:])])
-    return Rows((n_padded, *rows.shape[1:]), read)
+    return Rows((n_padded, *rows.shape[1:]), read, rows.where)
 
 
 def llama_config(hf, where):
@@ -190,14 +190,12 @@ SAFETENSORS_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.f
 
 
 class Rows:
-    """A checkpoint's tensor, read when asked: its shape, and read(start, stop), its rows start to stop (dim 0).
-    fsdp.fill reads the rows FSDP2 gives this rank, so each rank reads its share of the checkpoint, not all of it."""
+    """A checkpoint's tensor, read when asked: its shape, read(start, stop), its rows start to stop (dim 0), and
+    where it is stored ("file: name", for errors). fsdp.fill reads the rows FSDP2 gives this rank, so each rank
+    reads its share of the checkpoint, not all of it."""
 
-    def __init__(self, shape, read):
-        self.shape, self.read = torch.Size(shape), read
-
-    def whole(self):
-        return self.read(0, self.shape[0])
+    def __init__(self, shape, read, where):
+        self.shape, self.read, self.where = torch.Size(shape), read, where
 
 
 def read_tensors(file):
@@ -207,12 +205,12 @@ def read_tensors(file):
     memory-mapped: a slice of it touches only its own pages."""
     if not file.endswith('.safetensors'):
         for name, tensor in torch_checkpoint(file).items():
-            yield name, Rows(tensor.shape, lambda start, stop, tensor=tensor: tensor[start:stop])
+            yield name, Rows(tensor.shape, lambda start, stop, tensor=tensor: tensor[start:stop], f'{file}: {name}')
         return
     with open(file, 'rb') as f:
         header, start = read_safetensors_header(file, f)
     for name, (dtype, shape, begin, end) in header.items():
-        yield name, Rows(shape, safetensors_rows(file, dtype, shape, start + begin, end - begin))
+        yield name, Rows(shape, safetensors_rows(file, dtype, shape, start + begin, end - begin), f'{file}: {name}')
 
 
 def safetensors_rows(file, dtype, shape, offset, nbytes):
@@ -311,7 +309,8 @@ def pretrained_tensors(path, config):
             if name not in shapes:
                 raise ValueError(f"{path}: weight {name} has no place in a {config.family} model")
             if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):  # our rows are its columns: read whole
-                rows = Rows(rows.shape[::-1], lambda start, stop, rows=rows: rows.whole().t()[start:stop])
+                rows = Rows(rows.shape[::-1], lambda start, stop, rows=rows: rows.read(0, rows.shape[0]).t()[start:stop],
+                            rows.where)
             expected = (config.vocab_size, *shapes[name][1:]) if name in VOCAB_TABLES else shapes[name]
             if rows.shape != expected:
                 raise ValueError(f"{path}: {name} has shape {tuple(rows.shape)}, config.json implies {tuple(expected)}")

@@ -4,9 +4,11 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -157,6 +159,29 @@ def test_a_cut_safetensors_file_is_refused_naming_it(tmp_path, capsys):
         f.seek(8)
         f.write(b'\xff' * 16)
     assert str(weights) in error_line(capsys, *args, f'--out_dir={tmp_path}/out')
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('nan', 'with NaN or infinite values'),  # a model that diverged before it was saved
+    ('int32', 'this one is torch.int32'),  # a float32 tensor's bytes under another label: the byte count agrees
+])
+def test_a_weight_that_is_not_finite_floats_is_refused_naming_its_file_and_tensor(tmp_path, capsys, damage, message):
+    folder = tmp_path / 'model'
+    export_pretrained(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16)), str(folder))
+    weights, name = folder / 'model.safetensors', 'transformer.h.1.mlp.c_fc.weight'
+    if damage == 'int32':
+        rewrite_header(weights, lambda header: header[name].update(dtype='I32'))
+    else:
+        with open(weights, 'rb') as f:
+            length = int.from_bytes(f.read(8), 'little')
+            begin = json.loads(f.read(length))[name]['data_offsets'][0]
+        with open(weights, 'r+b') as f:
+            f.seek(8 + length + begin + 4 * 5)  # its sixth float
+            f.write(struct.pack('<f', math.nan))
+    args = [a for a in TINY if not a.startswith(SHAPE)] + [f'--init_from={folder}', f'--out_dir={tmp_path}/out']
+    line = error_line(capsys, *args)
+    assert f'{weights}: {name}' in line and message in line, line
+    assert not (tmp_path / 'out' / 'ckpt').exists()
 
 
 def rewrite_header(file, change):
