@@ -13,6 +13,7 @@ The out_dir a run owns, and what it writes there.
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import signal
@@ -174,13 +175,20 @@ def trim_log(out_dir, start_step):
 
 
 def read_log(path):
-    """The records of a log.jsonl, but a line that a kill cut short, or one that is not a record of a step."""
+    """The records of a log.jsonl, but a line that a kill cut short, one that is not a record of a step, and one
+    holding NaN or an infinity (1e999 parses as one): the run stops before it logs such a value, so it is damage."""
     records = []
     with open(path, encoding='utf-8', errors='replace') as f:  # bytes that are not UTF-8: a line to skip
         for line in f:
             with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
+                records.append(json.loads(line, parse_float=finite_number, parse_constant=finite_number))
     return [r for r in records if isinstance(r, dict) and type(r.get('step')) is int]
+
+
+def finite_number(text):
+    if not math.isfinite(number := float(text)):
+        raise ValueError(f"{text} is not a finite number")
+    return number
 
 
 def logged_record(out_dir, step):

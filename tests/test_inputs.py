@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import struct
 import subprocess
@@ -101,15 +102,20 @@ def test_a_source_named_like_a_held_out_split_is_refused(tmp_path, capsys, files
 
 def test_jsonl_lines_are_split_at_newlines_only_and_a_log_with_bytes_that_are_not_utf8_resumes(tmp_path, capsys):
     """U+2028 inside a JSON string is one record (str.splitlines splits there); bytes that are not UTF-8 in
-    log.jsonl are a line to skip on resume, not an error naming no file."""
+    log.jsonl are a line to skip on resume, not an error naming no file, and so is a record with a number no run
+    logs (1e999 parses as infinity, which json.dumps would write back as Infinity, not JSON)."""
     record = json.dumps({'instruction': 'a\u2028b', 'output': 'c\x85d'}, ensure_ascii=False)
     write(tmp_path / 'data', {name: (record + '\n') * 20 for name in ('train_a.jsonl', 'train_b.jsonl', 'val.jsonl',
                                                                       'test.jsonl')})
     out = tmp_path / 'out'
     assert train.cli([*TINY, f'--data={tmp_path}/data', '--block_size=48', f'--out_dir={out}', '--stop_at=5']) == 0
-    with open(out / 'log.jsonl', 'ab') as f:
-        f.write(b'\xff\xfe garbage\n')
+    log = (out / 'log.jsonl').read_text()
+    assert log.count('"val_loss": ') == 1
+    with open(out / 'log.jsonl', 'wb') as f:
+        f.write(re.sub(r'"val_loss": [^,]*', '"val_loss": 1e999', log).encode() + b'\xff\xfe garbage\n')
     assert train.cli([*TINY, f'--data={tmp_path}/data', '--block_size=48', f'--out_dir={out}', '--resume=True']) == 0
+    records = [json.loads(line, parse_constant=float) for line in (out / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in records if 'val_loss' in r] == [10]  # the damaged step-5 record is gone, not kept
 
 
 def test_a_reference_must_be_a_val_only_run_on_this_runs_files(tmp_path, capsys):
