@@ -163,6 +163,15 @@ USED_ONLY = [
 
 
 FLOAT_FIELDS = [f.name for f in dataclasses.fields(TrainConfig) if f.type in (float, 'float')]
+# the values that size a step: each fits its dtype, yet one too large (or a temperature too small) ends in a NaN
+STEP_SIZES = ('lr', 'weight_decay', 'penalty_alpha', 'alpha_growth', 'source_logits_lr', 'source_logits_weight_decay',
+              'dro_temperature')
+
+
+def changed_step_sizes(cfg):
+    """--field=value of each of STEP_SIZES set to other than its default (what a non-finite loss names)."""
+    default = TrainConfig()
+    return ', '.join(f'--{k}={getattr(cfg, k):g}' for k in STEP_SIZES if getattr(cfg, k) != getattr(default, k))
 
 
 def input_paths(cfg):

@@ -46,7 +46,7 @@ from baselines import fixed_step, irdro_step, load_reference, rholoss_step
 from bilevel import cosine_lr, make_source_logits_optimizer, penalty_schedule
 from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, read_meta,
                         replicated_state, save_checkpoint)
-from config import MODEL_PRESETS, input_paths, micro_steps, parse_config
+from config import MODEL_PRESETS, changed_step_sizes, input_paths, micro_steps, parse_config
 from data import fixed_weights, kept_table, load_data
 from tokenizer import load_tokenizer, tokenizer_files
 from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distributed, peer_error, rank0_decides,
@@ -264,8 +264,8 @@ def take_step(run, step, alpha):
         last = f"the last good checkpoint is {ckpt}" if os.path.isdir(ckpt) else "no checkpoint was written yet"
         if os.path.isdir(os.path.join(run.cfg.out_dir, OVERWRITTEN)):
             last += f"; the run --overwrite=True replaced is whole in {os.path.join(run.cfg.out_dir, OVERWRITTEN)}"
-        raise FloatingPointError(f"non-finite loss or gradient at step {step}: {e}; stopped without saving, "
-                                 f"{last}") from None
+        raise FloatingPointError(f"non-finite loss or gradient at step {step}: {e}; stopped without saving, {last}; "
+                                 f"step sizes set: {changed_step_sizes(run.cfg) or 'none, all defaults'}") from None
     run.train_time += time.time() - t0
     return result
 
