@@ -28,6 +28,8 @@ Where the sources come from (`--data=...` in train.py):
 
 The batches drawn from them, step by step, are steps.py's.
 """
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -86,8 +88,17 @@ def _letter_lines(n_lines, rng):
     return ''.join(''.join(rng.choice(letters, rng.integers(3, 9))) + '\n' for _ in range(n_lines))
 
 
+@functools.lru_cache(maxsize=4)  # tools/compare (and the tests) train many runs on one task in one process
 def builtin_task(name, seed, tokenizer=BYTES, block_size=32, lines_per_source=20_000, held_out_pairs=1_000):
-    """Generates a built-in task deterministically from `seed`: no files needed."""
+    """Generates a built-in task deterministically from `seed`: no files needed. Its arrays are read-only: the
+    result is shared by every later call with the same arguments."""
+    data = generate_task(name, seed, tokenizer, block_size, lines_per_source, held_out_pairs)
+    for tokens in [*data.train, data.val, data.test]:
+        tokens.flags.writeable = False
+    return data
+
+
+def generate_task(name, seed, tokenizer, block_size, lines_per_source, held_out_pairs):
     rng = np.random.default_rng([seed, 12345])
     pairs = [(a, b) for a in range(100) for b in range(100)]
     order = rng.permutation(len(pairs))
@@ -387,7 +398,7 @@ def data_files(folder):
 
 def load_data(data, block_size, seed, tokenizer=BYTES):
     if data in BUILTIN_TASKS:
-        source_data = builtin_task(data, seed, tokenizer, block_size)
+        source_data = dataclasses.replace(builtin_task(data, seed, tokenizer, block_size))
         for name, tokens in zip(['val', 'test'] + source_data.sources,
                                 [source_data.val, source_data.test] + source_data.train):
             if len(tokens) < block_size + 1:

@@ -31,7 +31,10 @@ def test_batch_is_a_pure_function_of_seed_split_and_step():
 
 
 def test_builtin_tasks_are_deterministic_and_hold_out_val_and_test_pairs():
-    a, b = builtin_task('denoise', seed=3), builtin_task('denoise', seed=3)
+    a = builtin_task('denoise', seed=3)
+    builtin_task.cache_clear()  # generated again, not the cached object
+    b = builtin_task('denoise', seed=3)
+    assert a is not b
     assert all(np.array_equal(s, t) for s, t in zip(a.train + [a.val, a.test], b.train + [b.val, b.test]))
     lines = {k: set(bytes(v).decode().split()) for k, v in
              [('clean', a.train[0]), ('noisy', a.train[1]), ('val', a.val), ('test', a.test)]}
@@ -115,3 +118,13 @@ def test_convention_tasks_answer_one_question_per_row_and_val_is_70_30(task, sec
         # `lengths` writes sums unsigned (two tokens with the newline), differences signed (three)
         assert (signed == (answer != a + b)).all() if task == 'lengths' else signed.all()
     assert all(bytes(x[x > 0].tolist()).decode().isalpha() for x, _ in data.train[2][:500])
+
+
+def test_a_cached_task_is_shared_read_only_and_each_load_gets_its_own_record():
+    """builtin_task's cache hands the same arrays to every run of one process: a run that wrote into them would
+    change the next run's data, so writing raises; load_data's record (files, digests) is each call's own."""
+    first, second = load_data('denoise', 16, 0), load_data('denoise', 16, 0)
+    assert first is not second and first.train[0] is second.train[0]
+    with pytest.raises(ValueError, match='read-only'):
+        first.train[0][0] = 1
+    assert load_data('denoise', 16, 1).train[0] is not first.train[0]  # another seed, another task
