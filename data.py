@@ -157,7 +157,7 @@ def read_bytes(path, digests):
 
 def _read_text(path, block_size, tokenizer, digests):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"missing file {path}")
+        raise FileNotFoundError(f"{path} is not a file" if os.path.lexists(path) else f"missing file {path}")
     raw = read_bytes(path, digests)
     try:
         text = raw.decode('utf-8')
@@ -217,14 +217,16 @@ def _read_records(path, digests):
                 if line.strip():
                     try:
                         records.append((f"line {number}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}: line {number}: malformed JSON ({e.msg})") from None
+                    except (ValueError, RecursionError) as e:  # also: an integer of 4300+ digits, deep nesting
+                        raise ValueError(f"{path}: line {number}: malformed JSON ({getattr(e, 'msg', e)})") from None
         else:
             records = json.loads(text)
             records = [(f"record {number}", r) for number, r in enumerate(records, 1)] if isinstance(records, list) \
                 else None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from None
     if not records:
         raise ValueError(f"{path} holds no examples (expected a JSON list of records, or JSON Lines)")
     return records
@@ -257,18 +259,22 @@ def _conversation(turns, key, where):
 def _record_turns(record, path, where):
     """A record's shape and its turns: {"text"}, {"instruction", "input" (optional), "output"} or a conversation.
     Every field is a string (a null or a list would otherwise train as the text 'None' or "['a', 'b']")."""
-    keys = [k for k in (*CONVERSATIONS, *RECORDS) if isinstance(record, dict) and k in record]
+    fields = set(record) if isinstance(record, dict) else set()
+    keys = [k for k in CONVERSATIONS if k in fields] + ['text'] * ('text' in fields) + \
+        ['instruction'] * bool({'instruction', 'output'} & fields)  # one key per shape the record has
     if not keys:
         raise ValueError(f'{path}: {where} has none of ' + ', '.join(f'"{k}"' for k in (*RECORDS, *CONVERSATIONS)))
+    if len(keys) > 1:  # a "text" beside an instruction would otherwise train alone, the instruction dropped
+        raise ValueError(f'{path}: {where} has both "{keys[0]}" and "{keys[1]}": one shape per record')
     if keys[0] in CONVERSATIONS:
-        if len(keys) > 1:
-            raise ValueError(f'{path}: {where} has both "{keys[0]}" and "{keys[1]}": one shape per record')
         return keys[0], _conversation(record[keys[0]], keys[0], f"{path}: {where}")
     required = ('text',) if keys[0] == 'text' else ('instruction', 'output')
     for field in dict.fromkeys(required + tuple(k for k in ('text', 'instruction', 'input', 'output') if k in record)):
         if not isinstance(record.get(field), str):
             raise ValueError(f'{path}: {where}: "{field}" must be a string, got '
                              f'{json.dumps(record.get(field)) if field in record else "nothing"}')
+        if not record[field].isascii() and any('\ud800' <= c <= '\udfff' for c in record[field]):
+            raise ValueError(f'{path}: {where}: "{field}" holds a lone surrogate (a "\\ud800" escape), not text')
     if keys[0] == 'text':
         return 'text', [('text', record['text'])]
     section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
@@ -358,7 +364,9 @@ def json_folder(folder, names, block_size, tokenizer):
                    if os.path.isfile(os.path.join(folder, s + ext))]
     for split in ('val', 'test'):
         if not any(name.startswith(split + '.') for name in split_names):
-            raise FileNotFoundError(f"missing file {os.path.join(folder, split)}.json (or .jsonl)")
+            odd = [p for p in (os.path.join(folder, split + ext) for ext in ('.json', '.jsonl')) if os.path.lexists(p)]
+            raise FileNotFoundError(f"{odd[0]} is not a file" if odd else
+                                    f"missing file {os.path.join(folder, split)}.json (or .jsonl)")
     paths, digests = {name: os.path.join(folder, name) for name in names + split_names}, {}
     sources = [n[len('train_'):n.rindex('.')] for n in names]
     loaded = {split: _examples(paths[name], block_size, tokenizer, digests)

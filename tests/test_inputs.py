@@ -190,6 +190,27 @@ def test_a_weight_that_is_not_finite_floats_is_refused_naming_its_file_and_tenso
     assert not (tmp_path / 'out' / 'ckpt').exists()
 
 
+@pytest.mark.parametrize('damage, message', [
+    ({'train_b.jsonl': '{"text": "zz", "instruction": "9+9", "output": "18"}\n'},  # the instruction would be dropped
+     'train_b.jsonl: line 1 has both "text" and "instruction": one shape per record'),
+    ({'val.json': '[' * 100_000 + ']' * 100_000}, 'val.json: malformed JSON'),  # past Python's recursion limit
+    ({'train_b.jsonl': '{"text": "ab", "n": ' + '9' * 5000 + '}\n'}, 'train_b.jsonl: line 1: malformed JSON'),
+    ({'train_b.jsonl': '{"text": "ab\\ud800cd"}\n'}, 'train_b.jsonl: line 1: "text" holds a lone surrogate'),
+    ({'val.json': None}, 'val.json is not a file'),  # a folder where the file should be
+])
+def test_data_files_of_odd_shapes_are_one_line_naming_the_file(tmp_path, capsys, damage, message):
+    record = json.dumps({'instruction': '1+1', 'output': '2'})
+    files = {name: (record + '\n') * 20 for name in ('train_a.jsonl', 'train_b.jsonl')}
+    files.update({'val.json': f'[{record}]', 'test.json': f'[{record}]'})
+    files.update({k: v for k, v in damage.items() if v is not None})
+    write(tmp_path / 'data', files)
+    for name in [k for k, v in damage.items() if v is None]:
+        os.remove(tmp_path / 'data' / name)
+        os.mkdir(tmp_path / 'data' / name)
+    line = fails(capsys, tmp_path / 'out', f'--data={tmp_path}/data', '--block_size=48')
+    assert message in line, line
+
+
 def rewrite_header(file, change):
     """The safetensors file with its JSON header changed by change(header), its tensors' bytes as they were."""
     with open(file, 'rb') as f:

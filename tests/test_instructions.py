@@ -87,7 +87,7 @@ def test_a_run_on_instruction_sources_learns_weights(tmp_path):
     ({'train_a.jsonl': '{"output": "x"}\n{"output": "y"\n', 'val.json': '[]', 'test.json': '[]'},
      r"train_a.jsonl: line 2: malformed JSON"),
     ({'train_a.json': '[{"instruction": "x"}]', 'val.json': '[]', 'test.json': '[]'},
-     r'train_a.json: record 1 has none of "text", "output", "items"'),
+     r'train_a.json: record 1: "output" must be a string, got nothing'),
     ({'train_a.json': '[]', 'val.json': '[{"text": "abc"}]', 'test.json': '[{"text": "abc"}]'},
      r"train_a.json holds no examples"),
     ({'train_a.json': '[{"text": "abcdef"}]', 'test.json': '[{"text": "abc"}]'}, r"missing file .*val.json"),
