@@ -90,15 +90,8 @@ def _letter_lines(n_lines, rng):
 
 @functools.lru_cache(maxsize=4)  # tools/compare (and the tests) train many runs on one task in one process
 def builtin_task(name, seed, tokenizer=BYTES, block_size=32, lines_per_source=20_000, held_out_pairs=1_000):
-    """Generates a built-in task deterministically from `seed`: no files needed. Its arrays are read-only: the
-    result is shared by every later call with the same arguments."""
-    data = generate_task(name, seed, tokenizer, block_size, lines_per_source, held_out_pairs)
-    for tokens in [*data.train, data.val, data.test]:
-        tokens.flags.writeable = False
-    return data
-
-
-def generate_task(name, seed, tokenizer, block_size, lines_per_source, held_out_pairs):
+    """Generates a built-in task deterministically from `seed`: no files needed. Every later call with the same
+    arguments shares the result (load_data makes its arrays read-only)."""
     rng = np.random.default_rng([seed, 12345])
     pairs = [(a, b) for a in range(100) for b in range(100)]
     order = rng.permutation(len(pairs))
@@ -202,7 +195,6 @@ FROM_ROLES = {'system': 'system', 'human': 'user', 'gpt': 'assistant'}
 CONVERSATIONS = {'items': ('from', 'value', FROM_ROLES),  # the authors'
                  'conversations': ('from', 'value', FROM_ROLES),  # ShareGPT's
                  'messages': ('role', 'content', {'system': 'system', 'user': 'user', 'assistant': 'assistant'})}
-RECORDS = ('text', 'output')  # the key that makes a record a {"text"} or an instruction record
 
 
 def _read_records(path, digests):
@@ -263,7 +255,7 @@ def _record_turns(record, path, where):
     keys = [k for k in CONVERSATIONS if k in fields] + ['text'] * ('text' in fields) + \
         ['instruction'] * bool({'instruction', 'output'} & fields)  # one key per shape the record has
     if not keys:
-        raise ValueError(f'{path}: {where} has none of ' + ', '.join(f'"{k}"' for k in (*RECORDS, *CONVERSATIONS)))
+        raise ValueError(f'{path}: {where} has none of "text", "output", ' + ', '.join(f'"{k}"' for k in CONVERSATIONS))
     if len(keys) > 1:  # a "text" beside an instruction would otherwise train alone, the instruction dropped
         raise ValueError(f'{path}: {where} has both "{keys[0]}" and "{keys[1]}": one shape per record')
     if keys[0] in CONVERSATIONS:
@@ -365,8 +357,7 @@ def json_folder(folder, names, block_size, tokenizer):
     for split in ('val', 'test'):
         if not any(name.startswith(split + '.') for name in split_names):
             odd = [p for p in (os.path.join(folder, split + ext) for ext in ('.json', '.jsonl')) if os.path.lexists(p)]
-            raise FileNotFoundError(f"{odd[0]} is not a file" if odd else
-                                    f"missing file {os.path.join(folder, split)}.json (or .jsonl)")
+            raise FileNotFoundError(f"{odd[0]} is not a file" if odd else f"missing file {folder}/{split}.json (or .jsonl)")
     paths, digests = {name: os.path.join(folder, name) for name in names + split_names}, {}
     sources = [n[len('train_'):n.rindex('.')] for n in names]
     loaded = {split: _examples(paths[name], block_size, tokenizer, digests)
@@ -409,6 +400,7 @@ def load_data(data, block_size, seed, tokenizer=BYTES):
         source_data = dataclasses.replace(builtin_task(data, seed, tokenizer, block_size))
         for name, tokens in zip(['val', 'test'] + source_data.sources,
                                 [source_data.val, source_data.test] + source_data.train):
+            tokens.flags.writeable = False  # shared by every later run of this task in this process
             if len(tokens) < block_size + 1:
                 raise ValueError(f"built-in split '{name}' has {len(tokens)} tokens; block_size={block_size} "
                                  f"is too long for it")
