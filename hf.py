@@ -80,8 +80,9 @@ def gpt2_config(hf, where):
     check_kinds(hf, ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd'), where)
     missing = [k for k in ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd') if hf.get(k) is None]
     activation = hf.get('activation_function', 'gelu_new')
-    if missing or activation not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu'):
-        raise ValueError(f"{where} is not a GPT-2 config (missing {missing}, activation {activation})")
+    if missing or activation not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu') or hf.get('tie_word_embeddings') is False:
+        raise ValueError(f"{where} is not a GPT-2 config read here (missing {missing}, activation {activation}, "
+                         f"tie_word_embeddings {hf.get('tie_word_embeddings', True)}: its head is its embedding)")
     if hf['n_embd'] % hf['n_head']:
         raise ValueError(f"{where}: n_embd={hf['n_embd']} is not a multiple of n_head={hf['n_head']}")
     return GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
@@ -306,8 +307,9 @@ def pretrained_tensors(path, config):
             name = our_name(name, config)
             if name is None:
                 continue
-            if name not in shapes:
-                raise ValueError(f"{path}: weight {name} has no place in a {config.family} model")
+            if name not in shapes or name in loaded:  # in loaded: two names for one tensor, or in two shards
+                raise ValueError(f"{file}: weight {name} " + ("is stored twice; which is meant cannot be told"
+                                 if name in shapes else f"has no place in a {config.family} model"))
             if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):  # our rows are its columns: read whole
                 rows = Rows(rows.shape[::-1], lambda start, stop, rows=rows: rows.read(0, rows.shape[0]).t()[start:stop],
                             rows.where)

@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import checkpoint
 import fsdp
@@ -209,6 +210,27 @@ def test_data_files_of_odd_shapes_are_one_line_naming_the_file(tmp_path, capsys,
         os.mkdir(tmp_path / 'data' / name)
     line = fails(capsys, tmp_path / 'out', f'--data={tmp_path}/data', '--block_size=48')
     assert message in line, line
+
+
+def test_a_weight_stored_twice_or_an_untied_gpt2_head_is_refused(tmp_path, capsys):
+    """GPT2Model's name wte.weight beside GPT2LMHeadModel's transformer.wte.weight is one weight twice (the later
+    copy would win); a GPT-2 config with an untied head would have its lm_head.weight dropped for the embedding."""
+    folder = tmp_path / 'model'
+    export_pretrained(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16)), str(folder))
+    weights = folder / 'model.safetensors'
+    with open(weights, 'rb') as f:
+        length = int.from_bytes(f.read(8), 'little')
+        header, data = json.loads(f.read(length)), f.read()
+    extra = torch.randn(256, 16).numpy().tobytes()  # our padded table holds 256 rows at this vocabulary
+    header['wte.weight'] = {'dtype': 'F32', 'shape': [256, 16], 'data_offsets': [len(data), len(data) + len(extra)]}
+    text = json.dumps(header).encode()
+    weights.write_bytes(len(text).to_bytes(8, 'little') + text + data + extra)
+    args = [a for a in TINY if not a.startswith(SHAPE)] + [f'--init_from={folder}', f'--out_dir={tmp_path}/out']
+    line = error_line(capsys, *args)
+    assert f"{weights}: weight transformer.wte.weight is stored twice" in line, line
+    config = json.loads((folder / 'config.json').read_text())
+    (folder / 'config.json').write_text(json.dumps({**config, 'tie_word_embeddings': False}))
+    assert 'tie_word_embeddings False: its head is its embedding' in error_line(capsys, *args)
 
 
 def rewrite_header(file, change):
