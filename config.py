@@ -14,6 +14,7 @@ import torch
 from bilevel import SOURCE_LOGITS_UPDATES
 from data import BUILTIN_TASKS
 from lisa import LISA_DRAWS
+from tokenizer import tokenizer_files
 
 # --model=NAME: shapes used without weights (or with --init_from's own config.json instead)
 MODEL_PRESETS = {
@@ -244,6 +245,9 @@ def parse_config(argv):
     for key in PATHS:
         setattr(cfg, key, os.path.expanduser(getattr(cfg, key)))
     cfg.out_dir = os.path.normpath(cfg.out_dir) if cfg.out_dir else ''  # 'a/new/../b' is a/b, and makes no a/new
+    if cfg.init_from and cfg.tokenizer == 'bytes' and tokenizer_files(cfg.init_from):  # bytes would index its rows
+        raise ValueError(f"--init_from={cfg.init_from} holds {', '.join(tokenizer_files(cfg.init_from))}: its model "
+                         f"reads that tokenizer's ids, not raw bytes; add --tokenizer={cfg.init_from}")
     return cfg
 
 

@@ -253,7 +253,7 @@ def _record_turns(record, path, where):
     Every field is a string (a null or a list would otherwise train as the text 'None' or "['a', 'b']")."""
     fields = set(record) if isinstance(record, dict) else set()
     keys = [k for k in CONVERSATIONS if k in fields] + ['text'] * ('text' in fields) + \
-        ['instruction'] * bool({'instruction', 'output'} & fields)  # one key per shape the record has
+        [k for k in ('instruction', 'output') if k in fields][:1]  # one key per shape the record has
     if not keys:
         raise ValueError(f'{path}: {where} has none of "text", "output", ' + ', '.join(f'"{k}"' for k in CONVERSATIONS))
     if len(keys) > 1:  # a "text" beside an instruction would otherwise train alone, the instruction dropped

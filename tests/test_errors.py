@@ -126,7 +126,7 @@ def test_a_bad_value_is_one_line_naming_the_field_and_writes_nothing(tmp_path, c
     ({'train_a.json': '[{"instruction": " ", "input": "", "output": ""}]', 'val.json': RECORDS, 'test.json': RECORDS},
      r"train_a.json: every record is blank"),
     ({'train_a.json': '[{"text": "abc", "output": 5}]', 'val.json': RECORDS, 'test.json': RECORDS},
-     r'train_a.json: record 1: "output" must be a string, got 5'),
+     r'train_a.json: record 1 has both "text" and "output": one shape per record'),
     ({'train_a.jsonl': '{"text": "abc"}\n\n{"text": 7}\n', 'val.json': RECORDS, 'test.json': RECORDS},
      r'train_a.jsonl: line 3: "text" must be a string, got 7'),
 ])

@@ -233,6 +233,18 @@ def test_a_weight_stored_twice_or_an_untied_gpt2_head_is_refused(tmp_path, capsy
     assert 'tie_word_embeddings False: its head is its embedding' in error_line(capsys, *args)
 
 
+def test_a_model_folder_with_its_own_tokenizer_is_not_read_with_raw_bytes(tmp_path, capsys):
+    """An export of a BPE run holds its tokenizer.json: without --tokenizer, raw bytes would index its embedding
+    rows (any vocabulary of 256 or more passes the size check) and the run would train on the wrong ids."""
+    folder = tmp_path / 'model'
+    export_pretrained(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=2, n_head=2, n_embd=16)), str(folder))
+    (folder / 'tokenizer.json').write_text('{}')
+    args = [a for a in TINY if not a.startswith(SHAPE)] + [f'--init_from={folder}', f'--out_dir={tmp_path}/out']
+    assert error_line(capsys, *args) == f"error: --init_from={folder} holds tokenizer.json: its model reads that " \
+        f"tokenizer's ids, not raw bytes; add --tokenizer={folder}"
+    assert not (tmp_path / 'out').exists()
+
+
 def rewrite_header(file, change):
     """The safetensors file with its JSON header changed by change(header), its tensors' bytes as they were."""
     with open(file, 'rb') as f:
