@@ -51,20 +51,26 @@ def load_tokenizer(spec):
         raise ImportError("--tokenizer=<folder> needs the tokenizers package: pip install tokenizers") from None
     read = files['tokenizer.json'] if os.path.isfile(files['tokenizer.json']) else files['vocab.json'] + ' and merges.txt'
     digests = {path: file_digest(path) for path in tokenizer_files(spec).values()}
-    try:
+    try:  # the tokenizers package raises plain Exceptions for a file it cannot parse, or a model it cannot run
         bpe = tokenizers.Tokenizer.from_file(files['tokenizer.json']) if os.path.isfile(files['tokenizer.json']) \
             else tokenizers.ByteLevelBPETokenizer(files['vocab.json'], files['merges.txt'])
-    except Exception as e:  # the tokenizers package raises plain Exceptions for a file it cannot parse
+        # text is encoded without special tokens; an example gets the template's BOS once, at its start
+        plain, templated = bpe.encode('a', add_special_tokens=False).ids, bpe.encode('a').ids
+    except Exception as e:  # e.g. a WordLevel vocabulary without its [UNK]
         raise ValueError(f"--tokenizer={spec}: {read} cannot be read as a tokenizer ({str(e).splitlines()[0]})") \
             from None
-    # text is encoded without special tokens; an example gets the template's BOS once, at its start
-    plain, templated = bpe.encode('a', add_special_tokens=False).ids, bpe.encode('a').ids
     begin = templated[0] if len(templated) > len(plain) and templated[1:len(plain) + 1] == plain else None
     end = end_of_sequence_id(spec, bpe)
     if any(file_digest(path) != recorded for path, recorded in digests.items()):  # as the checkpoint records them
         raise ValueError(f"--tokenizer={spec}: its files changed while they were read; run again once they are whole")
-    return Tokenizer(encode=lambda text: np.array(bpe.encode(text, add_special_tokens=False).ids, dtype=np.int32),
-                     decode=lambda ids: bpe.decode(list(ids)), vocab_size=bpe.get_vocab_size(),
+
+    def encode(text):
+        try:
+            return np.array(bpe.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+        except Exception as e:  # e.g. a WordLevel vocabulary without its [UNK] meets a word it lacks
+            raise ValueError(f"--tokenizer={spec} cannot encode {text[:40]!r} ({str(e).splitlines()[0]})") from None
+    return Tokenizer(encode=encode, decode=lambda ids: bpe.decode(list(ids)),  # ids may leave gaps: the largest counts
+                     vocab_size=max(bpe.get_vocab_size(), max(bpe.get_vocab().values(), default=-1) + 1),
                      end_of_text=end, begin_of_text=begin, digests=digests)
 
 

@@ -150,3 +150,33 @@ def test_an_eos_token_that_is_not_a_string_is_one_line_naming_the_file(bpe_folde
     (bpe_folders[0] / 'tokenizer_config.json').write_text(f'{{"eos_token": {eos}}}')
     line = fails(capsys, tmp_path / 'out', f'--tokenizer={bpe_folders[0]}')
     assert str(bpe_folders[0] / 'tokenizer_config.json') in line and 'is not a token' in line
+
+
+def test_a_vocabulary_with_a_gap_sizes_the_model_by_its_largest_id(bpe_folders, tmp_path):
+    """One id moved past the others (get_vocab_size still counts tokens, not ids): the embedding must hold it, or
+    the first row that uses it ends in an index error inside torch."""
+    import json
+    path = bpe_folders[0] / 'tokenizer.json'
+    spec = json.loads(path.read_text())
+    first = int(load_tokenizer(str(bpe_folders[0])).encode('the cat')[0])
+    token = next(t for t, i in spec['model']['vocab'].items() if i == first)
+    spec['model']['vocab'][token] = 5000  # a token of every line of TEXT
+    path.write_text(json.dumps(spec))
+    tokenizer = load_tokenizer(str(bpe_folders[0]))
+    assert 5000 in tokenizer.encode('the cat') and tokenizer.vocab_size == 5001
+    (tmp_path / 'data').mkdir()
+    for name in ('train_a.txt', 'train_b.txt', 'val.txt', 'test.txt'):
+        (tmp_path / 'data' / name).write_text('\n'.join(TEXT))
+    assert train.cli(['--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_per_source=2',
+                      '--val_batch=4', '--eval_batches=1', '--max_steps=2', '--device=cpu', f'--data={tmp_path}/data',
+                      f'--tokenizer={bpe_folders[0]}', f'--out_dir={tmp_path}/out']) == 0
+
+
+def test_a_word_level_vocabulary_without_its_unknown_token_is_one_line(tmp_path, capsys):
+    model = tokenizers.models.WordLevel({'a': 0, 'b': 1}, unk_token='[UNK]')  # [UNK] is not in the vocabulary
+    word_level = tokenizers.Tokenizer(model)
+    word_level.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    (tmp_path / 'tok').mkdir()
+    word_level.save(str(tmp_path / 'tok' / 'tokenizer.json'))
+    line = fails(capsys, tmp_path / 'out', f'--tokenizer={tmp_path}/tok')
+    assert line.startswith(f"error: --tokenizer={tmp_path}/tok cannot encode") and 'Missing [UNK]' in line, line
