@@ -643,3 +643,11 @@ def test_an_export_and_a_written_file_reach_the_disk_before_a_rename_publishes_t
     synced.clear()
     outdir.write_whole(str(tmp_path / 'summary.json'), lambda f: json.dump({}, f))
     assert synced == [str(tmp_path / 'summary.json.tmp'), str(tmp_path)]
+
+
+@pytest.mark.parametrize('world_size', ['2', 'abc'])
+def test_a_stray_world_size_without_torchrun_still_ends_in_one_line(tmp_path, capsys, monkeypatch, world_size):
+    """WORLD_SIZE left in the environment without RANK (no torchrun): one process, and its errors one line."""
+    monkeypatch.setenv('WORLD_SIZE', world_size)
+    monkeypatch.delenv('RANK', raising=False)
+    assert fails(capsys, tmp_path / 'out', '--bogus=1').startswith("error: unknown config field 'bogus'")
