@@ -36,10 +36,17 @@ def test_several_runs_side_by_side_go_to_the_file_named(tmp_path):
     proc = subprocess.run([sys.executable, '-m', 'tools.plot', *runs, f'--to={tmp_path}/both.png'], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0 and (tmp_path / 'both.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    for to, written in ((tmp_path / 'pictures', tmp_path / 'pictures' / 'weights.png'),  # a folder: the file in it
+                        (tmp_path / 'named', tmp_path / 'named.png')):  # no format: matplotlib's png, named as written
+        (tmp_path / 'pictures').mkdir(exist_ok=True)
+        proc = subprocess.run([sys.executable, '-m', 'tools.plot', *runs, f'--to={to}'], cwd=ROOT, capture_output=True,
+                              text=True)
+        assert proc.stdout.strip() == f"wrote {written}" and written.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 @pytest.mark.parametrize("records, message", [(None, "no .*log.jsonl"), ([], "is empty"),
-                                             ([{'step': 20}, {'step': 30, 'val_loss': 'x', 'weights': {}}], "is empty")])
+                                             ([{'step': 20}, {'step': 30, 'val_loss': 'x', 'weights': {}}], "is empty"),
+                                             ([{'step': 5, 'val_loss': 1.0, 'weights': {'a': {'z': 1}}}], "is empty")])
 def test_a_missing_or_empty_log_is_one_clear_error(tmp_path, records, message):
     if records is not None:
         write_log(tmp_path / 'run', records)

@@ -229,7 +229,7 @@ def test_sample_completes_a_prompt_with_the_best_upper_model(tmp_path):
     assert len(sampled) == 3
     with pytest.raises(FileNotFoundError, match="no .*best/meta.json"):
         sample.main([f'--out_dir={tmp_path}/nothing'])
-    for bad in ('--prompt=', '--temperature=nan', '--temperature=-1', '--device=foo'):  # one line each, no traceback
+    for bad in ('--prompt=', '--temperature=nan', '--temperature=-1', '--temperature=1e-20', '--device=foo'):
         with pytest.raises(ValueError, match=bad.split('=')[0]):
             sample.main([f'--out_dir={tmp_path}', bad])
 

@@ -20,7 +20,8 @@ def read_log(out_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {path}: train.py writes it at every evaluation (--eval_interval)")
     records = [r for r in outdir.read_log(path)  # records of an evaluation, as train.py writes them
-               if isinstance(r.get('weights'), dict) and isinstance(r.get('val_loss'), (int, float))]
+               if isinstance(r.get('weights'), dict) and isinstance(r.get('val_loss'), (int, float))
+               and all(type(w) in (int, float) for w in r['weights'].values())]
     if not records:
         raise ValueError(f"{path} is empty: the run has not reached its first evaluation")
     return records
@@ -49,7 +50,8 @@ def plot(out_dirs, path=None):
     if len(logs) > 1:
         axes[-1].legend()
     fig.tight_layout()
-    path = path or os.path.join(out_dirs[0], 'weights.png')
+    path = os.path.join(path or out_dirs[0], 'weights.png') if not path or os.path.isdir(path) else path
+    path += '' if os.path.splitext(path)[1] else '.png'  # what matplotlib writes for a name without a format
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

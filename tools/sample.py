@@ -32,9 +32,12 @@ def main(argv):
     check_device(cfg.device)
     if cfg.device == 'auto':
         cfg.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if not 0 <= cfg.temperature < float('inf') or cfg.top_k < 0 or cfg.num_samples < 0 or cfg.max_new_tokens < 0:
-        raise ValueError(f"--temperature must be 0 (greedy) or positive, --top_k, --num_samples and --max_new_tokens "
-                         f"0 or more; got {cfg.temperature}, {cfg.top_k}, {cfg.num_samples}, {cfg.max_new_tokens}")
+    tiny = torch.finfo(torch.float32).eps  # below it a temperature is greedy in all but name, and overflows the logits
+    if not (cfg.temperature == 0 or tiny <= cfg.temperature < float('inf')) or min(cfg.top_k, cfg.num_samples,
+                                                                                 cfg.max_new_tokens) < 0:
+        raise ValueError(f"--temperature must be 0 (greedy) or at least {tiny:.2g}, --top_k, --num_samples and "
+                         f"--max_new_tokens 0 or more; got {cfg.temperature}, {cfg.top_k}, {cfg.num_samples}, "
+                         f"{cfg.max_new_tokens}")
     torch.manual_seed(cfg.seed)
     model, meta = load_best_model(cfg.out_dir)
     model, tokenizer = model.to(cfg.device), load_tokenizer(meta.get('tokenizer', 'bytes'))
