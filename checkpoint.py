@@ -117,10 +117,12 @@ def save_checkpoint(path, models, optimizers, tensors, meta, keep_previous=False
             write_whole(os.path.join(tmp, 'meta.json'), lambda f: json.dump(meta, f))
     except (OSError, CheckpointException) as e:  # a full disk, for one
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) else e
+        if is_main_process():  # the part written would hold the disk's space until the next save
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(cause, KeyboardInterrupt):  # a second Ctrl-C while writing: train.cli's line for it
             raise KeyboardInterrupt from None
-        raise OSError(f"could not write the checkpoint {tmp} ({getattr(cause, 'strerror', None) or cause}); "
-                      f"{path}, if there is one, is intact") from None
+        raise OSError(f"could not write the checkpoint {tmp} ({getattr(cause, 'strerror', None) or cause}), "
+                      f"removed; {path}, if there is one, is intact") from None
     if is_main_process():
         shutil.rmtree(path + '.old', ignore_errors=True)
         if os.path.exists(path):

@@ -199,12 +199,15 @@ def logged_record(out_dir, step):
     return records[-1]
 
 def append_log(out_dir, record):
-    """One record more in out_dir/log.jsonl; a failed write names the file (read_log skips a line it cut)."""
+    """One record more in out_dir/log.jsonl; a failed write names the file and leaves no part of the record."""
     path = os.path.join(out_dir, 'log.jsonl')
+    size = os.path.getsize(path) if os.path.exists(path) else 0
     try:
         with open(path, 'a') as f:
             f.write(json.dumps(record) + '\n')
     except OSError as e:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)  # the part of the record that was written
         raise OSError(f"could not append to {path} ({e.strerror or e}); the records before are intact") from None
 
 

@@ -415,14 +415,29 @@ def test_resuming_a_finished_run_leaves_it_and_a_killed_export_is_finished(tmp_p
     assert (out / 'mixture.json').exists() and (out / 'hf' / 'config.json').exists()
 
 
-def test_a_file_size_limit_during_a_checkpoint_is_one_line(tmp_path):
-    """A real write error inside torch.distributed.checkpoint (EFBIG under a file-size limit, as a full disk)."""
+def limited_run(out_dir, limit, *args):
+    """train.py under a file-size limit (EFBIG on every write past it, as a full disk would fail it)."""
     def limit_file_size():
         import resource
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-    proc = subprocess.run([sys.executable, 'train.py', *TINY, f'--out_dir={tmp_path}/out', '--save_best=False'],
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    proc = subprocess.run([sys.executable, 'train.py', *TINY, f'--out_dir={out_dir}', '--save_best=False', *args],
                           cwd=ROOT, capture_output=True, text=True, preexec_fn=limit_file_size)
     assert proc.returncode == 1 and 'Traceback' not in proc.stderr
-    assert re.fullmatch(r"error: could not write the checkpoint .*/out/ckpt.tmp \(File too large\); .*/out/ckpt, if "
-                        r"there is one, is intact", proc.stderr.strip().splitlines()[-1]), proc.stderr[-2000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_file_size_limit_during_a_checkpoint_is_one_line(tmp_path):
+    """A real write error inside torch.distributed.checkpoint; the part written is removed."""
+    line = limited_run(tmp_path / 'out', 100_000)
+    assert re.fullmatch(r"error: could not write the checkpoint .*/out/ckpt.tmp \(File too large\), removed; "
+                        r".*/out/ckpt, if there is one, is intact", line), line
+    assert not (tmp_path / 'out' / 'ckpt.tmp').exists()
+
+
+def test_a_file_size_limit_while_logging_leaves_no_part_of_a_record(tmp_path):
+    line = limited_run(tmp_path / 'out', 1_000, '--eval_interval=1')
+    assert re.fullmatch(r"error: could not append to .*/out/log.jsonl \(File too large\); the records before are "
+                        r"intact", line), line
+    text = (tmp_path / 'out' / 'log.jsonl').read_text()
+    assert text.endswith('\n') and all(json.loads(record) for record in text.splitlines())
