@@ -409,6 +409,8 @@ def export(run, weights):
     out_dir/mixture.json: the weights as a mixture for standard fine-tuning."""
     cfg, folder = run.cfg, os.path.join(run.cfg.out_dir, 'hf')
     tokenizer = load_tokenizer(cfg.tokenizer)
+    if any(run.data.digests.get(path) != digest for path, digest in tokenizer.digests.items()):  # as trained with
+        raise ValueError(f"--tokenizer={cfg.tokenizer}: its files changed during the run; restore them to export")
     token_ids = {key: value for key, value in (('bos_token_id', tokenizer.begin_of_text),
                                                 ('eos_token_id', tokenizer.end_of_text)) if value is not None}
     try:  # every rank takes part: it gathers tensor by tensor

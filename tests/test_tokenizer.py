@@ -180,3 +180,26 @@ def test_a_word_level_vocabulary_without_its_unknown_token_is_one_line(tmp_path,
     word_level.save(str(tmp_path / 'tok' / 'tokenizer.json'))
     line = fails(capsys, tmp_path / 'out', f'--tokenizer={tmp_path}/tok')
     assert line.startswith(f"error: --tokenizer={tmp_path}/tok cannot encode") and 'Missing [UNK]' in line, line
+
+
+def test_a_tokenizer_edited_during_the_run_is_neither_exported_nor_sampled_with(bpe_folders, tmp_path, capsys,
+                                                                                monkeypatch):
+    """The export copies the tokenizer's files beside the model, and tools.sample decodes with them: files that
+    changed since the run read them would pair the model with ids it never learned."""
+    from tools import sample
+    folder, tokenizer_json = tmp_path / 'd', bpe_folders[0] / 'tokenizer.json'
+    folder.mkdir()
+    for name in ('train_a.txt', 'train_b.txt', 'val.txt', 'test.txt'):
+        (folder / name).write_text('\n'.join(TEXT))
+    export = train.export
+
+    def edit_then_export(run, weights):
+        tokenizer_json.write_text(tokenizer_json.read_text() + ' ')  # other bytes, the same tokenizer
+        return export(run, weights)
+    monkeypatch.setattr(train, 'export', edit_then_export)
+    out = tmp_path / 'out'
+    line = fails(capsys, out, f'--data={folder}', f'--tokenizer={bpe_folders[0]}', '--export=True')
+    assert line == f"error: --tokenizer={bpe_folders[0]}: its files changed during the run; restore them to export"
+    assert not (out / 'hf').exists()
+    with pytest.raises(ValueError, match=f"{tokenizer_json} changed since the model was trained with it"):
+        sample.main([f'--out_dir={out}', '--max_new_tokens=2'])

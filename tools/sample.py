@@ -12,7 +12,7 @@ import torch
 
 from checkpoint import load_best_model
 from config import check_device, override
-from tokenizer import load_tokenizer
+from tokenizer import load_tokenizer, tokenizer_files
 
 
 @dataclass
@@ -41,6 +41,10 @@ def main(argv):
     torch.manual_seed(cfg.seed)
     model, meta = load_best_model(cfg.out_dir)
     model, tokenizer = model.to(cfg.device), load_tokenizer(meta.get('tokenizer', 'bytes'))
+    recorded = meta.get('data_files', {})  # the tokenizer's files as the model was trained with them
+    for name, path in tokenizer_files(meta.get('tokenizer', 'bytes')).items():
+        if recorded.get(f'tokenizer/{name}', tokenizer.digests[path]) != tokenizer.digests[path]:
+            raise ValueError(f"{path} changed since the model was trained with it: its ids would decode as other text")
     print(f"upper model of step {meta['step']} (val loss {meta['val_loss']:.4f})")
     begin = [] if tokenizer.begin_of_text is None else [tokenizer.begin_of_text]  # as training saw every example
     prompt = torch.tensor(begin + tokenizer.encode(cfg.prompt).tolist(), dtype=torch.long, device=cfg.device)[None]
