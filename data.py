@@ -375,6 +375,10 @@ def data_files(folder):
                                 f"nor a folder")
     listing = sorted(os.listdir(folder))
     names = [n for n in listing if n.startswith('train_') and n.endswith(('.txt', '.json', '.jsonl'))]
+    odd = [n for n in listing if n.startswith('train_') and n not in names]  # train_c.TXT: a source not to skip silently
+    if odd:
+        raise ValueError(f"{os.path.join(folder, odd[0])}: a source's file is train_<source>.txt, .json or .jsonl; "
+                         f"rename it, or move it out of the folder")
     for name in names:
         if not os.path.isfile(os.path.join(folder, name)):
             raise ValueError(f"{os.path.join(folder, name)} is not a file; each source is one file")

@@ -198,6 +198,7 @@ def test_a_weight_that_is_not_finite_floats_is_refused_naming_its_file_and_tenso
     ({'train_b.jsonl': '{"text": "ab", "n": ' + '9' * 5000 + '}\n'}, 'train_b.jsonl: line 1: malformed JSON'),
     ({'train_b.jsonl': '{"text": "ab\\ud800cd"}\n'}, 'train_b.jsonl: line 1: "text" holds a lone surrogate'),
     ({'val.json': None}, 'val.json is not a file'),  # a folder where the file should be
+    ({'train_c.TXT': 'x'}, "train_c.TXT: a source's file is train_<source>.txt, .json or .jsonl"),  # was skipped
 ])
 def test_data_files_of_odd_shapes_are_one_line_naming_the_file(tmp_path, capsys, damage, message):
     record = json.dumps({'instruction': '1+1', 'output': '2'})
