@@ -202,23 +202,21 @@ def _read_records(path, digests):
         text = read_bytes(path, digests).decode('utf-8')
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text ({e})") from None
-    try:
-        if path.endswith('.jsonl'):
-            records = []
-            for number, line in enumerate(text.split('\n'), 1):  # JSON strings may hold U+2028, \x85, ...
-                if line.strip():
-                    try:
-                        records.append((f"line {number}", json.loads(line)))
-                    except (ValueError, RecursionError) as e:  # also: an integer of 4300+ digits, deep nesting
-                        raise ValueError(f"{path}: line {number}: malformed JSON ({getattr(e, 'msg', e)})") from None
-        else:
-            records = json.loads(text)
-            records = [(f"record {number}", r) for number, r in enumerate(records, 1)] if isinstance(records, list) \
-                else None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {e.lineno}: malformed JSON ({e.msg})") from None
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from None
+    whole = not path.endswith('.jsonl')  # JSON Lines split at '\n' only: a JSON string may hold U+2028
+    records = []
+    for number, line in [(1, text)] if whole else enumerate(text.split('\n'), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except (ValueError, RecursionError) as e:  # also: an integer of 4300+ digits, nesting past the recursion limit
+            at = number + getattr(e, 'lineno', 1) - 1
+            raise ValueError(f"{path}: line {at}: malformed JSON ({getattr(e, 'msg', e)})") from None
+    if whole:
+        records = [(f"record {n}", r) for n, r in enumerate(records[0][1], 1)] \
+            if records and isinstance(records[0][1], list) else None
+    else:
+        records = [(f"line {n}", r) for n, r in records]
     if not records:
         raise ValueError(f"{path} holds no examples (expected a JSON list of records, or JSON Lines)")
     return records

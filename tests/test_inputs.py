@@ -194,7 +194,7 @@ def test_a_weight_that_is_not_finite_floats_is_refused_naming_its_file_and_tenso
 @pytest.mark.parametrize('damage, message', [
     ({'train_b.jsonl': '{"text": "zz", "instruction": "9+9", "output": "18"}\n'},  # the instruction would be dropped
      'train_b.jsonl: line 1 has both "text" and "instruction": one shape per record'),
-    ({'val.json': '[' * 100_000 + ']' * 100_000}, 'val.json: malformed JSON'),  # past Python's recursion limit
+    ({'val.json': '[' * 100_000 + ']' * 100_000}, 'val.json: line 1: malformed JSON (maximum recursion'),
     ({'train_b.jsonl': '{"text": "ab", "n": ' + '9' * 5000 + '}\n'}, 'train_b.jsonl: line 1: malformed JSON'),
     ({'train_b.jsonl': '{"text": "ab\\ud800cd"}\n'}, 'train_b.jsonl: line 1: "text" holds a lone surrogate'),
     ({'val.json': None}, 'val.json is not a file'),  # a folder where the file should be
