@@ -433,7 +433,7 @@ def cli(argv):
         return 0
     except (ValueError, OSError, FloatingPointError, ImportError, MemoryError) as e:
         # every rank sees the same data and the same averaged losses, so every rank fails the same way
-        rank = f"[rank {os.environ['RANK']}] " if 'RANK' in os.environ and os.environ.get('WORLD_SIZE') != '1' else ''
+        rank = f"[rank {os.environ['RANK']}] " if 'RANK' in os.environ and os.environ.get('WORLD_SIZE', '1') != '1' else ''
         print(f"{rank}error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second SIGINT, or one before the loop began: no checkpoint is half-written

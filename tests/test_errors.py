@@ -341,8 +341,9 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_last_checkpoint_sta
         return save(state, checkpoint_id=checkpoint_id, **kwargs)
     monkeypatch.setattr(checkpoint.dcp, 'save', save_until_the_disk_fills)
     line = fails(capsys, tmp_path / 'out', '--save_best=False', '--max_steps=20')
-    assert re.search(r"could not write the checkpoint .*/out/ckpt.tmp \(No space left on device\); .*/out/ckpt, if "
-                     r"there is one, is intact", line)
+    assert re.search(r"could not write the checkpoint .*/out/ckpt.tmp \(No space left on device\), removed; "
+                     r".*/out/ckpt, if there is one, is intact", line)
+    assert not (tmp_path / 'out' / 'ckpt.tmp').exists()
     monkeypatch.setattr(checkpoint.dcp, 'save', save)
     meta = checkpoint.read_meta(str(tmp_path / 'out' / 'ckpt'))
     assert meta['step'] == 5 and checkpoint._verify(meta['folder'], meta['files']) is None
