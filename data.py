@@ -33,6 +33,7 @@ import functools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -191,6 +192,7 @@ TURNS = {'system': ('###System: ', False, False), 'user': ('###Human: ', False, 
 PROMPT = "### Instruction:\n{instruction}\n\n{input_section}### Response:\n"  # Alpaca's, plainly
 INPUT_SECTION = "### Input:\n{input}\n\n"
 # the three conversation shapes: the record's key -> the keys of a turn's role and text, and its role names
+LONE_SURROGATE = re.compile('[\ud800-\udfff]')
 FROM_ROLES = {'system': 'system', 'human': 'user', 'gpt': 'assistant'}
 CONVERSATIONS = {'items': ('from', 'value', FROM_ROLES),  # the authors'
                  'conversations': ('from', 'value', FROM_ROLES),  # ShareGPT's
@@ -263,7 +265,7 @@ def _record_turns(record, path, where):
         if not isinstance(record.get(field), str):
             raise ValueError(f'{path}: {where}: "{field}" must be a string, got '
                              f'{json.dumps(record.get(field)) if field in record else "nothing"}')
-        if not record[field].isascii() and any('\ud800' <= c <= '\udfff' for c in record[field]):
+        if LONE_SURROGATE.search(record[field]):  # json reads "\\ud800" as one; UTF-8 cannot encode it
             raise ValueError(f'{path}: {where}: "{field}" holds a lone surrogate (a "\\ud800" escape), not text')
     if keys[0] == 'text':
         return 'text', [('text', record['text'])]
