@@ -191,8 +191,8 @@ TURNS = {'system': ('###System: ', False, False), 'user': ('###Human: ', False, 
          'prompt': ('', False, False), 'response': ('', True, True), 'text': ('', True, False)}
 PROMPT = "### Instruction:\n{instruction}\n\n{input_section}### Response:\n"  # Alpaca's, plainly
 INPUT_SECTION = "### Input:\n{input}\n\n"
+LONE_SURROGATE = re.compile('[\ud800-\udfff]')  # what json reads "\\ud800" as: no UTF-8 holds it
 # the three conversation shapes: the record's key -> the keys of a turn's role and text, and its role names
-LONE_SURROGATE = re.compile('[\ud800-\udfff]')
 FROM_ROLES = {'system': 'system', 'human': 'user', 'gpt': 'assistant'}
 CONVERSATIONS = {'items': ('from', 'value', FROM_ROLES),  # the authors'
                  'conversations': ('from', 'value', FROM_ROLES),  # ShareGPT's
@@ -265,7 +265,7 @@ def _record_turns(record, path, where):
         if not isinstance(record.get(field), str):
             raise ValueError(f'{path}: {where}: "{field}" must be a string, got '
                              f'{json.dumps(record.get(field)) if field in record else "nothing"}')
-        if LONE_SURROGATE.search(record[field]):  # json reads "\\ud800" as one; UTF-8 cannot encode it
+        if LONE_SURROGATE.search(record[field]):
             raise ValueError(f'{path}: {where}: "{field}" holds a lone surrogate (a "\\ud800" escape), not text')
     if keys[0] == 'text':
         return 'text', [('text', record['text'])]
