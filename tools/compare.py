@@ -65,10 +65,12 @@ LISA_VARIANTS = {'off': ['--lisa_layers=0'], 'default': [], 'authors': ['--lisa_
 ABLATION_VARIANTS = {'default': [], **{f'alpha {a}': [f'--penalty_alpha={a}'] for a in (3, 30, 100)},
                      'central difference': ['--central_difference=True'], 'no clipping': ['--grad_clip=0'],
                      'weight decay 5e-4': ['--weight_decay=5e-4']}
-# compare.py --what=defaults: train.py's default at the authors' two penalties, on every built-in task; and α = 100
-# with the copies' rate divided by 10, α·lr as at α = 10 (the authors pair α = 100 with small rates, 1e-5 to 1e-7)
+# compare.py --what=defaults: train.py's default at the authors' two penalties, on every built-in task; α = 100
+# with the copies' rate divided by 10, α·lr as at α = 10 (the authors pair α = 100 with small rates, 1e-5 to 1e-7);
+# and α = 10 grown to 100 halfway, the copies' rate divided by the same 10 (the authors' τ schedule, one growth)
 DEFAULT_VARIANTS = {'alpha 10': [], 'alpha 100': ['--penalty_alpha=100'],
-                    'alpha 100 lr 1e-4': ['--penalty_alpha=100', '--lr=1e-4']}
+                    'alpha 100 lr 1e-4': ['--penalty_alpha=100', '--lr=1e-4'],
+                    'alpha 10 to 100': ['--alpha_growth=10', '--alpha_interval=750']}
 # a study runs each variant on each task and seed, and measures it against the closed form and against the
 # reference variant on the same seed; stage two runs the shape plus stage_two_args for every variant
 STUDIES = {
