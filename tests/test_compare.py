@@ -97,6 +97,12 @@ def test_ablations_change_one_factor_and_run_every_stage_two_with_the_default_co
     (['--what=oracle', '--data=denoise'], "error: --data=denoise: the oracle's grid is defined for mixture, dilution"),
     (['--what=updates', '--data=mixture'], "error: no oracle at "),
     (['--seeds=two'], "error: --seeds expects int, got 'two'"),
+    (['--seeds=0'], "error: --seeds must be 1 or more, got 0"),
+    (['--what=lisa', '--first_seed=-1'], "error: --first_seed must be 0 or more, got -1"),
+    (['--what=oracle', '--grid_step=0.3'], "error: --grid_step must be 1/k for a whole k from 1 to 100"),
+    (['--what=oracle', '--grid_step=0'], "error: --grid_step must be 1/k for a whole k from 1 to 100"),
+    (['--train_args=--lr=1e-3 --out_dir=elsewhere'], "error: --train_args: --out_dir is set by compare.py for each run"),
+    (['--what=lisa', '--train_args=--seed=3'], "error: --train_args: --seed is set by compare.py for each run"),
 ])
 def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, '-m', 'tools.compare', *args, f'--out_dir={tmp_path}'], capture_output=True,
@@ -125,3 +131,18 @@ def test_baselines_run_every_method_per_task_and_seed_and_stage_two_both_ways(tm
         {'add': 8 / 12, 'sub': 4 / 12, 'letters': 0})  # 0.7·12 = 8.4, 0.3·12 = 3.6: the remainder to sub
     with open(tmp_path / 'baselines' / 'results.json') as f:
         assert json.load(f) == rows
+
+
+def test_baselines_table_covers_the_default_tasks(tmp_path, monkeypatch, capsys):
+    def every_run(out_dir, *args):
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+            json.dump({'sources': ['a', 'b'], 'weights': [0.5, 0.5]}, f)
+        return {'test_loss': 1.0, 'sources': ['a', 'b'], 'weights': [0.5, 0.5], 'wall_seconds': 1.0}
+    monkeypatch.setattr(compare, 'run', every_run)
+    rows = compare.baselines(compare.CompareConfig(what='baselines', seeds=1, out_dir=str(tmp_path)))  # no --tasks
+    tasks = compare.BASELINE_TASKS.split(',')
+    assert [r['task'] for r in rows[::7]] == tasks
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ') and ' | uniform | ' in line]
+    assert [line.split(' | ')[0][2:] for line in table] == tasks
+    assert os.path.isfile(tmp_path / 'baselines' / 'results.json')

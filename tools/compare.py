@@ -52,6 +52,9 @@ class CompareConfig:
 
 
 TRAIN_ARGS = []  # CompareConfig.train_args, split
+# train.py fields compare.py sets for each run itself: --train_args may not move a run's folder or inputs
+SET_PER_RUN = ('out_dir', 'overwrite', 'resume', 'data', 'seed', 'method', 'weights', 'sampling', 'reference',
+               'init_from', 'export')
 BASELINE_TASKS = 'denoise,noise_ladder,mixture,dilution'
 # per task: the sources the oracle's grid spans (the others get weight 0)
 USEFUL_SOURCES = {'mixture': ['add', 'sub'], 'dilution': ['add', 'diluted']}
@@ -123,8 +126,8 @@ def stage_two(out_dir, weights_file, *args):
 
 def baselines(cfg):
     """Per task and seed: uniform, ScaleBiO's stage two (loss-weighted and sampled), val_only, IR-DRO, RHO-LOSS."""
-    rows = []
-    for task, seed in itertools.product((cfg.tasks or BASELINE_TASKS).split(','), range(cfg.seeds)):
+    rows, tasks = [], (cfg.tasks or BASELINE_TASKS).split(',')
+    for task, seed in itertools.product(tasks, range(cfg.seeds)):
         folder = os.path.join(cfg.out_dir, 'baselines', task, f'seed{seed}')
         data = [f'--data={task}', f'--seed={seed}']
         uniform = run(f'{folder}/uniform', *data, '--method=fixed')
@@ -150,7 +153,7 @@ def baselines(cfg):
             print(json.dumps(rows[-1]), flush=True)
     print('\n| task | method | stage-two test loss, by seed | weight each source received (seed 0) | wall time / '
           'uniform |\n|---|---|---|---|---|')
-    for task in cfg.tasks.split(','):
+    for task in tasks:
         for method in dict.fromkeys(r['method'] for r in rows):
             group = [r for r in rows if r['task'] == task and r['method'] == method]
             losses = ' / '.join(f"{r['test_loss']:.4f}" for r in group)
@@ -311,6 +314,18 @@ def study(cfg):
 def main(argv):
     cfg = override(CompareConfig(), argv)
     TRAIN_ARGS[:] = cfg.train_args.split()
+    for key in ('seeds', 'candidate_seeds', 'base_steps'):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key} must be 1 or more, got {getattr(cfg, key)}")
+    if cfg.first_seed < 0:
+        raise ValueError(f"--first_seed must be 0 or more, got {cfg.first_seed}")
+    if not (0.01 <= cfg.grid_step <= 1 and abs(1 / cfg.grid_step - round(1 / cfg.grid_step)) < 1e-9):
+        raise ValueError(f"--grid_step must be 1/k for a whole k from 1 to 100 (0.1, 0.25, 0.5), got {cfg.grid_step}")
+    for arg in TRAIN_ARGS:
+        key = arg.removeprefix('--').split('=')[0]
+        if key in SET_PER_RUN:
+            raise ValueError(f"--train_args: --{key} is set by compare.py for each run (its folders lie under "
+                             f"--out_dir; tasks, seeds and methods are compare.py's own fields)")
     if cfg.what not in ('baselines', 'oracle', 'updates', *STUDIES):
         raise ValueError(f"--what must be baselines, oracle, updates, {', '.join(STUDIES)}, got '{cfg.what}'")
     known = STUDIES[cfg.what]['variants'] if cfg.what in STUDIES else {}
