@@ -12,7 +12,6 @@ import json
 import math
 import os
 import pickle
-import shutil
 
 import torch
 
@@ -361,25 +360,6 @@ def hf_config(config):
     if config.family == 'qwen2':
         hf['use_sliding_window'] = bool(config.sliding_window)
     return hf
-
-
-def export_whole(model, folder, token_ids=None, extra_files=()):
-    """export_pretrained into folder.tmp, extra_files (a tokenizer's) copied beside it, then renamed to folder: an
-    export stopped by a full disk leaves no folder that looks whole. Every rank takes part; rank 0 writes."""
-    try:
-        if is_main_process():
-            shutil.rmtree(folder + '.tmp', ignore_errors=True)
-        export_pretrained(model, folder + '.tmp', token_ids)
-        if is_main_process():
-            for path in extra_files:
-                shutil.copy(path, folder + '.tmp')
-            for name in os.listdir(folder + '.tmp'):  # on the disk before the rename makes the folder look whole
-                with open(os.path.join(folder + '.tmp', name), 'rb') as f:
-                    os.fsync(f.fileno())
-            shutil.rmtree(folder, ignore_errors=True)  # an earlier export of the same run
-            os.rename(folder + '.tmp', folder)
-    except OSError as e:
-        raise OSError(f"could not write the export {folder}.tmp ({e.strerror or e})") from None
 
 
 def export_pretrained(model, folder, token_ids=None, max_shard_bytes=5 * 2**30):

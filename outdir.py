@@ -6,7 +6,7 @@ The out_dir a run owns, and what it writes there.
   sets them aside once every input of the new run is known to be good and outside them, and deletes them at
   the new run's first checkpoint (set_aside, drop_overwritten).
 - Every file is whole or absent: written aside, flushed to the disk, then renamed (write_whole); the
-  checkpoints (checkpoint.py) and the export (hf.py) are folders published the same way.
+  checkpoints (checkpoint.py) and the export (publish_folder) are folders published the same way.
 - An interrupted run loses nothing: SIGINT or SIGTERM lets the step finish and a checkpoint be written
   (signals_stop_at_next_step), and a resumed run's log.jsonl is cut back to what its checkpoint has seen.
 """
@@ -160,6 +160,27 @@ def write_whole(path, write, mode='w'):
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise OSError(f"could not write {path} ({e.strerror or e}); the file as it was before is intact") from None
+
+
+def publish_folder(folder, write, extra_files=()):
+    """folder, written by write(folder.tmp) on every rank (an export: each gathers tensor by tensor, rank 0
+    writes), extra_files (a tokenizer's) copied beside, flushed to the disk, then renamed: an export stopped by a
+    full disk leaves no folder that looks whole."""
+    tmp = folder + '.tmp'
+    try:
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        if is_main_process():
+            for path in extra_files:
+                shutil.copy(path, tmp)
+            for name in os.listdir(tmp):  # on the disk before the rename makes the folder look whole
+                with open(os.path.join(tmp, name), 'rb') as f:
+                    os.fsync(f.fileno())
+            shutil.rmtree(folder, ignore_errors=True)  # an earlier export of the same run
+            os.rename(tmp, folder)
+    except OSError as e:
+        raise OSError(f"could not write the export {tmp} ({e.strerror or e})") from None
 
 
 # ----------------------------------------------------------------------------------------------

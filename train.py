@@ -52,10 +52,10 @@ from tokenizer import load_tokenizer, tokenizer_files
 from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distributed, peer_error, rank0_decides,
                   rank_bytes, reshard, shard, warm_up)
 from lisa import set_lisa_blocks
-from hf import export_whole, pretrained_tensors, read_config
+from hf import export_pretrained, pretrained_tensors, read_config
 from model import GPTConfig, initial_weights, make_model, make_optimizer, target_counts
 from outdir import (OVERWRITTEN, append_log, drop_overwritten, finished_summary, logged_record, own_out_dir,
-                    set_aside, signals_stop_at_next_step, trim_log, write_whole)
+                    publish_folder, set_aside, signals_stop_at_next_step, trim_log, write_whole)
 from plan import check_run_memory
 from steps import (Run, device_rows, evaluation_batches, guard_lower_copy, mean_over_ranks, proportional_rows,
                    rank_rows, scalebio_train_step, tokens_per_step, validation_rows)
@@ -149,8 +149,7 @@ def build_run(cfg, processes):
     models, model_config = build_models(cfg, data, device, dtype, sharded, bf16, rank, world_size)
     # p: λ = softmax(p) starts uniform
     source_logits = torch.zeros(len(data.sources), device=device, dtype=dtype, requires_grad=True)
-    run = Run(cfg, models, optimizers=[make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models],
-              source_logits=source_logits,
+    run = Run(cfg, models, optimizers=[make_optimizer(m, cfg.lr, cfg.weight_decay) for m in models], source_logits=source_logits,
               source_logits_optimizer=make_source_logits_optimizer(source_logits, cfg.source_logits_update,
                                                                    cfg.source_logits_lr, cfg.source_logits_weight_decay),
               autocast=torch.autocast('cuda', dtype=torch.bfloat16) if bf16 and not sharded else contextlib.nullcontext(),
@@ -411,10 +410,10 @@ def export(run, weights):
     tokenizer = load_tokenizer(cfg.tokenizer)
     if any(run.data.digests.get(path) != digest for path, digest in tokenizer.digests.items()):  # as trained with
         raise ValueError(f"--tokenizer={cfg.tokenizer}: its files changed during the run; restore them to export")
-    token_ids = {key: value for key, value in (('bos_token_id', tokenizer.begin_of_text),
-                                                ('eos_token_id', tokenizer.end_of_text)) if value is not None}
+    ids = {key: value for key, value in (('bos_token_id', tokenizer.begin_of_text),
+                                          ('eos_token_id', tokenizer.end_of_text)) if value is not None}
     try:  # every rank takes part: it gathers tensor by tensor
-        export_whole(run.models[-1], folder, token_ids, tokenizer_files(cfg.tokenizer).values())
+        publish_folder(folder, lambda tmp: export_pretrained(run.models[-1], tmp, ids), tokenizer_files(cfg.tokenizer).values())
     except OSError as e:
         raise OSError(f"{e}; the checkpoint and summary.json are intact: --resume=True --export=True exports again") \
             from None

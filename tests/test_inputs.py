@@ -24,7 +24,7 @@ import train
 from config import MODEL_PRESETS, PATHS, TrainConfig, parse_config
 from data import load_data
 from tokenizer import BYTES
-from hf import export_pretrained, export_whole, read_tensors, weight_files
+from hf import export_pretrained, read_tensors, weight_files
 from model import GPT, GPTConfig
 from test_errors import LINES, RECORDS, TINY, fails, listing, write
 
@@ -639,7 +639,8 @@ def test_an_export_and_a_written_file_reach_the_disk_before_a_rename_publishes_t
     (summary.json, meta.json): what a power cut leaves is whole or absent, never a whole-looking empty file."""
     synced, fsync = [], os.fsync
     monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(os.readlink(f'/proc/self/fd/{fd}')), fsync(fd))[1])
-    export_whole(GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16)), str(tmp_path / 'hf'))
+    model = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
+    outdir.publish_folder(str(tmp_path / 'hf'), lambda tmp: export_pretrained(model, tmp))
     assert sorted(synced) == sorted(str(tmp_path / 'hf.tmp' / name) for name in os.listdir(tmp_path / 'hf'))
     synced.clear()
     outdir.write_whole(str(tmp_path / 'summary.json'), lambda f: json.dump({}, f))
