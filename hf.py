@@ -28,6 +28,7 @@ NEOX_NAMES = (('gpt_neox.embed_in.', 'transformer.wte.'), ('gpt_neox.final_layer
               ('.attention.dense.', '.attn.c_proj.'), ('.mlp.dense_h_to_4h.', '.mlp.c_fc.'),
               ('.mlp.dense_4h_to_h.', '.mlp.c_proj.'))
 VOCAB_TABLES = ('transformer.wte.weight', 'lm_head.weight')  # their rows beyond vocab_size are GPT's padding
+TIED = ('lm_head.weight', 'transformer.wte.weight', 'model.embed_tokens.weight')  # a tied head, the embeddings
 
 
 def read_config(path):
@@ -79,9 +80,13 @@ def gpt2_config(hf, where):
     check_kinds(hf, ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd'), where)
     missing = [k for k in ('n_positions', 'vocab_size', 'n_layer', 'n_head', 'n_embd') if hf.get(k) is None]
     activation = hf.get('activation_function', 'gelu_new')
-    if missing or activation not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu') or hf.get('tie_word_embeddings') is False:
+    scaling = {k: hf[k] for k, usual in (('scale_attn_weights', True), ('scale_attn_by_inverse_layer_idx', False))
+               if hf.get(k, usual) != usual}  # attention scaled other than by 1/sqrt(head size)
+    if missing or activation not in ('gelu_new', 'gelu_pytorch_tanh', 'gelu') or hf.get('tie_word_embeddings') is False \
+            or scaling:
         raise ValueError(f"{where} is not a GPT-2 config read here (missing {missing}, activation {activation}, "
-                         f"tie_word_embeddings {hf.get('tie_word_embeddings', True)}: its head is its embedding)")
+                         f"tie_word_embeddings {hf.get('tie_word_embeddings', True)}: its head is its embedding"
+                         + ''.join(f", {k} {json.dumps(v)}" for k, v in scaling.items()) + ")")
     if hf['n_embd'] % hf['n_head']:
         raise ValueError(f"{where}: n_embd={hf['n_embd']} is not a multiple of n_head={hf['n_head']}")
     return GPTConfig(block_size=hf['n_positions'], vocab_size=hf['vocab_size'], n_layer=hf['n_layer'],
@@ -280,18 +285,18 @@ def torch_checkpoint(file):
 
 
 def our_name(name, config):
-    """The name of a checkpoint tensor in our model, or None for tensors to skip."""
+    """The name of a checkpoint tensor in our model (a tied head's too: it must equal the embedding), or None
+    for tensors to skip."""
     if config.family == 'gpt_neox':  # skipped: older checkpoints' causal masks and rotary buffers
         if name.endswith(('attention.bias', 'attention.masked_bias', 'rotary_emb.inv_freq')):
             return None
         for theirs, ours in NEOX_NAMES:
             name = name.replace(theirs, ours)
         return name
-    if config.family != 'gpt2':  # skipped: a tied head; the rotary buffers older Llama checkpoints carry
-        return None if (name == 'lm_head.weight' and config.tie_embeddings) or name.endswith('rotary_emb.inv_freq') \
-            else name
+    if config.family != 'gpt2' or name == 'lm_head.weight':  # skipped: the rotary buffers older Llamas carry
+        return None if name.endswith('rotary_emb.inv_freq') else name
     name = 'transformer.' + name.removeprefix('transformer.')  # GPT2LMHeadModel or GPT2Model keys
-    return None if name.endswith(('.attn.bias', '.attn.masked_bias', 'lm_head.weight')) else name  # old masks; tied head
+    return None if name.endswith(('.attn.bias', '.attn.masked_bias')) else name  # old causal masks
 
 
 def pretrained_tensors(path, config):
@@ -300,7 +305,7 @@ def pretrained_tensors(path, config):
     one and a misshapen one are each one clear error naming it."""
     with torch.device('meta'):
         shapes = {name: p.shape for name, p in make_model(config).named_parameters(remove_duplicate=False)}
-    loaded = {'lm_head.weight'} if config.tie_embeddings else set()
+    loaded, tied = set(), {}  # tied: a tied model's embedding and head as its files hold them (a .bin may hold both)
     for file in weight_files(path):
         for name, rows in read_tensors(file):
             name = our_name(name, config)
@@ -309,6 +314,11 @@ def pretrained_tensors(path, config):
             if name not in shapes or name in loaded:  # in loaded: two names for one tensor, or in two shards
                 raise ValueError(f"{file}: weight {name} " + ("is stored twice; which is meant cannot be told"
                                  if name in shapes else f"has no place in a {config.family} model"))
+            loaded.add(name)
+            if config.tie_embeddings and name in TIED:
+                tied[name] = rows
+                if name == 'lm_head.weight':  # not read into the model: checked to equal the embedding below
+                    continue
             if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):  # our rows are its columns: read whole
                 rows = Rows(rows.shape[::-1], lambda start, stop, rows=rows: rows.read(0, rows.shape[0]).t()[start:stop],
                             rows.where)
@@ -317,10 +327,15 @@ def pretrained_tensors(path, config):
                 raise ValueError(f"{path}: {name} has shape {tuple(rows.shape)}, config.json implies {tuple(expected)}")
             if rows.shape != shapes[name]:  # the padding rows of GPT-2's (and GPT-NeoX's) vocabulary
                 rows = padded_rows(rows, shapes[name][0])
-            loaded.add(name)
             yield name, rows
-    if set(shapes) - loaded:
-        raise ValueError(f"{path}: weights missing for {sorted(set(shapes) - loaded)}")
+    missing = set(shapes) - loaded - ({'lm_head.weight'} if config.tie_embeddings else set())
+    if missing:
+        raise ValueError(f"{path}: weights missing for {sorted(missing)}")
+    head, embedding, n = tied.get('lm_head.weight'), tied.get(TIED[1]) or tied.get(TIED[2]), config.vocab_size
+    if head is not None and (head.shape != embedding.shape or not all(torch.equal(  # a chunk of rows at a time
+            head.read(i, min(i + 4096, n)).float(), embedding.read(i, min(i + 4096, n)).float()) for i in range(0, n, 4096))):
+        raise ValueError(f"{head.where} differs from {embedding.where}, but config.json ties the head to the "
+                         f"embedding (GPT-2 always; tie_word_embeddings): which is meant cannot be told")
 
 
 def from_pretrained(path):

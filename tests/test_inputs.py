@@ -234,6 +234,32 @@ def test_a_weight_stored_twice_or_an_untied_gpt2_head_is_refused(tmp_path, capsy
     assert 'tie_word_embeddings False: its head is its embedding' in error_line(capsys, *args)
 
 
+@pytest.mark.parametrize('family', ['gpt2', 'llama'])
+def test_a_tied_head_stored_beside_its_embedding_must_equal_it(tmp_path, family):
+    """A tied model's file may hold lm_head.weight too (a .bin saved by torch does); read as a tied model, one
+    that differs from the embedding would be dropped for it, so it is refused, and a copy is accepted."""
+    import torch
+    from hf import from_pretrained
+    from model import make_model
+    llama = dict(family='llama', bias=False, n_kv_head=1, mlp_hidden=32, tie_embeddings=False)
+    model = make_model(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16,
+                                 **(llama if family == 'llama' else {})))
+    folder = tmp_path / 'model'
+    export_pretrained(model, str(folder))
+    state = {name: rows.read(0, rows.shape[0]) for file in weight_files(str(folder)) for name, rows in read_tensors(file)}
+    embedding = 'transformer.wte.weight' if family == 'gpt2' else 'model.embed_tokens.weight'
+    if family == 'llama':  # exported untied: its own head, then config.json made to say tied
+        (folder / 'config.json').write_text(json.dumps({**json.loads((folder / 'config.json').read_text()),
+                                                        'tie_word_embeddings': True}))
+    os.remove(folder / 'model.safetensors')
+    torch.save({**state, 'lm_head.weight': torch.randn_like(state[embedding])}, folder / 'pytorch_model.bin')
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: lm_head.weight differs from .*pytorch_model.bin: "
+                                         r".* but config.json ties the head to the embedding"):
+        from_pretrained(str(folder))
+    torch.save({**state, 'lm_head.weight': state[embedding].clone()}, folder / 'pytorch_model.bin')
+    assert torch.equal(from_pretrained(str(folder)).lm_head.weight, state[embedding])
+
+
 def test_a_model_folder_with_its_own_tokenizer_is_not_read_with_raw_bytes(tmp_path, capsys):
     """An export of a BPE run holds its tokenizer.json: without --tokenizer, raw bytes would index its embedding
     rows (any vocabulary of 256 or more passes the size check) and the run would train on the wrong ids."""
@@ -458,6 +484,10 @@ LLAMA = dict(model_type='llama', hidden_size=16, num_hidden_layers=2, num_attent
      "n_head='two': sizes must be positive integers"),
     ('{"model_type": "gpt2", "n_positions": 16, "vocab_size": 256, "n_layer": 2, "n_head": 3, "n_embd": 16}',
      "n_embd=16 is not a multiple of n_head=3"),
+    ('{"model_type": "gpt2", "n_positions": 16, "vocab_size": 256, "n_layer": 2, "n_head": 2, "n_embd": 16, '
+     '"scale_attn_weights": false}', "is not a GPT-2 config read here"),  # attention unscaled: not implemented
+    ('{"model_type": "gpt2", "n_positions": 16, "vocab_size": 256, "n_layer": 2, "n_head": 2, "n_embd": 16, '
+     '"scale_attn_by_inverse_layer_idx": true}', "scale_attn_by_inverse_layer_idx true"),
     ('{"model_type": ["llama"]}', 'model_type ["llama"] is neither GPT-2'),
     (json.dumps({**LLAMA, 'rope_scaling': {'rope_type': 'llama3', 'low_freq_factor': 1, 'high_freq_factor': 4}}),
      "llama3 rope scaling {'factor': None"),
