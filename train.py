@@ -184,9 +184,10 @@ def model_config_for(cfg, data):
         config = GPTConfig(**{'block_size': cfg.block_size, 'vocab_size': data.vocab_size, 'dropout': cfg.dropout,
                               'bias': cfg.bias, **shape, **({'n_layer': cfg.n_layer} if cfg.n_layer else {})})
     where = f"--init_from={cfg.init_from}: the model's" if cfg.init_from else f"--model={cfg.model}: its"
-    if config.vocab_size < data.vocab_size or config.block_size < cfg.block_size:
-        raise ValueError(f"{where} vocabulary ({config.vocab_size}) must hold the tokenizer's ({data.vocab_size}), "
-                         f"its context ({config.block_size}) at least --block_size={cfg.block_size}")
+    if config.vocab_size < data.vocab_size or config.block_size < cfg.block_size:  # the first that fails
+        raise ValueError(f"{where} vocabulary ({config.vocab_size}) must hold the tokenizer's ({data.vocab_size})"
+                         if config.vocab_size < data.vocab_size else f"{where} context ({config.block_size}) must "
+                         f"be at least --block_size={cfg.block_size}")
     if 0 < config.sliding_window < cfg.block_size:
         raise ValueError(f"{where} attention window ({config.sliding_window}) is shorter than --block_size="
                          f"{cfg.block_size}: sliding-window attention is not implemented; lower --block_size")

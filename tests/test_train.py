@@ -216,8 +216,11 @@ def test_export_writes_a_hugging_face_folder_and_a_mixture_that_init_from_reads(
             assert torch.equal(tensor, copy[name]), name
     small = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
     export_pretrained(small, str(tmp_path / 'small'))
-    with pytest.raises(ValueError, match=r"model's vocabulary \(100\) must hold the tokenizer's \(256\)"):
+    with pytest.raises(ValueError, match=r"model's vocabulary \(100\) must hold the tokenizer's \(256\)$"):
         train.main(args[:-1] + [f'--init_from={tmp_path}/small', '--overwrite=True'])
+    export_pretrained(GPT(GPTConfig(block_size=8, vocab_size=256, n_layer=1, n_head=2, n_embd=16)), str(tmp_path / 'short'))
+    with pytest.raises(ValueError, match=r"model's context \(8\) must be at least --block_size=16$"):
+        train.main(args[:-1] + [f'--init_from={tmp_path}/short', '--overwrite=True'])
 
 
 def test_sample_completes_a_prompt_with_the_best_upper_model(tmp_path):
