@@ -18,6 +18,8 @@ the share of each step's training signal that each source received, averaged ove
   the examples with the largest ℓ(x; θ) − ℓ(x; θ_ref) out of a larger candidate batch. Noise has a high
   irreducible loss, learnt examples a low current loss: both are skipped.
 """
+import json
+import math
 import os
 
 import torch
@@ -25,6 +27,7 @@ import torch.distributed as dist
 
 from bilevel import check_finite, step_and_clear
 from checkpoint import load_best_model
+from data import read_bytes
 from fsdp import gather_over_ranks, rank0_decides
 from steps import clip_gradient, device_rows, model_objective, rank_rows, step_rows, train_batch, validation_rows
 
@@ -89,6 +92,29 @@ def rholoss_backward(model, reference_model, x, y, n_sources, n_select, autocast
     per_source = x.size(0) // n_sources
     received = torch.bincount(selected // per_source, minlength=n_sources).to(losses.dtype) / n_select
     return received, losses.view(n_sources, -1).mean(dim=1)
+
+
+def fixed_weights(spec, sources, digests=None):
+    """Source weights for --method=fixed: 'uniform', or the weights a scalebio run wrote to its summary.json (its
+    [bytes, SHA-256] put in digests, as read_bytes does)."""
+    if spec == 'uniform':
+        return torch.full((len(sources),), 1.0 / len(sources), dtype=torch.float64)
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"--weights: no file {spec} (give 'uniform' or a summary.json)")
+    try:
+        summary = json.loads(read_bytes(spec, {} if digests is None else digests))
+    except ValueError:  # not JSON, or not UTF-8
+        summary = None
+    if not isinstance(summary, dict) or 'weights' not in summary:
+        raise ValueError(f"--weights={spec} is not a summary.json (give 'uniform' or a scalebio run's summary.json)")
+    if summary.get('sources') != sources:
+        raise ValueError(f"--weights: {spec} has sources {summary.get('sources')}, the data has {sources}")
+    weights = summary['weights']
+    if not (isinstance(weights, list) and len(weights) == len(sources)
+            and all(type(w) in (int, float) and 0 <= w < math.inf for w in weights)  # true is not 1
+            and abs(sum(weights) - 1) < 1e-3):
+        raise ValueError(f"--weights: {spec} has weights {weights}: one per source, each 0 or more, summing to 1")
+    return torch.tensor(weights, dtype=torch.float64) / sum(weights)  # exactly 1, as λ on the simplex
 
 
 def fixed_step(run, step, alpha):

@@ -31,13 +31,11 @@ The batches drawn from them, step by step, are steps.py's.
 import dataclasses
 import functools
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from tokenizer import BYTES, digest
 
@@ -424,26 +422,3 @@ def kept_table(kept):
         lines.append(f"{split:<20}{k['rows']:>8}{k['tokens']:>10}{k['target_tokens']:>10}"
                      f"{k['truncated'] / examples:>11.1%}{k['skipped'] / examples:>9.1%}")
     return '\n'.join(lines)
-
-
-def fixed_weights(spec, sources, digests=None):
-    """Source weights for --method=fixed: 'uniform', or the weights a scalebio run wrote to its summary.json (its
-    [bytes, SHA-256] put in digests, as read_bytes does)."""
-    if spec == 'uniform':
-        return torch.full((len(sources),), 1.0 / len(sources), dtype=torch.float64)
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(f"--weights: no file {spec} (give 'uniform' or a summary.json)")
-    try:
-        summary = json.loads(read_bytes(spec, {} if digests is None else digests))
-    except ValueError:  # not JSON, or not UTF-8
-        summary = None
-    if not isinstance(summary, dict) or 'weights' not in summary:
-        raise ValueError(f"--weights={spec} is not a summary.json (give 'uniform' or a scalebio run's summary.json)")
-    if summary.get('sources') != sources:
-        raise ValueError(f"--weights: {spec} has sources {summary.get('sources')}, the data has {sources}")
-    weights = summary['weights']
-    if not (isinstance(weights, list) and len(weights) == len(sources)
-            and all(isinstance(w, (int, float)) and 0 <= w < math.inf for w in weights)
-            and abs(sum(weights) - 1) < 1e-3):
-        raise ValueError(f"--weights: {spec} has weights {weights}: one per source, each 0 or more, summing to 1")
-    return torch.tensor(weights, dtype=torch.float64) / sum(weights)  # exactly 1, as λ on the simplex

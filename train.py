@@ -42,12 +42,12 @@ if __name__ == '__main__':  # Ctrl-C while torch loads, for seconds: one line, a
 import torch
 from tqdm import tqdm
 
-from baselines import fixed_step, irdro_step, load_reference, rholoss_step
+from baselines import fixed_step, fixed_weights, irdro_step, load_reference, rholoss_step
 from bilevel import cosine_lr, make_source_logits_optimizer, penalty_schedule
 from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, read_meta,
                         replicated_state, save_checkpoint)
 from config import MODEL_PRESETS, changed_step_sizes, input_paths, micro_steps, parse_config
-from data import fixed_weights, kept_table, load_data
+from data import kept_table, load_data
 from tokenizer import load_tokenizer, tokenizer_files
 from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distributed, peer_error, rank0_decides,
                   rank_bytes, reshard, shard, warm_up)

@@ -123,7 +123,8 @@ def test_a_proportional_stage_two_resumes_exactly(tmp_path):
     assert_same_state(final_state(tmp_path / 'parts'), final_state(tmp_path / 'whole'), atol=1e-10)
 
 
-@pytest.mark.parametrize('weights', [[0.2, 0.2, 0.2], [70, 30, 0], [1.2, -0.2, 0.0], [0.5, 0.5], [0.5, None, 0.5]])
+@pytest.mark.parametrize('weights', [[0.2, 0.2, 0.2], [70, 30, 0], [1.2, -0.2, 0.0], [0.5, 0.5], [0.5, None, 0.5],
+                                     [True, False, False]])
 def test_weights_that_are_not_on_the_simplex_are_refused(tmp_path, weights):
     spec = write_weights(tmp_path / 'w.json', ['clean', 'noisy', 'irrelevant'], weights)
     with pytest.raises(ValueError, match=r"has weights .*: one per source, each 0 or more, summing to 1"):
