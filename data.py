@@ -192,6 +192,7 @@ INPUT_SECTION = "### Input:\n{input}\n\n"
 LONE_SURROGATE = re.compile('[\ud800-\udfff]')  # what json reads "\\ud800" as: no UTF-8 holds it
 # the three conversation shapes: the record's key -> the keys of a turn's role and text, and its role names
 FROM_ROLES = {'system': 'system', 'human': 'user', 'gpt': 'assistant'}
+UNREAD = ('system', 'history', 'tools')  # other layouts' fields (LLaMA-Factory's) that hold text: refused, not dropped
 CONVERSATIONS = {'items': ('from', 'value', FROM_ROLES),  # the authors'
                  'conversations': ('from', 'value', FROM_ROLES),  # ShareGPT's
                  'messages': ('role', 'content', {'system': 'system', 'user': 'user', 'assistant': 'assistant'})}
@@ -256,6 +257,9 @@ def _record_turns(record, path, where):
         raise ValueError(f'{path}: {where} has none of "text", "output", ' + ', '.join(f'"{k}"' for k in CONVERSATIONS))
     if len(keys) > 1:  # a "text" beside an instruction would otherwise train alone, the instruction dropped
         raise ValueError(f'{path}: {where} has both "{keys[0]}" and "{keys[1]}": one shape per record')
+    if fields & set(UNREAD):
+        raise ValueError(f'{path}: {where} has "{min(fields & set(UNREAD))}", which is not read here: write a system '
+                         f'prompt and earlier turns as turns of a conversation ("conversations" or "messages")')
     if keys[0] in CONVERSATIONS:
         return keys[0], _conversation(record[keys[0]], keys[0], f"{path}: {where}")
     required = ('text',) if keys[0] == 'text' else ('instruction', 'output')
@@ -267,6 +271,8 @@ def _record_turns(record, path, where):
             raise ValueError(f'{path}: {where}: "{field}" holds a lone surrogate (a "\\ud800" escape), not text')
     if keys[0] == 'text':
         return 'text', [('text', record['text'])]
+    if not record['output'].strip():
+        raise ValueError(f'{path}: {where}: "output" is blank: nothing to learn from it')
     section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
     return 'instruction', [('prompt', PROMPT.format(instruction=record['instruction'], input_section=section)),
                            ('response', record['output'])]

@@ -130,6 +130,10 @@ def turn(shape, role, text):
     ({'messages': []}, r'record 1: "messages" must be a list of turns'),
     ({'items': [turn('items', 'human', 'hi'), turn('items', 'gpt', 'yo')], 'text': 'x'},
      r'record 1 has both "items" and "text": one shape per record'),
+    ({'conversations': [turn('conversations', 'human', 'hi'), turn('conversations', 'gpt', 'yo')],
+      'system': 'Answer in French.'}, r'record 1 has "system", which is not read here'),  # ShareGPT's, LLaMA-Factory's
+    ({'instruction': 'hi', 'output': 'yo', 'history': [['q', 'a']]}, r'record 1 has "history", which is not read here'),
+    ({'instruction': 'hi', 'output': '  '}, r'record 1: "output" is blank: nothing to learn from it'),
 ])
 def test_a_bad_conversation_is_one_line_naming_the_file_and_the_record(tmp_path, capsys, record, message):
     good = as_shape('items', TURNS_OF)
