@@ -201,5 +201,10 @@ def test_a_tokenizer_edited_during_the_run_is_neither_exported_nor_sampled_with(
     line = fails(capsys, out, f'--data={folder}', f'--tokenizer={bpe_folders[0]}', '--export=True')
     assert line == f"error: --tokenizer={bpe_folders[0]}: its files changed during the run; restore them to export"
     assert not (out / 'hf').exists()
-    with pytest.raises(ValueError, match=f"{tokenizer_json} changed since the model was trained with it"):
+    with pytest.raises(ValueError, match=f"{tokenizer_json} changed since the model was trained with the tokenizer's"):
+        sample.main([f'--out_dir={out}', '--max_new_tokens=2'])
+    tokenizer_json.write_text(tokenizer_json.read_text()[:-1])  # as trained: sampling works
+    sample.main([f'--out_dir={out}', '--max_new_tokens=2'])
+    (bpe_folders[0] / 'vocab.json').write_text('{}')  # a file the run did not read: load_tokenizer would prefer it
+    with pytest.raises(ValueError, match=f"{bpe_folders[0] / 'vocab.json'} appeared since the model was trained"):
         sample.main([f'--out_dir={out}', '--max_new_tokens=2'])

@@ -5,6 +5,7 @@ validation loss, from out_dir/best, to see what the reweighted model learned.
     python -m tools.sample --out_dir=out --prompt="12+34="             # the built-in tasks: does it add correctly?
     python -m tools.sample --out_dir=out --prompt="12+34=" --temperature=0 --num_samples=1     # greedy
 """
+import os
 import sys
 from dataclasses import dataclass
 
@@ -40,11 +41,18 @@ def main(argv):
                          f"{cfg.max_new_tokens}")
     torch.manual_seed(cfg.seed)
     model, meta = load_best_model(cfg.out_dir)
-    model, tokenizer = model.to(cfg.device), load_tokenizer(meta.get('tokenizer', 'bytes'))
-    recorded = meta.get('data_files', {})  # the tokenizer's files as the model was trained with them
-    for name, path in tokenizer_files(meta.get('tokenizer', 'bytes')).items():
-        if recorded.get(f'tokenizer/{name}', tokenizer.digests[path]) != tokenizer.digests[path]:
-            raise ValueError(f"{path} changed since the model was trained with it: its ids would decode as other text")
+    spec = meta.get('tokenizer', 'bytes')
+    if spec != 'bytes' and not os.path.isdir(spec):
+        raise FileNotFoundError(f"{spec}, the tokenizer folder the model was trained with (best/meta.json), is missing")
+    model, tokenizer = model.to(cfg.device), load_tokenizer(spec)
+    # the tokenizer's files as the model was trained with them: none edited, added or removed since
+    trained = {k.removeprefix('tokenizer/'): v for k, v in meta.get('data_files', {}).items() if k.startswith('tokenizer/')}
+    now = {name: tokenizer.digests[path] for name, path in tokenizer_files(spec).items()}
+    for name in sorted(trained.keys() | now.keys()):
+        if trained.get(name) != now.get(name):
+            what = 'changed' if name in trained and name in now else 'appeared' if name in now else 'is missing'
+            raise ValueError(f"{os.path.join(spec, name)} {what} since the model was trained with the tokenizer's "
+                             f"files: its ids would decode as other text")
     print(f"upper model of step {meta['step']} (val loss {meta['val_loss']:.4f})")
     begin = [] if tokenizer.begin_of_text is None else [tokenizer.begin_of_text]  # as training saw every example
     prompt = torch.tensor(begin + tokenizer.encode(cfg.prompt).tolist(), dtype=torch.long, device=cfg.device)[None]
