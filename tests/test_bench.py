@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,3 +42,22 @@ def test_bench_instruction_workload_times_padded_rows_cropped_and_not():
     assert result['workload'] == 'instruction'
     assert result['cropped_over_uncropped'] > 0 and result['logits_at_targets_over_all'] > 0
     assert result['state_bytes']['uncropped'] == result['state_bytes']['scalebio']  # the same step, on fewer positions
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--model=foo'], "--model must be one of gpt2,"),
+    (['--repeats=0'], "--repeats must be 1 or more, got 0"),
+    (['--n_sources=0'], "--n_sources must be 1 or more, got 0"),
+    (['--n_head=3'], "--n_embd=16 must be a multiple of --n_head=3"),
+    (['--batch_per_source=8', '--val_batch=4', '--micro_batch=3'], "--micro_batch=3 must divide the 8 rows per source"),
+    (['--workload=foo'], "--workload must be random or instruction, got 'foo'"),
+    (['--lisa_layers=4'], "--lisa_layers must be fewer than the 4 blocks"),
+    (['--lisa_layers=0'], "--lisa_layers must be fewer than the 4 blocks, and (but for --plan) 1 or more, got 0"),
+    (['--plan=True', '--world_size=0'], "--world_size must be 1 or more, got 0"),
+    (['--source_loss=foo'], "--source_loss must be one of example, token, got 'foo'"),
+])
+def test_a_bad_bench_setting_is_one_line_naming_it(args, message):
+    proc = subprocess.run([sys.executable, '-m', 'tools.bench', '--n_layer=4', '--n_head=2', '--n_embd=16', *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr == f"error: {proc.stderr[7:].splitlines()[0]}\n", proc.stderr
+    assert message in proc.stderr

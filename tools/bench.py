@@ -215,8 +215,30 @@ def memory_plan_main(cfg, shape):
     return {'state': state, 'levers': levers, 'deepest_fitting': deepest, 'deepest_fitting_offload': offloaded}
 
 
+def check_bench_config(cfg):
+    """The fields train.py also has, checked as train.py checks them; the bench's own, each in its range."""
+    shared = ['model', 'block_size', 'batch_per_source', 'val_batch', 'lisa_layers', 'penalty_alpha',
+              'central_difference', 'grad_clip', 'source_loss', 'micro_batch', 'device', 'compile']
+    train_cfg = parse_config([f'--{key}={getattr(cfg, key)}' for key in shared + ['lisa_interval'] * bool(cfg.lisa_layers)
+                              + ([] if cfg.model else ['n_layer', 'n_head', 'n_embd'])])  # a preset's shape is its own
+    n_layer = MODEL_PRESETS[cfg.model]['n_layer'] if cfg.model else cfg.n_layer
+    for key, ok, requirement in (('lisa_layers', (not cfg.plan) <= cfg.lisa_layers < n_layer, f'fewer than the {n_layer} '
+                                  f'blocks, and (but for --plan) 1 or more'), ('n_sources', cfg.n_sources >= 1, '1 or more'),
+                                 ('vocab_size', cfg.vocab_size >= 0, '0 (the shape\'s own) or more'),
+                                 ('warmup', cfg.warmup >= 0, '0 or more'), ('repeats', cfg.repeats >= 1, '1 or more'),
+                                 ('workload', cfg.workload in ('random', 'instruction'), 'random or instruction'),
+                                 ('world_size', cfg.world_size >= 1, '1 or more'), ('gpu_gib', cfg.gpu_gib > 0, 'above 0'),
+                                 ('target_fraction', 0 < cfg.target_fraction <= 1, 'above 0, at most 1'),
+                                 ('only', cfg.only in ('', 'sft', 'scalebio', 'lisa', 'uncropped', 'all_logits'),
+                                  'internal')):
+        if not ok:
+            raise ValueError(f"--{key} must be {requirement}, got {getattr(cfg, key)!r}")
+    micro_steps(train_cfg, cfg.world_size if cfg.plan else 1)
+
+
 def main(argv):
     cfg = override(BenchConfig(), argv)
+    check_bench_config(cfg)
     shape = model_config(cfg)
     device = cfg.device if cfg.device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
     # variant: (LISA's active blocks, --crop_padding, --logits_at_targets); None: one model, no LISA; 0: LISA off
@@ -293,4 +315,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
