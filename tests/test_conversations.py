@@ -1,7 +1,10 @@
 """Conversation records: the authors' {"items"}, ShareGPT's {"conversations"} and chat {"messages"}, rendered with
 data.TURNS; loss on assistant turns only; whole turns kept where a row allows; bad records one line."""
 import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -150,3 +153,19 @@ def test_one_shape_per_file_and_shapes_may_differ_across_files(tmp_path, capsys)
     folder = write(tmp_path / 'e', {'train_a.jsonl': [good[0]], 'train_b.json': [{'text': 'abc'}],
                                     'val.json': [good[1]], 'test.json': [good[2]]})
     assert load_data(folder, block_size=64, seed=0).kept['a']['rows'] == 1
+
+
+def test_the_conversation_folder_loads_and_never_overwrites_a_users_files(tmp_path):
+    from tools import conversations
+    conversations.write_folder(str(tmp_path / 'chat'), n=40)
+    data = load_data(str(tmp_path / 'chat'), block_size=256, seed=0)
+    assert data.sources == ['bare_sums', 'problems', 'small_talk', 'trivia', 'two_problems']
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'val.json').write_text('[{"text": "my own"}]')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for arg, code, out in [(str(tmp_path / 'mine'), 1, 'is not empty: give a new folder'), ('--help', 0, 'python -m tools.conversations data/chat')]:
+        proc = subprocess.run([sys.executable, '-m', 'tools.conversations', arg], cwd=tmp_path, capture_output=True,
+                              text=True, env={**os.environ, 'PYTHONPATH': root})
+        assert proc.returncode == code and out in proc.stdout + proc.stderr, proc.stderr
+    assert (tmp_path / 'mine' / 'val.json').read_text() == '[{"text": "my own"}]'
+    assert not (tmp_path / '--help').exists()

@@ -17,6 +17,8 @@ import sys
 
 import numpy as np
 
+from outdir import write_whole
+
 NAMES = ['Ann', 'Ben', 'Cai', 'Dee', 'Eli', 'Fay']
 THINGS = ['apples', 'marbles', 'stamps', 'shells', 'coins']
 SMALL_TALK = [('Hello!', 'Hi there, how can I help?'), ('How are you today?', 'I am well, thank you for asking.'),
@@ -68,14 +70,21 @@ def sources(rng, n):
 
 
 def write_folder(folder, seed=0, n=2000):
+    """A new folder (one that exists must be empty: nothing in it is overwritten), each file written whole."""
+    if os.path.exists(folder) and (not os.path.isdir(folder) or os.listdir(folder)):
+        raise ValueError(f"{folder} {'is not empty' if os.path.isdir(folder) else 'is a file'}: give a new folder")
     os.makedirs(folder, exist_ok=True)
     for name, records in sources(np.random.default_rng(seed), n).items():
-        with open(os.path.join(folder, name), 'w') as f:
-            f.write('\n'.join(json.dumps(r) for r in records) if name.endswith('.jsonl') else json.dumps(records))
+        text = '\n'.join(json.dumps(r) for r in records) if name.endswith('.jsonl') else json.dumps(records)
+        write_whole(os.path.join(folder, name), lambda f, text=text: f.write(text))
 
 
 if __name__ == '__main__':
-    if len(sys.argv) != 2:
-        sys.exit(__doc__)
-    write_folder(sys.argv[1])
+    if len(sys.argv) != 2 or sys.argv[1].startswith('-'):  # -h, --help: the usage above
+        print(__doc__.strip())
+        sys.exit(0 if sys.argv[1:] in (['-h'], ['--help']) else 1)
+    try:
+        write_folder(sys.argv[1])
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
     print(f"wrote {sys.argv[1]}")
