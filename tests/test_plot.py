@@ -42,6 +42,10 @@ def test_several_runs_side_by_side_go_to_the_file_named(tmp_path):
         proc = subprocess.run([sys.executable, '-m', 'tools.plot', *runs, f'--to={to}'], cwd=ROOT, capture_output=True,
                               text=True)
         assert proc.stdout.strip() == f"wrote {written}" and written.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    (tmp_path / 'off' / 'weights.png').mkdir()  # where the picture of one run goes: a folder, not writable as a file
+    proc = subprocess.run([sys.executable, '-m', 'tools.plot', runs[0]], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith('error: ') and len(proc.stderr.splitlines()) == 1
+    assert 'weights.png' in proc.stderr
 
 
 @pytest.mark.parametrize("records, message", [(None, "no .*log.jsonl"), ([], "is empty"),

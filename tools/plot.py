@@ -64,5 +64,5 @@ if __name__ == '__main__':
         if len(runs) > 1 and not to:
             raise ValueError("several runs need --to=PATH for the picture")
         print(f"wrote {plot(runs, to[-1] if to else None)}")
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: the picture cannot be written there
         sys.exit(f"error: {e}")
