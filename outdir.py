@@ -115,11 +115,13 @@ def set_aside(out_dir, names, inputs):
     was set aside by a run that never reached a checkpoint: it stays, and that run's own files go."""
     for field, path in inputs.items():  # a folder's files too: a symlink among them may lead into out_dir
         files = [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else []
-        reals = [os.path.realpath(p) for p in [path, *files]]
         for name in names:
             doomed = os.path.realpath(os.path.join(out_dir, name))
-            if any(real == doomed or real.startswith(doomed + os.sep) for real in reals):
-                raise ValueError(f"{field}={path} lies in {os.path.join(out_dir, name)}, which --overwrite=True would "
+            hit = next((p for p in [path, *files] if os.path.realpath(p) == doomed
+                        or os.path.realpath(p).startswith(doomed + os.sep)), None)
+            if hit:
+                where = 'lies in' if hit == path else f'holds {hit}, which is or leads into'
+                raise ValueError(f"{field}={path} {where} {os.path.join(out_dir, name)}, which --overwrite=True would "
                                  f"delete: copy it out of --out_dir={out_dir} first, or use another --out_dir")
     aside = os.path.join(out_dir, OVERWRITTEN)
     if is_main_process():

@@ -85,8 +85,13 @@ def test_overwrite_refuses_an_input_that_reaches_into_the_run_by_a_link(finished
     os.symlink(finished_run / 'summary.json', tmp_path / 'data' / 'train_b.txt')
     before = listing(finished_run)
     line = error_line(capsys, *TINY, f'--data={tmp_path}/data', f'--out_dir={finished_run}', '--overwrite=True')
-    assert line.startswith(f"error: --data={tmp_path}/data lies in") and 'would delete' in line
+    assert line.startswith(f"error: --data={tmp_path}/data holds {tmp_path}/data/train_b.txt, which is or leads "
+                           f"into {finished_run}/summary.json") and 'would delete' in line
     assert listing(finished_run) == before
+    data = write(tmp_path / 'own', {'train_a.txt': LINES, 'val.txt': LINES, 'test.txt': LINES})
+    assert train.cli([*TINY, f'--data={data}', f'--out_dir={data}']) == 0  # a run written into its data folder
+    line = error_line(capsys, *TINY, f'--data={data}', f'--out_dir={data}', '--overwrite=True')
+    assert line.startswith(f"error: --data={data} holds {data}/") and 'would delete' in line
 
 
 @pytest.mark.parametrize('files', [
