@@ -15,7 +15,7 @@ import pickle
 
 import torch
 
-from fsdp import fill, full, is_main_process
+from fsdp import fill, full, is_main_process, rank0_decides
 from model import GPTConfig, empty_model, make_model
 
 # HF's GPT-2 uses Conv1D layers, whose weights are stored as (in, out): the transpose of nn.Linear's
@@ -28,7 +28,7 @@ NEOX_NAMES = (('gpt_neox.embed_in.', 'transformer.wte.'), ('gpt_neox.final_layer
               ('.attention.dense.', '.attn.c_proj.'), ('.mlp.dense_h_to_4h.', '.mlp.c_fc.'),
               ('.mlp.dense_4h_to_h.', '.mlp.c_proj.'))
 VOCAB_TABLES = ('transformer.wte.weight', 'lm_head.weight')  # their rows beyond vocab_size are GPT's padding
-TIED = ('lm_head.weight', 'transformer.wte.weight', 'model.embed_tokens.weight')  # a tied head, the embeddings
+HEAD, EMBEDDINGS = 'lm_head.weight', ('transformer.wte.weight', 'model.embed_tokens.weight')  # ours, by family
 
 
 def read_config(path):
@@ -293,7 +293,7 @@ def our_name(name, config):
         for theirs, ours in NEOX_NAMES:
             name = name.replace(theirs, ours)
         return name
-    if config.family != 'gpt2' or name == 'lm_head.weight':  # skipped: the rotary buffers older Llamas carry
+    if config.family != 'gpt2' or name == HEAD:  # a head as it is; skipped: the rotary buffers older Llamas carry
         return None if name.endswith('rotary_emb.inv_freq') else name
     name = 'transformer.' + name.removeprefix('transformer.')  # GPT2LMHeadModel or GPT2Model keys
     return None if name.endswith(('.attn.bias', '.attn.masked_bias')) else name  # old causal masks
@@ -315,9 +315,9 @@ def pretrained_tensors(path, config):
                 raise ValueError(f"{file}: weight {name} " + ("is stored twice; which is meant cannot be told"
                                  if name in shapes else f"has no place in a {config.family} model"))
             loaded.add(name)
-            if config.tie_embeddings and name in TIED:
+            if config.tie_embeddings and name in (HEAD, *EMBEDDINGS):
                 tied[name] = rows
-                if name == 'lm_head.weight':  # not read into the model: checked to equal the embedding below
+                if name == HEAD:  # not read into the model: checked to equal the embedding below
                     continue
             if config.family == 'gpt2' and name.endswith(GPT2_TRANSPOSED):  # our rows are its columns: read whole
                 rows = Rows(rows.shape[::-1], lambda start, stop, rows=rows: rows.read(0, rows.shape[0]).t()[start:stop],
@@ -331,11 +331,16 @@ def pretrained_tensors(path, config):
     missing = set(shapes) - loaded - ({'lm_head.weight'} if config.tie_embeddings else set())
     if missing:
         raise ValueError(f"{path}: weights missing for {sorted(missing)}")
-    head, embedding, n = tied.get('lm_head.weight'), tied.get(TIED[1]) or tied.get(TIED[2]), config.vocab_size
-    if head is not None and (head.shape != embedding.shape or not all(torch.equal(  # a chunk of rows at a time
-            head.read(i, min(i + 4096, n)).float(), embedding.read(i, min(i + 4096, n)).float()) for i in range(0, n, 4096))):
+    head, embedding = tied.get(HEAD), next((tied[name] for name in EMBEDDINGS if name in tied), None)
+    if head is not None and not rank0_decides(lambda: same_rows(head, embedding)):  # read once, by rank 0
         raise ValueError(f"{head.where} differs from {embedding.where}, but config.json ties the head to the "
                          f"embedding (GPT-2 always; tie_word_embeddings): which is meant cannot be told")
+
+
+def same_rows(a, b, chunk=4096):
+    """Whether two stored tensors hold the same values, compared a chunk of rows at a time."""
+    spans = [(i, min(i + chunk, a.shape[0])) for i in range(0, a.shape[0], chunk)]
+    return a.shape == b.shape and all(torch.equal(a.read(*span).float(), b.read(*span).float()) for span in spans)
 
 
 def from_pretrained(path):
