@@ -257,9 +257,10 @@ def _record_turns(record, path, where):
         raise ValueError(f'{path}: {where} has none of "text", "output", ' + ', '.join(f'"{k}"' for k in CONVERSATIONS))
     if len(keys) > 1:  # a "text" beside an instruction would otherwise train alone, the instruction dropped
         raise ValueError(f'{path}: {where} has both "{keys[0]}" and "{keys[1]}": one shape per record')
-    if fields & set(UNREAD):
-        raise ValueError(f'{path}: {where} has "{min(fields & set(UNREAD))}", which is not read here: write a system '
-                         f'prompt and earlier turns as turns of a conversation ("conversations" or "messages")')
+    unread = sorted(k for k in UNREAD if record.get(k) not in (None, '', [], {}))
+    if unread:
+        raise ValueError(f'{path}: {where} has "{unread[0]}", which is not read here: write a system prompt and '
+                         f'earlier turns as turns of a conversation ("conversations" or "messages")')
     if keys[0] in CONVERSATIONS:
         return keys[0], _conversation(record[keys[0]], keys[0], f"{path}: {where}")
     required = ('text',) if keys[0] == 'text' else ('instruction', 'output')
@@ -271,11 +272,9 @@ def _record_turns(record, path, where):
             raise ValueError(f'{path}: {where}: "{field}" holds a lone surrogate (a "\\ud800" escape), not text')
     if keys[0] == 'text':
         return 'text', [('text', record['text'])]
-    if not record['output'].strip():
-        raise ValueError(f'{path}: {where}: "output" is blank: nothing to learn from it')
     section = INPUT_SECTION.format(input=record['input']) if record.get('input') else ''
-    return 'instruction', [('prompt', PROMPT.format(instruction=record['instruction'], input_section=section)),
-                           ('response', record['output'])]
+    return 'instruction', [('prompt', PROMPT.format(instruction=record['instruction'], input_section=section))] + \
+        [('response', record['output'])] * bool(record['output'].strip())  # blank: nothing to learn, skipped
 
 
 def _turn_tokens(marker, text, tokenizer):

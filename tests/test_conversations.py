@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import train
-from data import TURNS, kept_table, load_data
+from data import PROMPT, TURNS, kept_table, load_data
 from tokenizer import BYTES, load_tokenizer
 from test_errors import fails
 
@@ -136,7 +136,6 @@ def turn(shape, role, text):
     ({'conversations': [turn('conversations', 'human', 'hi'), turn('conversations', 'gpt', 'yo')],
       'system': 'Answer in French.'}, r'record 1 has "system", which is not read here'),  # ShareGPT's, LLaMA-Factory's
     ({'instruction': 'hi', 'output': 'yo', 'history': [['q', 'a']]}, r'record 1 has "history", which is not read here'),
-    ({'instruction': 'hi', 'output': '  '}, r'record 1: "output" is blank: nothing to learn from it'),
 ])
 def test_a_bad_conversation_is_one_line_naming_the_file_and_the_record(tmp_path, capsys, record, message):
     good = as_shape('items', TURNS_OF)
@@ -169,3 +168,14 @@ def test_the_conversation_folder_loads_and_never_overwrites_a_users_files(tmp_pa
         assert proc.returncode == code and out in proc.stdout + proc.stderr, proc.stderr
     assert (tmp_path / 'mine' / 'val.json').read_text() == '[{"text": "my own"}]'
     assert not (tmp_path / '--help').exists()
+
+
+def test_empty_fields_of_other_layouts_and_blank_outputs_are_no_error(tmp_path):
+    """LLaMA-Factory's exports carry "system": "" and "history": []: nothing is dropped, so nothing is refused;
+    a blank output has nothing to learn and is skipped and counted, as a blank text is."""
+    good = {'instruction': 'What is 2+3?', 'output': '5', 'history': [], 'system': ''}
+    folder = write(tmp_path / 'd', {'train_a.json': [good, {'instruction': 'hi', 'output': ' '}, good],
+                                    'val.json': [good], 'test.json': [good]})
+    row = PROMPT.format(instruction='What is 2+3?', input_section='') + '5\n'
+    assert load_data(str(folder), block_size=64, seed=0).kept['a'] == {
+        'rows': 2, 'tokens': 2 * len(row), 'target_tokens': 4, 'truncated': 0, 'skipped': 1}
