@@ -1,5 +1,6 @@
 """A GPT-2-style BPE from a local folder (the optional tokenizers package), in both of its file formats."""
 import hashlib
+import json
 import random
 import subprocess
 import sys
@@ -205,6 +206,8 @@ def test_a_tokenizer_edited_during_the_run_is_neither_exported_nor_sampled_with(
         sample.main([f'--out_dir={out}', '--max_new_tokens=2'])
     tokenizer_json.write_text(tokenizer_json.read_text()[:-1])  # as trained: sampling works
     sample.main([f'--out_dir={out}', '--max_new_tokens=2'])
-    (bpe_folders[0] / 'vocab.json').write_text('{}')  # a file the run did not read: load_tokenizer would prefer it
-    with pytest.raises(ValueError, match=f"{bpe_folders[0] / 'vocab.json'} appeared since the model was trained"):
+    # a file the run did not read, which names another end of text: the ids would decode otherwise
+    other_end = tokenizers.Tokenizer.from_file(str(tokenizer_json)).id_to_token(100)
+    (bpe_folders[0] / 'tokenizer_config.json').write_text(json.dumps({'eos_token': other_end}))
+    with pytest.raises(ValueError, match=f"{bpe_folders[0] / 'tokenizer_config.json'} appeared since the model was"):
         sample.main([f'--out_dir={out}', '--max_new_tokens=2'])

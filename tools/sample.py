@@ -45,10 +45,11 @@ def main(argv):
     if spec != 'bytes' and not os.path.isdir(spec):
         raise FileNotFoundError(f"{spec}, the tokenizer folder the model was trained with (best/meta.json), is missing")
     model, tokenizer = model.to(cfg.device), load_tokenizer(spec)
-    # the tokenizer's files as the model was trained with them: none edited, added or removed since
+    # the tokenizer's files as the model was trained with them (where best/meta.json records them): none edited,
+    # added or removed since
     trained = {k.removeprefix('tokenizer/'): v for k, v in meta.get('data_files', {}).items() if k.startswith('tokenizer/')}
     now = {name: tokenizer.digests[path] for name, path in tokenizer_files(spec).items()}
-    for name in sorted(trained.keys() | now.keys()):
+    for name in sorted(trained.keys() | now.keys()) if 'data_files' in meta else []:
         if trained.get(name) != now.get(name):
             what = 'changed' if name in trained and name in now else 'appeared' if name in now else 'is missing'
             raise ValueError(f"{os.path.join(spec, name)} {what} since the model was trained with the tokenizer's "
