@@ -115,10 +115,11 @@ def set_aside(out_dir, names, inputs):
     was set aside by a run that never reached a checkpoint: it stays, and that run's own files go."""
     for field, path in inputs.items():  # a folder's files too: a symlink among them may lead into out_dir
         files = [os.path.join(path, n) for n in os.listdir(path)] if os.path.isdir(path) else []
+        reals = [os.path.realpath(p) for p in [path, *files]]
         for name in names:
             doomed = os.path.realpath(os.path.join(out_dir, name))
-            hit = next((p for p in [path, *files] if os.path.realpath(p) == doomed
-                        or os.path.realpath(p).startswith(doomed + os.sep)), None)
+            hit = next((p for p, real in zip([path, *files], reals) if real == doomed
+                        or real.startswith(doomed + os.sep)), None)
             if hit:
                 where = 'lies in' if hit == path else f'holds {hit}, which is or leads into'
                 raise ValueError(f"{field}={path} {where} {os.path.join(out_dir, name)}, which --overwrite=True would "

@@ -5,7 +5,7 @@ best weights found by brute force. Each number is a train.py run (in this proces
     python -m tools.compare --what=baselines              # docs/results.md: stage-two test loss and weights per method
     python -m tools.compare --what=oracle --data=mixture  # grid over the simplex of the useful sources (2 seeds)
     python -m tools.compare --what=updates --data=mixture --seeds=5  # p's candidate updates against the oracle's best point
-    python -m tools.compare --what=defaults --seeds=3       # train.py's default at α = 10 and 100 on every task, stage two
+    python -m tools.compare --what=defaults --seeds=3       # train.py's default at α = 10, 100 and its variants, stage two
     python -m tools.compare --what=lisa --seeds=3           # ScaleBiO's weights with LISA (train.py's rule) and without it
     python -m tools.compare --what=lisa --pretrained=True   # the same, every run starting from a base model
     python -m tools.compare --what=ablations --seeds=2      # one factor at a time around train.py's defaults
@@ -319,7 +319,7 @@ def main(argv):
             raise ValueError(f"--{key} must be 1 or more, got {getattr(cfg, key)}")
     if cfg.first_seed < 0:
         raise ValueError(f"--first_seed must be 0 or more, got {cfg.first_seed}")
-    if not (0.01 <= cfg.grid_step <= 1 and abs(1 / cfg.grid_step - round(1 / cfg.grid_step)) < 1e-9):
+    if not (0.01 <= cfg.grid_step <= 1 and abs(1 / cfg.grid_step - round(1 / cfg.grid_step)) < 1e-6 / cfg.grid_step):
         raise ValueError(f"--grid_step must be 1/k for a whole k from 1 to 100 (0.1, 0.25, 0.5), got {cfg.grid_step}")
     for arg in TRAIN_ARGS:
         key = arg.removeprefix('--').split('=')[0]
