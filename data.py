@@ -395,10 +395,11 @@ def data_files(folder):
                          f"{next(n for n in names if not n.endswith('.txt'))}): use one format")
     if not names:
         raise FileNotFoundError(f"data folder {folder} has no train_<source>.txt (or .json, .jsonl) files")
-    clash = [n for n in names if n[len('train_'):n.rindex('.')] in ('val', 'test', '')]
-    if clash:  # a source's name is also how the run names its splits (evaluation, log.jsonl)
-        raise ValueError(f"{os.path.join(folder, clash[0])}: a source needs a name, and not 'val' or 'test', the "
-                         f"names of the held-out splits; rename the file")
+    clash = [n for n in names if n[len('train_'):n.rindex('.')] in ('val', 'test') or
+             not n[len('train_'):n.rindex('.')].isprintable() or not n[len('train_'):n.rindex('.')].strip()]
+    if clash:  # a source's name is also how the run names its splits (evaluation, log.jsonl) and its table columns
+        raise ValueError(f"{os.path.join(folder, clash[0])!r}: a source needs a printable name, and not 'val' or "
+                         f"'test', the names of the held-out splits; rename the file")
     return names, 'text' if text else 'json'
 
 

@@ -98,12 +98,16 @@ def test_overwrite_refuses_an_input_that_reaches_into_the_run_by_a_link(finished
     {'train_a.txt': LINES, 'train_val.txt': LINES, 'val.txt': LINES, 'test.txt': LINES},
     {'train_a.json': RECORDS, 'train_test.json': RECORDS, 'val.json': RECORDS, 'test.json': RECORDS},
     {'train_a.json': RECORDS, 'train_.json': RECORDS, 'val.json': RECORDS, 'test.json': RECORDS},  # no name
+    {'train_a.json': RECORDS, 'train_ .json': RECORDS, 'val.json': RECORDS, 'test.json': RECORDS},  # a blank one
+    {'train_a.json': RECORDS, 'train_b\nc.json': RECORDS, 'val.json': RECORDS, 'test.json': RECORDS},  # two lines
 ])
 def test_a_source_named_like_a_held_out_split_is_refused(tmp_path, capsys, files):
-    """A source named val or test would be evaluated as, or loaded in place of, the held-out split of that name."""
+    """A source named val or test would be evaluated as, or loaded in place of, the held-out split of that name;
+    one named blank, or with a line break, would leave a blank column or break a line of the tables."""
     write(tmp_path / 'data', files)
     line = fails(capsys, tmp_path / 'out', f'--data={tmp_path}/data', '--block_size=16')
-    assert "a source needs a name, and not 'val' or 'test'" in line and str(tmp_path / 'data' / 'train_') in line
+    assert "a source needs a printable name, and not 'val' or 'test'" in line
+    assert str(tmp_path / 'data' / 'train_') in line and '\n' not in line
 
 
 def test_jsonl_lines_are_split_at_newlines_only_and_a_log_with_bytes_that_are_not_utf8_resumes(tmp_path, capsys):
