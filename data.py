@@ -395,8 +395,8 @@ def data_files(folder):
                          f"{next(n for n in names if not n.endswith('.txt'))}): use one format")
     if not names:
         raise FileNotFoundError(f"data folder {folder} has no train_<source>.txt (or .json, .jsonl) files")
-    clash = [n for n in names if n[len('train_'):n.rindex('.')] in ('val', 'test') or
-             not n[len('train_'):n.rindex('.')].isprintable() or not n[len('train_'):n.rindex('.')].strip()]
+    stems = {n: n[len('train_'):n.rindex('.')] for n in names}
+    clash = [n for n, stem in stems.items() if stem in ('val', 'test') or not stem.strip() or not stem.isprintable()]
     if clash:  # a source's name is also how the run names its splits (evaluation, log.jsonl) and its table columns
         raise ValueError(f"{os.path.join(folder, clash[0])!r}: a source needs a printable name, and not 'val' or "
                          f"'test', the names of the held-out splits; rename the file")
