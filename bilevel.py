@@ -6,7 +6,8 @@ The bilevel problem, over the weights λ = softmax(p) of S training sources:
 
     min_p  L_val(θ*(λ))      where   θ*(λ) = argmin_θ L_train(θ, λ),   L_train(θ, λ) = Σ_i λ_i·ℓ_i(θ)
 
-and ℓ_i(θ) is the mean loss of θ on source i. ScaleBiO never differentiates through argmin. It solves the
+and ℓ_i(θ) is the loss of θ on source i (by default its token losses summed over the mean token count of a
+source: every token weighs alike, as in L_val). ScaleBiO never differentiates through argmin. It solves the
 penalty (minimax) form, with two copies of the model, u (`lower_model`) and w (`upper_model`):
 
     min_{p, w} max_u   L_val(w) + α·(L_train(w, λ) − L_train(u, λ))

@@ -190,7 +190,7 @@ def single_loop_checks(check, count):
     check('loop weights, non-realizable: |s - s*| / |s_alpha - s*|, worst', 1.0,
           max(bias_ratio, key=lambda r: abs(r - 1)), 1e-3)
     # the central difference in the loop: converges to its own s_α; with α·M − I indefinite (α below
-    # 1/μ(M)), v's objective α·L_train − L_val is unbounded below and the loop diverges
+    # 1/μ(M)), u's objective α·L_train − L_val is unbounded below and the loop diverges
     prob = nonrealizable[0]
     target = fixed_point(prob, 10.0, central=True)
     sizes = model_step_sizes(prob, 10.0, 0.9)
