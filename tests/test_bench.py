@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -56,8 +57,14 @@ def test_bench_instruction_workload_times_padded_rows_cropped_and_not():
     (['--plan=True', '--world_size=0'], "--world_size must be 1 or more, got 0"),
     (['--source_loss=foo'], "--source_loss must be one of example, token, got 'foo'"),
 ])
-def test_a_bad_bench_setting_is_one_line_naming_it(args, message):
-    proc = subprocess.run([sys.executable, '-m', 'tools.bench', '--n_layer=4', '--n_head=2', '--n_embd=16', *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and proc.stderr == f"error: {proc.stderr[7:].splitlines()[0]}\n", proc.stderr
-    assert message in proc.stderr
+def test_a_bad_bench_setting_is_refused_before_anything_runs(args, message):
+    from config import override
+    from tools import bench
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench.check_bench_config(override(bench.BenchConfig(), ['--n_layer=4', '--n_head=2', '--n_embd=16', *args]))
+
+
+def test_a_bad_bench_setting_is_one_line():
+    proc = subprocess.run([sys.executable, '-m', 'tools.bench', '--repeats=0'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr == "error: --repeats must be 1 or more, got 0\n", proc.stderr

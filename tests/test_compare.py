@@ -1,6 +1,7 @@
 """compare.py's bookkeeping, with train.py runs replaced by a known landscape (real runs take minutes)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -97,18 +98,27 @@ def test_ablations_change_one_factor_and_run_every_stage_two_with_the_default_co
     (['--what=oracle', '--data=denoise'], "error: --data=denoise: the oracle's grid is defined for mixture, dilution"),
     (['--what=updates', '--data=mixture'], "error: no oracle at "),
     (['--seeds=two'], "error: --seeds expects int, got 'two'"),
-    (['--seeds=0'], "error: --seeds must be 1 or more, got 0"),
-    (['--what=lisa', '--first_seed=-1'], "error: --first_seed must be 0 or more, got -1"),
-    (['--what=oracle', '--grid_step=0.3'], "error: --grid_step must be 1/k for a whole k from 1 to 100"),
-    (['--what=oracle', '--grid_step=0'], "error: --grid_step must be 1/k for a whole k from 1 to 100"),
     (['--train_args=--lr=1e-3 --out_dir=elsewhere'], "error: --train_args: --out_dir is set by compare.py for each run"),
-    (['--what=lisa', '--train_args=--seed=3'], "error: --train_args: --seed is set by compare.py for each run"),
 ])
 def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, '-m', 'tools.compare', *args, f'--out_dir={tmp_path}'], capture_output=True,
                           text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(message)
+
+
+@pytest.mark.parametrize("args, message", [
+    (['--seeds=0'], "--seeds must be 1 or more, got 0"),
+    (['--what=lisa', '--first_seed=-1'], "--first_seed must be 0 or more, got -1"),
+    (['--what=oracle', '--grid_step=0.3'], "--grid_step must be 1/k for a whole k from 1 to 100"),
+    (['--what=oracle', '--grid_step=0'], "--grid_step must be 1/k for a whole k from 1 to 100"),
+    (['--what=lisa', '--train_args=--seed=3'], "--train_args: --seed is set by compare.py for each run"),
+])
+def test_settings_that_would_run_nothing_or_the_wrong_runs_are_refused_first(tmp_path, args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        compare.main([*args, f'--out_dir={tmp_path}'])
+    compare.TRAIN_ARGS[:] = []
+    assert not any(tmp_path.iterdir())
 
 
 def test_baselines_run_every_method_per_task_and_seed_and_stage_two_both_ways(tmp_path):
