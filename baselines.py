@@ -178,7 +178,7 @@ def load_reference(run_dir, model_config, data, seed, fingerprint):
     model, meta = load_best_model(run_dir)
     if (model.config.vocab_size, model.config.block_size) != (model_config.vocab_size, model_config.block_size):
         raise ValueError(f"--reference={run_dir}: its model's vocabulary and context must be this run's")
-    if os.path.normpath(meta.get('data', data)) != os.path.normpath(data):
+    if os.path.realpath(meta.get('data', data)) != os.path.realpath(data):  # one folder, however spelled
         raise ValueError(f"--reference={run_dir} was trained on --data={meta['data']}, this run is on {data}")
     if meta.get('seed', seed) != seed:  # a built-in task's splits are drawn from the seed
         raise ValueError(f"--reference={run_dir} was trained with --seed={meta['seed']}, this run has --seed={seed}")

@@ -231,7 +231,8 @@ def check_resumable(meta, cfg, end_step, model_config):
     if meta['step'] > end_step:
         raise ValueError(f"the checkpoint is at step {meta['step']}, past the step this run is to stop at ({end_step}): "
                          f"raise --stop_at (0: --max_steps) or --max_steps")
-    changed = [k for k, v in meta['config'].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v]
+    changed = [k for k, v in meta['config'].items() if k not in RESUMABLE_CHANGES and getattr(cfg, k) != v
+               and not (k == 'data' and os.path.realpath(cfg.data) == os.path.realpath(v))]  # d1 or /abs/d1
     if changed:
         raise ValueError("--resume=True with a different config: " + ', '.join(
             f"{k}={getattr(cfg, k)!r} (checkpoint: {meta['config'][k]!r})" for k in changed))

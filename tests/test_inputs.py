@@ -692,3 +692,15 @@ def test_a_stray_world_size_without_torchrun_still_ends_in_one_line(tmp_path, ca
     monkeypatch.setenv('WORLD_SIZE', world_size)
     monkeypatch.delenv('RANK', raising=False)
     assert fails(capsys, tmp_path / 'out', '--bogus=1').startswith("error: unknown config field 'bogus'")
+
+
+def test_one_data_folder_spelled_two_ways_is_one_folder_on_resume_and_as_a_reference(tmp_path, monkeypatch):
+    """--data=d1 from its parent and --data=/abs/d1 name one folder: a resume and a RHO-LOSS reference accept
+    either spelling (the data's checksums still compare the bytes read)."""
+    data = write(tmp_path / 'd1', {'train_a.txt': LINES, 'train_b.txt': LINES, 'val.txt': LINES, 'test.txt': LINES})
+    monkeypatch.chdir(tmp_path)
+    assert train.cli([*TINY, '--data=d1', f'--out_dir={tmp_path}/out', '--stop_at=5']) == 0
+    assert train.cli([*TINY, f'--data={data}', f'--out_dir={tmp_path}/out', '--resume=True']) == 0
+    assert train.cli([*TINY, '--data=d1', f'--out_dir={tmp_path}/ref', '--method=fixed', '--weights=val_only']) == 0
+    assert train.cli([*TINY, f'--data={data}', f'--out_dir={tmp_path}/rho', '--method=rholoss',
+                      f'--reference={tmp_path}/ref']) == 0
