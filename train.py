@@ -24,6 +24,7 @@ ckpt/ (everything needed to resume, one shard per rank) and best/ (the upper mod
 """
 import contextlib
 import dataclasses
+import faulthandler
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ def interrupted_while_starting(signum, frame):  # at once: an exception raised i
 
 if __name__ == '__main__':  # Ctrl-C while torch loads, for seconds: one line, and nothing has been written yet
     signal.signal(signal.SIGINT, interrupted_while_starting)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a hung process waits, even inside torch
 
 import torch
 from tqdm import tqdm
@@ -385,8 +387,7 @@ def finish(run, record, start_step, end_step):
                'val_loss': record['val_loss'], 'best_val_loss': run.best_val_loss, 'test_loss': record['test_loss'],
                'per_source_loss': record['per_source_loss'], 'data_kept': run.data.kept,
                'tokens_per_second': tokens_per_step(cfg, len(sources)) * (end_step - start_step) / run.train_time
-               if ran else None,
-               'world_size': run.world_size,
+               if ran else None, 'world_size': run.world_size,
                'per_rank_bytes': rank_bytes(run.models, run.optimizers, run.grad_bytes) if ran else None,
                'config': dataclasses.asdict(cfg), 'model_config': dataclasses.asdict(run.model_config)}
     summary['per_rank_state_bytes'] = sum(summary['per_rank_bytes'].values()) if ran else None
