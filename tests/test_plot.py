@@ -50,7 +50,8 @@ def test_several_runs_side_by_side_go_to_the_file_named(tmp_path):
 
 @pytest.mark.parametrize("records, message", [(None, "no .*log.jsonl"), ([], "is empty"),
                                              ([{'step': 20}, {'step': 30, 'val_loss': 'x', 'weights': {}}], "is empty"),
-                                             ([{'step': 5, 'val_loss': 1.0, 'weights': {'a': {'z': 1}}}], "is empty")])
+                                             ([{'step': 5, 'val_loss': 1.0, 'weights': {'a': {'z': 1}}}], "is empty"),
+                                             ([{'step': '5', 'val_loss': 1.0, 'weights': {'a': 1.0}}], "is empty")])
 def test_a_missing_or_empty_log_is_one_clear_error(tmp_path, records, message):
     if records is not None:
         write_log(tmp_path / 'run', records)

@@ -20,7 +20,8 @@ def read_log(out_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {path}: train.py writes it at every evaluation (--eval_interval)")
     records = [r for r in outdir.read_log(path)  # records of an evaluation, as train.py writes them
-               if isinstance(r.get('weights'), dict) and isinstance(r.get('val_loss'), (int, float))
+               if type(r.get('step')) is int and isinstance(r.get('weights'), dict)
+               and isinstance(r.get('val_loss'), (int, float))
                and all(type(w) in (int, float) for w in r['weights'].values())]
     if not records:
         raise ValueError(f"{path} is empty: the run has not reached its first evaluation")
