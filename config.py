@@ -245,6 +245,10 @@ def parse_config(argv):
     for key in PATHS:
         setattr(cfg, key, os.path.expanduser(getattr(cfg, key)))
     cfg.out_dir = os.path.normpath(cfg.out_dir) if cfg.out_dir else ''  # 'a/new/../b' is a/b, and makes no a/new
+    for field, path in input_paths(cfg).items():  # a run's files (log, ckpt, summary) go in a folder of their own
+        if cfg.out_dir and os.path.isdir(path) and os.path.realpath(path) == os.path.realpath(cfg.out_dir):
+            raise ValueError(f"--out_dir={cfg.out_dir} is the {field} folder: the run's files would lie among its "
+                             f"files; use another --out_dir")
     if cfg.init_from and cfg.tokenizer == 'bytes' and tokenizer_files(cfg.init_from):  # bytes would index its rows
         raise ValueError(f"--init_from={cfg.init_from} holds {', '.join(tokenizer_files(cfg.init_from))}: its model "
                          f"reads that tokenizer's ids, not raw bytes; add --tokenizer={cfg.init_from}")

@@ -213,6 +213,15 @@ def test_an_out_dir_that_cannot_be_written_or_holds_the_wrong_things_is_one_line
         str(tmp_path / 'odd2' / 'ckpt')]}  # untouched, no lock left behind
 
 
+def test_an_out_dir_that_is_an_input_folder_is_refused_and_left_as_it_is(tmp_path, capsys):
+    data = write(tmp_path / 'data', {'train_a.txt': LINES, 'train_b.txt': LINES, 'val.txt': LINES})
+    before = listing(data)
+    line = fails(capsys, f'{tmp_path}/./data', f'--data={data}')  # spelled another way, the same folder
+    assert line == f"error: --out_dir={data} is the --data folder: the run's files would lie among its files; use " \
+                   f"another --out_dir"
+    assert listing(data) == before
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_out_dir_is_one_line(tmp_path, capsys):
     os.makedirs(tmp_path / 'ro')
