@@ -52,6 +52,7 @@ class SourceData:
     kept: dict = None    # split -> what loading kept of examples: rows, tokens, target tokens, truncated, skipped
     files: dict = None   # the files it was read from, by name (their checksums go into every checkpoint)
     digests: dict = None  # path -> [bytes, SHA-256] of what was parsed, taken as it was read (read_bytes)
+    lost: list = None     # characters of the data that its tokenizer does not give back from the ids
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,14 +418,26 @@ def load_data(data, block_size, seed, tokenizer=BYTES):
         names, kind = data_files(data)
         source_data = (text_folder if kind == 'text' else json_folder)(data, names, block_size, tokenizer)
     source_data.digests = {**(source_data.digests or {}), **tokenizer.digests}  # every file parsed, as parsed
+    source_data.lost = sorted(tokenizer.lost)
     return source_data
 
 
 def kept_table(kept):
-    """What loading kept of each split's examples, one line per split (train.py prints it at start)."""
+    """What loading kept of each split's examples, one line per split (in loading_report)."""
     lines = [f"{'split':<20}{'rows':>8}{'tokens':>10}{'targets':>10}{'truncated':>11}{'skipped':>9}"]
     for split, k in kept.items():
         examples = k['rows'] + k['skipped']
         lines.append(f"{split:<20}{k['rows']:>8}{k['tokens']:>10}{k['target_tokens']:>10}"
                      f"{k['truncated'] / examples:>11.1%}{k['skipped'] / examples:>9.1%}")
     return '\n'.join(lines)
+
+
+def loading_report(data, tokenizer):
+    """What train.py prints once the data is loaded: what each split of examples kept (kept_table), and a warning
+    naming the characters of the data that the tokenizer does not give back ('' when there is nothing to say)."""
+    lines = [kept_table(data.kept)] if data.kept else []
+    if data.lost:
+        lines.append(f"warning: --tokenizer={tokenizer} does not give back {len(data.lost)} character(s) of the "
+                     f"data ({', '.join(map(repr, data.lost[:10]))}{', ...' if len(data.lost) > 10 else ''}): the "
+                     f"model sees its unknown token, or nothing, in their place")
+    return ''.join(line + '\n' for line in lines)

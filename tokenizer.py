@@ -19,6 +19,7 @@ class Tokenizer:
     end_of_text: int = None    # ends every response: the tokenizer's end-of-sequence token (GPT-2: <|endoftext|>)
     begin_of_text: int = None  # starts every example when the tokenizer's own template adds it (Llama 3)
     digests: dict = field(default_factory=dict)  # path -> [bytes, SHA-256] of the files parsed, as they were parsed
+    lost: set = field(default_factory=set)  # characters of the text encoded that do not come back from the ids
 
 
 BYTES = Tokenizer(encode=lambda text: np.frombuffer(text.encode('utf-8'), dtype=np.uint8),
@@ -64,14 +65,20 @@ def load_tokenizer(spec):
     if any(file_digest(path) != recorded for path, recorded in digests.items()):  # as the checkpoint records them
         raise ValueError(f"--tokenizer={spec}: its files changed while they were read; run again once they are whole")
 
+    lost = set()
+
     def encode(text):
         try:
-            return np.array(bpe.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+            ids = bpe.encode(text, add_special_tokens=False).ids
         except Exception as e:  # e.g. a WordLevel vocabulary without its [UNK] meets a word it lacks
             raise ValueError(f"--tokenizer={spec} cannot encode {text[:40]!r} ({str(e).splitlines()[0]})") from None
+        # a vocabulary without bytes for every character gives [UNK] or nothing for one it lacks (GPT-2's, Llama 3's
+        # and Qwen's byte-level BPEs lose none); what a lowercasing or normalizing tokenizer changes shows here too
+        lost.update(set(text) - set(bpe.decode(ids)))
+        return np.array(ids, dtype=np.int32)
     return Tokenizer(encode=encode, decode=lambda ids: bpe.decode(list(ids)),  # ids may leave gaps: the largest counts
                      vocab_size=max(bpe.get_vocab_size(), max(bpe.get_vocab().values(), default=-1) + 1),
-                     end_of_text=end, begin_of_text=begin, digests=digests)
+                     end_of_text=end, begin_of_text=begin, digests=digests, lost=lost)
 
 
 def digest(raw):

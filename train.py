@@ -18,9 +18,8 @@ Several processes, both model copies sharded with FSDP2 (fsdp.py); the global ba
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 Every field of config.TrainConfig can be set as --field=value.
 
-Writes to out_dir: log.jsonl (one JSON line every eval_interval steps), summary.json (at the end),
-ckpt/ (everything needed to resume, one shard per rank) and best/ (the upper model with the best val loss;
---save_best=False skips it for models too large to write at every improvement).
+Writes to out_dir: log.jsonl (one JSON line every eval_interval steps), summary.json (at the end), ckpt/
+(everything needed to resume, one shard per rank) and best/ (the upper model at its best val loss; --save_best).
 """
 import contextlib
 import dataclasses
@@ -49,7 +48,7 @@ from bilevel import cosine_lr, make_source_logits_optimizer, penalty_schedule
 from checkpoint import (check_data_unchanged, check_resumable, data_fingerprint, load_checkpoint, read_meta,
                         replicated_state, save_checkpoint)
 from config import MODEL_PRESETS, changed_step_sizes, input_paths, micro_steps, parse_config
-from data import kept_table, load_data
+from data import load_data, loading_report
 from tokenizer import load_tokenizer, tokenizer_files
 from fsdp import (copy_shards, end_distributed, fill, gradient_bytes, init_distributed, peer_error, rank0_decides,
                   rank_bytes, reshard, shard, warm_up)
@@ -136,8 +135,8 @@ def build_run(cfg, processes):
     torch.manual_seed(cfg.seed)
     micro_steps(cfg, world_size)  # --micro_batch against the processes, before the data loads
     data = load_data(cfg.data, cfg.block_size, cfg.seed, load_tokenizer(cfg.tokenizer))
-    if data.kept and rank == 0:  # examples: the rows each split keeps, and what it truncated or skipped
-        print(kept_table(data.kept))
+    if rank == 0:  # the rows each split of examples keeps, what it cut or skipped; characters the tokenizer loses
+        print(loading_report(data, cfg.tokenizer), end='')
     # what the run trains on, down to the bytes: every checkpoint records it, and a resume checks it
     tokenizer = {f'tokenizer/{name}': path for name, path in tokenizer_files(cfg.tokenizer).items()}
     reference = os.path.join(cfg.reference, 'best') if cfg.method == 'rholoss' and cfg.reference else ''

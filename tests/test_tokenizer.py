@@ -173,6 +173,29 @@ def test_a_vocabulary_with_a_gap_sizes_the_model_by_its_largest_id(bpe_folders, 
                       f'--tokenizer={bpe_folders[0]}', f'--out_dir={tmp_path}/out']) == 0
 
 
+def test_characters_a_tokenizer_cannot_give_back_are_named_in_a_warning(bpe_folders, tmp_path, capsys):
+    """A BPE without byte-level pieces gives [UNK] for a character it never saw: the run warns, naming it; a
+    byte-level BPE gives back every character, and the run says nothing."""
+    from tokenizers import models, pre_tokenizers, trainers
+    bpe = tokenizers.Tokenizer(models.BPE(unk_token='[UNK]'))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=100, special_tokens=['[UNK]']))
+    (tmp_path / 'tok').mkdir()
+    bpe.save(str(tmp_path / 'tok' / 'tokenizer.json'))
+    folder = tmp_path / 'd'
+    folder.mkdir()
+    for name in ('train_a.txt', 'train_b.txt', 'val.txt', 'test.txt'):
+        (folder / name).write_text(' '.join(TEXT) + (' the café sat' if name == 'train_b.txt' else ''))
+    args = ['--n_layer=1', '--n_head=2', '--n_embd=16', '--block_size=16', '--batch_per_source=2', '--val_batch=4',
+            '--eval_batches=1', '--max_steps=2', '--device=cpu', f'--data={folder}']
+    assert train.cli(args + [f'--tokenizer={tmp_path}/tok', f'--out_dir={tmp_path}/out']) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith('warning')]
+    assert warnings == [f"warning: --tokenizer={tmp_path}/tok does not give back 1 character(s) of the data ('é'): "
+                        f"the model sees its unknown token, or nothing, in their place"]
+    assert train.cli(args + [f'--tokenizer={bpe_folders[0]}', f'--out_dir={tmp_path}/byte_level']) == 0
+    assert 'warning' not in capsys.readouterr().out
+
+
 def test_a_word_level_vocabulary_without_its_unknown_token_is_one_line(tmp_path, capsys):
     model = tokenizers.models.WordLevel({'a': 0, 'b': 1}, unk_token='[UNK]')  # [UNK] is not in the vocabulary
     word_level = tokenizers.Tokenizer(model)
