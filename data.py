@@ -375,7 +375,7 @@ def data_files(folder):
     """The training files of a data folder and their format, 'text' or 'json': one format per folder, one file
     per source and split."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data '{folder}' is neither a built-in task ({', '.join(BUILTIN_TASKS)}) "
+        raise FileNotFoundError(f"--data={folder} is neither a built-in task ({', '.join(BUILTIN_TASKS)}) "
                                 f"nor a folder")
     listing = sorted(os.listdir(folder))
     names = [n for n in listing if n.startswith('train_') and n.endswith(('.txt', '.json', '.jsonl'))]

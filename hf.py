@@ -277,7 +277,7 @@ def torch_checkpoint(file):
             tensors = torch.load(file, map_location='cpu', weights_only=True, mmap=True)
         except RuntimeError:  # a file written before torch 1.6 (GPT-2's own) cannot be memory-mapped
             tensors = torch.load(file, map_location='cpu', weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # OSError: a cut zip archive
         raise ValueError(f"{file} cannot be read as a torch checkpoint ({e}); write or download it again") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ValueError(f"{file} is not a model's weights (a dict of names to tensors)")

@@ -584,26 +584,31 @@ def test_hostile_values_end_in_a_run_or_one_line_naming_the_field(tmp_path, caps
     nothing outside its out_dir changes."""
     fields = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in ('out_dir', 'resume', 'device')]
     cases = random.Random(0).sample([(name, value) for name in fields for value in HOSTILE], int(os.environ.get('HOSTILE_CASES', 120)))
-    outside = listing(tmp_path), sorted(os.listdir(ROOT))
+    data = write(tmp_path / 'data', {name: LINES for name in ('train_a.txt', 'train_b.txt', 'val.txt', 'test.txt')})
+    outside = listing(tmp_path), sorted(os.listdir(ROOT))  # the data folder the runs read, too
     for k, (name, value) in enumerate(cases):
         out = tmp_path / 'runs' / str(k)
         code = train.cli([*TINY, '--max_steps=2', '--stop_at=0' if name == 'stop_at' else '--stop_at=2',
-                          '--eval_interval=2', f'--out_dir={out}', f'--{name}={value}'])
+                          '--eval_interval=2', f'--data={data}', f'--out_dir={out}', f'--{name}={value}'])
         stdout, err = capsys.readouterr()
         assert 'Traceback' not in stdout + err, (name, value, err)
         last = err.strip().splitlines()[-1] if err.strip() else ''
-        names_it = name in last or (name in PATHS and value and value in last)  # the field, or the file it names
+        names_it = f'--{name}' in last or (name in PATHS and value and value in last)  # the field, or its file
         assert code == 0 or (code == 1 and names_it), (name, value, err)  # a NaN loss names the step sizes set
     assert ({p: v for p, v in listing(tmp_path).items() if '/runs/' not in p}, sorted(os.listdir(ROOT))) == outside
 
 
-@pytest.mark.parametrize('victim', ['config.json', 'model.safetensors', 'data', 'meta.json', 'log.jsonl',
-                                    'summary.json'])
+@pytest.mark.parametrize('victim', ['config.json', 'model.safetensors', 'pytorch_model.bin', 'data', 'meta.json',
+                                    'log.jsonl', 'summary.json'])
 def test_files_cut_at_random_offsets_end_in_a_run_or_one_line_naming_the_file(tmp_path, capsys, victim):
     """A file the run reads, cut at 3 offsets drawn with a fixed seed: one line naming the file (a cut log.jsonl is
-    trimmed on resume and the run goes on)."""
+    trimmed on resume and the run goes on), and no file outside the run's out_dir changes."""
     model, data = tmp_path / 'model', tmp_path / 'data'
     export_pretrained(GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=16)), str(model))
+    if victim == 'pytorch_model.bin':  # the same model in torch's zip format, as transformers' save_pretrained wrote it
+        tensors = {name: rows.read(0, rows.shape[0]).clone() for name, rows in read_tensors(str(model / 'model.safetensors'))}
+        (model / 'model.safetensors').unlink()
+        torch.save(tensors, model / 'pytorch_model.bin')
     data.mkdir()
     records = [{'instruction': f'{a}+{a}', 'output': str(2 * a)} for a in range(20)]
     for name in ('train_a.json', 'train_b.json', 'val.json', 'test.json'):
@@ -613,8 +618,9 @@ def test_files_cut_at_random_offsets_end_in_a_run_or_one_line_naming_the_file(tm
     stopped = tmp_path / 'stopped'
     assert train.cli([*args, f'--out_dir={stopped}', '--stop_at=2', '--eval_interval=1']) == 0
     path = {'config.json': model / 'config.json', 'model.safetensors': model / 'model.safetensors',
-            'data': data / 'train_b.json', 'meta.json': stopped / 'ckpt' / 'meta.json',
-            'log.jsonl': stopped / 'log.jsonl', 'summary.json': tmp_path / 'summary.json'}[victim]
+            'pytorch_model.bin': model / 'pytorch_model.bin', 'data': data / 'train_b.json',
+            'meta.json': stopped / 'ckpt' / 'meta.json', 'log.jsonl': stopped / 'log.jsonl',
+            'summary.json': tmp_path / 'summary.json'}[victim]
     if victim == 'summary.json':  # a learned mixture, as --weights of a stage-two run
         path.write_text(json.dumps({'sources': ['a', 'b'], 'weights': [0.75, 0.25]}))
         args += ['--method=fixed', f'--weights={path}']
@@ -623,13 +629,19 @@ def test_files_cut_at_random_offsets_end_in_a_run_or_one_line_naming_the_file(tm
         path.write_bytes(whole[:offset])
         resume = victim in ('meta.json', 'log.jsonl')
         out = stopped if resume else tmp_path / f'cut{offset}'
+        def outside():  # every input's files, and the weights file's bytes
+            return {folder: listing(folder) for folder in (model, data, stopped) if folder != out}, \
+                (tmp_path / 'summary.json').read_bytes() if victim == 'summary.json' else None
+        before = outside()
         code = train.cli([*args, f'--out_dir={out}', '--resume=True' if resume else '--eval_interval=4'])
         stdout, err = capsys.readouterr()
         assert 'Traceback' not in stdout + err, (offset, err)
         if victim == 'log.jsonl':  # a cut log is trimmed on resume: the run goes on
             assert code == 0, err
-        else:  # a cut JSON or safetensors file is never whole: one line naming it, never a run on a part of it
+        else:  # a cut JSON, safetensors or .bin file is never whole: one line naming it, never a run on a part of it
             assert code == 1 and str(path) in err.strip().splitlines()[-1], (offset, err)
+            assert resume or not out.exists()  # a refused fresh run leaves no folder
+        assert outside() == before  # nothing outside the out_dir changed
     path.write_bytes(whole)
 
 

@@ -155,7 +155,7 @@ def test_resume_with_a_different_config_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("args, message", [  # tests/test_errors.py runs the rest in-process, through train.cli
     (['--nonsense=1'], "error: unknown config field 'nonsense'; valid fields: penalty_alpha, source_logits_update,"),
-    (['--data=/no/such/folder'], "error: data '/no/such/folder' is neither a built-in task"),
+    (['--data=/no/such/folder'], "error: --data=/no/such/folder is neither a built-in task"),
     (['--micro_batch=32'], "error: --micro_batch=32 must divide the 16 rows per source that each process gets"),
 ])
 def test_bad_input_is_one_clear_error_line(tmp_path, args, message):
