@@ -52,6 +52,8 @@ def load_tokenizer(spec):
         raise ImportError("--tokenizer=<folder> needs the tokenizers package: pip install tokenizers") from None
     read = files['tokenizer.json'] if os.path.isfile(files['tokenizer.json']) else files['vocab.json'] + ' and merges.txt'
     digests = {path: file_digest(path) for path in tokenizer_files(spec).values()}
+    if not os.path.isfile(files['tokenizer.json']):
+        check_merges(files['vocab.json'], files['merges.txt'])
     try:  # the tokenizers package raises plain Exceptions for a file it cannot parse, or a model it cannot run
         bpe = tokenizers.Tokenizer.from_file(files['tokenizer.json']) if os.path.isfile(files['tokenizer.json']) \
             else tokenizers.ByteLevelBPETokenizer(files['vocab.json'], files['merges.txt'])
@@ -79,6 +81,24 @@ def load_tokenizer(spec):
     return Tokenizer(encode=encode, decode=lambda ids: bpe.decode(list(ids)),  # ids may leave gaps: the largest counts
                      vocab_size=max(bpe.get_vocab_size(), max(bpe.get_vocab().values(), default=-1) + 1),
                      end_of_text=end, begin_of_text=begin, digests=digests, lost=lost)
+
+
+def check_merges(vocab_file, merges_file):
+    """GPT-2's two files: each token of vocab.json longer than one character, but for specials in angle
+    brackets (<|endoftext|>, <s>), is made by one merge of merges.txt. A merges.txt cut short (a disk that
+    filled, a copy stopped) still parses, with the last merges missing: it is refused here."""
+    try:
+        with open(vocab_file, encoding='utf-8') as f:
+            vocab = json.load(f)
+        with open(merges_file, encoding='utf-8') as f:
+            made = {''.join(line.split()) for line in f if not line.startswith('#version')}
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{vocab_file} and {merges_file} cannot be read as a tokenizer ({e})") from None
+    unmade = [t for t in vocab if len(t) > 1 and t not in made and not (t.startswith('<') and t.endswith('>'))] \
+        if isinstance(vocab, dict) else []
+    if unmade:
+        raise ValueError(f"{merges_file} makes none of {len(unmade)} tokens of {vocab_file} (as {unmade[0]!r}): it "
+                         f"is cut short, or from another tokenizer; copy it again")
 
 
 def digest(raw):

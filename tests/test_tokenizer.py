@@ -135,9 +135,9 @@ def test_a_tokenizer_is_fingerprinted_as_it_was_parsed(bpe_folders, monkeypatch)
     assert data.digests[path] == [len(raw), hashlib.sha256(raw).hexdigest()]
 
 
-@pytest.mark.parametrize('name', ['tokenizer.json', 'tokenizer_config.json'])
+@pytest.mark.parametrize('name', ['tokenizer.json', 'tokenizer_config.json', 'vocab.json', 'merges.txt'])
 def test_a_tokenizer_file_cut_at_random_offsets_is_one_line_naming_it(bpe_folders, tmp_path, capsys, name):
-    folder = bpe_folders[0]
+    folder = bpe_folders[name in ('vocab.json', 'merges.txt')]  # GPT-2's two files, or tokenizer.json
     (folder / 'tokenizer_config.json').write_text('{"eos_token": "<|endoftext|>"}')
     path = folder / name
     whole = path.read_bytes()
