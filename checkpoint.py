@@ -276,6 +276,9 @@ def load_best_model(run_dir):
         raise FileNotFoundError(f"no {folder}/meta.json: train.py writes it at its first evaluation, "
                                 f"unless --save_best=False")
     meta = read_meta(folder)
+    if 'meta_sha256' not in meta:  # its fields (data, seed, method) are then only as good as the file's author
+        raise ValueError(f"{folder}/meta.json has no checksum of its own: another version of train.py wrote it, or "
+                         f"it was edited; train that run again")
     problem = _verify(folder, meta['files'])
     if problem:
         raise ValueError(f"the best model is damaged: {problem}")

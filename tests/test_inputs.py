@@ -8,6 +8,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -88,10 +89,6 @@ def test_overwrite_refuses_an_input_that_reaches_into_the_run_by_a_link(finished
     assert line.startswith(f"error: --data={tmp_path}/data holds {tmp_path}/data/train_b.txt, which is or leads "
                            f"into {finished_run}/summary.json") and 'would delete' in line
     assert listing(finished_run) == before
-    data = write(tmp_path / 'own', {'train_a.txt': LINES, 'val.txt': LINES, 'test.txt': LINES})
-    assert train.cli([*TINY, f'--data={data}', f'--out_dir={data}']) == 0  # a run written into its data folder
-    line = error_line(capsys, *TINY, f'--data={data}', f'--out_dir={data}', '--overwrite=True')
-    assert line.startswith(f"error: --data={data} holds {data}/") and 'would delete' in line
 
 
 @pytest.mark.parametrize('files', [
@@ -563,9 +560,21 @@ def test_a_timeout_too_short_for_any_collective_is_refused(tmp_path, capsys):
         "error: --dist_timeout must be between 0.1 and 10000 (minutes), got 1e-09"
 
 
-def test_a_reference_run_of_another_seed_is_refused(finished_run, tmp_path, capsys):
-    line = fails(capsys, tmp_path / 'out', '--method=rholoss', f'--reference={finished_run}', '--seed=1')
-    assert line == f"error: --reference={finished_run} was trained with --seed=0, this run has --seed=1"
+@pytest.mark.parametrize('args, message', [(['--seed=1'], "was trained with --seed=0, this run has --seed=1"),
+                                           (['--data=mixture'], "was trained on --data=denoise, this run is on mixture")])
+def test_a_reference_run_of_another_seed_or_task_is_refused(finished_run, tmp_path, capsys, args, message):
+    line = fails(capsys, tmp_path / 'out', '--method=rholoss', f'--reference={finished_run}', *args)
+    assert line == f"error: --reference={finished_run} {message}"
+
+
+def test_a_best_model_whose_meta_has_no_checksum_is_refused(finished_run, tmp_path, capsys):
+    shutil.copytree(finished_run, tmp_path / 'ref')
+    meta_path = tmp_path / 'ref' / 'best' / 'meta.json'
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != 'meta_sha256'}))
+    line = fails(capsys, tmp_path / 'out', '--method=rholoss', f'--reference={tmp_path}/ref')
+    assert line == f"error: {tmp_path}/ref/best/meta.json has no checksum of its own: another version of train.py " \
+                   f"wrote it, or it was edited; train that run again"
 
 
 def test_a_seed_beyond_64_bits_is_one_line(tmp_path, capsys):
