@@ -360,22 +360,24 @@ def test_dropout_is_used_by_a_gpt2_from_init_from(tmp_path):
     assert summary['model_config']['dropout'] == 0.5
 
 
-def test_a_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
-    """A full disk while summary.json is written leaves no half file: the error names it, and a resume finishes."""
+@pytest.mark.parametrize('name', ['summary.json', 'mixture.json'])
+def test_a_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch, capsys, name):
+    """A full disk while summary.json (or the export's mixture.json) is written leaves no half file: the error
+    names it, and a resume finishes the run."""
     out, real_dump = tmp_path / 'out', json.dump
 
     def full_disk(value, f, **kwargs):
-        if f.name.endswith('summary.json.tmp'):
+        if os.path.basename(f.name).startswith(name):  # the file, or a temporary beside it
             f.write('{"sources": ["cle')
             raise OSError(errno.ENOSPC, 'No space left on device')
         return real_dump(value, f, **kwargs)
     monkeypatch.setattr(json, 'dump', full_disk)
-    line = error_line(capsys, *TINY, f'--out_dir={out}')
-    assert str(out / 'summary.json') in line and 'intact' in line
-    assert not os.path.exists(out / 'summary.json') and not os.path.exists(out / 'summary.json.tmp')
+    line = error_line(capsys, *TINY, f'--out_dir={out}', '--export=True')
+    assert str(out / name) in line and 'intact' in line
+    assert not os.path.exists(out / name) and not os.path.exists(out / f'{name}.tmp')
     monkeypatch.setattr(json, 'dump', real_dump)
-    assert train.cli([*TINY, f'--out_dir={out}', '--resume=True']) == 0
-    with open(out / 'summary.json') as f:
+    assert train.cli([*TINY, f'--out_dir={out}', '--resume=True', '--export=True']) == 0
+    with open(out / name) as f:
         assert len(json.load(f)['weights']) == 3
 
 
