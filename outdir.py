@@ -28,7 +28,7 @@ RUN_FILES = {'ckpt': True, 'ckpt.old': True, 'ckpt.tmp': True, 'best': True, 'be
              'log.jsonl.tmp': False, 'summary.json.tmp': False, 'mixture.json.tmp': False}
 LOCK = 'run.lock'
 OVERWRITTEN = 'overwritten'  # --overwrite=True: the previous run, kept whole until this run's first checkpoint
-RUN_FILES[OVERWRITTEN] = True
+RUN_FILES[OVERWRITTEN] = RUN_FILES[OVERWRITTEN + '.tmp'] = True
 
 
 @contextlib.contextmanager
@@ -124,16 +124,18 @@ def set_aside(out_dir, names, inputs):
                 where = 'lies in' if hit == path else f'holds {hit}, which is or leads into'
                 raise ValueError(f"{field}={path} {where} {os.path.join(out_dir, name)}, which --overwrite=True would "
                                  f"delete: copy it out of --out_dir={out_dir} first, or use another --out_dir")
-    aside = os.path.join(out_dir, OVERWRITTEN)
+    aside, part = os.path.join(out_dir, OVERWRITTEN), os.path.join(out_dir, OVERWRITTEN + '.tmp')
     if is_main_process():
         keep_earlier = OVERWRITTEN in names
         for name in names:
             path = os.path.join(out_dir, name)
             if keep_earlier and name != OVERWRITTEN:
                 shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-            elif not keep_earlier:
-                os.makedirs(aside, exist_ok=True)
-                os.rename(path, os.path.join(aside, name))
+            elif not keep_earlier and path != part:  # into overwritten.tmp, renamed once all is there: a run stopped
+                os.makedirs(part, exist_ok=True)     # midway leaves it, and the next --overwrite=True moves the rest
+                os.rename(path, os.path.join(part, name))
+        if not keep_earlier and os.path.isdir(part):
+            os.rename(part, aside)
     barrier()
 
 

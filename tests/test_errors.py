@@ -399,7 +399,7 @@ def test_overwrite_deletes_the_previous_run_only_once_the_inputs_are_good(stoppe
     out = tmp_path / 'out'
     shutil.copytree(stopped_run, out)
     before = listing(out)
-    assert re.search(r"data '/nonexistent' is neither", fails(capsys, out, '--overwrite=True', '--data=/nonexistent'))
+    assert re.search(r"--data=/nonexistent is neither", fails(capsys, out, '--overwrite=True', '--data=/nonexistent'))
     assert re.search(r"--resume=True continues the run in out_dir, --overwrite=True deletes it: choose one",
                      fails(capsys, out, '--overwrite=True', '--resume=True'))
     assert listing(out) == before

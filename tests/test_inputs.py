@@ -64,6 +64,28 @@ def test_overwrite_refuses_to_delete_the_runs_own_inputs(finished_run, tmp_path,
     assert listing(finished_run) == before  # nothing deleted, nothing written
 
 
+def test_a_set_aside_stopped_midway_is_finished_by_the_next_overwrite(tmp_path, capsys, monkeypatch):
+    """A kill while the previous run's files move into out_dir/overwritten leaves some moved, some not: the next
+    --overwrite=True must not take the moved part for a whole earlier run and delete the rest."""
+    out = tmp_path / 'out'
+    assert train.cli([*TINY, f'--out_dir={out}']) == 0
+    relative = lambda folder: {os.path.relpath(p, folder): v for p, v in listing(folder).items()}
+    before = {p: v for p, v in relative(out).items() if p != 'run.lock'}
+    rename, moved = os.rename, []
+
+    def killed_after_one(source, target):
+        if moved and os.path.basename(os.path.dirname(target)).startswith('overwritten'):
+            raise KeyboardInterrupt
+        moved.append(source)
+        return rename(source, target)
+    monkeypatch.setattr(os, 'rename', killed_after_one)
+    assert train.cli([*TINY, f'--out_dir={out}', '--overwrite=True']) == 130
+    monkeypatch.setattr(os, 'rename', rename)
+    capsys.readouterr()
+    assert fails(capsys, out, '--overwrite=True', '--lr=1e200')  # fails before a checkpoint: the run stays aside
+    assert relative(out / 'overwritten') == before
+
+
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_run_it_overwrote_whole(tmp_path, capsys):
     """--overwrite=True sets the previous run aside (out_dir/overwritten) until this run's first checkpoint: a
     value that fits its dtype but drives the loss to inf at step 2 leaves it whole there; the next
