@@ -124,9 +124,13 @@ def set_aside(out_dir, names, inputs):
                 where = 'lies in' if hit == path else f'holds {hit}, which is or leads into'
                 raise ValueError(f"{field}={path} {where} {os.path.join(out_dir, name)}, which --overwrite=True would "
                                  f"delete: copy it out of --out_dir={out_dir} first, or use another --out_dir")
+    rank0_decides(lambda: _move_aside(out_dir, names))  # every rank gets rank 0's error, if any
+
+
+def _move_aside(out_dir, names):
     aside, part = os.path.join(out_dir, OVERWRITTEN), os.path.join(out_dir, OVERWRITTEN + '.tmp')
-    if is_main_process():
-        keep_earlier = OVERWRITTEN in names
+    keep_earlier = OVERWRITTEN in names
+    try:
         for name in names:
             path = os.path.join(out_dir, name)
             if keep_earlier and name != OVERWRITTEN:
@@ -136,7 +140,10 @@ def set_aside(out_dir, names, inputs):
                 os.rename(path, os.path.join(part, name))
         if not keep_earlier and os.path.isdir(part):
             os.rename(part, aside)
-    barrier()
+    except OSError as e:
+        kept = aside if keep_earlier else f"{out_dir} and {part}"
+        raise OSError(f"could not set the previous run in --out_dir={out_dir} aside ({e.strerror or e}); nothing of it "
+                      f"is deleted: its files are in {kept}") from None
 
 
 def drop_overwritten(out_dir):

@@ -65,20 +65,25 @@ def test_overwrite_refuses_to_delete_the_runs_own_inputs(finished_run, tmp_path,
 
 
 def test_a_set_aside_stopped_midway_is_finished_by_the_next_overwrite(tmp_path, capsys, monkeypatch):
-    """A kill while the previous run's files move into out_dir/overwritten leaves some moved, some not: the next
-    --overwrite=True must not take the moved part for a whole earlier run and delete the rest."""
+    """A disk error or a kill while the previous run's files move into out_dir/overwritten leaves some moved, some
+    not: the next --overwrite=True must not take the moved part for a whole earlier run and delete the rest."""
     out = tmp_path / 'out'
     assert train.cli([*TINY, f'--out_dir={out}']) == 0
     relative = lambda folder: {os.path.relpath(p, folder): v for p, v in listing(folder).items()}
     before = {p: v for p, v in relative(out).items() if p != 'run.lock'}
     rename, moved = os.rename, []
 
-    def killed_after_one(source, target):
-        if moved and os.path.basename(os.path.dirname(target)).startswith('overwritten'):
-            raise KeyboardInterrupt
-        moved.append(source)
-        return rename(source, target)
-    monkeypatch.setattr(os, 'rename', killed_after_one)
+    def stopped_after_one(error):
+        def stopped(source, target):
+            if moved and os.path.basename(os.path.dirname(target)).startswith('overwritten'):
+                raise error
+            moved.append(source)
+            return rename(source, target)
+        return stopped
+    monkeypatch.setattr(os, 'rename', stopped_after_one(OSError(errno.EIO, 'Input/output error')))
+    assert fails(capsys, out, '--overwrite=True') == f"error: could not set the previous run in --out_dir={out} " \
+        f"aside (Input/output error); nothing of it is deleted: its files are in {out} and {out}/overwritten.tmp"
+    monkeypatch.setattr(os, 'rename', stopped_after_one(KeyboardInterrupt()))
     assert train.cli([*TINY, f'--out_dir={out}', '--overwrite=True']) == 130
     monkeypatch.setattr(os, 'rename', rename)
     capsys.readouterr()
