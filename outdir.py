@@ -165,13 +165,20 @@ def write_whole(path, write, mode='w'):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        folder = os.open(os.path.dirname(path) or '.', os.O_RDONLY)  # the rename itself, to the disk
-        os.fsync(folder)
-        os.close(folder)
+        sync_folder(os.path.dirname(path))
     except OSError as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise OSError(f"could not write {path} ({e.strerror or e}); the file as it was before is intact") from None
+
+
+def sync_folder(folder):
+    """The names in folder (a rename, a new file) to the disk: fsync of the folder itself (POSIX)."""
+    fd = os.open(folder or '.', os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def publish_folder(folder, write, extra_files=()):
@@ -189,8 +196,10 @@ def publish_folder(folder, write, extra_files=()):
             for name in os.listdir(tmp):  # on the disk before the rename makes the folder look whole
                 with open(os.path.join(tmp, name), 'rb') as f:
                     os.fsync(f.fileno())
+            sync_folder(tmp)
             shutil.rmtree(folder, ignore_errors=True)  # an earlier export of the same run
             os.rename(tmp, folder)
+            sync_folder(os.path.dirname(folder))
     except OSError as e:
         raise OSError(f"could not write the export {tmp} ({e.strerror or e})") from None
 

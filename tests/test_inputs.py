@@ -724,13 +724,15 @@ def test_a_second_interrupt_or_a_group_that_never_forms_is_one_line(tmp_path, ca
 
 
 def test_an_export_and_a_written_file_reach_the_disk_before_a_rename_publishes_them(tmp_path, monkeypatch):
-    """fsync of every exported file before hf.tmp becomes hf, and of a file and its folder for write_whole
-    (summary.json, meta.json): what a power cut leaves is whole or absent, never a whole-looking empty file."""
+    """fsync of every exported file and of hf.tmp before it becomes hf, then of the folder that holds it; of a file
+    and its folder for write_whole (summary.json, meta.json): what a power cut leaves is whole or absent, never a
+    whole-looking empty file."""
     synced, fsync = [], os.fsync
     monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(os.readlink(f'/proc/self/fd/{fd}')), fsync(fd))[1])
     model = GPT(GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=16))
     outdir.publish_folder(str(tmp_path / 'hf'), lambda tmp: export_pretrained(model, tmp))
-    assert sorted(synced) == sorted(str(tmp_path / 'hf.tmp' / name) for name in os.listdir(tmp_path / 'hf'))
+    files = [str(tmp_path / 'hf.tmp' / name) for name in os.listdir(tmp_path / 'hf')]
+    assert sorted(synced[:-2]) == sorted(files) and synced[-2:] == [str(tmp_path / 'hf.tmp'), str(tmp_path)]
     synced.clear()
     outdir.write_whole(str(tmp_path / 'summary.json'), lambda f: json.dump({}, f))
     assert synced == [str(tmp_path / 'summary.json.tmp'), str(tmp_path)]
