@@ -29,7 +29,7 @@ from bilevel import SOURCE_LOGITS_UPDATES
 from config import RESUMABLE_CHANGES
 from fsdp import barrier, is_main_process, merge_over_ranks
 from model import GPTConfig, empty_model
-from outdir import write_whole
+from outdir import sync_folder, write_whole
 
 # one process has no process group, and torch.distributed.checkpoint says so at every save; that is expected
 warnings.filterwarnings('ignore', message='torch.distributed is disabled, unavailable or uninitialized')
@@ -128,6 +128,7 @@ def save_checkpoint(path, models, optimizers, tensors, meta, keep_previous=False
         if os.path.exists(path):
             os.rename(path, path + '.old')
         os.rename(tmp, path)  # between the renames only path.old exists, which checkpoint_folder accepts
+        sync_folder(os.path.dirname(path))  # the renames, on the disk before training goes on
         if not keep_previous:
             shutil.rmtree(path + '.old', ignore_errors=True)
     barrier()

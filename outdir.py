@@ -28,7 +28,7 @@ RUN_FILES = {'ckpt': True, 'ckpt.old': True, 'ckpt.tmp': True, 'best': True, 'be
              'log.jsonl.tmp': False, 'summary.json.tmp': False, 'mixture.json.tmp': False}
 LOCK = 'run.lock'
 OVERWRITTEN = 'overwritten'  # --overwrite=True: the previous run, kept whole until this run's first checkpoint
-RUN_FILES[OVERWRITTEN] = RUN_FILES[OVERWRITTEN + '.tmp'] = True
+RUN_FILES[OVERWRITTEN] = RUN_FILES[OVERWRITTEN + '.tmp'] = RUN_FILES[OVERWRITTEN + '.old'] = True
 
 
 @contextlib.contextmanager
@@ -140,6 +140,7 @@ def _move_aside(out_dir, names):
                 os.rename(path, os.path.join(part, name))
         if not keep_earlier and os.path.isdir(part):
             os.rename(part, aside)
+        sync_folder(out_dir)
     except OSError as e:
         kept = aside if keep_earlier else f"{out_dir} and {part}"
         raise OSError(f"could not set the previous run in --out_dir={out_dir} aside ({e.strerror or e}); nothing of it "
@@ -147,9 +148,14 @@ def _move_aside(out_dir, names):
 
 
 def drop_overwritten(out_dir):
-    """Deletes out_dir/overwritten (set_aside), on rank 0: this run has a checkpoint of its own."""
+    """Deletes out_dir/overwritten (set_aside), on rank 0: this run has a checkpoint of its own. Renamed first:
+    a deletion stopped midway must not leave a part of it that the next --overwrite=True keeps over this run."""
+    aside, old = os.path.join(out_dir, OVERWRITTEN), os.path.join(out_dir, OVERWRITTEN + '.old')
     if is_main_process():
-        shutil.rmtree(os.path.join(out_dir, OVERWRITTEN), ignore_errors=True)
+        if os.path.isdir(aside):
+            os.rename(aside, old)
+            sync_folder(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -83,12 +83,34 @@ def test_a_set_aside_stopped_midway_is_finished_by_the_next_overwrite(tmp_path, 
     monkeypatch.setattr(os, 'rename', stopped_after_one(OSError(errno.EIO, 'Input/output error')))
     assert fails(capsys, out, '--overwrite=True') == f"error: could not set the previous run in --out_dir={out} " \
         f"aside (Input/output error); nothing of it is deleted: its files are in {out} and {out}/overwritten.tmp"
+    moved.clear()  # one more file moved, then a kill
     monkeypatch.setattr(os, 'rename', stopped_after_one(KeyboardInterrupt()))
     assert train.cli([*TINY, f'--out_dir={out}', '--overwrite=True']) == 130
     monkeypatch.setattr(os, 'rename', rename)
     capsys.readouterr()
     assert fails(capsys, out, '--overwrite=True', '--lr=1e200')  # fails before a checkpoint: the run stays aside
     assert relative(out / 'overwritten') == before
+
+
+def test_a_deletion_of_the_overwritten_run_stopped_midway_leaves_nothing_the_next_overwrite_keeps(tmp_path, capsys,
+                                                                                                  monkeypatch):
+    """The first checkpoint of an --overwrite=True run deletes out_dir/overwritten; a kill during the deletion must
+    not leave a part of it that the next --overwrite=True takes for a run to keep, deleting this one."""
+    out, rmtree = tmp_path / 'out', shutil.rmtree
+    assert train.cli([*TINY, f'--out_dir={out}']) == 0
+
+    def killed(path, *args, **kwargs):
+        if os.path.basename(path).startswith('overwritten'):
+            os.remove(next(os.path.join(d, f) for d, _, files in os.walk(path) for f in files))  # a part is gone
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(shutil, 'rmtree', killed)
+    assert train.cli([*TINY, f'--out_dir={out}', '--overwrite=True', '--max_steps=7']) == 130  # at its checkpoint 5
+    monkeypatch.setattr(shutil, 'rmtree', rmtree)
+    capsys.readouterr()
+    assert fails(capsys, out, '--overwrite=True', '--lr=1e200')
+    with open(out / 'overwritten' / 'ckpt' / 'meta.json') as f:
+        assert json.load(f)['step'] == 5  # the run stopped at its checkpoint is the one kept
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_the_run_it_overwrote_whole(tmp_path, capsys):
