@@ -84,8 +84,8 @@ def load_tokenizer(spec):
 
 
 def check_merges(vocab_file, merges_file):
-    """GPT-2's two files: each token of vocab.json longer than one character, but for specials in angle
-    brackets (<|endoftext|>, <s>), is made by one merge of merges.txt. A merges.txt cut short (a disk that
+    """GPT-2's two files: each token of vocab.json longer than one character, but for specials in brackets
+    (<|endoftext|>, <s>, [UNK]), is made by one merge of merges.txt. A merges.txt cut short (a disk that
     filled, a copy stopped) still parses, with the last merges missing: it is refused here."""
     try:
         with open(vocab_file, encoding='utf-8') as f:
@@ -94,7 +94,7 @@ def check_merges(vocab_file, merges_file):
             made = {''.join(line.split()) for line in f if not line.startswith('#version')}
     except (ValueError, OSError) as e:
         raise ValueError(f"{vocab_file} and {merges_file} cannot be read as a tokenizer ({e})") from None
-    unmade = [t for t in vocab if len(t) > 1 and t not in made and not (t.startswith('<') and t.endswith('>'))] \
+    unmade = [t for t in vocab if len(t) > 1 and t not in made and t[0] + t[-1] not in ('<>', '[]')] \
         if isinstance(vocab, dict) else []
     if unmade:
         raise ValueError(f"{merges_file} makes none of {len(unmade)} tokens of {vocab_file} (as {unmade[0]!r}): it "

@@ -10,7 +10,7 @@ import pytest
 
 import train
 from data import load_data
-from test_errors import fails
+from test_errors import fails, listing
 from tokenizer import load_tokenizer
 
 tokenizers = pytest.importorskip('tokenizers')
@@ -143,7 +143,9 @@ def test_a_tokenizer_file_cut_at_random_offsets_is_one_line_naming_it(bpe_folder
     whole = path.read_bytes()
     for offset in sorted(random.Random(1).sample(range(1, len(whole)), 3)):
         path.write_bytes(whole[:offset])
+        before = listing(folder)
         assert str(path) in fails(capsys, tmp_path / f'out{offset}', f'--tokenizer={folder}'), offset
+        assert listing(folder) == before and not (tmp_path / f'out{offset}').exists()  # nothing changed, no folder
 
 
 @pytest.mark.parametrize('eos', ['5', '["<|endoftext|>"]', '{"content": 7}'])
