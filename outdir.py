@@ -286,6 +286,9 @@ def signals_stop_at_next_step():
         old_handlers[s] = signal.signal(s, request_stop)
     try:
         yield stop_signals
+    except BaseException:  # the run ends with an error: torchrun sends SIGTERM to every rank once one ends, and
+        old_handlers[signal.SIGTERM] = signal.SIG_IGN  # its default would end this rank before train.cli's line
+        raise
     finally:
         for s, handler in old_handlers.items():
             signal.signal(s, handler)

@@ -163,9 +163,8 @@ def build_run(cfg, processes):
         run.fixed_weights = weights.to(device)
         run.rows_per_source = proportional_rows(run.fixed_weights.tolist(), len(data.sources) * cfg.batch_per_source) \
             if cfg.sampling == 'proportional' else None
-    if cfg.method == 'rholoss':
-        run.reference_model = load_reference(cfg.reference, model_config, cfg.data, cfg.seed,
-                                             fingerprint).to(device=device, dtype=dtype)
+    run.reference_model = load_reference(cfg.reference, model_config, cfg.data, cfg.seed, fingerprint).to(
+        device=device, dtype=dtype) if cfg.method == 'rholoss' else None
     run.eval_sets = {split: evaluation_batches(  # on the host, cropped and moved per batch as training rows are
         data, split, cfg.eval_batches, cfg.val_batch, cfg.block_size, cfg.seed) for split in ['val', 'test'] + data.sources}
     if not cfg.lisa_layers:  # the summary's gradient bytes per rank; with LISA, counted at each draw
@@ -431,8 +430,7 @@ def cli(argv):
     try:
         main(argv)
         return 0
-    except (ValueError, OSError, FloatingPointError, ImportError, MemoryError) as e:
-        # every rank sees the same data and the same averaged losses, so every rank fails the same way
+    except (ValueError, OSError, FloatingPointError, ImportError, MemoryError) as e:  # alike on every rank
         rank = f"[rank {os.environ['RANK']}] " if 'RANK' in os.environ and os.environ.get('WORLD_SIZE', '1') != '1' else ''
         print(f"{rank}error: {e}", file=sys.stderr)
         return 1
@@ -440,6 +438,8 @@ def cli(argv):
         print("error: interrupted; nothing in out_dir is half-written (a run with a checkpoint continues with "
               "--resume=True)", file=sys.stderr)
         return 130
+    finally:  # once the line is out (after an error, signals_stop_at_next_step holds SIGTERM off until then)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == '__main__':

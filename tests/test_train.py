@@ -89,6 +89,25 @@ def test_a_signal_mid_run_leaves_a_checkpoint_the_run_resumes_from(tmp_path, sig
     assert_same_state(final_state(out), final_state(tmp_path / 'whole'), atol=1e-10)
 
 
+def test_torchruns_sigterm_after_an_error_does_not_cut_off_the_errors_line(tmp_path):
+    """torchrun sends SIGTERM to every rank once one ends. A rank whose collective failed as the other ended is
+    already unwinding out of the loop when it arrives: SIGTERM's default action would end it before its line."""
+    script = f"""
+import os, signal, sys
+import train
+def step(*args):
+    raise RuntimeError('Connection closed by peer')
+def peer_error(error, timeout):  # outside the loop, before train.cli's line: torchrun's SIGTERM arrives
+    os.kill(os.getpid(), signal.SIGTERM)
+    return ConnectionError('another process ended during a collective')
+train.take_step, train.peer_error = step, peer_error
+sys.exit(train.cli({TINY + [f'--out_dir={tmp_path}/out']!r}))
+"""
+    proc = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
+        "error: another process ended during a collective", (proc.returncode, proc.stderr[-2000:])
+
+
 def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     """SIGKILL: no handler runs, the lock dies with the process, and the last checkpoint (perhaps only ckpt.old, if
     the kill fell between its renames) resumes to the uninterrupted run's state."""
